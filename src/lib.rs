@@ -1,0 +1,27 @@
+//! cache-invalidator: keeps a Redis cache honest.
+//!
+//! The path of one change, module by module: Postgres triggers ([`schema`]) record each committed
+//! change in an outbox and notify; the worker ([`worker`]) is woken, claims the change
+//! ([`outbox`], over connections from [`postgres`]), turns it into key patterns ([`rules`]), and
+//! clears them together with every other pending change in one sweep of Redis ([`sweep`], with the
+//! compiled [`matcher`], over connections from [`keyspace`]); then it deletes the outbox rows.
+//! [`ops`] holds the operator's other subcommands, [`telemetry`] logs, metrics and health.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod daemon;
+pub mod keyspace;
+pub mod matcher;
+pub mod ops;
+pub mod outbox;
+pub mod postgres;
+pub mod rules;
+pub mod schema;
+pub mod settings;
+pub mod sweep;
+pub mod telemetry;
+pub mod worker;
+
+pub use settings::Settings;
+pub use worker::run;

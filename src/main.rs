@@ -1,0 +1,66 @@
+//! The `cache-invalidator` binary: parse the command line, set up logging, call the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use cache_invalidator::cli::{Cli, Command};
+use cache_invalidator::{ops, schema, telemetry};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.global.log_format());
+    match execute(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one subcommand; `Ok(false)` is a clean "no" (a failed check, an unhealthy status).
+async fn execute(cli: Cli) -> anyhow::Result<bool> {
+    let run_args = match &cli.command {
+        Command::Run(args) => Some(args),
+        _ => None,
+    };
+    let settings = cli.global.settings(run_args).context("settings")?;
+    match cli.command {
+        Command::Run(_) => cache_invalidator::daemon::run_daemon(settings).await?,
+        Command::Install => println!("{}", ops::install(&settings).await?),
+        Command::Uninstall => println!("{}", ops::uninstall(&settings).await?),
+        Command::Sql { uninstall: false } => print!("{}", schema::install_sql(&settings.rules)),
+        Command::Sql { uninstall: true } => print!("{}", schema::uninstall_sql()),
+        Command::Check => {
+            let (ok, report) = ops::check(&settings).await;
+            print!("{report}");
+            return Ok(ok);
+        }
+        Command::Status { max_age } => {
+            let (healthy, report) = ops::status(&settings, max_age).await?;
+            print!("{report}");
+            return Ok(healthy);
+        }
+        Command::Invalidate(args) => {
+            let patterns = match (&args.user, &args.report) {
+                (Some(user), _) => settings.rules.user_patterns(user),
+                (None, Some(report)) => settings.rules.report_patterns(report),
+                (None, None) => unreachable!("clap requires --user or --report"),
+            };
+            print!(
+                "{}",
+                ops::invalidate(&settings, patterns, args.dry_run).await?
+            );
+        }
+        Command::Explain { table, row } => {
+            print!("{}", ops::explain(&settings.rules, &table, &row)?)
+        }
+        Command::RetryDeadLetters { id } => {
+            println!("{}", ops::retry_dead_letters(&settings, &id).await?)
+        }
+    }
+    Ok(true)
+}

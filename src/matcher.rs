@@ -1,0 +1,372 @@
+//! A compiled set of Redis glob patterns, matched on the client against every key a sweep sees.
+//!
+//! One sweep serves thousands of patterns, so trying each pattern on each key would make the cost
+//! grow with the window. Almost every pattern is a literal prefix followed by `*`
+//! (`:1:report:12:*`), so those become hash-set lookups of the key's first `len` bytes, one lookup
+//! per distinct prefix length. Patterns without wildcards are exact lookups, and the rare others
+//! (`:1:report:*:5:*`) are matched with Redis' own glob semantics.
+
+use std::collections::HashMap;
+
+/// Index of a pattern in the order it was added to the [`MatcherBuilder`].
+pub type PatternId = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Byte(u8),
+    AnyByte,
+    AnyRun,
+    Class {
+        negated: bool,
+        items: Vec<ClassItem>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ClassItem {
+    Byte(u8),
+    Range(u8, u8),
+}
+
+/// A parsed glob pattern with Redis' `stringmatchlen` semantics: `*`, `?`, `[abc]`, `[^a-z]`, `\x`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    tokens: Vec<Token>,
+}
+
+impl Glob {
+    pub fn parse(pattern: &str) -> Glob {
+        let bytes = pattern.as_bytes();
+        let mut tokens = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'*' => {
+                    // Consecutive stars match the same as one.
+                    if tokens.last() != Some(&Token::AnyRun) {
+                        tokens.push(Token::AnyRun);
+                    }
+                }
+                b'?' => tokens.push(Token::AnyByte),
+                b'\\' if i + 1 < bytes.len() => {
+                    i += 1;
+                    tokens.push(Token::Byte(bytes[i]));
+                }
+                b'[' => {
+                    i += 1;
+                    let negated = bytes.get(i) == Some(&b'^');
+                    if negated {
+                        i += 1;
+                    }
+                    let mut items = Vec::new();
+                    while i < bytes.len() && bytes[i] != b']' {
+                        if bytes[i] == b'\\' && i + 1 < bytes.len() {
+                            i += 1;
+                            items.push(ClassItem::Byte(bytes[i]));
+                        } else if i + 2 < bytes.len()
+                            && bytes[i + 1] == b'-'
+                            && bytes[i + 2] != b']'
+                        {
+                            let (a, b) = (bytes[i], bytes[i + 2]);
+                            items.push(ClassItem::Range(a.min(b), a.max(b)));
+                            i += 2;
+                        } else {
+                            items.push(ClassItem::Byte(bytes[i]));
+                        }
+                        i += 1;
+                    }
+                    // Like Redis, an unterminated class ends at the end of the pattern.
+                    tokens.push(Token::Class { negated, items });
+                }
+                byte => tokens.push(Token::Byte(byte)),
+            }
+            i += 1;
+        }
+        Glob { tokens }
+    }
+
+    /// The literal bytes every match starts with.
+    pub fn literal_prefix(&self) -> Vec<u8> {
+        self.tokens
+            .iter()
+            .map_while(|token| match token {
+                Token::Byte(byte) => Some(*byte),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn is_match(&self, key: &[u8]) -> bool {
+        matches_from(&self.tokens, key)
+    }
+
+    /// The shape that decides how the matcher stores the pattern.
+    fn shape(&self) -> Shape {
+        let literal = self.literal_prefix();
+        let rest = &self.tokens[literal.len()..];
+        match rest {
+            [] => Shape::Exact(literal),
+            [Token::AnyRun] => Shape::Prefix(literal),
+            _ => Shape::Other,
+        }
+    }
+}
+
+enum Shape {
+    Exact(Vec<u8>),
+    Prefix(Vec<u8>),
+    Other,
+}
+
+fn matches_from(tokens: &[Token], key: &[u8]) -> bool {
+    let Some((token, rest)) = tokens.split_first() else {
+        return key.is_empty();
+    };
+    match token {
+        Token::AnyRun => {
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=key.len()).any(|skip| matches_from(rest, &key[skip..]))
+        }
+        Token::AnyByte => !key.is_empty() && matches_from(rest, &key[1..]),
+        Token::Byte(byte) => key.first() == Some(byte) && matches_from(rest, &key[1..]),
+        Token::Class { negated, items } => match key.first() {
+            Some(&byte) => {
+                let inside = items.iter().any(|item| match *item {
+                    ClassItem::Byte(b) => b == byte,
+                    ClassItem::Range(low, high) => (low..=high).contains(&byte),
+                });
+                inside != *negated && matches_from(rest, &key[1..])
+            }
+            None => false,
+        },
+    }
+}
+
+/// Collects patterns, then compiles them into a [`Matcher`].
+#[derive(Debug, Default)]
+pub struct MatcherBuilder {
+    patterns: Vec<String>,
+}
+
+impl MatcherBuilder {
+    pub fn add(&mut self, pattern: &str) -> PatternId {
+        self.patterns.push(pattern.to_owned());
+        (self.patterns.len() - 1) as PatternId
+    }
+
+    pub fn build(self) -> Matcher {
+        let mut matcher = Matcher::default();
+        for (id, pattern) in self.patterns.iter().enumerate() {
+            matcher.insert(pattern, id as PatternId);
+        }
+        matcher
+    }
+}
+
+/// The compiled pattern set. Lookups cost one hash probe per distinct prefix length, plus a glob
+/// match for each pattern that is neither exact nor a plain prefix.
+#[derive(Debug, Default, Clone)]
+pub struct Matcher {
+    exact: HashMap<Vec<u8>, PatternId>,
+    /// Prefix patterns grouped by prefix length, so a key needs one lookup per length.
+    prefixes_by_len: Vec<(usize, HashMap<Vec<u8>, PatternId>)>,
+    globs: Vec<(Glob, PatternId)>,
+    /// Literal text shared by the start of every pattern: lets the sweep ask Redis to filter.
+    common_prefix: Option<Vec<u8>>,
+    len: usize,
+}
+
+impl Matcher {
+    pub fn insert(&mut self, pattern: &str, id: PatternId) {
+        let glob = Glob::parse(pattern);
+        let literal = glob.literal_prefix();
+        self.common_prefix = Some(match self.common_prefix.take() {
+            None => literal,
+            Some(common) => {
+                let shared = common
+                    .iter()
+                    .zip(&literal)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                common[..shared].to_vec()
+            }
+        });
+        self.len += 1;
+        match glob.shape() {
+            Shape::Exact(key) => {
+                self.exact.insert(key, id);
+            }
+            Shape::Prefix(prefix) => {
+                let len = prefix.len();
+                let slot = match self.prefixes_by_len.iter().position(|(l, _)| *l == len) {
+                    Some(slot) => slot,
+                    None => {
+                        self.prefixes_by_len.push((len, HashMap::new()));
+                        self.prefixes_by_len.len() - 1
+                    }
+                };
+                self.prefixes_by_len[slot].1.insert(prefix, id);
+            }
+            Shape::Other => self.globs.push((glob, id)),
+        }
+    }
+
+    /// Removes a pattern inserted before with `id`.
+    pub fn remove(&mut self, pattern: &str, id: PatternId) {
+        let glob = Glob::parse(pattern);
+        let removed = match glob.shape() {
+            Shape::Exact(key) => self.exact.remove(&key).is_some(),
+            Shape::Prefix(prefix) => self
+                .prefixes_by_len
+                .iter_mut()
+                .find(|(len, _)| *len == prefix.len())
+                .is_some_and(|(_, prefixes)| prefixes.remove(&prefix).is_some()),
+            Shape::Other => {
+                let before = self.globs.len();
+                self.globs.retain(|(_, glob_id)| *glob_id != id);
+                self.globs.len() < before
+            }
+        };
+        if removed {
+            self.len -= 1;
+        }
+        self.prefixes_by_len
+            .retain(|(_, prefixes)| !prefixes.is_empty());
+        if self.len == 0 {
+            self.common_prefix = None;
+        }
+    }
+
+    /// Recomputes the common prefix, which only shrinks as patterns are inserted; after removals
+    /// a longer one may hold again, letting Redis filter more.
+    pub fn recompute_common_prefix(&mut self) {
+        let literals = self
+            .exact
+            .keys()
+            .cloned()
+            .chain(
+                self.prefixes_by_len
+                    .iter()
+                    .flat_map(|(_, p)| p.keys().cloned()),
+            )
+            .chain(self.globs.iter().map(|(glob, _)| glob.literal_prefix()));
+        let mut common: Option<Vec<u8>> = None;
+        for literal in literals {
+            common = Some(match common {
+                None => literal,
+                Some(mut common) => {
+                    let shared = common
+                        .iter()
+                        .zip(&literal)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    common.truncate(shared);
+                    common
+                }
+            });
+        }
+        self.common_prefix = common;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first pattern (in lookup order) that matches `key`.
+    pub fn find(&self, key: &[u8]) -> Option<PatternId> {
+        if let Some(&id) = self.exact.get(key) {
+            return Some(id);
+        }
+        for (len, prefixes) in &self.prefixes_by_len {
+            if let Some(head) = key.get(..*len) {
+                if let Some(&id) = prefixes.get(head) {
+                    return Some(id);
+                }
+            }
+        }
+        self.globs
+            .iter()
+            .find(|(glob, _)| glob.is_match(key))
+            .map(|(_, id)| *id)
+    }
+
+    /// The literal prefix every pattern starts with (empty when they share none).
+    pub fn common_prefix(&self) -> &[u8] {
+        self.common_prefix.as_deref().unwrap_or(&[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(patterns: &[&str]) -> Matcher {
+        let mut builder = MatcherBuilder::default();
+        for pattern in patterns {
+            builder.add(pattern);
+        }
+        builder.build()
+    }
+
+    #[test]
+    fn prefix_patterns_respect_boundaries() {
+        let m = matcher(&[":1:report:12:*", ":1:reportlist:reports:5:*"]);
+        assert_eq!(m.find(b":1:report:12:3:abc"), Some(0));
+        assert_eq!(m.find(b":1:report:123:3:abc"), None);
+        assert_eq!(m.find(b":1:studentreport:12:3:abc"), None);
+        assert_eq!(m.find(b":2:report:12:3:abc"), None);
+        assert_eq!(m.find(b":1:reportlist:reports:5:h"), Some(1));
+        assert_eq!(m.find(b":1:reportlist:reports:55:h"), None);
+        assert_eq!(m.common_prefix(), b":1:report");
+    }
+
+    #[test]
+    fn escaped_metacharacters_match_only_themselves() {
+        let m = matcher(&[":1:tag:a\\*b:*", ":1:x\\?"]);
+        assert_eq!(m.find(b":1:tag:a*b:1"), Some(0));
+        assert_eq!(m.find(b":1:tag:aXb:1"), None);
+        assert_eq!(m.find(b":1:x?"), Some(1));
+        assert_eq!(m.find(b":1:xy"), None);
+    }
+
+    #[test]
+    fn general_globs_follow_redis_semantics() {
+        let m = matcher(&[":1:report:*:5:*"]);
+        assert_eq!(m.find(b":1:report:12:5:h"), Some(0));
+        assert_eq!(m.find(b":1:report:12:55:h"), None);
+        let g = Glob::parse("h[ae]llo?[^0-9]x[a-c]");
+        assert!(g.is_match(b"hallo1zxb"));
+        assert!(!g.is_match(b"hillo1zxb"));
+        assert!(!g.is_match(b"hallo15xb"));
+        assert!(!g.is_match(b"hallo1zxd"));
+        assert!(Glob::parse("*").is_match(b""));
+        assert!(Glob::parse("a**b").is_match(b"ab"));
+    }
+
+    #[test]
+    fn removed_patterns_stop_matching() {
+        let mut m = matcher(&[":1:report:1:*", ":1:report:*:5:*", ":1:exact"]);
+        m.remove(":1:report:1:*", 0);
+        m.remove(":1:report:*:5:*", 1);
+        assert_eq!(m.find(b":1:report:1:2:h"), None);
+        assert_eq!(m.find(b":1:report:3:5:h"), None);
+        assert_eq!(m.find(b":1:exact"), Some(2));
+        assert_eq!(m.len(), 1);
+        m.recompute_common_prefix();
+        assert_eq!(m.common_prefix(), b":1:exact");
+    }
+
+    #[test]
+    fn common_prefix_shrinks_with_each_pattern() {
+        let m = matcher(&[":1:report:1:*", ":1:studentreport:2:*"]);
+        assert_eq!(m.common_prefix(), b":1:");
+        let m = matcher(&["a*", "b*"]);
+        assert_eq!(m.common_prefix(), b"");
+    }
+}

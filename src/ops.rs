@@ -1,0 +1,385 @@
+//! The operator's subcommands besides `run`: install, uninstall, check, status, invalidate,
+//! explain and retry-dead-letters. Each prints what it did for a person and returns whether it
+//! succeeded, which `main` turns into the exit code.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use tokio_postgres::Client;
+
+use crate::keyspace::{KeyspaceError, RedisTarget};
+use crate::matcher::MatcherBuilder;
+use crate::outbox;
+use crate::postgres::{ConnectError, PgTarget};
+use crate::rules::{Change, RuleSet};
+use crate::schema::{self, SchemaError, CHANNEL, SCHEMA};
+use crate::settings::Settings;
+use crate::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Keyspace(#[from] KeyspaceError),
+    #[error(transparent)]
+    Sweep(#[from] crate::sweep::SweepError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Input(String),
+}
+
+async fn connect_pg(settings: &Settings) -> Result<Client, OpsError> {
+    let target = PgTarget::parse(&settings.connections.database_url, "cache-invalidator cli")?;
+    let (client, _driver) = target.connect(None).await?;
+    Ok(client)
+}
+
+fn redis_target(settings: &Settings) -> Result<RedisTarget, OpsError> {
+    Ok(RedisTarget::parse(
+        &settings.connections.redis_url,
+        settings.connections.redis_ca_file.as_deref(),
+        settings.redis_timeout,
+    )?)
+}
+
+pub async fn install(settings: &Settings) -> Result<String, OpsError> {
+    let client = connect_pg(settings).await?;
+    schema::install(&client, &settings.rules).await?;
+    let tables: Vec<String> = settings
+        .rules
+        .rules()
+        .iter()
+        .map(|rule| rule.table.to_string())
+        .collect();
+    Ok(format!(
+        "installed schema {SCHEMA} and triggers on {} table(s): {} ({})",
+        tables.len(),
+        tables.join(", "),
+        settings.rules_source
+    ))
+}
+
+pub async fn uninstall(settings: &Settings) -> Result<String, OpsError> {
+    let client = connect_pg(settings).await?;
+    schema::uninstall(&client).await?;
+    Ok(format!(
+        "removed the triggers and schema {SCHEMA}; the app's tables are untouched"
+    ))
+}
+
+/// `check`: every line is one verdict; the result is false when any check failed.
+pub async fn check(settings: &Settings) -> (bool, String) {
+    let mut ok = true;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "ok    rules: {} table(s) from {}",
+        settings.rules.rules().len(),
+        settings.rules_source
+    );
+    match connect_pg(settings).await {
+        Ok(client) => {
+            let _ = writeln!(
+                out,
+                "ok    postgres: connected to {}",
+                settings.connections.database_url
+            );
+            match schema::validate_against_database(&client, &settings.rules).await {
+                Ok(()) => {
+                    let _ = writeln!(out, "ok    rules: every table and column exists");
+                }
+                Err(error) => {
+                    ok = false;
+                    let _ = writeln!(out, "FAIL  rules: {error}");
+                }
+            }
+            match schema::installed_differences(&client, &settings.rules).await {
+                Ok(differences) if differences.is_empty() => {
+                    let _ = writeln!(out, "ok    triggers: installed and matching the rules");
+                }
+                Ok(differences) => {
+                    ok = false;
+                    for difference in differences {
+                        let _ = writeln!(
+                            out,
+                            "FAIL  triggers: {}: {} (run `cache-invalidator install`)",
+                            difference.table, difference.problem
+                        );
+                    }
+                }
+                Err(error) => {
+                    ok = false;
+                    let _ = writeln!(out, "FAIL  triggers: {error}");
+                }
+            }
+        }
+        Err(error) => {
+            ok = false;
+            let _ = writeln!(out, "FAIL  postgres: {error}");
+        }
+    }
+    match redis_check(settings).await {
+        Ok(nodes) => {
+            let _ = writeln!(
+                out,
+                "ok    redis: {} answered PING ({} node(s))",
+                settings.connections.redis_url, nodes
+            );
+        }
+        Err(error) => {
+            ok = false;
+            let _ = writeln!(out, "FAIL  redis: {error}");
+        }
+    }
+    (ok, out)
+}
+
+async fn redis_check(settings: &Settings) -> Result<usize, OpsError> {
+    let nodes = redis_target(settings)?.connect().await?;
+    for node in &nodes {
+        let mut connection = node.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map_err(|source| KeyspaceError::Redis {
+                node: node.name.clone(),
+                source,
+            })?;
+    }
+    Ok(nodes.len())
+}
+
+/// A worker connected to the database, as `pg_stat_activity` shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerSession {
+    pub pid: i32,
+    pub client: String,
+    pub since: String,
+}
+
+/// Workers holding a LISTEN connection on this database.
+pub async fn connected_workers(client: &Client) -> Result<Vec<WorkerSession>, OpsError> {
+    let rows = client
+        .query(
+            "SELECT pid, coalesce(host(client_addr), 'local'), \
+             to_char(backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') \
+             FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1 ORDER BY backend_start",
+            &[&crate::worker::LISTENER_APPLICATION_NAME],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| WorkerSession {
+            pid: row.get(0),
+            client: row.get(1),
+            since: row.get(2),
+        })
+        .collect())
+}
+
+/// `status`: returns whether the backlog is younger than `max_age`.
+pub async fn status(
+    settings: &Settings,
+    max_age: std::time::Duration,
+) -> Result<(bool, String), OpsError> {
+    let client = connect_pg(settings).await?;
+    let backlog = outbox::backlog(&client).await?;
+    let workers = connected_workers(&client).await?;
+    let mut out = String::new();
+    let _ = writeln!(out, "outbox backlog:     {} row(s)", backlog.rows);
+    let _ = writeln!(
+        out,
+        "oldest pending:     {:.1}s ago{}",
+        backlog.oldest_age_seconds,
+        if backlog.rows == 0 {
+            " (nothing pending)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out, "dead letters:       {}", backlog.dead_letters);
+    if backlog.dead_letters > 0 {
+        let newest = client
+            .query(
+                &format!(
+                    "SELECT id, table_name, op, error, to_char(failed_at, 'YYYY-MM-DD HH24:MI:SS') \
+                     FROM {SCHEMA}.dead_letters ORDER BY id DESC LIMIT 5"
+                ),
+                &[],
+            )
+            .await?;
+        for row in newest {
+            let _ = writeln!(
+                out,
+                "  #{} {} {} at {}: {}",
+                row.get::<_, i64>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+                row.get::<_, String>(4),
+                row.get::<_, String>(3)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  fix the rules, then: cache-invalidator retry-dead-letters"
+        );
+    }
+    let _ = writeln!(out, "workers listening:  {}", workers.len());
+    for worker in &workers {
+        let _ = writeln!(
+            out,
+            "  pid {} from {} since {}",
+            worker.pid, worker.client, worker.since
+        );
+    }
+    let healthy = backlog.oldest_age_seconds <= max_age.as_secs_f64();
+    if !healthy {
+        let _ = writeln!(
+            out,
+            "UNHEALTHY: the oldest pending change is older than {}s",
+            max_age.as_secs()
+        );
+    }
+    Ok((healthy, out))
+}
+
+/// `invalidate`: the keys matching `patterns` on every node. With `dry_run`, only lists them.
+pub async fn invalidate(
+    settings: &Settings,
+    patterns: BTreeSet<String>,
+    dry_run: bool,
+) -> Result<String, OpsError> {
+    let target = redis_target(settings)?;
+    let nodes = target.connect().await?;
+    let mut out = String::new();
+    for pattern in &patterns {
+        let _ = writeln!(out, "pattern: {pattern}");
+    }
+    if dry_run {
+        let keys = matching_keys(&nodes, &patterns).await?;
+        for key in &keys {
+            let _ = writeln!(out, "{key}");
+        }
+        let _ = writeln!(
+            out,
+            "{} key(s) would be deleted (dry run: nothing deleted)",
+            keys.len()
+        );
+        return Ok(out);
+    }
+    let mut sweeper = Sweeper::new(nodes);
+    let label: std::sync::Arc<str> = std::sync::Arc::from("manual");
+    let specs: Vec<PatternSpec> = patterns
+        .iter()
+        .map(|pattern| PatternSpec {
+            pattern: pattern.clone(),
+            label: label.clone(),
+        })
+        .collect();
+    let mut deleted = 0;
+    if sweeper.add_window(&specs, false).is_some() {
+        while sweeper.is_busy() {
+            let report = sweeper.step().await?;
+            deleted += report.deleted.values().sum::<u64>();
+        }
+    }
+    let _ = writeln!(out, "{deleted} key(s) deleted");
+    Ok(out)
+}
+
+/// Every key on `nodes` matching one of `patterns`, sorted.
+pub async fn matching_keys(
+    nodes: &[crate::keyspace::Node],
+    patterns: &BTreeSet<String>,
+) -> Result<Vec<String>, OpsError> {
+    let mut builder = MatcherBuilder::default();
+    for pattern in patterns {
+        builder.add(pattern);
+    }
+    let matcher = builder.build();
+    let mut keys = Vec::new();
+    for node in nodes {
+        let mut connection = node.connection.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut connection)
+                .await
+                .map_err(|source| KeyspaceError::Redis {
+                    node: node.name.clone(),
+                    source,
+                })?;
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter(|key| matcher.find(key).is_some())
+                    .map(|key| String::from_utf8_lossy(&key).into_owned()),
+            );
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
+/// `explain`: the patterns a change to `row` of `table` clears (as an INSERT, DELETE or one side
+/// of an UPDATE would).
+pub fn explain(rules: &RuleSet, table: &str, row: &str) -> Result<String, OpsError> {
+    let value: serde_json::Value = serde_json::from_str(row)
+        .map_err(|error| OpsError::Input(format!("--row is not JSON: {error}")))?;
+    if !value.is_object() {
+        return Err(OpsError::Input(
+            "--row must be a JSON object like '{\"id\": 7}'".to_owned(),
+        ));
+    }
+    let rows = serde_json::Value::Array(vec![value]);
+    let expansion = rules
+        .expand(&Change {
+            table,
+            operation: "INSERT",
+            rows: Some(&rows),
+        })
+        .map_err(|error| OpsError::Input(error.to_string()))?;
+    let mut out = String::new();
+    for pattern in &expansion.patterns {
+        let _ = writeln!(out, "{pattern}");
+    }
+    if expansion.patterns.is_empty() {
+        let _ = writeln!(out, "(no pattern: every value a key needs is NULL)");
+    }
+    Ok(out)
+}
+
+/// `retry-dead-letters`: moves dead letters (all, or `ids`) back into the outbox.
+pub async fn retry_dead_letters(settings: &Settings, ids: &[i64]) -> Result<String, OpsError> {
+    let mut client = connect_pg(settings).await?;
+    let transaction = client.transaction().await?;
+    let moved = transaction
+        .execute(
+            &format!(
+                "WITH moved AS (DELETE FROM {SCHEMA}.dead_letters \
+                 WHERE cardinality($1::bigint[]) = 0 OR id = ANY($1) RETURNING table_name, op, rows, id) \
+                 INSERT INTO {SCHEMA}.outbox (table_name, op, rows) \
+                 SELECT table_name, op, rows FROM moved ORDER BY id"
+            ),
+            &[&ids],
+        )
+        .await?;
+    transaction
+        .batch_execute(&format!("NOTIFY {CHANNEL}"))
+        .await?;
+    transaction.commit().await?;
+    Ok(format!("{moved} dead letter(s) put back into the outbox"))
+}

@@ -1,0 +1,347 @@
+//! The outbox, seen from the worker: claim pending changes oldest first with `FOR UPDATE SKIP
+//! LOCKED`, delete them once Redis confirmed their keys are gone, set unusable rows aside as dead
+//! letters, and report the backlog.
+//!
+//! Claimed rows stay locked by an open transaction (an *epoch*) until their sweep finished, so a
+//! worker that dies — SIGKILL, a dropped connection — releases them to the next claim and nothing
+//! is lost; several workers share the outbox because each skips the rows another holds. Several
+//! claims go into one epoch, so changes that arrive while a sweep runs are claimed at once and join
+//! that sweep, instead of waiting for a connection to come free. An epoch takes claims for
+//! [`EPOCH_OPEN_FOR`], then commits when its last window is done.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::postgres::{ConnectError, PgTarget};
+use crate::schema::SCHEMA;
+
+/// Transactions that may hold claims at once. Each is one connection; with epochs open for
+/// [`EPOCH_OPEN_FOR`] and a sweep of a 1M-key Redis lasting under a second, four are enough.
+pub const EPOCH_CONNECTIONS: usize = 4;
+/// How long an epoch accepts new claims before the next claim opens another one.
+pub const EPOCH_OPEN_FOR: Duration = Duration::from_millis(300);
+/// Outbox rows per claim. With at most 64 values per row this bounds one claim's memory.
+pub const CLAIM_LIMIT: i64 = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+impl OutboxError {
+    /// Configuration errors (a bad URL, an unreadable certificate) will not heal by retrying.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            OutboxError::Connect(ConnectError::InvalidUrl { .. } | ConnectError::RootCert { .. })
+        )
+    }
+}
+
+/// One outbox row as claimed.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub table_name: String,
+    pub op: String,
+    pub rows: Option<Value>,
+}
+
+/// Rows claimed together, belonging to one epoch.
+#[derive(Debug)]
+pub struct Claim {
+    pub epoch: u64,
+    pub rows: Vec<OutboxRow>,
+    /// The claim hit its limit: more rows are probably waiting.
+    pub full: bool,
+}
+
+#[derive(Debug)]
+struct Epoch {
+    id: u64,
+    opened: Instant,
+    /// Within one transaction `SKIP LOCKED` does not skip the rows it locked itself, so later
+    /// claims of the same epoch continue after the highest id already claimed. A row with a lower
+    /// id that commits late is claimed by the next epoch.
+    last_id: i64,
+    windows_outstanding: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    connection: Option<(Client, JoinHandle<()>)>,
+    epoch: Option<Epoch>,
+}
+
+/// The worker's claims on the outbox: a few connections, each carrying at most one epoch.
+pub struct Outbox {
+    target: PgTarget,
+    slots: Vec<Slot>,
+    next_epoch: u64,
+}
+
+/// The result of acknowledging a window.
+#[derive(Debug, Default)]
+pub struct Acked {
+    /// Seconds from each deleted outbox row's creation to now (the commit-to-delete latency).
+    pub ages: Vec<f64>,
+    /// The epoch had failed (its connection dropped): its rows went back to the outbox.
+    pub lost_claim: bool,
+}
+
+impl Outbox {
+    pub fn new(target: PgTarget) -> Outbox {
+        Outbox {
+            target,
+            slots: (0..EPOCH_CONNECTIONS).map(|_| Slot::default()).collect(),
+            next_epoch: 1,
+        }
+    }
+
+    /// True when a claim could run now: an epoch is open for claims or a slot is free.
+    pub fn can_claim(&self) -> bool {
+        self.open_slot().is_some() || self.slots.iter().any(|slot| slot.epoch.is_none())
+    }
+
+    /// Epochs holding claims.
+    pub fn epochs_in_flight(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.epoch.is_some())
+            .count()
+    }
+
+    fn open_slot(&self) -> Option<usize> {
+        self.slots.iter().position(|slot| {
+            slot.epoch
+                .as_ref()
+                .is_some_and(|epoch| epoch.opened.elapsed() < EPOCH_OPEN_FOR)
+        })
+    }
+
+    fn slot_of(&self, epoch: u64) -> Option<usize> {
+        self.slots.iter().position(|slot| {
+            slot.epoch
+                .as_ref()
+                .is_some_and(|current| current.id == epoch)
+        })
+    }
+
+    async fn client(&mut self, index: usize) -> Result<&Client, OutboxError> {
+        let slot = &mut self.slots[index];
+        let alive = slot
+            .connection
+            .as_ref()
+            .is_some_and(|(client, _)| !client.is_closed());
+        if !alive {
+            slot.connection = Some(self.target.connect(None).await?);
+        }
+        match &self.slots[index].connection {
+            Some((client, _)) => Ok(client),
+            None => unreachable!("connected just above"),
+        }
+    }
+
+    /// Claims up to `limit` pending rows, oldest first. `None` when every slot is busy.
+    pub async fn claim(&mut self, limit: i64) -> Result<Option<Claim>, OutboxError> {
+        let index = match self.open_slot() {
+            Some(index) => index,
+            None => match self.slots.iter().position(|slot| slot.epoch.is_none()) {
+                Some(index) => {
+                    let id = self.next_epoch;
+                    self.next_epoch += 1;
+                    let result = async {
+                        self.client(index).await?.batch_execute("BEGIN").await?;
+                        Ok::<_, OutboxError>(())
+                    }
+                    .await;
+                    if let Err(error) = result {
+                        self.slots[index].connection = None;
+                        return Err(error);
+                    }
+                    self.slots[index].epoch = Some(Epoch {
+                        id,
+                        opened: Instant::now(),
+                        last_id: 0,
+                        windows_outstanding: 0,
+                    });
+                    index
+                }
+                None => return Ok(None),
+            },
+        };
+        let last_id = self.slots[index].epoch.as_ref().map_or(0, |e| e.last_id);
+        let query = format!(
+            "SELECT id, table_name, op, rows FROM {SCHEMA}.outbox WHERE id > $1 \
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+        );
+        let result = async {
+            let client = self.client(index).await?;
+            Ok::<_, OutboxError>(client.query(&query, &[&last_id, &limit]).await?)
+        }
+        .await;
+        let fetched = match result {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.fail_slot(index);
+                return Err(error);
+            }
+        };
+        let rows: Vec<OutboxRow> = fetched
+            .iter()
+            .map(|row| OutboxRow {
+                id: row.get(0),
+                table_name: row.get(1),
+                op: row.get(2),
+                rows: row.get(3),
+            })
+            .collect();
+        let Some(epoch) = self.slots[index].epoch.as_mut() else {
+            unreachable!("the slot's epoch was set above")
+        };
+        let epoch_id = epoch.id;
+        if let Some(last) = rows.last() {
+            epoch.last_id = last.id;
+            epoch.windows_outstanding += 1;
+        } else if epoch.windows_outstanding == 0 {
+            // Nothing claimed and nothing in flight: end the transaction so it holds no snapshot.
+            self.finish_epoch(index).await?;
+        }
+        Ok(Some(Claim {
+            epoch: epoch_id,
+            full: rows.len() as i64 >= limit,
+            rows,
+        }))
+    }
+
+    /// Deletes the rows of a finished window (its keys are confirmed gone) and moves unusable rows
+    /// to the dead letters, in the window's epoch. The epoch commits once all its windows are done
+    /// and it takes no more claims.
+    pub async fn ack(
+        &mut self,
+        epoch: u64,
+        done: &[i64],
+        dead: &[(i64, String)],
+    ) -> Result<Acked, OutboxError> {
+        let Some(index) = self.slot_of(epoch) else {
+            return Ok(Acked {
+                ages: Vec::new(),
+                lost_claim: true,
+            });
+        };
+        let result = async {
+            let client = self.client(index).await?;
+            if !dead.is_empty() {
+                let ids: Vec<i64> = dead.iter().map(|(id, _)| *id).collect();
+                let errors: Vec<&str> = dead.iter().map(|(_, error)| error.as_str()).collect();
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO {SCHEMA}.dead_letters (outbox_id, created_at, table_name, op, rows, error) \
+                             SELECT o.id, o.created_at, o.table_name, o.op, o.rows, e.error \
+                             FROM {SCHEMA}.outbox o JOIN unnest($1::bigint[], $2::text[]) AS e(id, error) ON e.id = o.id"
+                        ),
+                        &[&ids, &errors],
+                    )
+                    .await?;
+            }
+            let mut all: Vec<i64> = done.to_vec();
+            all.extend(dead.iter().map(|(id, _)| *id));
+            let deleted = client
+                .query(
+                    &format!(
+                        "DELETE FROM {SCHEMA}.outbox WHERE id = ANY($1) \
+                         RETURNING extract(epoch FROM clock_timestamp() - created_at)::float8"
+                    ),
+                    &[&all],
+                )
+                .await?;
+            Ok::<_, OutboxError>(deleted.iter().map(|row| row.get::<_, f64>(0)).collect())
+        }
+        .await;
+        let ages = match result {
+            Ok(ages) => ages,
+            Err(error) => {
+                self.fail_slot(index);
+                return Err(error);
+            }
+        };
+        let Some(state) = self.slots[index].epoch.as_mut() else {
+            unreachable!("slot_of found the epoch")
+        };
+        state.windows_outstanding = state.windows_outstanding.saturating_sub(1);
+        if state.windows_outstanding == 0 {
+            self.finish_epoch(index).await?;
+        }
+        Ok(Acked {
+            ages,
+            lost_claim: false,
+        })
+    }
+
+    async fn finish_epoch(&mut self, index: usize) -> Result<(), OutboxError> {
+        let result = async {
+            Ok::<_, OutboxError>(self.client(index).await?.batch_execute("COMMIT").await?)
+        }
+        .await;
+        self.slots[index].epoch = None;
+        if let Err(error) = result {
+            self.slots[index].connection = None;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn fail_slot(&mut self, index: usize) {
+        // Dropping the connection ends its transaction on the server: the rows go back.
+        self.slots[index].connection = None;
+        self.slots[index].epoch = None;
+    }
+
+    /// Gives every claimed row back to the outbox (Redis failed, or shutdown with work undone).
+    pub async fn release_all(&mut self) {
+        for index in 0..self.slots.len() {
+            if self.slots[index].epoch.take().is_some() {
+                let rolled_back = match &self.slots[index].connection {
+                    Some((client, _)) => client.batch_execute("ROLLBACK").await.is_ok(),
+                    None => true,
+                };
+                if !rolled_back {
+                    self.slots[index].connection = None;
+                }
+            }
+        }
+    }
+}
+
+/// What waits in the outbox.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Backlog {
+    pub rows: i64,
+    pub oldest_age_seconds: f64,
+    pub dead_letters: i64,
+}
+
+pub async fn backlog(client: &Client) -> Result<Backlog, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {SCHEMA}.outbox), \
+                 coalesce((SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 FROM {SCHEMA}.outbox), 0), \
+                 (SELECT count(*) FROM {SCHEMA}.dead_letters)"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(Backlog {
+        rows: row.get(0),
+        oldest_age_seconds: row.get(1),
+        dead_letters: row.get(2),
+    })
+}

@@ -1,0 +1,669 @@
+//! Rules: which cache keys a change to a table clears.
+//!
+//! A rule names a table and key templates such as `reportlist:reports:{author_id}:*`. Templates are
+//! parsed once into literal glob text and `{column}` placeholders. Rendering a changed row puts the
+//! row's values into the placeholders, escaped for Redis glob syntax so that no value can widen a
+//! pattern, and the configured `key_prefix` in front. The default rules of DESIGN.md are built in; a
+//! TOML file replaces them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The key prefix django-redis puts in front of every logical key with `KEY_PREFIX=''`, `VERSION=1`.
+pub const DEFAULT_KEY_PREFIX: &str = ":1:";
+
+/// The rules shipped with the binary (DESIGN.md, "Default rules"), in the rules-file format.
+pub const DEFAULT_RULES_TOML: &str = r#"
+key_prefix = ":1:"
+
+[[rules]]
+table = "reports_report"
+keys = ["report:{id}:*", "reportlist:reports:{author_id}:*"]
+
+[[rules]]
+table = "reports_studentreport"
+keys = ["studentreport:{id}:*",
+        "reportlist:student-reports:{student_id}:*",
+        "reportlist:student-reports:{teacher_id}:*"]
+
+[[rules]]
+table = "reports_tutorweeklyreport"
+keys = ["tutorreport:{id}:*",
+        "reportlist:tutor-reports:{tutor_id}:*",
+        "reportlist:tutor-reports:{student_id}:*"]
+
+[[rules]]
+table = "reports_teacherweeklyreport"
+keys = ["teacherreport:{id}:*",
+        "reportlist:teacher-reports:{teacher_id}:*",
+        "reportlist:teacher-reports:{student_id}:*"]
+"#;
+
+/// The manual operations of the old cache strategy (DESIGN.md, `invalidate`), also reachable from
+/// SQL through `cache_invalidator.invalidate_user()` / `invalidate_report()`.
+const USER_TEMPLATES: [&str; 2] = ["report:*:{user_id}:*", "reportlist:*:{user_id}:*"];
+const REPORT_TEMPLATES: [&str; 1] = ["report:{report_id}:*"];
+
+/// Pseudo-table names under which manual requests are recorded in the outbox and counted in metrics.
+pub const MANUAL_USER_TABLE: &str = "cache_invalidator.invalidate_user";
+pub const MANUAL_REPORT_TABLE: &str = "cache_invalidator.invalidate_report";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot read rules file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("rules file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("rule for table {table:?}: {message}")]
+    Invalid { table: String, message: String },
+}
+
+/// Why a changed row could not be turned into patterns. The worker dead-letters such rows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("no rule for table {0:?}")]
+    UnknownTable(String),
+    #[error("unknown operation {0:?} (expected INSERT, UPDATE, DELETE or TRUNCATE)")]
+    UnknownOperation(String),
+    #[error("rows must be a JSON array of objects, got {0}")]
+    NotAnArray(String),
+    #[error("row {index} is not a JSON object: {row}")]
+    NotAnObject { index: usize, row: String },
+    #[error("row {index} has no column {column:?} (needed by key {template:?})")]
+    MissingColumn {
+        index: usize,
+        column: String,
+        template: String,
+    },
+    #[error("row {index}: column {column:?} holds {value}, which cannot be put in a cache key")]
+    Unrenderable {
+        index: usize,
+        column: String,
+        value: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    #[serde(default)]
+    rules: Vec<RuleEntry>,
+}
+
+fn default_key_prefix() -> String {
+    DEFAULT_KEY_PREFIX.to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    table: String,
+    keys: Vec<String>,
+    #[serde(default)]
+    watch: Vec<String>,
+}
+
+/// One part of a parsed key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    /// Template text, kept as written: it is glob syntax chosen by the operator (`*` means any).
+    Glob(String),
+    /// A `{column}` placeholder: the row's value goes here, escaped so it matches only itself.
+    Column(String),
+}
+
+/// A key template parsed once at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = source.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(format!("key {source:?}: unclosed '{{'")),
+                        }
+                    }
+                    if !is_identifier(&name) {
+                        return Err(format!(
+                            "key {source:?}: placeholder {{{name}}} is not a column name"
+                        ));
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Glob(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Column(name));
+                }
+                '}' => return Err(format!("key {source:?}: '}}' without '{{'")),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Glob(literal));
+        }
+        if parts.is_empty() {
+            return Err("empty key template".to_owned());
+        }
+        Ok(Template {
+            source: source.to_owned(),
+            parts,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Column(name) => Some(name.as_str()),
+            Part::Glob(_) => None,
+        })
+    }
+
+    /// The pattern for one row, `Ok(None)` when a value it needs is NULL (nothing to clear for it).
+    fn render(
+        &self,
+        key_prefix: &str,
+        row: &serde_json::Map<String, Value>,
+        index: usize,
+    ) -> Result<Option<String>, RenderError> {
+        let mut pattern = escape_glob(key_prefix);
+        for part in &self.parts {
+            match part {
+                Part::Glob(text) => pattern.push_str(text),
+                Part::Column(column) => {
+                    let value = row.get(column).ok_or_else(|| RenderError::MissingColumn {
+                        index,
+                        column: column.clone(),
+                        template: self.source.clone(),
+                    })?;
+                    match value {
+                        Value::Null => return Ok(None),
+                        Value::String(text) => pattern.push_str(&escape_glob(text)),
+                        Value::Number(number) => pattern.push_str(&number.to_string()),
+                        // Python's str(True) is what a Django view would have put in the key.
+                        Value::Bool(true) => pattern.push_str("True"),
+                        Value::Bool(false) => pattern.push_str("False"),
+                        Value::Array(_) | Value::Object(_) => {
+                            return Err(RenderError::Unrenderable {
+                                index,
+                                column: column.clone(),
+                                value: truncate(&value.to_string(), 80),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Some(pattern))
+    }
+
+    /// The pattern that clears the template's whole namespace: everything up to the first
+    /// placeholder, then `*`. Used for `TRUNCATE`, which says nothing about individual rows.
+    fn namespace_pattern(&self, key_prefix: &str) -> String {
+        let mut pattern = escape_glob(key_prefix);
+        for part in &self.parts {
+            match part {
+                Part::Glob(text) => pattern.push_str(text),
+                Part::Column(_) => break,
+            }
+        }
+        if !pattern.ends_with('*') {
+            pattern.push('*');
+        }
+        pattern
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Escapes the characters Redis' glob matcher treats specially, so the text matches only itself.
+pub fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_alphabetic() || c == '_')
+        && chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+}
+
+/// A table as named in a rule: `table` (resolved through the search path) or `schema.table`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    fn parse(text: &str) -> Result<TableName, String> {
+        let (schema, name) = match text.split_once('.') {
+            Some((schema, name)) => (Some(schema.to_owned()), name.to_owned()),
+            None => (None, text.to_owned()),
+        };
+        let valid = schema.as_deref().is_none_or(is_identifier) && is_identifier(&name);
+        if !valid {
+            return Err(format!(
+                "{text:?} is not a table name (expected table or schema.table)"
+            ));
+        }
+        Ok(TableName { schema, name })
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "{schema}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// The rule for one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRule {
+    pub table: TableName,
+    pub templates: Vec<Template>,
+    /// When set, UPDATEs that change none of these columns are skipped by the trigger.
+    pub watch: Vec<String>,
+}
+
+impl TableRule {
+    /// The columns the trigger must record: every column a template names, sorted, once.
+    pub fn columns(&self) -> Vec<String> {
+        let columns: BTreeSet<&str> = self.templates.iter().flat_map(Template::columns).collect();
+        columns.into_iter().map(str::to_owned).collect()
+    }
+}
+
+/// A change as recorded in the outbox: which table, which operation, and the recorded values of
+/// the affected rows (OLD and NEW rows alike: UPDATE records both).
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub table: &'a str,
+    pub operation: &'a str,
+    pub rows: Option<&'a Value>,
+}
+
+/// The patterns one change clears, and who they concern (for the per-change log line).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Expansion {
+    pub patterns: BTreeSet<String>,
+    /// Values of the row columns that name users or reports, for the debug log.
+    pub ids: BTreeSet<String>,
+    pub owners: BTreeSet<String>,
+}
+
+/// The complete, validated rule set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSet {
+    key_prefix: String,
+    rules: Vec<TableRule>,
+    by_table: HashMap<String, usize>,
+    user_templates: Vec<Template>,
+    report_templates: Vec<Template>,
+}
+
+impl RuleSet {
+    pub fn builtin() -> RuleSet {
+        // The built-in text is part of the binary and covered by tests; failing here is a bug.
+        RuleSet::from_toml(DEFAULT_RULES_TOML, "<built-in rules>")
+            .expect("the built-in rules are valid")
+    }
+
+    pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        RuleSet::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
+        let file: RulesFile = toml::from_str(text).map_err(|error| RulesError::Parse {
+            path: origin.to_owned(),
+            message: error.to_string(),
+        })?;
+        if file.rules.is_empty() {
+            return Err(RulesError::Parse {
+                path: origin.to_owned(),
+                message: "no [[rules]] entries: nothing would ever be invalidated".to_owned(),
+            });
+        }
+        let mut rules = Vec::with_capacity(file.rules.len());
+        let mut by_table = HashMap::new();
+        for entry in file.rules {
+            let invalid = |message: String| RulesError::Invalid {
+                table: entry.table.clone(),
+                message,
+            };
+            let table = TableName::parse(&entry.table).map_err(invalid)?;
+            if entry.keys.is_empty() {
+                return Err(invalid(
+                    "no keys: list at least one key template".to_owned(),
+                ));
+            }
+            let templates = entry
+                .keys
+                .iter()
+                .map(|key| Template::parse(key))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?;
+            if let Some(bad) = entry.watch.iter().find(|column| !is_identifier(column)) {
+                return Err(invalid(format!("watch: {bad:?} is not a column name")));
+            }
+            if by_table.insert(entry.table.clone(), rules.len()).is_some() {
+                return Err(invalid(
+                    "a second rule for the same table: put all its keys in one rule".to_owned(),
+                ));
+            }
+            rules.push(TableRule {
+                table,
+                templates,
+                watch: entry.watch,
+            });
+        }
+        let parse_all = |sources: &[&str]| {
+            sources
+                .iter()
+                .map(|source| Template::parse(source).expect("built-in templates are valid"))
+                .collect()
+        };
+        Ok(RuleSet {
+            key_prefix: file.key_prefix,
+            rules,
+            by_table,
+            user_templates: parse_all(&USER_TEMPLATES),
+            report_templates: parse_all(&REPORT_TEMPLATES),
+        })
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    pub fn rules(&self) -> &[TableRule] {
+        &self.rules
+    }
+
+    pub fn rule(&self, table: &str) -> Option<&TableRule> {
+        self.by_table.get(table).map(|&index| &self.rules[index])
+    }
+
+    /// The templates a change to `table` uses: a rule's, or the manual requests' built-in ones.
+    fn templates_for(&self, table: &str) -> Option<&[Template]> {
+        match table {
+            MANUAL_USER_TABLE => Some(&self.user_templates),
+            MANUAL_REPORT_TABLE => Some(&self.report_templates),
+            _ => self.rule(table).map(|rule| rule.templates.as_slice()),
+        }
+    }
+
+    /// Turns one outbox change into the patterns it clears. Duplicates are kept once.
+    pub fn expand(&self, change: &Change<'_>) -> Result<Expansion, RenderError> {
+        let templates = self
+            .templates_for(change.table)
+            .ok_or_else(|| RenderError::UnknownTable(change.table.to_owned()))?;
+        let mut expansion = Expansion::default();
+        match change.operation {
+            "TRUNCATE" => {
+                for template in templates {
+                    expansion
+                        .patterns
+                        .insert(template.namespace_pattern(&self.key_prefix));
+                }
+                return Ok(expansion);
+            }
+            "INSERT" | "UPDATE" | "DELETE" | "INVALIDATE" => {}
+            other => return Err(RenderError::UnknownOperation(other.to_owned())),
+        }
+        let rows = match change.rows {
+            Some(Value::Array(rows)) => rows,
+            Some(other) => return Err(RenderError::NotAnArray(truncate(&other.to_string(), 80))),
+            None => return Err(RenderError::NotAnArray("NULL".to_owned())),
+        };
+        for (index, row) in rows.iter().enumerate() {
+            let Value::Object(row) = row else {
+                return Err(RenderError::NotAnObject {
+                    index,
+                    row: truncate(&row.to_string(), 80),
+                });
+            };
+            for template in templates {
+                if let Some(pattern) = template.render(&self.key_prefix, row, index)? {
+                    expansion.patterns.insert(pattern);
+                }
+            }
+            for (column, value) in row {
+                let text = match value {
+                    Value::String(text) => text.clone(),
+                    Value::Number(number) => number.to_string(),
+                    _ => continue,
+                };
+                if column == "id" || column == "report_id" {
+                    expansion.ids.insert(text);
+                } else {
+                    expansion.owners.insert(text);
+                }
+            }
+        }
+        Ok(expansion)
+    }
+
+    /// Patterns for `invalidate --user U` (DESIGN.md): the user's report views and lists.
+    pub fn user_patterns(&self, user: &str) -> BTreeSet<String> {
+        self.manual_patterns(&self.user_templates, "user_id", user)
+    }
+
+    /// Patterns for `invalidate --report R` (DESIGN.md): every user's view of the report.
+    pub fn report_patterns(&self, report: &str) -> BTreeSet<String> {
+        self.manual_patterns(&self.report_templates, "report_id", report)
+    }
+
+    fn manual_patterns(
+        &self,
+        templates: &[Template],
+        column: &str,
+        value: &str,
+    ) -> BTreeSet<String> {
+        let mut row = serde_json::Map::new();
+        row.insert(column.to_owned(), Value::String(value.to_owned()));
+        templates
+            .iter()
+            .filter_map(|template| template.render(&self.key_prefix, &row, 0).ok().flatten())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn expand(rules: &RuleSet, table: &str, op: &str, rows: Value) -> BTreeSet<String> {
+        let change = Change {
+            table,
+            operation: op,
+            rows: Some(&rows),
+        };
+        rules.expand(&change).expect("renders").patterns
+    }
+
+    #[test]
+    fn builtin_rules_cover_the_four_report_tables() {
+        let rules = RuleSet::builtin();
+        let tables: Vec<String> = rules.rules().iter().map(|r| r.table.to_string()).collect();
+        assert_eq!(
+            tables,
+            [
+                "reports_report",
+                "reports_studentreport",
+                "reports_tutorweeklyreport",
+                "reports_teacherweeklyreport"
+            ]
+        );
+        assert_eq!(rules.key_prefix(), ":1:");
+    }
+
+    #[test]
+    fn update_expands_old_and_new_rows_once() {
+        let rules = RuleSet::builtin();
+        let patterns = expand(
+            &rules,
+            "reports_report",
+            "UPDATE",
+            json!([{"id": 7, "author_id": 1}, {"id": 7, "author_id": 2}]),
+        );
+        let expected: BTreeSet<String> = [
+            ":1:report:7:*",
+            ":1:reportlist:reports:1:*",
+            ":1:reportlist:reports:2:*",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(patterns, expected);
+    }
+
+    #[test]
+    fn null_value_skips_only_its_pattern() {
+        let rules = RuleSet::builtin();
+        let patterns = expand(
+            &rules,
+            "reports_studentreport",
+            "INSERT",
+            json!([{"id": 3, "student_id": 4, "teacher_id": null}]),
+        );
+        assert_eq!(patterns.len(), 2);
+        assert!(patterns.contains(":1:studentreport:3:*"));
+        assert!(patterns.contains(":1:reportlist:student-reports:4:*"));
+    }
+
+    #[test]
+    fn glob_characters_in_values_are_escaped() {
+        let rules = RuleSet::from_toml(
+            "[[rules]]\ntable = \"t\"\nkeys = [\"tag:{name}:*\"]",
+            "test",
+        )
+        .expect("valid");
+        let patterns = expand(&rules, "t", "INSERT", json!([{"name": "a*b?[c]\\"}]));
+        assert_eq!(
+            patterns.into_iter().collect::<Vec<_>>(),
+            [":1:tag:a\\*b\\?\\[c\\]\\\\:*"]
+        );
+    }
+
+    #[test]
+    fn truncate_clears_each_namespace() {
+        let rules = RuleSet::builtin();
+        let change = Change {
+            table: "reports_report",
+            operation: "TRUNCATE",
+            rows: None,
+        };
+        let patterns = rules.expand(&change).expect("renders").patterns;
+        assert_eq!(
+            patterns.into_iter().collect::<Vec<_>>(),
+            [":1:report:*", ":1:reportlist:reports:*"]
+        );
+    }
+
+    #[test]
+    fn bad_rows_say_what_is_wrong() {
+        let rules = RuleSet::builtin();
+        let rows = json!([{"id": 1}]);
+        let missing = rules.expand(&Change {
+            table: "reports_report",
+            operation: "INSERT",
+            rows: Some(&rows),
+        });
+        assert_eq!(
+            missing.expect_err("author_id is missing").to_string(),
+            "row 0 has no column \"author_id\" (needed by key \"reportlist:reports:{author_id}:*\")"
+        );
+        let unknown = rules.expand(&Change {
+            table: "auth_user",
+            operation: "INSERT",
+            rows: Some(&rows),
+        });
+        assert_eq!(
+            unknown.expect_err("no rule"),
+            RenderError::UnknownTable("auth_user".into())
+        );
+        let nested = json!([{"id": {"a": 1}, "author_id": 1}]);
+        let unrenderable = rules.expand(&Change {
+            table: "reports_report",
+            operation: "INSERT",
+            rows: Some(&nested),
+        });
+        assert!(matches!(
+            unrenderable,
+            Err(RenderError::Unrenderable { ref column, .. }) if column == "id"
+        ));
+    }
+
+    #[test]
+    fn rules_file_errors_name_the_problem() {
+        let unknown_field = RuleSet::from_toml("[[rules]]\ntable = \"t\"\nkey = [\"x\"]", "f.toml");
+        let message = unknown_field.expect_err("typo").to_string();
+        assert!(
+            message.contains("f.toml") && message.contains("key"),
+            "{message}"
+        );
+        let bad_template =
+            RuleSet::from_toml("[[rules]]\ntable = \"t\"\nkeys = [\"x:{id\"]", "f.toml");
+        let message = bad_template.expect_err("unclosed").to_string();
+        assert!(message.contains("unclosed"), "{message}");
+        let duplicate = RuleSet::from_toml(
+            "[[rules]]\ntable = \"t\"\nkeys = [\"a\"]\n[[rules]]\ntable = \"t\"\nkeys = [\"b\"]",
+            "f.toml",
+        );
+        assert!(duplicate.is_err());
+    }
+
+    #[test]
+    fn manual_operations_use_the_documented_patterns() {
+        let rules = RuleSet::builtin();
+        assert_eq!(
+            rules.user_patterns("5").into_iter().collect::<Vec<_>>(),
+            [":1:report:*:5:*", ":1:reportlist:*:5:*"]
+        );
+        assert_eq!(
+            rules.report_patterns("9").into_iter().collect::<Vec<_>>(),
+            [":1:report:9:*"]
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! The Postgres side of the contract: the `cache_invalidator` schema, its outbox, and the triggers
+//! that record every committed change of a ruled table, generated from the rules.
+//!
+//! Triggers are statement-level with transition tables: a 100,000-row `UPDATE` runs the trigger
+//! once, which writes the distinct values the key templates need (OLD and NEW) into a handful of
+//! outbox rows of at most [`ROWS_PER_OUTBOX_ENTRY`] values each, then sends one constant-payload
+//! `pg_notify` (Postgres folds identical notifications in a transaction, so a statement or a whole
+//! transaction wakes the worker once, at commit, and a rollback sends nothing).
+
+use std::fmt::Write as _;
+
+use tokio_postgres::Client;
+
+use crate::rules::{RuleSet, TableRule, MANUAL_REPORT_TABLE, MANUAL_USER_TABLE};
+
+/// Schema that holds everything the daemon creates (contract).
+pub const SCHEMA: &str = "cache_invalidator";
+/// Notification channel (contract).
+pub const CHANNEL: &str = "cache_invalidator";
+/// Values per outbox row for bulk statements. Bounds what one row costs the worker in memory
+/// (64 values × 3 templates ≈ 200 patterns) while keeping a 10,000-row statement to ~160 inserts.
+pub const ROWS_PER_OUTBOX_ENTRY: usize = 64;
+/// Prefix of every trigger the daemon installs; `install` drops those no rule asks for any more.
+const TRIGGER_PREFIX: &str = "cache_invalidator_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("table {table} does not exist (named by a rule)")]
+    MissingTable { table: String },
+    #[error("table {table} has no column {column:?} (named by {used_by})")]
+    MissingColumn {
+        table: String,
+        column: String,
+        used_by: String,
+    },
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// Quotes an identifier for SQL: `"name"`, with embedded quotes doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn qualified_table(rule: &TableRule) -> String {
+    match &rule.table.schema {
+        Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&rule.table.name)),
+        None => quote_ident(&rule.table.name),
+    }
+}
+
+fn capture_function(rule: &TableRule) -> String {
+    format!(
+        "{SCHEMA}.{}",
+        quote_ident(&format!("capture {}", rule.table))
+    )
+}
+
+/// Objects that do not depend on the rules: the outbox, dead letters and the app's functions.
+fn base_sql() -> String {
+    format!(
+        r#"CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+
+-- One row per captured statement (per {ROWS_PER_OUTBOX_ENTRY} changed rows of it): the values the key
+-- templates need, OLD and NEW alike, as a JSON array of objects. The worker deletes a row only after
+-- Redis confirmed the deletes of its keys.
+CREATE TABLE IF NOT EXISTS {SCHEMA}.outbox (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    table_name  text NOT NULL,
+    op          text NOT NULL,
+    rows        jsonb
+);
+
+-- Rows the worker could not use, with the reason; `cache-invalidator retry-dead-letters` puts them
+-- back into the outbox once the rules are fixed.
+CREATE TABLE IF NOT EXISTS {SCHEMA}.dead_letters (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    outbox_id   bigint NOT NULL,
+    created_at  timestamptz NOT NULL,
+    table_name  text NOT NULL,
+    op          text NOT NULL,
+    rows        jsonb,
+    error       text NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Transactional requests from the app: they go through the outbox, so they happen only if the
+-- calling transaction commits.
+CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_user(user_id text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
+    VALUES ({user}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('user_id', user_id)));
+    PERFORM pg_notify('{CHANNEL}', '');
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_user(user_id bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$ SELECT {SCHEMA}.invalidate_user(user_id::text) $fn$;
+
+CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_report(report_id text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
+    VALUES ({report}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('report_id', report_id)));
+    PERFORM pg_notify('{CHANNEL}', '');
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_report(report_id bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$ SELECT {SCHEMA}.invalidate_report(report_id::text) $fn$;
+GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
+GRANT EXECUTE ON FUNCTION {SCHEMA}.invalidate_user(text), {SCHEMA}.invalidate_user(bigint),
+    {SCHEMA}.invalidate_report(text), {SCHEMA}.invalidate_report(bigint) TO PUBLIC;
+"#,
+        user = quote_literal(MANUAL_USER_TABLE),
+        report = quote_literal(MANUAL_REPORT_TABLE),
+    )
+}
+
+/// `jsonb_build_object('id', r."id", …)` over the rule's columns, reading from alias `r`.
+fn row_object(columns: &[String]) -> String {
+    let pairs: Vec<String> = columns
+        .iter()
+        .map(|column| format!("{}, r.{}", quote_literal(column), quote_ident(column)))
+        .collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}
+
+/// The SELECT that yields the distinct recorded values of an UPDATE statement.
+fn update_values(rule: &TableRule, object: &str) -> String {
+    if rule.watch.is_empty() {
+        return format!(
+            "SELECT {object} AS v FROM old_rows r UNION SELECT {object} FROM new_rows r"
+        );
+    }
+    // With `watch`, a row counts only if one of the watched columns (or a recorded one) changed:
+    // its OLD and NEW tuples then differ, so each survives the EXCEPT against the other side.
+    let mut compared: Vec<String> = rule.columns();
+    for column in &rule.watch {
+        if !compared.contains(column) {
+            compared.push(column.clone());
+        }
+    }
+    let list: Vec<String> = compared.iter().map(|c| quote_ident(c)).collect();
+    let list = list.join(", ");
+    format!(
+        "SELECT {object} AS v FROM (SELECT {list} FROM old_rows EXCEPT ALL SELECT {list} FROM new_rows) r \
+         UNION SELECT {object} FROM (SELECT {list} FROM new_rows EXCEPT ALL SELECT {list} FROM old_rows) r"
+    )
+}
+
+fn capture_function_sql(rule: &TableRule) -> String {
+    let table = quote_literal(&rule.table.to_string());
+    let object = row_object(&rule.columns());
+    let insert = |values: &str| {
+        format!(
+            "INSERT INTO {SCHEMA}.outbox (table_name, op, rows)\n\
+             \x20       SELECT {table}, TG_OP, jsonb_agg(v)\n\
+             \x20       FROM (SELECT v, (row_number() OVER () - 1) / {ROWS_PER_OUTBOX_ENTRY} AS chunk FROM ({values}) d) c\n\
+             \x20       GROUP BY chunk;"
+        )
+    };
+    format!(
+        r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        {insert_new}
+    ELSIF TG_OP = 'UPDATE' THEN
+        {insert_update}
+    ELSIF TG_OP = 'DELETE' THEN
+        {insert_old}
+    ELSE
+        INSERT INTO {SCHEMA}.outbox (table_name, op, rows) VALUES ({table}, 'TRUNCATE', NULL);
+    END IF;
+    IF FOUND THEN
+        PERFORM pg_notify('{CHANNEL}', '');
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+"#,
+        function = capture_function(rule),
+        insert_new = insert(&format!("SELECT DISTINCT {object} AS v FROM new_rows r")),
+        insert_update = insert(&update_values(rule, &object)),
+        insert_old = insert(&format!("SELECT DISTINCT {object} AS v FROM old_rows r")),
+    )
+}
+
+fn triggers_sql(rule: &TableRule) -> String {
+    let table = qualified_table(rule);
+    let function = capture_function(rule);
+    let mut sql = String::new();
+    let events = [
+        ("ins", "INSERT", "REFERENCING NEW TABLE AS new_rows"),
+        (
+            "upd",
+            "UPDATE",
+            "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+        ),
+        ("del", "DELETE", "REFERENCING OLD TABLE AS old_rows"),
+        ("trunc", "TRUNCATE", ""),
+    ];
+    // Transition tables allow one event per trigger, hence four triggers per table.
+    for (suffix, event, referencing) in events {
+        let name = quote_ident(&format!("{TRIGGER_PREFIX}{suffix}"));
+        let _ = writeln!(sql, "DROP TRIGGER IF EXISTS {name} ON {table};");
+        let referencing = if referencing.is_empty() {
+            String::new()
+        } else {
+            format!(" {referencing}")
+        };
+        let _ = writeln!(
+            sql,
+            "CREATE TRIGGER {name} AFTER {event} ON {table}{referencing}\n    FOR EACH STATEMENT EXECUTE FUNCTION {function}();"
+        );
+    }
+    sql
+}
+
+/// Drops triggers and capture functions of tables that no rule names any more.
+fn stale_cleanup_sql(rules: &RuleSet) -> String {
+    let functions: Vec<String> = rules
+        .rules()
+        .iter()
+        .map(|rule| quote_literal(&format!("capture {}", rule.table)))
+        .collect();
+    format!(
+        r#"DO $cleanup$
+DECLARE
+    stale record;
+BEGIN
+    FOR stale IN
+        SELECT t.tgname, t.tgrelid::regclass AS tbl
+        FROM pg_trigger t
+        JOIN pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'
+          AND p.proname <> ALL (ARRAY[{functions}]::text[])
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', stale.tgname, stale.tbl);
+    END LOOP;
+    FOR stale IN
+        SELECT p.oid::regprocedure AS fn
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = '{SCHEMA}' AND p.proname LIKE 'capture %'
+          AND p.proname <> ALL (ARRAY[{functions}]::text[])
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', stale.fn);
+    END LOOP;
+END
+$cleanup$;
+"#,
+        functions = functions.join(", ")
+    )
+}
+
+/// The SQL `install` runs, for review or for a migration tool. Idempotent.
+pub fn install_sql(rules: &RuleSet) -> String {
+    let mut sql = String::from(
+        "-- cache-invalidator: install (generated by `cache-invalidator sql`; do not edit)\n\
+         BEGIN;\n\n",
+    );
+    sql.push_str(&base_sql());
+    for rule in rules.rules() {
+        let _ = writeln!(sql, "\n-- {}: {}", rule.table, templates_summary(rule));
+        sql.push_str(&capture_function_sql(rule));
+        sql.push_str(&triggers_sql(rule));
+    }
+    sql.push('\n');
+    sql.push_str(&stale_cleanup_sql(rules));
+    sql.push_str("\nCOMMIT;\n");
+    sql
+}
+
+fn templates_summary(rule: &TableRule) -> String {
+    let keys: Vec<&str> = rule.templates.iter().map(|t| t.source()).collect();
+    let mut summary = keys.join(", ");
+    if !rule.watch.is_empty() {
+        let _ = write!(summary, " (watch: {})", rule.watch.join(", "));
+    }
+    summary
+}
+
+/// The SQL `uninstall` runs: drops every trigger and the schema; the app's tables are untouched.
+pub fn uninstall_sql() -> String {
+    format!(
+        r#"-- cache-invalidator: uninstall (generated by `cache-invalidator sql --uninstall`; do not edit)
+BEGIN;
+
+DO $uninstall$
+DECLARE
+    installed record;
+BEGIN
+    FOR installed IN
+        SELECT t.tgname, t.tgrelid::regclass AS tbl
+        FROM pg_trigger t
+        JOIN pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', installed.tgname, installed.tbl);
+    END LOOP;
+END
+$uninstall$;
+
+DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;
+
+COMMIT;
+"#
+    )
+}
+
+/// Checks that every table and column the rules name exists, so `install` fails with a message
+/// that names the culprit instead of a trigger that breaks the app's writes later.
+pub async fn validate_against_database(
+    client: &Client,
+    rules: &RuleSet,
+) -> Result<(), SchemaError> {
+    for rule in rules.rules() {
+        let table = rule.table.to_string();
+        let row = client
+            .query_one(
+                "SELECT to_regclass($1)::oid::bigint",
+                &[&qualified_table(rule)],
+            )
+            .await?;
+        let Some(oid): Option<i64> = row.get(0) else {
+            return Err(SchemaError::MissingTable { table });
+        };
+        let columns: Vec<String> = client
+            .query(
+                "SELECT attname::text FROM pg_attribute \
+                 WHERE attrelid = $1::bigint::oid AND attnum > 0 AND NOT attisdropped",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for template in &rule.templates {
+            for column in template.columns() {
+                if !columns.iter().any(|c| c == column) {
+                    return Err(SchemaError::MissingColumn {
+                        table,
+                        column: column.to_owned(),
+                        used_by: format!("key {:?}", template.source()),
+                    });
+                }
+            }
+        }
+        for column in &rule.watch {
+            if !columns.iter().any(|c| c == column) {
+                return Err(SchemaError::MissingColumn {
+                    table,
+                    column: column.clone(),
+                    used_by: "watch".to_owned(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates or updates the schema, outbox and triggers for `rules`.
+pub async fn install(client: &Client, rules: &RuleSet) -> Result<(), SchemaError> {
+    validate_against_database(client, rules).await?;
+    client.batch_execute(&install_sql(rules)).await?;
+    Ok(())
+}
+
+/// Removes the triggers and the schema.
+pub async fn uninstall(client: &Client) -> Result<(), SchemaError> {
+    client.batch_execute(&uninstall_sql()).await?;
+    Ok(())
+}
+
+/// One installed trigger function, as found in the database, compared with what the rules want.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriggerDifference {
+    pub table: String,
+    pub problem: String,
+}
+
+/// Compares the installed capture functions and triggers with what `install` would create now.
+pub async fn installed_differences(
+    client: &Client,
+    rules: &RuleSet,
+) -> Result<Vec<TriggerDifference>, SchemaError> {
+    let mut differences = Vec::new();
+    let schema_exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&SCHEMA],
+        )
+        .await?
+        .get(0);
+    if !schema_exists {
+        differences.push(TriggerDifference {
+            table: "*".to_owned(),
+            problem: format!("schema {SCHEMA} is not installed: run `cache-invalidator install`"),
+        });
+        return Ok(differences);
+    }
+    let installed: Vec<(String, String)> = client
+        .query(
+            "SELECT p.proname::text, p.prosrc FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname LIKE 'capture %'",
+            &[&SCHEMA],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    for rule in rules.rules() {
+        let table = rule.table.to_string();
+        let name = format!("capture {table}");
+        let wanted = capture_function_sql(rule);
+        let wanted_body = function_body(&wanted);
+        match installed.iter().find(|(proname, _)| *proname == name) {
+            None => differences.push(TriggerDifference {
+                table: table.clone(),
+                problem: "no capture function installed for this rule".to_owned(),
+            }),
+            Some((_, body)) if body != wanted_body => {
+                differences.push(TriggerDifference {
+                    table: table.clone(),
+                    problem: "installed trigger records other columns or keys than the rules need"
+                        .to_owned(),
+                })
+            }
+            Some(_) => {}
+        }
+        let count: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+                 JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND p.proname = $2 AND t.tgenabled <> 'D' \
+                 AND t.tgrelid = to_regclass($3)",
+                &[&SCHEMA, &name, &qualified_table(rule)],
+            )
+            .await?
+            .get(0);
+        if count != 4 {
+            differences.push(TriggerDifference {
+                table,
+                problem: format!(
+                    "{count} of 4 enabled triggers (insert, update, delete, truncate) installed"
+                ),
+            });
+        }
+    }
+    for (proname, _) in &installed {
+        let table = proname.trim_start_matches("capture ");
+        if rules.rule(table).is_none() {
+            differences.push(TriggerDifference {
+                table: table.to_owned(),
+                problem: "triggers installed but no rule names this table".to_owned(),
+            });
+        }
+    }
+    Ok(differences)
+}
+
+/// The text between the `$fn$` markers, which Postgres keeps verbatim as `prosrc`.
+fn function_body(definition: &str) -> &str {
+    let mut parts = definition.split("$fn$");
+    parts.next();
+    parts.next().unwrap_or(definition)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn install_sql_records_only_the_columns_templates_need() {
+        let sql = install_sql(&RuleSet::builtin());
+        assert!(sql.contains("jsonb_build_object('author_id', r.\"author_id\", 'id', r.\"id\")"));
+        assert!(sql.contains("CREATE TRIGGER \"cache_invalidator_upd\" AFTER UPDATE ON \"reports_report\" REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
+        assert!(sql.contains("pg_notify('cache_invalidator', '')"));
+    }
+}

@@ -1,0 +1,555 @@
+//! The Redis side of the data path: one rolling `SCAN` pass per node serves every window of
+//! patterns at once, and matching keys are removed with pipelined `UNLINK`.
+//!
+//! A window joins the pass wherever the cursor stands and is done once the cursor has gone all the
+//! way round to that point again, so a change that arrives mid-pass costs no pass of its own: the
+//! cost of N pending changes is about one pass, not N. A `SCAN` cursor is a bucket index in reverse
+//! bit order; reversed, it is a position that only grows during a pass, even across a rehash, which
+//! is what "gone round to that point" compares.
+//!
+//! Each step sends one pipeline per node: the `UNLINK`s of the keys matched by the previous step,
+//! then the next `SCAN`. A window is reported finished one step after its last `SCAN`, once the
+//! deletes of everything it matched were confirmed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redis::cluster_routing::Slot;
+
+use crate::keyspace::Node;
+use crate::matcher::{Matcher, PatternId};
+
+/// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
+/// app shares this Redis); 5,000 saves 10 % of a pass but blocks Redis 3–4 ms per call.
+pub const SCAN_COUNT: usize = 1000;
+/// Keys per `UNLINK` command: small enough that freeing them never blocks Redis for long.
+pub const UNLINK_CHUNK: usize = 256;
+
+pub type WindowId = u64;
+
+#[derive(Debug, thiserror::Error)]
+#[error("redis at {node}: {source}")]
+pub struct SweepError {
+    pub node: String,
+    pub source: redis::RedisError,
+}
+
+/// A pattern a window asks to clear, with the label its deleted keys are counted under (the table).
+#[derive(Debug, Clone)]
+pub struct PatternSpec {
+    pub pattern: String,
+    pub label: Arc<str>,
+}
+
+/// A window whose keys are confirmed gone.
+#[derive(Debug, Clone)]
+pub struct FinishedWindow {
+    pub id: WindowId,
+    /// Keys matched by each of the window's patterns (same order as given) while it was active.
+    pub keys_per_pattern: Vec<u64>,
+}
+
+/// What one step did.
+#[derive(Debug, Default, Clone)]
+pub struct StepReport {
+    pub finished: Vec<FinishedWindow>,
+    /// Keys removed, by label (for first-pass patterns).
+    pub deleted: HashMap<Arc<str>, u64>,
+    /// Keys removed by patterns only a refill-guard window still asked for: stale refills.
+    pub refill_deleted: u64,
+    /// Passes started (one per node whose cursor started at 0).
+    pub passes_started: u64,
+    /// Durations of the passes that ended in this step.
+    pub pass_durations: Vec<std::time::Duration>,
+    pub keys_scanned: u64,
+}
+
+#[derive(Debug)]
+struct PatternState {
+    text: String,
+    label: Arc<str>,
+    first_pass_refs: u32,
+    refill_refs: u32,
+    matched: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// Position (reversed cursor) where the window joined this node's pass.
+    start: u64,
+    wrapped: bool,
+    done: bool,
+}
+
+impl Progress {
+    /// Records a `SCAN` that returned `next_cursor`: it covered everything up to that position.
+    fn advance(&mut self, next_cursor: u64) {
+        if self.done {
+            return;
+        }
+        if !self.wrapped {
+            if next_cursor == 0 {
+                if self.start == 0 {
+                    self.done = true;
+                } else {
+                    self.wrapped = true;
+                }
+            }
+        } else if next_cursor == 0 || position(next_cursor) >= self.start {
+            self.done = true;
+        }
+    }
+}
+
+fn position(cursor: u64) -> u64 {
+    cursor.reverse_bits()
+}
+
+#[derive(Debug)]
+struct Window {
+    id: WindowId,
+    refill: bool,
+    pattern_ids: Vec<PatternId>,
+    matched_at_join: Vec<u64>,
+    progress: Vec<Progress>,
+    /// Every node has been scanned; finished once the next step confirmed the deletes.
+    scanned: bool,
+}
+
+struct NodeScan {
+    node: Node,
+    /// The cursor the next `SCAN` uses; 0 with `in_pass == false` means idle.
+    cursor: u64,
+    in_pass: bool,
+    pass_started: Option<std::time::Instant>,
+    /// Keys matched and not yet unlinked, with the label they count under and whether only a
+    /// refill guard asked for them.
+    pending: Vec<(Vec<u8>, Arc<str>, bool)>,
+}
+
+/// The sweep state: nodes with their cursors, the active windows and their compiled patterns.
+pub struct Sweeper {
+    nodes: Vec<NodeScan>,
+    matcher: Matcher,
+    by_text: HashMap<String, PatternId>,
+    patterns: Vec<Option<PatternState>>,
+    free_ids: Vec<PatternId>,
+    windows: Vec<Window>,
+    next_window: WindowId,
+}
+
+impl Sweeper {
+    pub fn new(nodes: Vec<Node>) -> Sweeper {
+        Sweeper {
+            nodes: nodes
+                .into_iter()
+                .map(|node| NodeScan {
+                    node,
+                    cursor: 0,
+                    in_pass: false,
+                    pass_started: None,
+                    pending: Vec::new(),
+                })
+                .collect(),
+            matcher: Matcher::default(),
+            by_text: HashMap::new(),
+            patterns: Vec::new(),
+            free_ids: Vec::new(),
+            windows: Vec::new(),
+            next_window: 1,
+        }
+    }
+
+    /// Windows still running.
+    pub fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Distinct patterns being matched: what the worker's memory grows with.
+    pub fn active_patterns(&self) -> usize {
+        self.by_text.len()
+    }
+
+    pub fn is_busy(&self) -> bool {
+        !self.windows.is_empty()
+    }
+
+    /// Adds a window that joins the pass in progress (or starts one). `refill` marks the delayed
+    /// second pass, whose deletions are counted apart. A window without patterns is not added:
+    /// there is nothing to sweep for.
+    pub fn add_window(&mut self, patterns: &[PatternSpec], refill: bool) -> Option<WindowId> {
+        if patterns.is_empty() {
+            return None;
+        }
+        let id = self.next_window;
+        self.next_window += 1;
+        let mut pattern_ids = Vec::with_capacity(patterns.len());
+        let mut matched_at_join = Vec::with_capacity(patterns.len());
+        for spec in patterns {
+            let pattern_id = match self.by_text.get(&spec.pattern) {
+                Some(&existing) => existing,
+                None => {
+                    let pattern_id = match self.free_ids.pop() {
+                        Some(free) => free,
+                        None => {
+                            self.patterns.push(None);
+                            (self.patterns.len() - 1) as PatternId
+                        }
+                    };
+                    self.patterns[pattern_id as usize] = Some(PatternState {
+                        text: spec.pattern.clone(),
+                        label: spec.label.clone(),
+                        first_pass_refs: 0,
+                        refill_refs: 0,
+                        matched: 0,
+                    });
+                    self.matcher.insert(&spec.pattern, pattern_id);
+                    self.by_text.insert(spec.pattern.clone(), pattern_id);
+                    pattern_id
+                }
+            };
+            let Some(state) = self.patterns[pattern_id as usize].as_mut() else {
+                continue;
+            };
+            if refill {
+                state.refill_refs += 1;
+            } else {
+                state.first_pass_refs += 1;
+            }
+            pattern_ids.push(pattern_id);
+            matched_at_join.push(state.matched);
+        }
+        let progress = self
+            .nodes
+            .iter()
+            .map(|node| Progress {
+                start: if node.in_pass {
+                    position(node.cursor)
+                } else {
+                    0
+                },
+                ..Progress::default()
+            })
+            .collect();
+        self.windows.push(Window {
+            id,
+            refill,
+            pattern_ids,
+            matched_at_join,
+            progress,
+            scanned: false,
+        });
+        Some(id)
+    }
+
+    /// Forgets every window (after a failure: their outbox rows were given back). Nodes start their
+    /// next pass from the beginning.
+    pub fn abandon_all(&mut self) {
+        self.windows.clear();
+        self.matcher = Matcher::default();
+        self.by_text.clear();
+        self.patterns.clear();
+        self.free_ids.clear();
+        for node in &mut self.nodes {
+            node.cursor = 0;
+            node.in_pass = false;
+            node.pending.clear();
+        }
+    }
+
+    /// Replaces the nodes (after a reconnect or a cluster topology change). Call after
+    /// [`Sweeper::abandon_all`]: cursors of the old nodes mean nothing to the new ones.
+    pub fn replace_nodes(&mut self, nodes: Vec<Node>) {
+        *self = Sweeper {
+            next_window: self.next_window,
+            ..Sweeper::new(nodes)
+        };
+    }
+
+    /// One round trip per node: unlink what the previous step matched, scan the next chunk.
+    pub async fn step(&mut self) -> Result<StepReport, SweepError> {
+        let match_glob = {
+            let common = self.matcher.common_prefix();
+            let mut glob = escape_glob_bytes(common);
+            glob.push(b'*');
+            glob
+        };
+        let mut plans = Vec::with_capacity(self.nodes.len());
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            let needs_scan = self
+                .windows
+                .iter()
+                .any(|window| !window.progress[index].done);
+            let pending = std::mem::take(&mut node.pending);
+            plans.push(NodePlan {
+                groups: group_pending(pending, node.node.clustered),
+                scan: needs_scan.then_some(node.cursor),
+            });
+        }
+        let requests = self
+            .nodes
+            .iter()
+            .zip(&plans)
+            .map(|(node, plan)| run_plan(&node.node, plan, &match_glob));
+        let results = futures::future::join_all(requests).await;
+
+        let mut report = StepReport::default();
+        // Windows whose scanning ended in an earlier step had all their matches in this step's
+        // UNLINKs; if no node failed, those deletes are now confirmed.
+        let mut outcomes = Vec::with_capacity(results.len());
+        for (index, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(source) => {
+                    return Err(SweepError {
+                        node: self.nodes[index].node.name.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        for (plan, outcome) in plans.iter().zip(&outcomes) {
+            for (group, count) in &outcome.unlinked {
+                let group = &plan.groups[*group];
+                if group.refill {
+                    report.refill_deleted += count;
+                } else {
+                    *report.deleted.entry(group.label.clone()).or_default() += count;
+                }
+            }
+        }
+        let finished_ids: Vec<WindowId> = self
+            .windows
+            .iter()
+            .filter(|window| window.scanned)
+            .map(|window| window.id)
+            .collect();
+        for id in finished_ids {
+            if let Some(finished) = self.finish_window(id) {
+                report.finished.push(finished);
+            }
+        }
+
+        for (index, (plan, outcome)) in plans.iter().zip(outcomes).enumerate() {
+            let Some((next_cursor, keys)) = outcome.scanned else {
+                continue;
+            };
+            if plan.scan == Some(0) {
+                report.passes_started += 1;
+                self.nodes[index].pass_started = Some(std::time::Instant::now());
+            }
+            report.keys_scanned += keys.len() as u64;
+            for key in keys {
+                if let Some(pattern_id) = self.matcher.find(&key) {
+                    if let Some(state) = self.patterns[pattern_id as usize].as_mut() {
+                        state.matched += 1;
+                        let refill_only = state.first_pass_refs == 0;
+                        self.nodes[index]
+                            .pending
+                            .push((key, state.label.clone(), refill_only));
+                    }
+                }
+            }
+            let node = &mut self.nodes[index];
+            node.cursor = next_cursor;
+            node.in_pass = next_cursor != 0;
+            if next_cursor == 0 {
+                if let Some(started) = node.pass_started.take() {
+                    report.pass_durations.push(started.elapsed());
+                }
+            }
+            for window in &mut self.windows {
+                window.progress[index].advance(next_cursor);
+            }
+            if next_cursor == 0 {
+                // A pass ended: a good moment to let Redis filter by a longer shared prefix.
+                self.matcher.recompute_common_prefix();
+            }
+        }
+        for window in &mut self.windows {
+            if window.progress.iter().all(|progress| progress.done) {
+                window.scanned = true;
+            }
+        }
+        Ok(report)
+    }
+
+    fn finish_window(&mut self, id: WindowId) -> Option<FinishedWindow> {
+        let index = self.windows.iter().position(|window| window.id == id)?;
+        let window = self.windows.swap_remove(index);
+        let mut keys_per_pattern = Vec::with_capacity(window.pattern_ids.len());
+        for (pattern_id, at_join) in window.pattern_ids.iter().zip(&window.matched_at_join) {
+            let Some(state) = self.patterns[*pattern_id as usize].as_mut() else {
+                keys_per_pattern.push(0);
+                continue;
+            };
+            keys_per_pattern.push(state.matched - at_join);
+            if window.refill {
+                state.refill_refs -= 1;
+            } else {
+                state.first_pass_refs -= 1;
+            }
+            if state.first_pass_refs == 0 && state.refill_refs == 0 {
+                let text = std::mem::take(&mut state.text);
+                self.matcher.remove(&text, *pattern_id);
+                self.by_text.remove(&text);
+                self.patterns[*pattern_id as usize] = None;
+                self.free_ids.push(*pattern_id);
+            }
+        }
+        Some(FinishedWindow {
+            id: window.id,
+            keys_per_pattern,
+        })
+    }
+}
+
+/// Matched keys waiting for `UNLINK`, grouped by what they count as (so each reply is attributed
+/// exactly) and, in a cluster, by hash slot (a node refuses multi-key commands across slots).
+struct UnlinkGroup {
+    label: Arc<str>,
+    refill: bool,
+    keys: Vec<Vec<u8>>,
+}
+
+/// What a group of keys shares: label, refill flag, and (in a cluster) hash slot.
+type GroupKey = (Arc<str>, bool, Option<Slot>);
+
+fn group_pending(pending: Vec<(Vec<u8>, Arc<str>, bool)>, clustered: bool) -> Vec<UnlinkGroup> {
+    let mut groups: HashMap<GroupKey, Vec<Vec<u8>>> = HashMap::new();
+    for (key, label, refill) in pending {
+        let slot = clustered.then(|| Slot::for_key(&key));
+        groups.entry((label, refill, slot)).or_default().push(key);
+    }
+    groups
+        .into_iter()
+        .map(|((label, refill, _), keys)| UnlinkGroup {
+            label,
+            refill,
+            keys,
+        })
+        .collect()
+}
+
+struct NodePlan {
+    groups: Vec<UnlinkGroup>,
+    scan: Option<u64>,
+}
+
+struct PlanOutcome {
+    /// (group index, keys removed)
+    unlinked: Vec<(usize, u64)>,
+    scanned: Option<(u64, Vec<Vec<u8>>)>,
+}
+
+async fn run_plan(
+    node: &Node,
+    plan: &NodePlan,
+    match_glob: &[u8],
+) -> Result<PlanOutcome, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    let mut commands: Vec<usize> = Vec::new();
+    for (group_index, group) in plan.groups.iter().enumerate() {
+        for chunk in group.keys.chunks(UNLINK_CHUNK) {
+            pipe.cmd("UNLINK").arg(chunk);
+            commands.push(group_index);
+        }
+    }
+    if let Some(cursor) = plan.scan {
+        pipe.cmd("SCAN").arg(cursor);
+        if match_glob != b"*" {
+            pipe.arg("MATCH").arg(match_glob);
+        }
+        pipe.arg("COUNT").arg(SCAN_COUNT);
+    }
+    if commands.is_empty() && plan.scan.is_none() {
+        return Ok(PlanOutcome {
+            unlinked: Vec::new(),
+            scanned: None,
+        });
+    }
+    let mut connection = node.connection.clone();
+    let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+    let scanned = match plan.scan {
+        Some(_) => {
+            let reply = replies.pop().ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Client, "empty SCAN reply"))
+            })?;
+            let (cursor, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
+            Some((cursor, keys))
+        }
+        None => None,
+    };
+    let mut unlinked = Vec::with_capacity(commands.len());
+    for (group_index, reply) in commands.into_iter().zip(replies) {
+        let count: u64 = redis::from_redis_value(reply)?;
+        unlinked.push((group_index, count));
+    }
+    Ok(PlanOutcome { unlinked, scanned })
+}
+
+/// Escapes glob metacharacters in raw key bytes (the `MATCH` argument is bytes, not UTF-8).
+fn escape_glob_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut escaped = Vec::with_capacity(bytes.len() + 1);
+    for &byte in bytes {
+        if matches!(byte, b'*' | b'?' | b'[' | b']' | b'\\') {
+            escaped.push(b'\\');
+        }
+        escaped.push(byte);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_joining_mid_pass_finishes_after_a_full_round() {
+        // Cursors as Redis returns them for a 8-bucket table, in reverse-bit order.
+        let cursors = [4u64, 2, 6, 1, 5, 3, 7, 0];
+        let start = position(2);
+        let mut progress = Progress {
+            start,
+            ..Progress::default()
+        };
+        // Joined when the next SCAN used cursor 2: it returns 6, 1, 5, 3, 7, then 0 (wrap).
+        for cursor in [6u64, 1, 5, 3, 7] {
+            progress.advance(cursor);
+            assert!(!progress.done);
+        }
+        progress.advance(0);
+        assert!(progress.wrapped && !progress.done);
+        progress.advance(cursors[0]);
+        assert!(!progress.done, "position of 4 is before 2 in scan order");
+        progress.advance(cursors[1]);
+        assert!(progress.done, "back at the join point");
+    }
+
+    #[test]
+    fn a_window_joining_an_idle_node_needs_one_pass() {
+        let mut progress = Progress::default();
+        progress.advance(4);
+        assert!(!progress.done);
+        progress.advance(0);
+        assert!(progress.done);
+    }
+
+    #[test]
+    fn cluster_unlinks_are_grouped_by_slot_and_label() {
+        let label: Arc<str> = Arc::from("reports_report");
+        let pending = vec![
+            (b"{a}1".to_vec(), label.clone(), false),
+            (b"{a}2".to_vec(), label.clone(), false),
+            (b"{b}1".to_vec(), label.clone(), false),
+            (b"{a}3".to_vec(), label.clone(), true),
+        ];
+        let mut sizes: Vec<usize> = group_pending(pending.clone(), true)
+            .iter()
+            .map(|group| group.keys.len())
+            .collect();
+        sizes.sort();
+        assert_eq!(sizes, [1, 1, 2]);
+        assert_eq!(group_pending(pending, false).len(), 2);
+    }
+}

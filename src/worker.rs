@@ -1,0 +1,562 @@
+//! The daemon's loop: wake → claim → render a window → sweep → ack, until shutdown.
+//!
+//! A listener task holds the `LISTEN` connection (reconnecting forever) and wakes the loop on every
+//! notification and after every reconnect. The loop claims what is pending into a window, adds its
+//! patterns to the rolling sweep, steps the sweep one round trip at a time, and acknowledges each
+//! window once Redis confirmed its deletes. While a sweep runs, new changes keep being claimed and
+//! join it, so a burst costs about one pass. A failed Redis step gives every claimed row back to the
+//! outbox; nothing is acknowledged that Redis did not confirm.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::keyspace::{KeyspaceError, RedisTarget};
+use crate::outbox::{self, Claim, Outbox, OutboxError, CLAIM_LIMIT};
+use crate::postgres::{ConnectError, PgTarget};
+use crate::rules::{Change, RuleSet};
+use crate::schema::CHANNEL;
+use crate::settings::Settings;
+use crate::sweep::{PatternSpec, StepReport, Sweeper, WindowId};
+use crate::telemetry::{names, Health, Systemd};
+
+/// `application_name` of the LISTEN connection: `status` counts workers by it.
+pub const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
+
+/// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// Patterns being swept at once. Claims pause above it, so memory does not grow with the backlog
+/// (~100 bytes a pattern with its matcher entry: a few MB).
+pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
+/// How often the listener refreshes the backlog gauges that `/healthz` and metrics show.
+const BACKLOG_REFRESH: Duration = Duration::from_secs(2);
+/// Reconnect delays: exponential with jitter, capped, never giving up while the daemon runs.
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Postgres(#[from] ConnectError),
+    #[error(transparent)]
+    Redis(#[from] KeyspaceError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN)
+        .with_max_delay(RECONNECT_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then finishes the batch in flight.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(settings.rules.clone()));
+    run_with_rules(
+        settings,
+        rules_rx,
+        Arc::new(Health::new(Duration::MAX)),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with rules that can be replaced while running (SIGHUP) and shared health state.
+pub async fn run_with_rules(
+    settings: Settings,
+    rules: watch::Receiver<Arc<RuleSet>>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let pg = PgTarget::parse(&settings.connections.database_url, "cache-invalidator")?;
+    let redis = RedisTarget::parse(
+        &settings.connections.redis_url,
+        settings.connections.redis_ca_file.as_deref(),
+        settings.redis_timeout,
+    )?;
+    info!(
+        postgres = pg.redacted(),
+        redis = redis.redacted(),
+        refill_guard_ms = settings.refill_guard.as_millis() as u64,
+        "starting"
+    );
+    let wake = Arc::new(Notify::new());
+    let listener_stop = CancellationToken::new();
+    let listener = tokio::spawn(listen(
+        pg.with_application_name(LISTENER_APPLICATION_NAME),
+        wake.clone(),
+        health.clone(),
+        listener_stop.clone(),
+    ));
+    let mut worker = Worker {
+        rules,
+        outbox: Outbox::new(pg),
+        redis,
+        sweeper: None,
+        jobs: HashMap::new(),
+        guards: VecDeque::new(),
+        refill_guard: settings.refill_guard,
+        poll_interval: settings.poll_interval,
+        health,
+        wake,
+        systemd: Systemd::from_env(),
+    };
+    let result = worker.run(shutdown).await;
+    listener_stop.cancel();
+    let _ = listener.await;
+    result
+}
+
+/// Holds the LISTEN connection: reconnects with backoff, re-LISTENs, wakes the worker to drain
+/// (notifications sent while disconnected are lost; the outbox is not), refreshes backlog gauges.
+async fn listen(pg: PgTarget, wake: Arc<Notify>, health: Arc<Health>, stop: CancellationToken) {
+    let mut first = true;
+    loop {
+        let mut delays = reconnect_delays();
+        let (client, mut driver) = loop {
+            let attempt = async {
+                let (client, driver) = pg.connect(Some(wake.clone())).await?;
+                client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+                Ok::<_, OutboxError>((client, driver))
+            };
+            match attempt.await {
+                Ok(connected) => break connected,
+                Err(error) if error.is_permanent() => {
+                    warn!(%error, "postgres settings are wrong; not retrying");
+                    return;
+                }
+                Err(error) => {
+                    let delay = delays.next().unwrap_or(RECONNECT_MAX);
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "postgres LISTEN connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        if !first {
+            metrics::counter!(names::RECONNECTS, "side" => "postgres").increment(1);
+            info!("postgres LISTEN connection restored; draining the outbox");
+        }
+        first = false;
+        health.set_postgres(true);
+        wake.notify_one();
+        let mut refresh = tokio::time::interval(BACKLOG_REFRESH);
+        loop {
+            tokio::select! {
+                _ = &mut driver => break,
+                _ = stop.cancelled() => return,
+                _ = refresh.tick() => match outbox::backlog(&client).await {
+                    Ok(backlog) => {
+                        health.set_backlog(backlog.rows, backlog.oldest_age_seconds);
+                        metrics::gauge!(names::OUTBOX_BACKLOG).set(backlog.rows as f64);
+                        metrics::gauge!(names::OUTBOX_OLDEST_AGE).set(backlog.oldest_age_seconds);
+                        metrics::gauge!(names::DEAD_LETTERS).set(backlog.dead_letters as f64);
+                    }
+                    Err(error) => {
+                        warn!(%error, "backlog query failed");
+                        if client.is_closed() {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        health.set_postgres(false);
+        warn!("postgres LISTEN connection lost; reconnecting");
+    }
+}
+
+/// One change of a window, kept for its debug line.
+struct ChangeNote {
+    outbox_id: i64,
+    table: String,
+    op: String,
+    ids: String,
+    users: String,
+    /// Indexes into the window's patterns.
+    patterns: Vec<usize>,
+}
+
+/// A window in the sweep, and what to do when it finishes.
+struct Job {
+    /// `None` for the refill guard's second pass, which has no outbox rows.
+    epoch: Option<u64>,
+    done: Vec<i64>,
+    dead: Vec<(i64, String)>,
+    /// Changed rows per table, for the changes metric.
+    rows_by_table: HashMap<String, u64>,
+    changes: Vec<ChangeNote>,
+    patterns: Vec<PatternSpec>,
+    started: Instant,
+}
+
+struct Worker {
+    rules: watch::Receiver<Arc<RuleSet>>,
+    outbox: Outbox,
+    redis: RedisTarget,
+    sweeper: Option<Sweeper>,
+    jobs: HashMap<WindowId, Job>,
+    /// Refill-guard passes waiting for their time, oldest first.
+    guards: VecDeque<(Instant, Vec<PatternSpec>)>,
+    refill_guard: Duration,
+    poll_interval: Duration,
+    health: Arc<Health>,
+    wake: Arc<Notify>,
+    systemd: Systemd,
+}
+
+impl Worker {
+    async fn run(&mut self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let mut dirty = true;
+        let mut claim_delays = reconnect_delays();
+        let mut claim_retry_at: Option<Instant> = None;
+        let mut last_poll = Instant::now();
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            self.systemd.tick(self.health.is_healthy());
+            if shutdown.is_cancelled() && stop_deadline.is_none() {
+                stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+                self.systemd.stopping();
+                self.guards.clear();
+                info!(
+                    windows = self.jobs.values().filter(|j| j.epoch.is_some()).count(),
+                    "stopping: finishing the batch in flight"
+                );
+            }
+            if let Some(deadline) = stop_deadline {
+                let in_flight = self.jobs.values().any(|job| job.epoch.is_some());
+                if !in_flight || Instant::now() >= deadline {
+                    if in_flight {
+                        warn!(
+                            "stop deadline reached: giving unfinished changes back to the outbox"
+                        );
+                    }
+                    self.outbox.release_all().await;
+                    info!("stopped");
+                    return Ok(());
+                }
+            }
+            if self.wake.notified().now_or_never().is_some() {
+                dirty = true;
+            }
+            if last_poll.elapsed() >= self.poll_interval {
+                last_poll = Instant::now();
+                dirty = true;
+            }
+
+            if self.sweeper.is_none() && !self.connect_redis(&shutdown).await? {
+                continue;
+            }
+
+            let claim_allowed = stop_deadline.is_none()
+                && claim_retry_at.is_none_or(|at| Instant::now() >= at)
+                && self.outbox.can_claim()
+                && self
+                    .sweeper
+                    .as_ref()
+                    .is_some_and(|s| s.active_patterns() < MAX_ACTIVE_PATTERNS);
+            if dirty && claim_allowed {
+                dirty = false;
+                match self.outbox.claim(CLAIM_LIMIT).await {
+                    Ok(Some(claim)) => {
+                        claim_retry_at = None;
+                        claim_delays = reconnect_delays();
+                        if claim.full {
+                            dirty = true;
+                        }
+                        if !claim.rows.is_empty() {
+                            self.start_window(claim).await;
+                        } else if self.jobs.is_empty() {
+                            self.systemd.ready();
+                        }
+                    }
+                    Ok(None) => dirty = true,
+                    Err(error) => {
+                        if error.is_permanent() {
+                            return Err(error.into());
+                        }
+                        let delay = claim_delays.next().unwrap_or(RECONNECT_MAX);
+                        warn!(%error, retry_in_ms = delay.as_millis() as u64, "claiming from the outbox failed");
+                        claim_retry_at = Some(Instant::now() + delay);
+                        dirty = true;
+                    }
+                }
+            }
+
+            self.start_due_guards();
+
+            let busy = self.sweeper.as_ref().is_some_and(Sweeper::is_busy);
+            if busy {
+                self.step().await;
+                continue;
+            }
+            // Idle: wait for a notification, the poll interval, a guard falling due, a claim
+            // retry, or shutdown.
+            let mut wait = self.poll_interval.saturating_sub(last_poll.elapsed());
+            if let Some((due, _)) = self.guards.front() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
+            if let Some(at) = claim_retry_at {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
+            if dirty && claim_retry_at.is_none() && stop_deadline.is_none() {
+                continue;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => dirty = true,
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled(), if stop_deadline.is_none() => {}
+            }
+        }
+    }
+
+    /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
+    async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
+        let mut delays = reconnect_delays();
+        loop {
+            match self.redis.connect().await {
+                Ok(nodes) => {
+                    info!(
+                        nodes = nodes.len(),
+                        redis = self.redis.redacted(),
+                        "connected to redis"
+                    );
+                    match self.sweeper.as_mut() {
+                        Some(sweeper) => sweeper.replace_nodes(nodes),
+                        None => self.sweeper = Some(Sweeper::new(nodes)),
+                    }
+                    self.health.set_redis(true);
+                    return Ok(true);
+                }
+                Err(error) if error.is_permanent() => return Err(error.into()),
+                Err(error) => {
+                    let delay = delays.next().unwrap_or(RECONNECT_MAX);
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => {
+                            self.outbox.release_all().await;
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
+    async fn start_window(&mut self, claim: Claim) {
+        let rules = self.rules.borrow().clone();
+        let mut job = Job {
+            epoch: Some(claim.epoch),
+            done: Vec::with_capacity(claim.rows.len()),
+            dead: Vec::new(),
+            rows_by_table: HashMap::new(),
+            changes: Vec::with_capacity(claim.rows.len()),
+            patterns: Vec::new(),
+            started: Instant::now(),
+        };
+        let mut pattern_index: HashMap<String, usize> = HashMap::new();
+        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
+        for row in &claim.rows {
+            let change = Change {
+                table: &row.table_name,
+                operation: &row.op,
+                rows: row.rows.as_ref(),
+            };
+            match rules.expand(&change) {
+                Ok(expansion) => {
+                    let label = labels
+                        .entry(row.table_name.clone())
+                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
+                        .clone();
+                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
+                    for pattern in expansion.patterns {
+                        let next = job.patterns.len();
+                        let index = *pattern_index.entry(pattern.clone()).or_insert_with(|| {
+                            job.patterns.push(PatternSpec {
+                                pattern,
+                                label: label.clone(),
+                            });
+                            next
+                        });
+                        indexes.push(index);
+                    }
+                    let changed_rows = match &row.rows {
+                        Some(serde_json::Value::Array(rows)) => rows.len() as u64,
+                        _ => 1,
+                    };
+                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
+                    job.done.push(row.id);
+                    job.changes.push(ChangeNote {
+                        outbox_id: row.id,
+                        table: row.table_name.clone(),
+                        op: row.op.clone(),
+                        ids: join(&expansion.ids),
+                        users: join(&expansion.owners),
+                        patterns: indexes,
+                    });
+                }
+                Err(error) => {
+                    warn!(
+                        outbox_id = row.id,
+                        table = %row.table_name,
+                        op = %row.op,
+                        %error,
+                        "unusable outbox row: moved to dead letters"
+                    );
+                    job.dead.push((row.id, error.to_string()));
+                }
+            }
+        }
+        let window = self
+            .sweeper
+            .as_mut()
+            .and_then(|sweeper| sweeper.add_window(&job.patterns, false));
+        match window {
+            Some(id) => {
+                self.jobs.insert(id, job);
+            }
+            // Nothing to sweep for (only dead rows): acknowledge at once.
+            None => self.finish_job(job, &[]).await,
+        }
+    }
+
+    fn start_due_guards(&mut self) {
+        let now = Instant::now();
+        while self.guards.front().is_some_and(|(due, _)| *due <= now) {
+            let Some((_, patterns)) = self.guards.pop_front() else {
+                break;
+            };
+            if let Some(sweeper) = self.sweeper.as_mut() {
+                if let Some(id) = sweeper.add_window(&patterns, true) {
+                    self.jobs.insert(
+                        id,
+                        Job {
+                            epoch: None,
+                            done: Vec::new(),
+                            dead: Vec::new(),
+                            rows_by_table: HashMap::new(),
+                            changes: Vec::new(),
+                            patterns,
+                            started: now,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    async fn step(&mut self) {
+        let Some(sweeper) = self.sweeper.as_mut() else {
+            return;
+        };
+        match sweeper.step().await {
+            Ok(report) => {
+                record_step(&report);
+                for finished in report.finished {
+                    if let Some(job) = self.jobs.remove(&finished.id) {
+                        self.finish_job(job, &finished.keys_per_pattern).await;
+                    }
+                }
+            }
+            Err(error) => {
+                warn!(%error, windows = self.jobs.len(), "redis failed during a sweep: giving the claimed changes back to the outbox");
+                metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
+                self.health.set_redis(false);
+                self.outbox.release_all().await;
+                self.jobs.clear();
+                self.sweeper = None;
+            }
+        }
+    }
+
+    async fn finish_job(&mut self, job: Job, keys_per_pattern: &[u64]) {
+        let keys: u64 = keys_per_pattern.iter().sum();
+        let Some(epoch) = job.epoch else {
+            if keys > 0 {
+                info!(
+                    patterns = job.patterns.len(),
+                    keys, "refill guard removed keys written back after their invalidation"
+                );
+            }
+            return;
+        };
+        match self.outbox.ack(epoch, &job.done, &job.dead).await {
+            Ok(acked) if !acked.lost_claim => {
+                for age in &acked.ages {
+                    metrics::histogram!(names::COMMIT_TO_DELETE).record(*age);
+                }
+                for (table, rows) in &job.rows_by_table {
+                    metrics::counter!(names::CHANGES, "table" => table.clone()).increment(*rows);
+                }
+            }
+            Ok(_) => {
+                warn!(epoch, "claim lost before acknowledging (postgres connection dropped): the changes will be swept again");
+            }
+            Err(error) => {
+                warn!(%error, "acknowledging failed: the changes will be swept again");
+            }
+        }
+        for note in &job.changes {
+            let keys: u64 = note
+                .patterns
+                .iter()
+                .filter_map(|&index| keys_per_pattern.get(index))
+                .sum();
+            debug!(
+                table = %note.table,
+                id = %note.ids,
+                op = %note.op,
+                users = %note.users,
+                outbox_id = note.outbox_id,
+                keys,
+                "cache invalidated: {keys} keys for {}",
+                if note.users.is_empty() { "no user".to_owned() } else { format!("user {}", note.users) }
+            );
+        }
+        info!(
+            changes = job.done.len(),
+            dead_letters = job.dead.len(),
+            patterns = job.patterns.len(),
+            keys,
+            duration_ms = job.started.elapsed().as_millis() as u64,
+            "batch invalidated"
+        );
+        if !self.refill_guard.is_zero() && !job.patterns.is_empty() {
+            self.guards
+                .push_back((Instant::now() + self.refill_guard, job.patterns));
+        }
+    }
+}
+
+fn record_step(report: &StepReport) {
+    for (table, keys) in &report.deleted {
+        metrics::counter!(names::KEYS_DELETED, "table" => table.to_string()).increment(*keys);
+    }
+    if report.refill_deleted > 0 {
+        metrics::counter!(names::REFILL_KEYS_DELETED).increment(report.refill_deleted);
+    }
+    if report.passes_started > 0 {
+        metrics::counter!(names::SWEEPS).increment(report.passes_started);
+    }
+    for duration in &report.pass_durations {
+        metrics::histogram!(names::SWEEP_DURATION).record(duration.as_secs_f64());
+    }
+}
+
+fn join(values: &BTreeSet<String>) -> String {
+    values.iter().cloned().collect::<Vec<_>>().join(",")
+}
