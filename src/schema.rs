@@ -430,13 +430,11 @@ pub async fn installed_differences(
                 table: table.clone(),
                 problem: "no capture function installed for this rule".to_owned(),
             }),
-            Some((_, body)) if body != wanted_body => {
-                differences.push(TriggerDifference {
-                    table: table.clone(),
-                    problem: "installed trigger records other columns or keys than the rules need"
-                        .to_owned(),
-                })
-            }
+            Some((_, body)) if body != wanted_body => differences.push(TriggerDifference {
+                table: table.clone(),
+                problem: "installed trigger records other columns or keys than the rules need"
+                    .to_owned(),
+            }),
             Some(_) => {}
         }
         let count: i64 = client
