@@ -1,0 +1,143 @@
+//! The refill guard (issue 8): a slow reader that writes stale data back right after the
+//! invalidation is caught by the delayed second pass, which rides along a busy sweep instead of
+//! adding one.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_invalidator::keyspace::RedisTarget;
+use cache_invalidator::settings::SecretUrl;
+use cache_invalidator::sweep::{PatternSpec, Sweeper};
+use common::*;
+
+/// Reads report 5, lets a write commit and the daemon clear the keys, then writes the old value
+/// back (what a request that read before the commit does). Returns whether the stale entry is
+/// gone once a later change has been processed after the guard delay.
+async fn stale_refill_survives(guard: Duration) -> bool {
+    let space = KeySpace::new("refill");
+    let db = TestDb::with_reports("refill", &space.rules()).await;
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO auth_user (id) VALUES (1);
+             INSERT INTO reports_report (id, title, author_id) VALUES (5, 'old', 1), (6, 'x', 1);",
+        )
+        .await
+        .expect("seed");
+    let stale_key = space.key("report:5:1:h");
+    let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
+    settings.refill_guard = guard;
+    let daemon = Daemon::start(settings);
+
+    // The slow reader reads the report before the write commits...
+    let title: String = client
+        .query_one("SELECT title FROM reports_report WHERE id = 5", &[])
+        .await
+        .expect("read")
+        .get(0);
+    set_keys(&mut redis, std::slice::from_ref(&stale_key)).await;
+    client
+        .batch_execute("UPDATE reports_report SET title = 'new' WHERE id = 5")
+        .await
+        .expect("write");
+    assert_gone_within(&mut redis, std::slice::from_ref(&stale_key), Duration::from_secs(30)).await;
+    // ...and fills the cache with what it read, after the invalidation.
+    let () = redis::cmd("SET")
+        .arg(&stale_key)
+        .arg(&title)
+        .query_async(&mut redis)
+        .await
+        .expect("stale fill");
+
+    // Wait past the guard's delay, then for a later change to be fully processed: by then a
+    // second pass, if any, has run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let marker = space.key("report:6:1:h");
+    set_keys(&mut redis, std::slice::from_ref(&marker)).await;
+    client
+        .batch_execute("UPDATE reports_report SET title = 'y' WHERE id = 6")
+        .await
+        .expect("marker write");
+    assert_gone_within(&mut redis, std::slice::from_ref(&marker), Duration::from_secs(30)).await;
+    let survived = wait_until(Duration::from_secs(5), || {
+        let mut redis = redis.clone();
+        let key = stale_key.clone();
+        async move { !exists(&mut redis, &key).await }
+    })
+    .await;
+    let _: i64 = redis::cmd("DEL").arg(&stale_key).query_async(&mut redis).await.expect("cleanup");
+    daemon.stop().await;
+    db.drop().await;
+    !survived
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_pass_removes_a_stale_refill() {
+    assert!(
+        !stale_refill_survives(Duration::from_millis(500)).await,
+        "the stale entry written after the invalidation must be removed by the second pass"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_guard_a_stale_refill_stays() {
+    assert!(
+        stale_refill_survives(Duration::ZERO).await,
+        "with --refill-guard 0 nothing removes the stale entry (this is the race the guard closes)"
+    );
+}
+
+/// Runs windows through a sweeper on `redis`, adding `guard` (as a refill pass) after `guard_at`
+/// steps and a fresh window after `fresh_at` steps. Returns (passes started, refill keys deleted).
+async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
+    let target = RedisTarget::parse(&SecretUrl::new(url), None, Duration::from_secs(5)).expect("url");
+    let mut sweeper = Sweeper::new(target.connect().await.expect("connect"));
+    let label: Arc<str> = Arc::from("reports_report");
+    let spec = |pattern: &str| PatternSpec {
+        pattern: pattern.to_owned(),
+        label: label.clone(),
+    };
+    let mut connection = redis_connection(url).await;
+    sweeper.add_window(&[spec(":1:report:1:*")], false).expect("window");
+    let mut passes = 0;
+    let mut refill_deleted = 0;
+    let mut steps = 0;
+    while sweeper.is_busy() {
+        let report = sweeper.step().await.expect("step");
+        passes += report.passes_started;
+        refill_deleted += report.refill_deleted;
+        steps += 1;
+        if steps == 3 && with_guard {
+            // A stale refill of report 2 appeared; its guard comes due while the worker is busy.
+            set_keys(&mut connection, &[":1:report:2:1:stale".to_owned()]).await;
+            sweeper.add_window(&[spec(":1:report:2:*")], true).expect("guard");
+        }
+        if steps == 6 {
+            // More work arrives: the busy window the guard coincides with.
+            sweeper.add_window(&[spec(":1:report:3:*")], false).expect("window");
+        }
+    }
+    (passes, refill_deleted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pass_coinciding_with_a_busy_window_adds_no_sweep() {
+    let redis = PrivateRedis::start();
+    let mut connection = redis_connection(&redis.url()).await;
+    // Enough keys that a pass takes many SCAN steps, so windows can join mid-pass.
+    let filler: Vec<String> = (0..20_000).map(|i| format!(":1:session:{i}")).collect();
+    for chunk in filler.chunks(5_000) {
+        set_keys(&mut connection, chunk).await;
+    }
+    let (without_guard, _) = passes_for(&redis.url(), false).await;
+    let (with_guard, refill_deleted) = passes_for(&redis.url(), true).await;
+    assert_eq!(
+        with_guard, without_guard,
+        "the guard joined the pass in progress instead of adding one"
+    );
+    assert_eq!(refill_deleted, 1, "the stale refill is counted apart");
+    assert!(!exists(&mut connection, ":1:report:2:1:stale").await);
+}
