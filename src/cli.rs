@@ -150,14 +150,16 @@ pub struct RunArgs {
     pub redis_timeout: Option<Duration>,
 }
 
+/// Exactly one of `--user` and `--report`; `--dry-run` goes with either.
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false, id = "target")]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["user", "report"])))]
 pub struct InvalidateArgs {
     /// A user id: clears report:*:{U}:* and reportlist:*:{U}:*
-    #[arg(long, group = "target")]
+    #[arg(long)]
     pub user: Option<String>,
     /// A report id: clears report:{R}:*
-    #[arg(long, group = "target")]
+    #[arg(long)]
     pub report: Option<String>,
     /// Print the keys that would be deleted and their count; delete nothing
     #[arg(long)]

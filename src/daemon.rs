@@ -1,19 +1,25 @@
 //! The process around the worker: signals (SIGTERM/SIGINT stop, SIGHUP reloads the rules), the
-//! shared health state, and the metrics listener.
+//! shared health state with its Redis probe, and the metrics listener.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::keyspace::{KeyspaceError, Node, RedisTarget};
 use crate::postgres::PgTarget;
 use crate::rules::RuleSet;
 use crate::schema;
 use crate::settings::{RulesSource, Settings};
-use crate::telemetry::Health;
+use crate::telemetry::{self, names, Health};
 use crate::worker::{self, RunError};
+
+/// How often the Redis probe PINGs: `/healthz` and the watchdog see a dead Redis within about
+/// this long even while no change is being swept.
+const REDIS_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -26,7 +32,19 @@ pub enum DaemonError {
 }
 
 /// `cache-invalidator run`: the worker until SIGTERM or SIGINT.
-pub async fn run_daemon(settings: Settings) -> Result<(), DaemonError> {
+pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
+    // The worker pings systemd's watchdog from its loop, which idles up to one poll interval:
+    // polling at least twice per watchdog interval keeps a healthy idle worker from being killed.
+    if let Some(watchdog) = telemetry::Systemd::from_env().watchdog_interval() {
+        if settings.poll_interval > watchdog / 2 {
+            info!(
+                poll_interval_ms = settings.poll_interval.as_millis() as u64,
+                watchdog_ms = watchdog.as_millis() as u64,
+                "poll interval lowered to half the systemd watchdog interval"
+            );
+            settings.poll_interval = watchdog / 2;
+        }
+    }
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::new(settings.max_backlog_age));
     let (rules_tx, rules_rx) = watch::channel(Arc::new(settings.rules.clone()));
@@ -42,20 +60,129 @@ pub async fn run_daemon(settings: Settings) -> Result<(), DaemonError> {
                 tokio::select! {
                     _ = terminate.recv() => { info!("SIGTERM received"); break }
                     _ = interrupt.recv() => { info!("SIGINT received"); break }
-                    _ = hangup.recv() => reload_rules(&settings, &rules_tx).await,
+                    // A reload may wait up to Postgres' connect timeout: a stop request wins.
+                    _ = hangup.recv() => tokio::select! {
+                        _ = reload_rules(&settings, &rules_tx) => {}
+                        _ = terminate.recv() => { info!("SIGTERM received; reload abandoned"); break }
+                        _ = interrupt.recv() => { info!("SIGINT received; reload abandoned"); break }
+                    },
                     _ = shutdown.cancelled() => return,
                 }
             }
             shutdown.cancel();
         })
     };
-    if let Some(addr) = settings.metrics_addr {
-        crate::telemetry::serve_metrics(addr, health.clone(), shutdown.clone()).await?;
-    }
+    // Bound before the worker starts: a port in use fails the start with a clear message. (After
+    // the signal handlers: once /metrics answers, a SIGHUP reloads rather than kills.)
+    let metrics = match settings.metrics_addr {
+        Some(addr) => {
+            let server =
+                match telemetry::serve_metrics(addr, health.clone(), shutdown.clone()).await {
+                    Ok(server) => server,
+                    Err(error) => {
+                        shutdown.cancel();
+                        let _ = signals.await;
+                        return Err(error.into());
+                    }
+                };
+            // Labelled as the triggers record them: `table` or `schema.table`.
+            let tables: Vec<String> = settings
+                .rules
+                .rules()
+                .iter()
+                .map(|rule| rule.table.to_string())
+                .collect();
+            telemetry::register_zeroes(tables.iter().map(String::as_str));
+            Some(server)
+        }
+        None => None,
+    };
+
+    // An unparsable URL is left to the worker, which reports it and exits.
+    let probe = RedisTarget::parse(
+        &settings.connections.redis_url,
+        settings.connections.redis_ca_file.as_deref(),
+        settings.redis_timeout,
+    )
+    .ok()
+    .map(|target| {
+        tokio::spawn(probe_redis(
+            target,
+            settings.redis_timeout,
+            health.clone(),
+            shutdown.clone(),
+        ))
+    });
     let result = worker::run_with_rules(settings, rules_rx, health, shutdown.clone()).await;
     shutdown.cancel();
     let _ = signals.await;
+    if let Some(probe) = probe {
+        let _ = probe.await;
+    }
+    if let Some(metrics) = metrics {
+        metrics.stopped().await;
+    }
     Ok(result?)
+}
+
+/// PINGs every Redis node each [`REDIS_PROBE_INTERVAL`] on a connection of its own and records
+/// the answer in `health`: the worker only learns that Redis is gone at its next sweep, which may
+/// be long in coming when nothing changes.
+async fn probe_redis(
+    target: RedisTarget,
+    timeout: Duration,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let mut nodes: Option<Vec<Node>> = None;
+    let mut answered = true;
+    let mut ticker = tokio::time::interval(REDIS_PROBE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let outcome = match tokio::time::timeout(timeout, ping(&target, &mut nodes)).await {
+            Ok(outcome) => outcome.map_err(|error| error.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
+        match outcome {
+            Ok(()) => {
+                if !answered {
+                    info!(redis = target.redacted(), "redis answers PING again");
+                }
+                answered = true;
+            }
+            Err(error) => {
+                if answered {
+                    warn!(redis = target.redacted(), %error, "redis does not answer PING: unhealthy");
+                } else {
+                    debug!(%error, "redis still does not answer PING");
+                }
+                answered = false;
+                // Reconnect from scratch next time: the old connection may be half dead.
+                nodes = None;
+            }
+        }
+        health.set_redis_answers(answered);
+    }
+}
+
+async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(), KeyspaceError> {
+    if nodes.is_none() {
+        *nodes = Some(target.connect().await?);
+    }
+    for node in nodes.iter_mut().flatten() {
+        redis::cmd("PING")
+            .query_async::<String>(&mut node.connection)
+            .await
+            .map_err(|source| KeyspaceError::Redis {
+                node: node.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// SIGHUP: load the rules file again. New rules are applied only when the installed triggers
@@ -72,6 +199,7 @@ async fn reload_rules(settings: &Settings, rules_tx: &watch::Sender<Arc<RuleSet>
         Ok(rules) => rules,
         Err(err) => {
             error!(error = %err, "SIGHUP: rules not reloaded, keeping the old ones");
+            reloaded("rejected");
             return;
         }
     };
@@ -91,6 +219,7 @@ async fn reload_rules(settings: &Settings, rules_tx: &watch::Sender<Arc<RuleSet>
         Ok(differences) if differences.is_empty() => {
             info!(rules = %path.display(), tables = rules.rules().len(), "SIGHUP: rules reloaded");
             rules_tx.send_replace(Arc::new(rules));
+            reloaded("applied");
         }
         Ok(differences) => {
             let problems: Vec<String> = differences
@@ -101,9 +230,15 @@ async fn reload_rules(settings: &Settings, rules_tx: &watch::Sender<Arc<RuleSet>
                 differences = %problems.join("; "),
                 "SIGHUP: new rules do not match the installed triggers (run `cache-invalidator install` first); keeping the old rules"
             );
+            reloaded("rejected");
         }
         Err(err) => {
-            warn!(error = %err, "SIGHUP: cannot compare the rules with the installed triggers; keeping the old rules")
+            warn!(error = %err, "SIGHUP: cannot compare the rules with the installed triggers; keeping the old rules");
+            reloaded("rejected");
         }
     }
+}
+
+fn reloaded(result: &'static str) {
+    metrics::counter!(names::RULES_RELOADS, "result" => result).increment(1);
 }

@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
-            tracing::error!("{error:#}");
+            tracing::error!("{}", ops::join_causes(error.chain().map(|e| e.to_string())));
             ExitCode::from(2)
         }
     }

@@ -32,6 +32,27 @@ pub enum OpsError {
     Input(String),
 }
 
+/// One line for an error and its causes, each cause added only when the message so far does not
+/// already say it (many errors repeat their source in their own message).
+pub fn join_causes(messages: impl IntoIterator<Item = String>) -> String {
+    let mut line = String::new();
+    for message in messages {
+        if line.contains(&message) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&message);
+    }
+    line
+}
+
+/// [`join_causes`] over `error` and its `source()` chain.
+pub fn error_report(error: &(dyn std::error::Error + 'static)) -> String {
+    join_causes(std::iter::successors(Some(error), |e| e.source()).map(|e| e.to_string()))
+}
+
 async fn connect_pg(settings: &Settings) -> Result<Client, OpsError> {
     let target = PgTarget::parse(&settings.connections.database_url, "cache-invalidator cli")?;
     let (client, _driver) = target.connect(None).await?;
@@ -94,7 +115,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
                 }
                 Err(error) => {
                     ok = false;
-                    let _ = writeln!(out, "FAIL  rules: {error}");
+                    let _ = writeln!(out, "FAIL  rules: {}", error_report(&error));
                 }
             }
             match schema::installed_differences(&client, &settings.rules).await {
@@ -104,22 +125,27 @@ pub async fn check(settings: &Settings) -> (bool, String) {
                 Ok(differences) => {
                     ok = false;
                     for difference in differences {
+                        let hint = if difference.problem.contains("cache-invalidator install") {
+                            ""
+                        } else {
+                            " (run `cache-invalidator install` with these rules)"
+                        };
                         let _ = writeln!(
                             out,
-                            "FAIL  triggers: {}: {} (run `cache-invalidator install`)",
+                            "FAIL  triggers: {}: {}{hint}",
                             difference.table, difference.problem
                         );
                     }
                 }
                 Err(error) => {
                     ok = false;
-                    let _ = writeln!(out, "FAIL  triggers: {error}");
+                    let _ = writeln!(out, "FAIL  triggers: {}", error_report(&error));
                 }
             }
         }
         Err(error) => {
             ok = false;
-            let _ = writeln!(out, "FAIL  postgres: {error}");
+            let _ = writeln!(out, "FAIL  postgres: {}", error_report(&error));
         }
     }
     match redis_check(settings).await {
@@ -132,7 +158,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         }
         Err(error) => {
             ok = false;
-            let _ = writeln!(out, "FAIL  redis: {error}");
+            let _ = writeln!(out, "FAIL  redis: {}", error_report(&error));
         }
     }
     (ok, out)
@@ -343,6 +369,13 @@ pub fn explain(rules: &RuleSet, table: &str, row: &str) -> Result<String, OpsErr
         return Err(OpsError::Input(
             "--row must be a JSON object like '{\"id\": 7}'".to_owned(),
         ));
+    }
+    if rules.rule(table).is_none() {
+        let named: Vec<String> = rules.rules().iter().map(|r| r.table.to_string()).collect();
+        return Err(OpsError::Input(format!(
+            "no rule names table {table:?}, so its changes clear nothing; the rules name: {}",
+            named.join(", ")
+        )));
     }
     let rows = serde_json::Value::Array(vec![value]);
     let expansion = rules

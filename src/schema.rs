@@ -432,8 +432,7 @@ pub async fn installed_differences(
             }),
             Some((_, body)) if body != wanted_body => differences.push(TriggerDifference {
                 table: table.clone(),
-                problem: "installed trigger records other columns or keys than the rules need"
-                    .to_owned(),
+                problem: body_difference(body, &rule.columns()),
             }),
             Some(_) => {}
         }
@@ -468,6 +467,61 @@ pub async fn installed_differences(
     Ok(differences)
 }
 
+/// Says how an installed capture function differs from the one the rules want, naming the
+/// columns where that is the difference.
+fn body_difference(installed_body: &str, wanted: &[String]) -> String {
+    let mut wanted = wanted.to_vec();
+    wanted.sort();
+    if let Some(mut installed) = recorded_columns(installed_body) {
+        installed.sort();
+        if installed != wanted {
+            return format!(
+                "installed trigger records columns ({}) but the rules need ({})",
+                installed.join(", "),
+                wanted.join(", ")
+            );
+        }
+    }
+    "installed trigger differs from what `install` creates for these rules (another watch \
+     list, or installed by another version)"
+        .to_owned()
+}
+
+/// The columns a capture function records: the keys of its first `jsonb_build_object('c', r."c",
+/// …)` as [`row_object`] writes it. `None` when the body does not have that shape.
+fn recorded_columns(body: &str) -> Option<Vec<String>> {
+    let start = body.find("jsonb_build_object(")? + "jsonb_build_object(".len();
+    let mut rest = &body[start..];
+    let mut columns = Vec::new();
+    loop {
+        let (name, after) = take_quoted(rest, '\'')?;
+        let (_, after) = take_quoted(after.strip_prefix(", r.")?, '"')?;
+        columns.push(name);
+        if after.starts_with(')') {
+            return Some(columns);
+        }
+        rest = after.strip_prefix(", ")?;
+    }
+}
+
+/// Splits `'it''s' rest` into `it's` and ` rest` (SQL quoting: the quote doubled inside).
+fn take_quoted(text: &str, quote: char) -> Option<(String, &str)> {
+    let mut rest = text.strip_prefix(quote)?;
+    let mut value = String::new();
+    loop {
+        let end = rest.find(quote)?;
+        value.push_str(&rest[..end]);
+        rest = &rest[end + 1..];
+        match rest.strip_prefix(quote) {
+            Some(after) => {
+                value.push(quote);
+                rest = after;
+            }
+            None => return Some((value, rest)),
+        }
+    }
+}
+
 /// The text between the `$fn$` markers, which Postgres keeps verbatim as `prosrc`.
 fn function_body(definition: &str) -> &str {
     let mut parts = definition.split("$fn$");
@@ -483,6 +537,21 @@ mod tests {
     fn quoting_doubles_quotes() {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn recorded_columns_are_read_back_from_a_capture_function() {
+        let rules = RuleSet::builtin();
+        let rule = &rules.rules()[0];
+        let sql = capture_function_sql(rule);
+        let mut columns = recorded_columns(function_body(&sql)).expect("parsable");
+        columns.sort();
+        assert_eq!(columns, ["author_id", "id"]);
+        assert_eq!(
+            recorded_columns("jsonb_build_object('it''s', r.\"it's\", 'b', r.\"b\")"),
+            Some(vec!["it's".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(recorded_columns("BEGIN END"), None);
     }
 
     #[test]

@@ -1,9 +1,28 @@
 //! What the daemon tells its operators: log setup (text or JSON lines), the metric names of the
-//! contract, the health state behind `/healthz`, and systemd's readiness and watchdog messages.
+//! contract, the health state behind `/healthz`, the HTTP listener serving `/metrics` and
+//! `/healthz`, and systemd's readiness and watchdog messages.
+//!
+//! The worker records metrics with the `metrics` macros wherever the event happens; they go
+//! nowhere until [`serve_metrics`] installs the Prometheus recorder (once per process), so a daemon
+//! without `--metrics-addr` pays nothing for them.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::settings::LogFormat;
@@ -20,13 +39,34 @@ pub mod names {
     pub const OUTBOX_OLDEST_AGE: &str = "cache_invalidator_outbox_oldest_age_seconds";
     pub const DEAD_LETTERS: &str = "cache_invalidator_dead_letters";
     pub const RECONNECTS: &str = "cache_invalidator_reconnects_total";
+    /// Not in the contract table, an addition: SIGHUP reloads by `result` (`applied`, `rejected`).
+    pub const RULES_RELOADS: &str = "cache_invalidator_rules_reloads_total";
 }
+
+/// Histogram buckets, in seconds, shared by both histograms: from a sweep of a small keyspace or
+/// a change cleared within one poll (5 ms) to a full pass over millions of keys (the design's 1M-key
+/// pass takes ~0.6 s, 10M ~6 s) or a backlog worked off after an outage (30 s and more).
+pub const SECONDS_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0,
+];
+
+/// How long open scrapes get to finish once the daemon stops.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// A client that opens a connection and sends no request head within this is dropped, so idle
+/// sockets cannot pile up.
+const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Sets up logging. `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: journald, docker logs and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests start several daemons in one process) keeps the first subscriber.
     let _ = match format {
@@ -39,7 +79,10 @@ pub fn init_logging(format: LogFormat) {
 #[derive(Debug)]
 pub struct Health {
     postgres_up: AtomicBool,
+    /// The worker's own Redis connection: false from a failed sweep until it reconnected.
     redis_up: AtomicBool,
+    /// The last periodic PING (see `daemon`); true where no probe runs, e.g. in-process tests.
+    redis_answers: AtomicBool,
     backlog_rows: AtomicU64,
     /// Oldest pending change's age in milliseconds.
     oldest_age_ms: AtomicU64,
@@ -51,6 +94,7 @@ impl Health {
         Health {
             postgres_up: AtomicBool::new(false),
             redis_up: AtomicBool::new(false),
+            redis_answers: AtomicBool::new(true),
             backlog_rows: AtomicU64::new(0),
             oldest_age_ms: AtomicU64::new(0),
             max_backlog_age,
@@ -63,6 +107,12 @@ impl Health {
 
     pub fn set_redis(&self, up: bool) {
         self.redis_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Result of the periodic PING: an idle worker notices a dead Redis only at its next sweep,
+    /// the probe within seconds.
+    pub fn set_redis_answers(&self, answers: bool) {
+        self.redis_answers.store(answers, Ordering::Relaxed);
     }
 
     pub fn set_backlog(&self, rows: i64, oldest_age_seconds: f64) {
@@ -79,7 +129,7 @@ impl Health {
     }
 
     pub fn redis_up(&self) -> bool {
-        self.redis_up.load(Ordering::Relaxed)
+        self.redis_up.load(Ordering::Relaxed) && self.redis_answers.load(Ordering::Relaxed)
     }
 
     pub fn oldest_age(&self) -> Duration {
@@ -92,13 +142,23 @@ impl Health {
     }
 
     pub fn describe(&self) -> String {
+        let redis = if !self.redis_answers.load(Ordering::Relaxed) {
+            "down (PING failed)"
+        } else if !self.redis_up.load(Ordering::Relaxed) {
+            "down (worker reconnecting)"
+        } else {
+            "up"
+        };
+        let limit = if self.max_backlog_age == Duration::MAX {
+            "none".to_owned()
+        } else {
+            format!("{}s", self.max_backlog_age.as_secs())
+        };
         format!(
-            "postgres {}, redis {}, backlog {} rows, oldest {:.1}s (limit {}s)",
+            "postgres {}, redis {redis}, backlog {} rows, oldest {:.1}s (limit {limit})",
             if self.postgres_up() { "up" } else { "down" },
-            if self.redis_up() { "up" } else { "down" },
             self.backlog_rows.load(Ordering::Relaxed),
             self.oldest_age().as_secs_f64(),
-            self.max_backlog_age.as_secs()
         )
     }
 }
@@ -111,28 +171,35 @@ pub struct Systemd {
 }
 
 impl Systemd {
+    /// Reads `WATCHDOG_USEC` (and `WATCHDOG_PID`, which must be this process when set, as in
+    /// libsystemd's `sd_watchdog_enabled`).
     pub fn from_env() -> Systemd {
-        let mut usec = 0;
-        let watchdog =
-            sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec));
         Systemd {
-            watchdog,
+            watchdog: sd_notify::watchdog_enabled(),
             last_ping: None,
             ready_sent: false,
         }
+    }
+
+    /// The watchdog interval systemd asked for, if any.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog
     }
 
     /// READY=1, once: LISTEN is up and the first drain finished.
     pub fn ready(&mut self) {
         if !self.ready_sent {
             self.ready_sent = true;
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status("listening; outbox drained"),
+            ]);
             tracing::info!("ready: listening and the outbox is drained");
         }
     }
 
     pub fn stopping(&self) {
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
 
     /// Called from the main loop: pings the watchdog at half its interval, only while healthy,
@@ -146,25 +213,300 @@ impl Systemd {
             .is_none_or(|last| last.elapsed() >= interval / 2);
         if healthy && due {
             self.last_ping = Some(Instant::now());
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot serve metrics on {addr}: {message}")]
-    Bind { addr: String, message: String },
+    // `error` rather than `source`: the reason is part of this message, not a cause to chain.
+    #[error("cannot listen on {addr} for /metrics and /healthz: {error}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("cannot set up the Prometheus recorder: {0}")]
+    Recorder(String),
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there, perhaps a second cache-invalidator: stop it or choose \
+             another --metrics-addr / CACHE_INVALIDATOR_METRICS_ADDR)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need privileges the service does not have: choose a port such as 9187)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no network interface of this host has that address: use 127.0.0.1, 0.0.0.0 or one of \
+             the host's own addresses)"
+        }
+        _ => "",
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use. The `metrics` facade has one
+/// global recorder per process, and tests start several daemons in one process, so every daemon
+/// of a process shares it.
+pub fn prometheus() -> Result<PrometheusHandle, MetricsError> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&SECONDS_BUCKETS)
+                .map_err(|error| error.to_string())?
+                // Spawns the upkeep thread that keeps histogram memory bounded between scrapes.
+                .install_recorder()
+                .map_err(|error| error.to_string())?;
+            describe_metrics();
+            Ok(handle)
+        })
+        .clone()
+        .map_err(MetricsError::Recorder)
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        names::CHANGES,
+        "Changed rows taken from the outbox and cleared, by table (a row cleared twice after a crash counts twice)"
+    );
+    describe_counter!(
+        names::KEYS_DELETED,
+        "Redis keys removed, attributed to the table whose pattern matched"
+    );
+    describe_counter!(
+        names::REFILL_KEYS_DELETED,
+        "Keys removed by the delayed second pass (stale refills caught)"
+    );
+    describe_counter!(
+        names::SWEEPS,
+        "Passes over the keyspace (per node in a cluster)"
+    );
+    describe_histogram!(
+        names::SWEEP_DURATION,
+        Unit::Seconds,
+        "Duration of one sweep"
+    );
+    describe_histogram!(
+        names::COMMIT_TO_DELETE,
+        Unit::Seconds,
+        "Outbox row created to its keys confirmed gone"
+    );
+    describe_gauge!(names::OUTBOX_BACKLOG, "Outbox rows waiting to be cleared");
+    describe_gauge!(
+        names::OUTBOX_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest outbox row"
+    );
+    describe_gauge!(
+        names::DEAD_LETTERS,
+        "Outbox rows set aside as unusable (see `cache-invalidator status`)"
+    );
+    describe_counter!(
+        names::RECONNECTS,
+        "Connections re-established after a failure, by side (postgres, redis)"
+    );
+    describe_counter!(
+        names::RULES_RELOADS,
+        "SIGHUP reloads of the rules file, by result (applied, rejected)"
+    );
+}
+
+/// Makes the counters appear at 0 before their first event, so dashboards and `rate()` see a
+/// series from the start instead of a gap: both reconnect sides, and changes/keys for every
+/// table the rules name.
+pub fn register_zeroes<'a>(tables: impl IntoIterator<Item = &'a str>) {
+    for side in ["postgres", "redis"] {
+        metrics::counter!(names::RECONNECTS, "side" => side).increment(0);
+    }
+    for result in ["applied", "rejected"] {
+        metrics::counter!(names::RULES_RELOADS, "result" => result).increment(0);
+    }
+    metrics::counter!(names::SWEEPS).increment(0);
+    metrics::counter!(names::REFILL_KEYS_DELETED).increment(0);
+    for table in tables {
+        metrics::counter!(names::CHANGES, "table" => table.to_owned()).increment(0);
+        metrics::counter!(names::KEYS_DELETED, "table" => table.to_owned()).increment(0);
+    }
+}
+
+/// The running `/metrics` + `/healthz` listener.
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// The address actually bound (differs from the requested one for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Waits until the listener stopped (after the shutdown token was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Installs the Prometheus recorder, binds `addr` and serves `/metrics` and `/healthz` until
+/// `shutdown`. Returns once the port is bound, so a bad address fails the start at once.
 pub async fn serve_metrics(
-    addr: std::net::SocketAddr,
-    _health: std::sync::Arc<Health>,
-    _shutdown: tokio_util::sync::CancellationToken,
-) -> Result<(), MetricsError> {
-    Err(MetricsError::Bind {
-        addr: addr.to_string(),
-        message: "the metrics listener is not built yet".to_owned(),
-    })
+    addr: SocketAddr,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<MetricsServer, MetricsError> {
+    let handle = prometheus()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|error| MetricsError::Bind {
+            addr,
+            hint: bind_hint(&error),
+            error,
+        })?;
+    let local_addr = listener.local_addr().map_err(|error| MetricsError::Bind {
+        addr,
+        hint: "",
+        error,
+    })?;
+    info!(addr = %local_addr, "serving /metrics and /healthz");
+    let task = tokio::spawn(accept_loop(listener, handle, health, shutdown));
+    Ok(MetricsServer { local_addr, task })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    // Tracks every open connection, so stopping waits for scrapes in progress (briefly).
+    let connections = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    warn!(%error, "metrics listener: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let handle = handle.clone();
+        let health = health.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let response = respond(request.method(), request.uri().path(), &handle, &health);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HTTP_HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "metrics connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(HTTP_SHUTDOWN_GRACE, connections.shutdown())
+        .await
+        .is_err()
+    {
+        debug!("metrics connections still open at shutdown: dropped");
+    }
+}
+
+/// The response to one request; only the method and path matter.
+pub fn respond(
+    method: &Method,
+    path: &str,
+    handle: &PrometheusHandle,
+    health: &Health,
+) -> Response<Full<Bytes>> {
+    let readable = method == Method::GET || method == Method::HEAD;
+    match path {
+        "/metrics" | "/healthz" if !readable => {
+            let mut response = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and HEAD are allowed\n".to_owned(),
+            );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+        }
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, handle.render());
+            // The Prometheus text exposition format, version 0.0.4.
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/healthz" if health.is_healthy() => {
+            text(StatusCode::OK, format!("ok: {}\n", health.describe()))
+        }
+        "/healthz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {}\n", health.describe()),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: this server answers /metrics and /healthz\n".to_owned(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_both_sides_and_a_young_backlog() {
+        let health = Health::new(Duration::from_secs(60));
+        assert!(!health.is_healthy());
+        health.set_postgres(true);
+        health.set_redis(true);
+        assert!(health.is_healthy());
+        health.set_redis_answers(false);
+        assert!(!health.is_healthy());
+        assert!(health.describe().contains("redis down (PING failed)"));
+        health.set_redis_answers(true);
+        health.set_backlog(3, 61.0);
+        assert!(!health.is_healthy());
+        assert!(health.describe().contains("backlog 3 rows"));
+    }
+
+    #[test]
+    fn bind_errors_say_what_to_do() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        let error = std::net::TcpListener::bind(addr).expect_err("port is taken");
+        let message = MetricsError::Bind {
+            addr,
+            hint: bind_hint(&error),
+            error,
+        }
+        .to_string();
+        assert!(message.contains(&addr.to_string()), "{message}");
+        assert!(message.contains("--metrics-addr"), "{message}");
+    }
 }

@@ -43,7 +43,12 @@ async fn stale_refill_survives(guard: Duration) -> bool {
         .batch_execute("UPDATE reports_report SET title = 'new' WHERE id = 5")
         .await
         .expect("write");
-    assert_gone_within(&mut redis, std::slice::from_ref(&stale_key), Duration::from_secs(30)).await;
+    assert_gone_within(
+        &mut redis,
+        std::slice::from_ref(&stale_key),
+        Duration::from_secs(30),
+    )
+    .await;
     // ...and fills the cache with what it read, after the invalidation.
     let () = redis::cmd("SET")
         .arg(&stale_key)
@@ -61,14 +66,23 @@ async fn stale_refill_survives(guard: Duration) -> bool {
         .batch_execute("UPDATE reports_report SET title = 'y' WHERE id = 6")
         .await
         .expect("marker write");
-    assert_gone_within(&mut redis, std::slice::from_ref(&marker), Duration::from_secs(30)).await;
+    assert_gone_within(
+        &mut redis,
+        std::slice::from_ref(&marker),
+        Duration::from_secs(30),
+    )
+    .await;
     let survived = wait_until(Duration::from_secs(5), || {
         let mut redis = redis.clone();
         let key = stale_key.clone();
         async move { !exists(&mut redis, &key).await }
     })
     .await;
-    let _: i64 = redis::cmd("DEL").arg(&stale_key).query_async(&mut redis).await.expect("cleanup");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stale_key)
+        .query_async(&mut redis)
+        .await
+        .expect("cleanup");
     daemon.stop().await;
     db.drop().await;
     !survived
@@ -93,7 +107,8 @@ async fn without_the_guard_a_stale_refill_stays() {
 /// Runs windows through a sweeper on `redis`, adding `guard` (as a refill pass) after `guard_at`
 /// steps and a fresh window after `fresh_at` steps. Returns (passes started, refill keys deleted).
 async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
-    let target = RedisTarget::parse(&SecretUrl::new(url), None, Duration::from_secs(5)).expect("url");
+    let target =
+        RedisTarget::parse(&SecretUrl::new(url), None, Duration::from_secs(5)).expect("url");
     let mut sweeper = Sweeper::new(target.connect().await.expect("connect"));
     let label: Arc<str> = Arc::from("reports_report");
     let spec = |pattern: &str| PatternSpec {
@@ -101,7 +116,9 @@ async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
         label: label.clone(),
     };
     let mut connection = redis_connection(url).await;
-    sweeper.add_window(&[spec(":1:report:1:*")], false).expect("window");
+    sweeper
+        .add_window(&[spec(":1:report:1:*")], false)
+        .expect("window");
     let mut passes = 0;
     let mut refill_deleted = 0;
     let mut steps = 0;
@@ -113,11 +130,15 @@ async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
         if steps == 3 && with_guard {
             // A stale refill of report 2 appeared; its guard comes due while the worker is busy.
             set_keys(&mut connection, &[":1:report:2:1:stale".to_owned()]).await;
-            sweeper.add_window(&[spec(":1:report:2:*")], true).expect("guard");
+            sweeper
+                .add_window(&[spec(":1:report:2:*")], true)
+                .expect("guard");
         }
         if steps == 6 {
             // More work arrives: the busy window the guard coincides with.
-            sweeper.add_window(&[spec(":1:report:3:*")], false).expect("window");
+            sweeper
+                .add_window(&[spec(":1:report:3:*")], false)
+                .expect("window");
         }
     }
     (passes, refill_deleted)

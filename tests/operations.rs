@@ -1,0 +1,896 @@
+//! What operators use, tested through the real binary as a child process: `/metrics` and
+//! `/healthz` over HTTP, `check`, `invalidate --dry-run`, `explain`, SIGHUP reloads, the SQL
+//! functions the app calls, systemd's notify socket and unit file, and secrets kept out of output.
+//!
+//! Metrics are scraped from a child process on a free port rather than in-process: the `metrics`
+//! recorder is global to a process, so in-process daemons would share (and mix) their counters.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
+/// How long any awaited effect may take before a test gives up (a bound, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Settings in the environment that would leak into a child from the developer's shell.
+const INHERITED_SETTINGS: [&str; 13] = [
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CACHE_INVALIDATOR_RULES",
+    "CACHE_INVALIDATOR_CONFIG",
+    "CACHE_INVALIDATOR_LOG_FORMAT",
+    "CACHE_INVALIDATOR_METRICS_ADDR",
+    "CACHE_INVALIDATOR_REFILL_GUARD",
+    "CACHE_INVALIDATOR_POLL_INTERVAL",
+    "CACHE_INVALIDATOR_MAX_BACKLOG_AGE",
+    "CACHE_INVALIDATOR_REDIS_TIMEOUT",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+fn command(args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).env("RUST_LOG", "info");
+    for name in INHERITED_SETTINGS {
+        command.env_remove(name);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// Runs a one-shot subcommand to completion.
+async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = command(args);
+    command.envs(env.iter().copied());
+    command.stdin(Stdio::null());
+    match tokio::time::timeout(PATIENCE, command.output()).await {
+        Ok(output) => output.expect("run cache-invalidator"),
+        Err(_) => panic!("cache-invalidator {args:?} did not finish within {PATIENCE:?}"),
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `cache-invalidator run` as a child process, its log in a file shown when the test fails.
+struct Running {
+    child: tokio::process::Child,
+    log: PathBuf,
+    metrics: Option<SocketAddr>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    fn start(args: &[&str], env: &[(&str, &str)], metrics: bool) -> Running {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("daemon.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let metrics = metrics.then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let mut full_args = vec!["run"];
+        full_args.extend_from_slice(args);
+        let metrics_text = metrics.map(|addr| addr.to_string());
+        if let Some(addr) = &metrics_text {
+            full_args.extend_from_slice(&["--metrics-addr", addr]);
+        }
+        let mut command = command(&full_args);
+        command
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = command.spawn().expect("start cache-invalidator run");
+        Running {
+            child,
+            log,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().expect("child still running").to_string()
+    }
+
+    /// Sends a signal the way an operator would, with `kill`.
+    async fn signal(&self, name: &str) {
+        let status = tokio::process::Command::new("kill")
+            .args(["-s", name, &self.pid()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// `GET path` on the metrics listener; `None` while nothing answers.
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.metrics.expect("started with metrics"), path).await
+    }
+
+    async fn scrape(&self) -> String {
+        match self.get("/metrics").await {
+            Some((200, body)) => body,
+            other => panic!("GET /metrics: {other:?}"),
+        }
+    }
+
+    /// Waits until `/metrics` answers: the signal handlers are installed by then.
+    async fn wait_for_listener(&self) {
+        assert!(
+            wait_until(PATIENCE, || async { self.get("/metrics").await.is_some() }).await,
+            "/metrics never answered; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Waits until the sample `series` (name with labels) on `/metrics` equals `value`.
+    async fn wait_for_metric(&self, series: &str, value: f64) {
+        let reached = wait_until(PATIENCE, || async {
+            match self.get("/metrics").await {
+                Some((200, body)) => sample(&body, series) == Some(value),
+                _ => false,
+            }
+        })
+        .await;
+        if !reached {
+            let body = self.get("/metrics").await.map(|(_, body)| body);
+            panic!(
+                "{series} never reached {value}; now {:?}; log:\n{}",
+                body.as_deref().and_then(|body| sample(body, series)),
+                self.log_text()
+            );
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    async fn stop(mut self) -> ExitStatus {
+        self.signal("TERM").await;
+        match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+            Ok(status) => status.expect("wait for cache-invalidator"),
+            Err(_) => panic!("no exit within {PATIENCE:?} of SIGTERM"),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- cache-invalidator log ---\n{}", self.log_text());
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`; `None` when the connection is refused.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of one series (`name` or `name{label="value"}`) in Prometheus text.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// A rules file in `dir`: the default rules with `key_prefix`, `reports_report`'s keys replaced by
+/// `report_keys` when given.
+fn write_rules(path: &Path, key_prefix: &str, report_keys: Option<&str>) {
+    let mut text = cache_invalidator::rules::DEFAULT_RULES_TOML.replace(
+        "key_prefix = \":1:\"",
+        &format!("key_prefix = \"{key_prefix}\""),
+    );
+    if let Some(keys) = report_keys {
+        text = text.replace(
+            r#"keys = ["report:{id}:*", "reportlist:reports:{author_id}:*"]"#,
+            &format!("keys = {keys}"),
+        );
+    }
+    replace_file(path, &text);
+}
+
+/// Writes through a temporary file and a rename, as editors and config management do, so a
+/// reload never reads half a file.
+fn replace_file(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).expect("write rules");
+    std::fs::rename(&temporary, path).expect("rename rules");
+}
+
+fn lines_starting_with(text: &str, prefix: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
+    let space = KeySpace::new("metrics");
+    let db = TestDb::with_reports("metrics", &space.rules()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("rules.toml");
+    write_rules(&rules, &space.key_prefix(), None);
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let must_go: Vec<String> = [
+        "report:1:1:a",
+        "report:1:2:b",
+        "report:2:1:a",
+        "report:3:4:x",
+        "reportlist:reports:1:p1",
+        "reportlist:reports:1:p2",
+        "studentreport:1:2:a",
+        "reportlist:student-reports:2:p1",
+        "reportlist:student-reports:1:p1",
+    ]
+    .iter()
+    .map(|logical| space.key(logical))
+    .collect();
+    let decoys: Vec<String> = ["report:10:1:a", "reportlist:reports:2:p1", "cache_stats:1"]
+        .iter()
+        .map(|logical| space.key(logical))
+        .collect();
+    set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
+    let before = keys_with_prefix(&mut redis, &space.namespace).await.len();
+
+    let daemon = Running::start(
+        &[
+            "--rules",
+            rules.to_str().expect("utf-8 path"),
+            "--refill-guard",
+            "0",
+            "--poll-interval",
+            "500ms",
+        ],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("REDIS_URL", &shared_redis_url()),
+        ],
+        true,
+    );
+    daemon.wait_for_listener().await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO auth_user (id) VALUES (1), (2);
+             INSERT INTO reports_report (id, author_id) VALUES (1, 1), (2, 1), (3, 1);
+             INSERT INTO reports_studentreport (id, student_id, teacher_id) VALUES (1, 2, 1);",
+        )
+        .await
+        .expect("insert");
+    assert_gone_within(&mut redis, &must_go, PATIENCE).await;
+    assert_kept(&mut redis, &decoys).await;
+    let deleted = before - keys_with_prefix(&mut redis, &space.namespace).await.len();
+    assert_eq!(deleted, must_go.len());
+
+    // The listener refreshes gauges every 2 s and acks follow the deletes: wait for the counters.
+    daemon
+        .wait_for_metric(
+            "cache_invalidator_changes_total{table=\"reports_report\"}",
+            3.0,
+        )
+        .await;
+    daemon
+        .wait_for_metric(
+            "cache_invalidator_changes_total{table=\"reports_studentreport\"}",
+            1.0,
+        )
+        .await;
+    daemon
+        .wait_for_metric("cache_invalidator_outbox_backlog", 0.0)
+        .await;
+    let body = daemon.scrape().await;
+    let by_table = |table: &str| {
+        sample(
+            &body,
+            &format!("cache_invalidator_keys_deleted_total{{table=\"{table}\"}}"),
+        )
+    };
+    assert_eq!(by_table("reports_report"), Some(6.0), "{body}");
+    assert_eq!(by_table("reports_studentreport"), Some(3.0), "{body}");
+    assert_eq!(by_table("reports_tutorweeklyreport"), Some(0.0), "{body}");
+    let total: f64 = body
+        .lines()
+        .filter(|line| line.starts_with("cache_invalidator_keys_deleted_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, deleted as f64, "{body}");
+    for series in [
+        "cache_invalidator_refill_keys_deleted_total",
+        "cache_invalidator_outbox_oldest_age_seconds",
+        "cache_invalidator_dead_letters",
+        "cache_invalidator_reconnects_total{side=\"postgres\"}",
+        "cache_invalidator_reconnects_total{side=\"redis\"}",
+    ] {
+        assert!(sample(&body, series).is_some(), "{series} missing:\n{body}");
+    }
+    assert!(sample(&body, "cache_invalidator_sweeps_total").is_some_and(|n| n >= 1.0));
+    assert!(
+        sample(&body, "cache_invalidator_sweep_duration_seconds_count").is_some_and(|n| n >= 1.0)
+    );
+    // Two statements' outbox rows, each acknowledged once.
+    assert!(
+        sample(&body, "cache_invalidator_commit_to_delete_seconds_count").is_some_and(|n| n >= 2.0),
+        "{body}"
+    );
+    assert!(body.contains("cache_invalidator_commit_to_delete_seconds_bucket{le=\"0.005\"}"));
+
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_redis_is_down_and_200_once_it_is_back() {
+    let mut redis = PrivateRedis::start();
+    let db = TestDb::with_reports("healthz", &rules_with_prefix(":1:")).await;
+    let daemon = Running::start(
+        &["--refill-guard", "0"],
+        &[("DATABASE_URL", &db.url), ("REDIS_URL", &redis.url())],
+        true,
+    );
+    let status = |expected: u16| {
+        let daemon = &daemon;
+        async move { matches!(daemon.get("/healthz").await, Some((code, _)) if code == expected) }
+    };
+    assert!(wait_until(PATIENCE, || status(200)).await, "never healthy");
+
+    redis.stop();
+    assert!(wait_until(PATIENCE, || status(503)).await, "still healthy");
+    let (_, body) = daemon.get("/healthz").await.expect("answers");
+    assert!(body.contains("redis down"), "{body}");
+    assert!(body.contains("postgres up"), "{body}");
+
+    redis.restart();
+    assert!(
+        wait_until(PATIENCE, || status(200)).await,
+        "not healthy again"
+    );
+    assert_eq!(
+        daemon.get("/nothing-here").await.map(|(code, _)| code),
+        Some(404)
+    );
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_tables_whose_installed_triggers_do_not_match_the_rules() {
+    let space = KeySpace::new("check");
+    let db = TestDb::with_reports("check", &space.rules()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("rules.toml");
+    let rules_arg = rules.to_str().expect("utf-8 path").to_owned();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", &shared_redis_url()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, *v)).collect();
+
+    write_rules(&rules, &space.key_prefix(), None);
+    let matching = run_cli(&["--rules", &rules_arg, "check"], &env).await;
+    assert!(matching.status.success(), "{}", stdout(&matching));
+
+    // A template that needs a column the installed trigger does not record.
+    write_rules(
+        &rules,
+        &space.key_prefix(),
+        Some(r#"["report:{id}:*", "reportlist:reports:{author_id}:*", "bytitle:{title}:*"]"#),
+    );
+    let new_column = run_cli(&["--rules", &rules_arg, "check"], &env).await;
+    assert_eq!(new_column.status.code(), Some(1));
+    let report = stdout(&new_column);
+    let failures = lines_starting_with(&report, "FAIL");
+    assert_eq!(failures.len(), 1, "{report}");
+    let failure = failures.iter().next().expect("one failure");
+    assert!(failure.contains("reports_report"), "{report}");
+    assert!(failure.contains("title"), "{report}");
+
+    // A table with no trigger at all.
+    let mut text = std::fs::read_to_string(&rules).expect("read rules");
+    text.push_str("\n[[rules]]\ntable = \"auth_user\"\nkeys = [\"user:{id}:*\"]\n");
+    replace_file(&rules, &text);
+    let new_table = run_cli(&["--rules", &rules_arg, "check"], &env).await;
+    assert_eq!(new_table.status.code(), Some(1));
+    let report = stdout(&new_table);
+    assert!(
+        lines_starting_with(&report, "FAIL")
+            .iter()
+            .any(|line| line.contains("auth_user")),
+        "{report}"
+    );
+
+    // After `install` with the new rules, check agrees again.
+    let install = run_cli(&["--rules", &rules_arg, "install"], &env).await;
+    assert!(install.status.success(), "{}", stderr(&install));
+    let fixed = run_cli(&["--rules", &rules_arg, "check"], &env).await;
+    assert!(fixed.status.success(), "{}", stdout(&fixed));
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_dry_run_deletes_nothing_and_lists_exactly_what_the_real_run_deletes() {
+    let space = KeySpace::new("manual");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("rules.toml");
+    write_rules(&rules, &space.key_prefix(), None);
+    let rules_arg = rules.to_str().expect("utf-8 path");
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let user_keys: BTreeSet<String> = [
+        "report:1:42:a",
+        "report:77:42:b",
+        "reportlist:reports:42:p1",
+        "reportlist:student-reports:42:p2",
+    ]
+    .iter()
+    .map(|logical| space.key(logical))
+    .collect();
+    let report_keys: BTreeSet<String> = ["report:42:1:a", "report:42:9:b"]
+        .iter()
+        .map(|logical| space.key(logical))
+        .collect();
+    let decoys: Vec<String> = [
+        "report:1:421:a",
+        "reportlist:reports:4:p",
+        "studentreport:42:1:a",
+        "cache_stats:42",
+    ]
+    .iter()
+    .map(|logical| space.key(logical))
+    .chain([space.key_v2("report:1:42:a")])
+    .collect();
+    let all: Vec<String> = user_keys
+        .iter()
+        .chain(&report_keys)
+        .cloned()
+        .chain(decoys.clone())
+        .collect();
+    set_keys(&mut redis, &all).await;
+    let env = [("REDIS_URL", shared_redis_url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let mut cleared: BTreeSet<String> = BTreeSet::new();
+    for (flag, value, expected) in [
+        ("--user", "42", &user_keys),
+        ("--report", "42", &report_keys),
+    ] {
+        let dry = run_cli(
+            &["--rules", rules_arg, "invalidate", flag, value, "--dry-run"],
+            &env,
+        )
+        .await;
+        assert!(dry.status.success(), "{}", stderr(&dry));
+        let listed = lines_starting_with(&stdout(&dry), &space.namespace);
+        assert_eq!(&listed, expected, "{}", stdout(&dry));
+        assert!(stdout(&dry).contains(&format!("{} key(s) would be deleted", expected.len())));
+        // Nothing deleted: every key not yet cleared by an earlier real run is still there.
+        let still_there: Vec<String> = all
+            .iter()
+            .filter(|key| !cleared.contains(*key))
+            .cloned()
+            .collect();
+        assert_kept(&mut redis, &still_there).await;
+
+        let real = run_cli(&["--rules", rules_arg, "invalidate", flag, value], &env).await;
+        assert!(real.status.success(), "{}", stderr(&real));
+        assert!(
+            stdout(&real).contains(&format!("{} key(s) deleted", listed.len())),
+            "{}",
+            stdout(&real)
+        );
+        let left = keys_with_prefix(&mut redis, &space.namespace).await;
+        assert!(left.is_disjoint(&listed), "left: {left:?}");
+        cleared.extend(listed);
+    }
+    let left = keys_with_prefix(&mut redis, &space.namespace).await;
+    assert_eq!(left, decoys.iter().cloned().collect::<BTreeSet<_>>());
+}
+
+#[tokio::test]
+async fn explain_prints_the_patterns_of_each_default_table() {
+    let cases = [
+        (
+            "reports_report",
+            r#"{"id": 7, "author_id": 3}"#,
+            vec![":1:report:7:*", ":1:reportlist:reports:3:*"],
+        ),
+        (
+            "reports_studentreport",
+            r#"{"id": 8, "student_id": 4, "teacher_id": 5}"#,
+            vec![
+                ":1:studentreport:8:*",
+                ":1:reportlist:student-reports:4:*",
+                ":1:reportlist:student-reports:5:*",
+            ],
+        ),
+        (
+            "reports_tutorweeklyreport",
+            r#"{"id": 9, "tutor_id": 6, "student_id": 4}"#,
+            vec![
+                ":1:tutorreport:9:*",
+                ":1:reportlist:tutor-reports:6:*",
+                ":1:reportlist:tutor-reports:4:*",
+            ],
+        ),
+        (
+            "reports_teacherweeklyreport",
+            // A NULL owner clears nothing for its pattern.
+            r#"{"id": 10, "teacher_id": 5, "student_id": null}"#,
+            vec![":1:teacherreport:10:*", ":1:reportlist:teacher-reports:5:*"],
+        ),
+    ];
+    for (table, row, expected) in cases {
+        let output = run_cli(&["explain", "--table", table, "--row", row], &[]).await;
+        assert!(output.status.success(), "{table}: {}", stderr(&output));
+        let printed: BTreeSet<String> = stdout(&output).lines().map(str::to_owned).collect();
+        let expected: BTreeSet<String> = expected.into_iter().map(str::to_owned).collect();
+        assert_eq!(printed, expected, "{table}");
+    }
+    let unruled = run_cli(
+        &["explain", "--table", "auth_user", "--row", r#"{"id": 1}"#],
+        &[],
+    )
+    .await;
+    assert!(!unruled.status.success());
+    assert!(stderr(&unruled).contains("auth_user"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_matching_rules_file_and_keeps_the_old_rules_otherwise() {
+    let space = KeySpace::new("sighup");
+    let db = TestDb::with_reports("sighup", &space.rules()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("rules.toml");
+    write_rules(&rules, &space.key_prefix(), None);
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO auth_user (id) VALUES (1)")
+        .await
+        .expect("user");
+    let daemon = Running::start(
+        &[
+            "--rules",
+            rules.to_str().expect("utf-8 path"),
+            "--refill-guard",
+            "0",
+        ],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("REDIS_URL", &shared_redis_url()),
+        ],
+        true,
+    );
+    daemon.wait_for_listener().await;
+
+    // A new pattern over the same columns: the installed triggers still match, so it applies.
+    write_rules(
+        &rules,
+        &space.key_prefix(),
+        Some(r#"["report:{id}:*", "reportlist:reports:{author_id}:*", "reportv2:{id}:*"]"#),
+    );
+    daemon.signal("HUP").await;
+    daemon
+        .wait_for_metric(
+            "cache_invalidator_rules_reloads_total{result=\"applied\"}",
+            1.0,
+        )
+        .await;
+    let first = vec![space.key("report:5:1:a"), space.key("reportv2:5:a")];
+    set_keys(&mut redis, &first).await;
+    client
+        .batch_execute("INSERT INTO reports_report (id, author_id) VALUES (5, 1)")
+        .await
+        .expect("insert 5");
+    assert_gone_within(&mut redis, &first, PATIENCE).await;
+
+    // Not TOML: rejected, the rules applied above stay.
+    replace_file(&rules, "key_prefix = [not toml");
+    daemon.signal("HUP").await;
+    daemon
+        .wait_for_metric(
+            "cache_invalidator_rules_reloads_total{result=\"rejected\"}",
+            1.0,
+        )
+        .await;
+    let second = vec![space.key("report:6:1:a"), space.key("reportv2:6:a")];
+    set_keys(&mut redis, &second).await;
+    client
+        .batch_execute("INSERT INTO reports_report (id, author_id) VALUES (6, 1)")
+        .await
+        .expect("insert 6");
+    assert_gone_within(&mut redis, &second, PATIENCE).await;
+
+    // Valid, but needs a column the installed trigger does not record: rejected too.
+    write_rules(
+        &rules,
+        &space.key_prefix(),
+        Some(r#"["report:{id}:*", "reportv2:{id}:*", "bytitle:{title}:*"]"#),
+    );
+    daemon.signal("HUP").await;
+    daemon
+        .wait_for_metric(
+            "cache_invalidator_rules_reloads_total{result=\"rejected\"}",
+            2.0,
+        )
+        .await;
+    let third = vec![space.key("reportv2:7:a")];
+    let not_applied = vec![space.key("bytitle:t7:a")];
+    set_keys(&mut redis, &[third.clone(), not_applied.clone()].concat()).await;
+    client
+        .batch_execute("INSERT INTO reports_report (id, author_id, title) VALUES (7, 1, 't7')")
+        .await
+        .expect("insert 7");
+    assert_gone_within(&mut redis, &third, PATIENCE).await;
+    assert!(wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await);
+    assert_kept(&mut redis, &not_applied).await;
+
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_functions_clear_keys_only_when_the_calling_transaction_commits() {
+    let space = KeySpace::new("sqlfn");
+    let db = TestDb::with_reports("sqlfn", &space.rules()).await;
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let rolled_back: Vec<String> = ["report:1:7:a", "reportlist:reports:7:p"]
+        .iter()
+        .map(|logical| space.key(logical))
+        .collect();
+    let committed: Vec<String> = [
+        "report:9:1:a",
+        "report:9:2:b",
+        "report:3:8:a",
+        "reportlist:tutor-reports:8:p",
+    ]
+    .iter()
+    .map(|logical| space.key(logical))
+    .collect();
+    set_keys(
+        &mut redis,
+        &[rolled_back.clone(), committed.clone()].concat(),
+    )
+    .await;
+    let daemon = Daemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
+
+    let mut client = db.client().await;
+    let transaction = client.transaction().await.expect("begin");
+    transaction
+        .execute("SELECT cache_invalidator.invalidate_user(7::bigint)", &[])
+        .await
+        .expect("invalidate_user");
+    transaction.rollback().await.expect("rollback");
+
+    // The app's own write and both functions (bigint and text forms) in one transaction.
+    let transaction = client.transaction().await.expect("begin");
+    transaction
+        .batch_execute(
+            "INSERT INTO auth_user (id) VALUES (1);
+             SELECT cache_invalidator.invalidate_report(9::bigint);
+             SELECT cache_invalidator.invalidate_user('8');",
+        )
+        .await
+        .expect("functions");
+    transaction.commit().await.expect("commit");
+
+    assert_gone_within(&mut redis, &committed, PATIENCE).await;
+    assert!(wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await);
+    assert_kept(&mut redis, &rolled_back).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_gets_ready_then_watchdog_pings_then_stopping() {
+    let db = TestDb::with_reports("notify", &rules_with_prefix(":1:")).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    let socket_text = socket_path.to_str().expect("utf-8 path").to_owned();
+    let daemon = Running::start(
+        &["--refill-guard", "0", "--poll-interval", "500ms"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("REDIS_URL", &shared_redis_url()),
+            ("NOTIFY_SOCKET", &socket_text),
+            // 2 s: the daemon pings every second while healthy.
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+        false,
+    );
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut buffer = vec![0u8; 4096];
+    let receive = async {
+        loop {
+            let length = socket.recv(&mut buffer).await.expect("recv");
+            let message = String::from_utf8_lossy(&buffer[..length]).into_owned();
+            seen.extend(message.lines().map(str::to_owned));
+            let ready = seen.iter().position(|line| line == "READY=1");
+            let pinged_after_ready =
+                ready.is_some_and(|at| seen[at..].iter().any(|l| l == "WATCHDOG=1"));
+            if pinged_after_ready {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(PATIENCE, receive).await.is_err() {
+        panic!("no READY=1 followed by WATCHDOG=1; got {seen:?}");
+    }
+
+    let stopping = async {
+        loop {
+            let length = socket.recv(&mut buffer).await.expect("recv");
+            if String::from_utf8_lossy(&buffer[..length])
+                .lines()
+                .any(|line| line == "STOPPING=1")
+            {
+                break;
+            }
+        }
+    };
+    let (status, stopped) = tokio::join!(daemon.stop(), tokio::time::timeout(PATIENCE, stopping));
+    assert!(status.success());
+    assert!(stopped.is_ok(), "no STOPPING=1");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn systemd_unit_verifies_and_rates_as_hardened() {
+    let present = tokio::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|status| status.success());
+    if !present {
+        eprintln!("note: systemd-analyze is not installed; the unit file was not verified");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/cache-invalidator.service"),
+    )
+    .expect("read unit");
+    assert!(unit.contains("ExecStart=/usr/local/bin/cache-invalidator run"));
+    // verify checks that ExecStart exists: point it at the binary just built.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("cache-invalidator.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "ExecStart=/usr/local/bin/cache-invalidator",
+            &format!("ExecStart={BIN}"),
+        ),
+    )
+    .expect("write unit copy");
+    let copy_arg = copy.to_str().expect("utf-8 path");
+
+    let verify = tokio::process::Command::new("systemd-analyze")
+        .args(["verify", copy_arg])
+        .output()
+        .await
+        .expect("systemd-analyze verify");
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let problems: Vec<&str> = std::str::from_utf8(&verify.stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("cache-invalidator.service"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+
+    let security = tokio::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager", copy_arg])
+        .output()
+        .await
+        .expect("systemd-analyze security");
+    let report = stdout(&security);
+    let exposure: f64 = report
+        .lines()
+        .find_map(|line| line.split("Overall exposure level for").nth(1))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}{}", stderr(&security)));
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
+}
+
+#[tokio::test]
+async fn passwords_never_appear_in_help_or_connection_errors() {
+    let pg_password = "PgPw_d0_not_print";
+    let redis_password = "RedisPw_d0_not_print";
+    // Ports nobody listens on: every connection is refused at once.
+    let database_url = format!(
+        "postgres://app:{pg_password}@127.0.0.1:{}/reports",
+        free_port()
+    );
+    let redis_url = format!("redis://:{redis_password}@127.0.0.1:{}/0", free_port());
+    let env = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+    ];
+    let leaks = |output: &Output| {
+        let text = format!("{}{}", stdout(output), stderr(output));
+        text.contains(pg_password) || text.contains(redis_password)
+    };
+    for subcommand in [
+        "run",
+        "install",
+        "uninstall",
+        "sql",
+        "check",
+        "status",
+        "invalidate",
+        "explain",
+        "retry-dead-letters",
+    ] {
+        let help = run_cli(&[subcommand, "--help"], &env).await;
+        assert!(help.status.success(), "{subcommand} --help");
+        assert!(stdout(&help).contains("Example"), "{subcommand} --help");
+        assert!(!leaks(&help), "{subcommand} --help prints a password");
+    }
+    let top = run_cli(&["--help"], &env).await;
+    assert!(!leaks(&top));
+
+    for args in [
+        &["status"][..],
+        &["check"],
+        &["install"],
+        &["invalidate", "--user", "1", "--dry-run"],
+    ] {
+        let output = run_cli(args, &env).await;
+        assert!(
+            !output.status.success(),
+            "{args:?} succeeded without servers"
+        );
+        assert!(!leaks(&output), "{args:?} prints a password");
+        // The redacted URL still says where it tried.
+        assert!(
+            format!("{}{}", stdout(&output), stderr(&output)).contains("127.0.0.1"),
+            "{args:?}: {}{}",
+            stdout(&output),
+            stderr(&output)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_metrics_port_in_use_fails_the_start_with_the_address_named() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    let output = run_cli(
+        &["run", "--metrics-addr", &addr],
+        &[("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains(&format!("cannot listen on {addr}")),
+        "{}",
+        stderr(&output)
+    );
+}
