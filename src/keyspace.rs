@@ -4,8 +4,16 @@
 //! A sweep must see every key, and `SCAN` walks one node's keyspace, so in a cluster the worker
 //! keeps one plain connection per primary (discovered with `CLUSTER NODES`, rediscovered after any
 //! failure) rather than the cluster client, which routes by key and cannot scan.
+//!
+//! A sweep of a cluster is only complete if the primaries it scanned served every slot for the
+//! whole sweep. Discovery therefore refuses a topology that leaves slots without a reachable primary
+//! (a failover in progress) and records what each primary said about itself; the sweep compares
+//! that with the node's own `CLUSTER NODES` line before it reports windows finished
+//! ([`Node::verify_shard`]): a failover, a slot migration or a demotion in between makes the batch
+//! run again instead of being acknowledged.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -14,6 +22,8 @@ use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo};
 use crate::settings::SecretUrl;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hash slots of a Redis Cluster: a topology is usable only when its primaries serve all of them.
+const CLUSTER_SLOTS: usize = 16384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyspaceError {
@@ -48,12 +58,73 @@ pub struct Node {
     pub connection: MultiplexedConnection,
     /// Cluster nodes refuse multi-key commands across hash slots: UNLINK is grouped by slot.
     pub clustered: bool,
+    /// In a cluster, what this primary said about itself when the worker connected.
+    pub shard: Option<ShardView>,
+}
+
+/// A primary as its own `CLUSTER NODES` line shows it. While this stays the same, the node holds
+/// the same slots and every key of them, so a sweep of it is still complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardView {
+    /// A replica promoted in its place has another id.
+    pub id: String,
+    /// Bumped when the node takes slots over (a failover, the end of a slot migration).
+    pub config_epoch: u64,
+    /// Slot ranges as listed, e.g. `0-5460`, `6000`.
+    pub slots: Vec<String>,
+}
+
+impl Node {
+    /// Checks this node's own line of `cluster_nodes` (its `CLUSTER NODES` reply) against what it
+    /// said at discovery. `Err` says what changed: keys may have moved to or from a node the sweep
+    /// already passed, so the sweep cannot vouch for its windows. A single server always passes.
+    pub fn verify_shard(&self, cluster_nodes: &str) -> Result<(), String> {
+        match &self.shard {
+            Some(expected) => verify_against(expected, cluster_nodes),
+            None => Ok(()),
+        }
+    }
+}
+
+fn verify_against(expected: &ShardView, cluster_nodes: &str) -> Result<(), String> {
+    let Some(line) = cluster_nodes
+        .lines()
+        .filter_map(|line| NodeLine::parse(line).ok())
+        .find(|line| line.has_flag("myself"))
+    else {
+        return Err("its CLUSTER NODES reply has no line for itself".to_owned());
+    };
+    if !line.migrating.is_empty() {
+        return Err(format!(
+            "slot migration in progress ({}): the sweep is repeated until it ends",
+            line.migrating.join(" ")
+        ));
+    }
+    if !line.has_flag("master") {
+        return Err("it is no longer a primary".to_owned());
+    }
+    let now = line.shard_view();
+    if &now != expected {
+        return Err(format!(
+            "its slots changed (was {} epoch {} [{}], now {} epoch {} [{}])",
+            expected.id,
+            expected.config_epoch,
+            expected.slots.join(" "),
+            now.id,
+            now.config_epoch,
+            now.slots.join(" ")
+        ));
+    }
+    Ok(())
 }
 
 /// Where the cache lives, parsed once from the URL.
 #[derive(Clone)]
 pub struct RedisTarget {
     seeds: Vec<Client>,
+    /// Every cluster node seen at the last discovery: more seeds, so that losing the nodes the URL
+    /// names does not cut the worker off from a cluster that still works.
+    known: Arc<Mutex<Vec<(String, u16)>>>,
     cluster: bool,
     ca: Option<Vec<u8>>,
     redacted: String,
@@ -147,6 +218,7 @@ impl RedisTarget {
         }
         Ok(RedisTarget {
             seeds,
+            known: Arc::default(),
             cluster,
             ca,
             redacted,
@@ -181,6 +253,7 @@ impl RedisTarget {
             name,
             connection,
             clustered: self.cluster,
+            shard: None,
         })
     }
 
@@ -196,42 +269,96 @@ impl RedisTarget {
                 Err(error) => last_error = Some(error),
             }
         }
+        let seed_names: Vec<String> = self
+            .seeds
+            .iter()
+            .map(|seed| node_name(seed.get_connection_info().addr()))
+            .collect();
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (host, port) in known {
+            if seed_names.contains(&format!("{host}:{port}")) {
+                continue;
+            }
+            let result = match self.client_at(&self.seeds[0], host, port) {
+                Ok(client) => self.discover(&client).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(nodes) => return Ok(nodes),
+                Err(error) => last_error = Some(error),
+            }
+        }
         Err(last_error.unwrap_or_else(|| KeyspaceError::Topology("no seed answered".into())))
+    }
+
+    /// A client for another node of the cluster, with the seed's scheme, TLS and credentials.
+    fn client_at(&self, seed: &Client, host: String, port: u16) -> Result<Client, KeyspaceError> {
+        let seed_info = seed.get_connection_info().clone();
+        let addr = match seed_info.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        open_client(seed_info.set_addr(addr), self.ca.as_deref())
+            .map_err(|e| KeyspaceError::Topology(e.to_string()))
     }
 
     async fn discover(&self, seed: &Client) -> Result<Vec<Node>, KeyspaceError> {
         let mut node = self.connect_client(seed).await?;
-        let text: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(&mut node.connection)
-            .await
-            .map_err(|source| KeyspaceError::Redis {
-                node: node.name.clone(),
-                source,
-            })?;
-        let primaries = parse_primaries(&text)?;
-        let seed_info = seed.get_connection_info().clone();
-        let mut nodes = Vec::with_capacity(primaries.len());
-        for (host, port) in primaries {
-            let addr = match seed_info.addr() {
-                ConnectionAddr::TcpTls {
-                    insecure,
-                    tls_params,
-                    ..
-                } => ConnectionAddr::TcpTls {
-                    host,
-                    port,
-                    insecure: *insecure,
-                    tls_params: tls_params.clone(),
-                },
-                _ => ConnectionAddr::Tcp(host, port),
-            };
-            let client = open_client(seed_info.clone().set_addr(addr), self.ca.as_deref())
-                .map_err(|e| KeyspaceError::Topology(e.to_string()))?;
-            nodes.push(self.connect_client(&client).await?);
+        let text = cluster_nodes(&mut node).await?;
+        let topology = Topology::parse(&text)?;
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = topology.reachable.clone();
+        let mut nodes = Vec::with_capacity(topology.primaries.len());
+        for primary in topology.primaries {
+            let client = self.client_at(seed, primary.host.clone(), primary.port)?;
+            let mut node = self.connect_client(&client).await?;
+            // The node's own word, not the seed's: the sweep later compares it with the same source.
+            let own = cluster_nodes(&mut node).await?;
+            let myself = own
+                .lines()
+                .filter_map(|line| NodeLine::parse(line).ok())
+                .find(|line| line.has_flag("myself"))
+                .ok_or_else(|| {
+                    KeyspaceError::Topology(format!("{}: no line for itself", node.name))
+                })?;
+            let view = myself.shard_view();
+            if !myself.has_flag("master") || view.id != primary.id || view.slots != primary.slots {
+                return Err(KeyspaceError::Topology(format!(
+                    "{} disagrees with the seed about its role or slots (a failover is settling)",
+                    node.name
+                )));
+            }
+            node.shard = Some(view);
+            nodes.push(node);
         }
         Ok(nodes)
     }
+}
+
+async fn cluster_nodes(node: &mut Node) -> Result<String, KeyspaceError> {
+    redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut node.connection)
+        .await
+        .map_err(|source| KeyspaceError::Redis {
+            node: node.name.clone(),
+            source,
+        })
 }
 
 fn node_name(addr: &ConnectionAddr) -> String {
@@ -244,61 +371,208 @@ fn node_name(addr: &ConnectionAddr) -> String {
     }
 }
 
-/// The primaries that serve slots, from `CLUSTER NODES` output:
-/// `<id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <state> <slots>…`
-fn parse_primaries(text: &str) -> Result<Vec<(String, u16)>, KeyspaceError> {
-    let mut primaries = Vec::new();
-    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+/// One line of `CLUSTER NODES`:
+/// `<id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <state> <slot>…`
+#[derive(Debug, Clone)]
+struct NodeLine {
+    id: String,
+    host: String,
+    port: u16,
+    flags: Vec<String>,
+    config_epoch: u64,
+    /// Ranges served, e.g. `0-5460` or `6000`.
+    slots: Vec<String>,
+    /// Migration markers, `[slot->-target]` or `[slot-<-source]`: only on the node's own line.
+    migrating: Vec<String>,
+}
+
+impl NodeLine {
+    fn parse(line: &str) -> Result<NodeLine, KeyspaceError> {
+        let bad =
+            |why: &str| KeyspaceError::Topology(format!("CLUSTER NODES line {line:?}: {why}"));
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() < 8 {
-            return Err(KeyspaceError::Topology(format!(
-                "unexpected CLUSTER NODES line {line:?}"
-            )));
-        }
-        let flags = fields[2];
-        let serves_slots = fields.len() > 8;
-        let usable = flags.split(',').any(|flag| flag == "master")
-            && !flags
-                .split(',')
-                .any(|flag| matches!(flag, "fail" | "noaddr" | "handshake"));
-        if !(usable && serves_slots) {
-            continue;
+            return Err(bad("too few fields"));
         }
         let address = fields[1].split(['@', ',']).next().unwrap_or(fields[1]);
-        let (host, port) = address.rsplit_once(':').ok_or_else(|| {
-            KeyspaceError::Topology(format!("node address {address:?} has no port"))
-        })?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| KeyspaceError::Topology(format!("node address {address:?}: bad port")))?;
-        primaries.push((host.trim_matches(['[', ']']).to_owned(), port));
+        let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let (slots, migrating) = fields[8..]
+            .iter()
+            .map(|slot| slot.to_string())
+            .partition(|slot| !slot.starts_with('['));
+        Ok(NodeLine {
+            id: fields[0].to_owned(),
+            host: host.trim_matches(['[', ']']).to_owned(),
+            // A node without an address (`noaddr`) shows port 0: it is skipped by its flags.
+            port: port.parse().map_err(|_| bad("bad port"))?,
+            flags: fields[2].split(',').map(str::to_owned).collect(),
+            config_epoch: fields[6].parse().map_err(|_| bad("bad config epoch"))?,
+            slots,
+            migrating,
+        })
     }
-    if primaries.is_empty() {
-        return Err(KeyspaceError::Topology(
-            "no primary serving slots (is the cluster created?)".into(),
-        ));
+
+    fn has_flag(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
     }
-    Ok(primaries)
+
+    /// Failed, address-less or still joining: nothing to connect to.
+    fn unusable(&self) -> bool {
+        ["fail", "noaddr", "handshake"]
+            .iter()
+            .any(|flag| self.has_flag(flag))
+    }
+
+    fn shard_view(&self) -> ShardView {
+        ShardView {
+            id: self.id.clone(),
+            config_epoch: self.config_epoch,
+            slots: self.slots.clone(),
+        }
+    }
+
+    /// Marks the slots of the listed ranges in `served` (one flag per slot).
+    fn mark_slots(&self, served: &mut [bool]) -> Result<(), KeyspaceError> {
+        for range in &self.slots {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            let parse = |slot: &str| {
+                slot.parse::<usize>()
+                    .ok()
+                    .filter(|slot| *slot < CLUSTER_SLOTS)
+                    .ok_or_else(|| KeyspaceError::Topology(format!("bad slot range {range:?}")))
+            };
+            let (first, last) = (parse(first)?, parse(last)?);
+            for slot in served.iter_mut().take(last + 1).skip(first) {
+                *slot = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a seed's `CLUSTER NODES` says: the primaries to sweep and every node worth asking next time.
+#[derive(Debug)]
+struct Topology {
+    primaries: Vec<ShardLine>,
+    reachable: Vec<(String, u16)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShardLine {
+    id: String,
+    host: String,
+    port: u16,
+    slots: Vec<String>,
+}
+
+impl Topology {
+    /// The primaries serving slots. Fails unless together they serve every slot: between a
+    /// primary's failure and its replica's promotion part of the keyspace has no primary, and a
+    /// sweep of the others would acknowledge changes whose keys it never saw.
+    fn parse(text: &str) -> Result<Topology, KeyspaceError> {
+        let mut primaries = Vec::new();
+        let mut reachable = Vec::new();
+        // Counted slot by slot: a stale view can list two owners for one range.
+        let mut served = vec![false; CLUSTER_SLOTS];
+        for line in text.lines().filter(|line| !line.trim().is_empty()) {
+            let line = NodeLine::parse(line)?;
+            if line.unusable() {
+                continue;
+            }
+            reachable.push((line.host.clone(), line.port));
+            if line.has_flag("master") && !line.slots.is_empty() {
+                line.mark_slots(&mut served)?;
+                primaries.push(ShardLine {
+                    id: line.id,
+                    host: line.host,
+                    port: line.port,
+                    slots: line.slots,
+                });
+            }
+        }
+        if primaries.is_empty() {
+            return Err(KeyspaceError::Topology(
+                "no primary serving slots (is the cluster created?)".into(),
+            ));
+        }
+        let unserved = served.iter().filter(|served| !**served).count();
+        if unserved > 0 {
+            return Err(KeyspaceError::Topology(format!(
+                "{unserved} of {CLUSTER_SLOTS} slots have no reachable primary (a failover in progress?)"
+            )));
+        }
+        Ok(Topology {
+            primaries,
+            reachable,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const NODES: &str = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                         b 127.0.0.1:7001@17001,cache-b master - 0 0 2 connected 5461-10922\n\
+                         c 127.0.0.1:7003@17003 slave a 0 0 1 connected\n\
+                         d 127.0.0.1:7002@17002 master - 0 0 3 connected 10923-16383\n";
+
     #[test]
-    fn cluster_nodes_output_yields_serving_primaries() {
-        let text = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
-                    b 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
-                    c 127.0.0.1:7003@17003 slave a 0 0 1 connected\n\
-                    d 127.0.0.1:7002@17002 master,fail - 0 0 3 connected 10923-16383\n";
-        let primaries = parse_primaries(text).expect("parses");
+    fn cluster_nodes_output_yields_serving_primaries_and_every_reachable_node() {
+        let topology = Topology::parse(NODES).expect("parses");
+        let primaries: Vec<(&str, u16)> = topology
+            .primaries
+            .iter()
+            .map(|p| (p.host.as_str(), p.port))
+            .collect();
         assert_eq!(
             primaries,
             [
-                ("127.0.0.1".to_owned(), 7000),
-                ("127.0.0.1".to_owned(), 7001)
+                ("127.0.0.1", 7000),
+                ("127.0.0.1", 7001),
+                ("127.0.0.1", 7002)
             ]
         );
+        assert_eq!(topology.reachable.len(), 4);
+    }
+
+    #[test]
+    fn a_failed_primary_not_yet_replaced_makes_discovery_wait() {
+        let failing = NODES.replace("master - 0 0 3", "master,fail - 0 0 3");
+        let error = Topology::parse(&failing).expect_err("slots uncovered");
+        assert!(error.to_string().contains("5461 of 16384 slots"), "{error}");
+        // Suspected (`fail?`) but still the owner: it is tried, and the connection decides.
+        let suspected = NODES.replace("master - 0 0 3", "master,fail? - 0 0 3");
+        assert_eq!(
+            Topology::parse(&suspected).expect("parses").primaries.len(),
+            3
+        );
+        // A stale view listing a range twice does not hide a gap elsewhere.
+        let doubled = NODES.replace("10923-16383", "0-5460");
+        assert!(Topology::parse(&doubled).is_err());
+    }
+
+    #[test]
+    fn a_sweep_vouches_for_a_node_only_while_its_own_line_is_unchanged() {
+        let me = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460";
+        let expected = NodeLine::parse(me).expect("parses").shard_view();
+        let check = |now: &str| verify_against(&expected, now);
+        assert_eq!(check(me), Ok(()));
+        let migrating = format!("{me} [100->-b]");
+        assert!(check(&migrating)
+            .expect_err("migrating")
+            .contains("migration"));
+        let importing = me.replace("0-5460", "0-5460 [6000-<-b]");
+        assert!(check(&importing).is_err());
+        let grown = me.replace("connected 0-5460", "connected 0-5460 6000");
+        assert!(check(&grown).expect_err("slots").contains("slots changed"));
+        let bumped = me.replace("- 0 0 1", "- 0 0 7");
+        assert!(check(&bumped).is_err());
+        let demoted = "a 127.0.0.1:7000@17000 myself,slave z 0 0 7 connected";
+        assert!(check(demoted)
+            .expect_err("demoted")
+            .contains("no longer a primary"));
+        assert!(check("b 127.0.0.1:7001@17001 master - 0 0 2 connected 1-2").is_err());
     }
 
     #[test]

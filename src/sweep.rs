@@ -10,6 +10,12 @@
 //! Each step sends one pipeline per node: the `UNLINK`s of the keys matched by the previous step,
 //! then the next `SCAN`. A window is reported finished one step after its last `SCAN`, once the
 //! deletes of everything it matched were confirmed.
+//!
+//! In a Redis Cluster each primary is scanned on its own, and the `UNLINK`s are grouped by hash
+//! slot (a node refuses multi-key commands across slots). The step that reports windows finished
+//! also asks every primary for its own `CLUSTER NODES` line: if a failover or a slot migration
+//! happened since the worker connected, keys may have moved past a cursor, so the step fails and
+//! the worker gives the batch back and sweeps again on the new topology.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -274,6 +280,8 @@ impl Sweeper {
             glob.push(b'*');
             glob
         };
+        // Windows whose scan ended last step finish in this one: a cluster checks its topology.
+        let windows_finishing = self.windows.iter().any(|window| window.scanned);
         let mut plans = Vec::with_capacity(self.nodes.len());
         for (index, node) in self.nodes.iter_mut().enumerate() {
             let needs_scan = self
@@ -284,6 +292,7 @@ impl Sweeper {
             plans.push(NodePlan {
                 groups: group_pending(pending, node.node.clustered),
                 scan: needs_scan.then_some(node.cursor),
+                verify: node.node.shard.is_some() && windows_finishing,
             });
         }
         let requests = self
@@ -298,15 +307,22 @@ impl Sweeper {
         // UNLINKs; if no node failed, those deletes are now confirmed.
         let mut outcomes = Vec::with_capacity(results.len());
         for (index, result) in results.into_iter().enumerate() {
-            match result {
-                Ok(outcome) => outcomes.push(outcome),
-                Err(source) => {
-                    return Err(SweepError {
-                        node: self.nodes[index].node.name.clone(),
-                        source,
-                    })
-                }
+            let node = &self.nodes[index].node;
+            let fail = |source| SweepError {
+                node: node.name.clone(),
+                source,
+            };
+            let outcome = result.map_err(fail)?;
+            if let Some(text) = &outcome.cluster_nodes {
+                node.verify_shard(text).map_err(|detail| {
+                    fail(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "cluster topology changed during the sweep",
+                        detail,
+                    )))
+                })?;
             }
+            outcomes.push(outcome);
         }
         for (plan, outcome) in plans.iter().zip(&outcomes) {
             for (group, count) in &outcome.unlinked {
@@ -434,12 +450,15 @@ fn group_pending(pending: Vec<(Vec<u8>, Arc<str>, bool)>, clustered: bool) -> Ve
 struct NodePlan {
     groups: Vec<UnlinkGroup>,
     scan: Option<u64>,
+    /// Ask for `CLUSTER NODES` (see [`Node::verify_shard`]).
+    verify: bool,
 }
 
 struct PlanOutcome {
     /// (group index, keys removed)
     unlinked: Vec<(usize, u64)>,
     scanned: Option<(u64, Vec<Vec<u8>>)>,
+    cluster_nodes: Option<String>,
 }
 
 async fn run_plan(
@@ -448,6 +467,9 @@ async fn run_plan(
     match_glob: &[u8],
 ) -> Result<PlanOutcome, redis::RedisError> {
     let mut pipe = redis::pipe();
+    if plan.verify {
+        pipe.cmd("CLUSTER").arg("NODES");
+    }
     let mut commands: Vec<usize> = Vec::new();
     for (group_index, group) in plan.groups.iter().enumerate() {
         for chunk in group.keys.chunks(UNLINK_CHUNK) {
@@ -462,14 +484,26 @@ async fn run_plan(
         }
         pipe.arg("COUNT").arg(SCAN_COUNT);
     }
-    if commands.is_empty() && plan.scan.is_none() {
+    if commands.is_empty() && plan.scan.is_none() && !plan.verify {
         return Ok(PlanOutcome {
             unlinked: Vec::new(),
             scanned: None,
+            cluster_nodes: None,
         });
     }
     let mut connection = node.connection.clone();
     let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+    // CLUSTER NODES went first in the pipeline.
+    let cluster_nodes = match plan.verify {
+        true if replies.is_empty() => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "empty CLUSTER NODES reply",
+            )))
+        }
+        true => Some(redis::from_redis_value(replies.remove(0))?),
+        false => None,
+    };
     let scanned = match plan.scan {
         Some(_) => {
             let reply = replies.pop().ok_or_else(|| {
@@ -485,7 +519,11 @@ async fn run_plan(
         let count: u64 = redis::from_redis_value(reply)?;
         unlinked.push((group_index, count));
     }
-    Ok(PlanOutcome { unlinked, scanned })
+    Ok(PlanOutcome {
+        unlinked,
+        scanned,
+        cluster_nodes,
+    })
 }
 
 /// Escapes glob metacharacters in raw key bytes (the `MATCH` argument is bytes, not UTF-8).
