@@ -222,6 +222,18 @@ impl Template {
     /// placeholder, then `*`. Used for `TRUNCATE`, which says nothing about individual rows.
     fn namespace_pattern(&self, key_prefix: &str) -> String {
         let mut pattern = escape_glob(key_prefix);
+        if matches!(self.parts.first(), Some(Part::Column(_))) {
+            // No namespace before the first value (`{slug}:page:*`): "up to the first placeholder"
+            // would be the bare key prefix, wiping the whole cache (sessions included). Clear what
+            // the template can name instead: every placeholder as `*`.
+            for part in &self.parts {
+                match part {
+                    Part::Glob(text) => pattern.push_str(text),
+                    Part::Column(_) => pattern.push('*'),
+                }
+            }
+            return pattern;
+        }
         for part in &self.parts {
             match part {
                 Part::Glob(text) => pattern.push_str(text),
@@ -253,6 +265,11 @@ pub fn escape_glob(text: &str) -> String {
     }
     escaped
 }
+
+/// The longest rule table name (`schema.` included) that installs. The schema names each table's
+/// trigger function `capture <table>`; Postgres silently truncates names to 63 bytes, after which
+/// `install` would not find the function again and drop its triggers as stale.
+const MAX_TABLE_NAME_BYTES: usize = 63 - "capture ".len();
 
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
@@ -371,6 +388,14 @@ impl RuleSet {
                 message,
             };
             let table = TableName::parse(&entry.table).map_err(invalid)?;
+            if entry.table.len() > MAX_TABLE_NAME_BYTES {
+                return Err(invalid(format!(
+                    "the name is {} bytes, at most {MAX_TABLE_NAME_BYTES} fit: its trigger \
+                     function is called \"capture {}\" and Postgres cuts names at 63 bytes",
+                    entry.table.len(),
+                    entry.table
+                )));
+            }
             if entry.keys.is_empty() {
                 return Err(invalid(
                     "no keys: list at least one key template".to_owned(),
@@ -599,6 +624,23 @@ mod tests {
             patterns.into_iter().collect::<Vec<_>>(),
             [":1:report:*", ":1:reportlist:reports:*"]
         );
+        // A template that starts with a value has no namespace: clear what it can name, not the
+        // whole key prefix.
+        let rules = RuleSet::from_toml(
+            "[[rules]]\ntable = \"pages\"\nkeys = [\"{slug}:page:*\", \"{a}{b}\"]",
+            "test",
+        )
+        .expect("valid");
+        let change = Change {
+            table: "pages",
+            operation: "TRUNCATE",
+            rows: None,
+        };
+        let patterns = rules.expand(&change).expect("renders").patterns;
+        assert_eq!(
+            patterns.into_iter().collect::<Vec<_>>(),
+            [":1:**", ":1:*:page:*"]
+        );
     }
 
     #[test]
@@ -652,6 +694,22 @@ mod tests {
             "f.toml",
         );
         assert!(duplicate.is_err());
+        let long = "t".repeat(MAX_TABLE_NAME_BYTES + 1);
+        let too_long = RuleSet::from_toml(
+            &format!("[[rules]]\ntable = \"{long}\"\nkeys = [\"a\"]"),
+            "f.toml",
+        );
+        let message = too_long.expect_err("name too long").to_string();
+        assert!(
+            message.contains(&long) && message.contains("63"),
+            "{message}"
+        );
+        let longest = "t".repeat(MAX_TABLE_NAME_BYTES);
+        assert!(RuleSet::from_toml(
+            &format!("[[rules]]\ntable = \"{longest}\"\nkeys = [\"a\"]"),
+            "f.toml"
+        )
+        .is_ok());
     }
 
     #[test]

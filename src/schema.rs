@@ -142,17 +142,23 @@ fn update_values(rule: &TableRule, object: &str) -> String {
     }
     // With `watch`, a row counts only if one of the watched columns (or a recorded one) changed:
     // its OLD and NEW tuples then differ, so each survives the EXCEPT against the other side.
+    // The tuples are compared as text (`ROW(…)::text`, each value in its type's output form):
+    // EXCEPT needs an equality operator, which `json`, `point` or `xml` columns lack, and a
+    // trigger failing on them would make the app's UPDATEs fail.
     let mut compared: Vec<String> = rule.columns();
     for column in &rule.watch {
         if !compared.contains(column) {
             compared.push(column.clone());
         }
     }
-    let list: Vec<String> = compared.iter().map(|c| quote_ident(c)).collect();
-    let list = list.join(", ");
+    let list: Vec<String> = compared
+        .iter()
+        .map(|c| format!("r.{}", quote_ident(c)))
+        .collect();
+    let image = format!("ROW({})::text", list.join(", "));
     format!(
-        "SELECT {object} AS v FROM (SELECT {list} FROM old_rows EXCEPT ALL SELECT {list} FROM new_rows) r \
-         UNION SELECT {object} FROM (SELECT {list} FROM new_rows EXCEPT ALL SELECT {list} FROM old_rows) r"
+        "SELECT v FROM (SELECT {object} AS v, {image} FROM old_rows r EXCEPT ALL SELECT {object}, {image} FROM new_rows r) o \
+         UNION SELECT v FROM (SELECT {object} AS v, {image} FROM new_rows r EXCEPT ALL SELECT {object}, {image} FROM old_rows r) n"
     )
 }
 
