@@ -1,0 +1,264 @@
+//! The benchmark's django-redis keyspace: a deterministic function of its [`Layout`], so the bench
+//! can say which keys a change must remove without storing a million names, and fill Redis fast
+//! with pipelined `SET`s.
+//!
+//! Shares of a keyspace of N keys (close to the app's): ~60 % report details (`:1:report:{id}:
+//! {user}:{h}` and the three other kinds, 1–14 per report), ~20 % list pages
+//! (`:1:reportlist:{resource}:{user}:{h}`, 1–19 per user and resource), ~20 % keys no rule touches
+//! (sessions, template fragments, `:1:cache_stats:{user}`).
+
+use std::collections::HashSet;
+
+use redis::aio::MultiplexedConnection;
+use tokio::task::JoinSet;
+
+use crate::stats::hash;
+
+/// One of the four report tables and the keys its rows own.
+pub struct Kind {
+    pub table: &'static str,
+    /// Namespace of the detail keys: `:1:{namespace}:{id}:…`.
+    pub namespace: &'static str,
+    /// List resource: `:1:reportlist:{resource}:{user}:…`.
+    pub resource: &'static str,
+    /// Columns naming users whose lists show the row.
+    pub owners: &'static [&'static str],
+    /// A text column an UPDATE can change without touching the owners.
+    pub text: &'static str,
+}
+
+pub const KINDS: [Kind; 4] = [
+    Kind {
+        table: "reports_report",
+        namespace: "report",
+        resource: "reports",
+        owners: &["author_id"],
+        text: "title",
+    },
+    Kind {
+        table: "reports_studentreport",
+        namespace: "studentreport",
+        resource: "student-reports",
+        owners: &["student_id", "teacher_id"],
+        text: "title",
+    },
+    Kind {
+        table: "reports_tutorweeklyreport",
+        namespace: "tutorreport",
+        resource: "tutor-reports",
+        owners: &["tutor_id", "student_id"],
+        text: "notes",
+    },
+    Kind {
+        table: "reports_teacherweeklyreport",
+        namespace: "teacherreport",
+        resource: "teacher-reports",
+        owners: &["teacher_id", "student_id"],
+        text: "notes",
+    },
+];
+
+/// Cached values are pickled report fragments: their size barely matters to `SCAN`, but it keeps
+/// Redis' memory realistic.
+const VALUE: &[u8] = &[b'v'; 120];
+/// `SET`s per pipeline while filling, and pipelines in flight: enough to keep Redis busy.
+const FILL_BATCH: usize = 5_000;
+const FILL_IN_FLIGHT: usize = 4;
+
+/// How many reports and users a keyspace of about `keys` keys has.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Report ids with cached keys, per kind (`1..=reports`).
+    pub reports: u32,
+    pub users: u32,
+    /// Rows per report table in the database: at least 10,000 for the bulk-UPDATE measure.
+    pub rows: u32,
+    pub sessions: u32,
+    pub fragments: u32,
+}
+
+impl Layout {
+    pub fn for_keys(keys: u64) -> Layout {
+        let reports = (keys / 50).max(10) as u32;
+        let users = (keys / 200).max(10) as u32;
+        let unrelated = keys / 5;
+        let sessions = (unrelated * 3 / 5) as u32;
+        Layout {
+            reports,
+            users,
+            rows: reports.max(10_000),
+            sessions,
+            fragments: (unrelated as u32).saturating_sub(sessions + users),
+        }
+    }
+
+    /// The owner a fresh row has in column `column` (an index into the kind's owners). The SQL that
+    /// fills the tables computes the same: `1 + (id * OWNER_FACTOR[c] + kind) % users`.
+    pub fn initial_owner(&self, kind: usize, column: usize, id: u32) -> u32 {
+        1 + ((u64::from(id) * OWNER_FACTOR[column] + kind as u64) % u64::from(self.users)) as u32
+    }
+
+    pub fn detail_keys(&self, kind: usize, id: u32) -> Vec<String> {
+        if id > self.reports {
+            return Vec::new();
+        }
+        let k = kind as u64;
+        let count = 1 + hash(&[1, k, id.into()]) % 14;
+        (0..count)
+            .map(|j| {
+                let user = 1 + hash(&[2, k, id.into(), j]) % u64::from(self.users);
+                format!(
+                    ":1:{}:{id}:{user}:{}",
+                    KINDS[kind].namespace,
+                    hex32(&[3, k, id.into(), j])
+                )
+            })
+            .collect()
+    }
+
+    pub fn list_keys(&self, kind: usize, user: u32) -> Vec<String> {
+        let k = kind as u64;
+        let count = 1 + hash(&[4, k, user.into()]) % 19;
+        (0..count)
+            .map(|j| {
+                format!(
+                    ":1:reportlist:{}:{user}:{}",
+                    KINDS[kind].resource,
+                    hex32(&[5, k, user.into(), j])
+                )
+            })
+            .collect()
+    }
+
+    /// Every key, in a fixed order.
+    pub fn all_keys(&self) -> impl Iterator<Item = String> + '_ {
+        let details = (0..KINDS.len()).flat_map(move |kind| {
+            (1..=self.reports).flat_map(move |id| self.detail_keys(kind, id))
+        });
+        let lists = (0..KINDS.len()).flat_map(move |kind| {
+            (1..=self.users).flat_map(move |user| self.list_keys(kind, user))
+        });
+        let stats = (1..=self.users).map(|user| format!(":1:cache_stats:{user}"));
+        let sessions = (0..self.sessions)
+            .map(|i| format!(":1:django.contrib.sessions.cache{}", hex32(&[6, i.into()])));
+        let fragments = (0..self.fragments)
+            .map(|i| format!(":1:template.cache.report_sidebar.{}", hex32(&[7, i.into()])));
+        details
+            .chain(lists)
+            .chain(stats)
+            .chain(sessions)
+            .chain(fragments)
+    }
+
+    /// A key the app reads: any key of the layout (a GET of a removed key costs the same).
+    pub fn some_key(&self, pick: u64) -> String {
+        let kind = (pick % 4) as usize;
+        match (pick >> 2) % 3 {
+            0 => self
+                .detail_keys(kind, 1 + ((pick >> 8) % u64::from(self.reports)) as u32)
+                .swap_remove(0),
+            1 => self
+                .list_keys(kind, 1 + ((pick >> 8) % u64::from(self.users)) as u32)
+                .swap_remove(0),
+            _ => format!(":1:cache_stats:{}", 1 + (pick >> 8) % u64::from(self.users)),
+        }
+    }
+}
+
+/// Multipliers of the initial owner formula, per owner column, so two owners of a row differ.
+pub const OWNER_FACTOR: [u64; 2] = [7_919, 104_729];
+
+/// 32 hex digits, like the md5 of a query string django keys carry.
+fn hex32(parts: &[u64]) -> String {
+    let high = hash(parts);
+    format!("{high:016x}{:016x}", hash(&[high]))
+}
+
+/// One changed row, before and after: what a change must clear.
+#[derive(Debug, Clone)]
+pub struct RowChange {
+    pub kind: usize,
+    pub id: u32,
+    pub old_owners: Vec<u32>,
+    pub new_owners: Vec<u32>,
+}
+
+impl RowChange {
+    /// The keys this change must remove, computed from the layout (not from the rules: the bench
+    /// checks the daemon against an independent statement of DESIGN.md's default rules).
+    pub fn must_go(&self, layout: &Layout, into: &mut HashSet<String>) {
+        into.extend(layout.detail_keys(self.kind, self.id));
+        for &user in self.old_owners.iter().chain(&self.new_owners) {
+            into.extend(layout.list_keys(self.kind, user));
+        }
+    }
+
+    /// The row values the trigger records, OLD then NEW, as the outbox holds them.
+    pub fn outbox_rows(&self) -> serde_json::Value {
+        let object = |owners: &[u32]| {
+            let mut map = serde_json::Map::new();
+            map.insert("id".into(), self.id.into());
+            for (column, owner) in KINDS[self.kind].owners.iter().zip(owners) {
+                map.insert((*column).into(), (*owner).into());
+            }
+            serde_json::Value::Object(map)
+        };
+        serde_json::Value::Array(vec![object(&self.old_owners), object(&self.new_owners)])
+    }
+}
+
+/// Fills Redis with the layout's keys; returns how many it holds afterwards (`DBSIZE`).
+pub async fn fill(connection: &MultiplexedConnection, layout: &Layout) -> u64 {
+    let mut keys = layout.all_keys();
+    let mut in_flight = JoinSet::new();
+    loop {
+        let batch: Vec<String> = keys.by_ref().take(FILL_BATCH).collect();
+        if batch.is_empty() {
+            break;
+        }
+        if in_flight.len() >= FILL_IN_FLIGHT {
+            if let Some(Err(error)) = in_flight.join_next().await {
+                panic!("a fill pipeline failed: {error}");
+            }
+        }
+        let mut connection = connection.clone();
+        in_flight.spawn(async move {
+            let mut pipe = redis::pipe();
+            for key in &batch {
+                pipe.cmd("SET").arg(key).arg(VALUE).ignore();
+            }
+            let () = pipe
+                .query_async(&mut connection)
+                .await
+                .expect("filling the private redis");
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        if let Err(error) = done {
+            panic!("a fill pipeline failed: {error}");
+        }
+    }
+    dbsize(connection).await
+}
+
+pub async fn dbsize(connection: &MultiplexedConnection) -> u64 {
+    redis::cmd("DBSIZE")
+        .query_async(&mut connection.clone())
+        .await
+        .expect("DBSIZE")
+}
+
+/// How many of `keys` exist, in pipelined `EXISTS` batches.
+pub async fn count_existing(connection: &MultiplexedConnection, keys: &HashSet<String>) -> u64 {
+    let keys: Vec<&String> = keys.iter().collect();
+    let mut total = 0;
+    for chunk in keys.chunks(FILL_BATCH) {
+        let count: u64 = redis::cmd("EXISTS")
+            .arg(chunk)
+            .query_async(&mut connection.clone())
+            .await
+            .expect("EXISTS");
+        total += count;
+    }
+    total
+}

@@ -1,0 +1,433 @@
+//! `bench`: measures the daemon against the physical floor and the naive approach, on data it
+//! builds itself (issue 5). Run it from the repository root:
+//!
+//! ```text
+//! cargo run --release --bin bench -- [--quick] [--keys N]
+//! ```
+//!
+//! Per keyspace size: a private `redis-server` filled with a django-redis keyspace, a scratch
+//! Postgres database with the four report tables and the daemon's triggers, the one-pass
+//! reference, the daemon in-process against them (one change on an idle worker, a burst of 1,000
+//! committed changes), and the naive `delete_pattern` way on a sample. On the largest size also the
+//! triggers' cost on the app's writes and a sustained load from a separate process against the
+//! daemon running as its own process. Prints one table; progress goes to stderr.
+
+mod keyspace;
+mod measure;
+mod probe;
+mod scratch;
+mod stats;
+mod sustained;
+
+use std::time::{Duration, Instant};
+
+use cache_invalidator::rules::RuleSet;
+use cache_invalidator::settings::{Connections, SecretUrl, Settings};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::keyspace::Layout;
+use crate::probe::{GetProbe, Phase};
+use crate::stats::{percentile, show, thousands};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Measures cache-invalidator against one SCAN pass and the naive way"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Mode>,
+    /// 100k keys and a 10 s sustained run: under a minute
+    #[arg(long)]
+    quick: bool,
+    /// One keyspace of about N keys instead of the default sizes (100k and 1M; --quick: 100k)
+    #[arg(long)]
+    keys: Option<u64>,
+    /// Postgres server the scratch database is created on
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// Seconds of sustained load [default: 60; --quick: 10]
+    #[arg(long)]
+    sustained_seconds: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// The sustained measure's load process (started by the bench itself)
+    #[command(hide = true)]
+    Load(sustained::LoadArgs),
+}
+
+/// Changes in the burst (the issue's 1,000).
+const BURST_CHANGES: usize = 1_000;
+/// Changes the naive approach is timed on; 1,000 of them would take an hour at 1M keys.
+const NAIVE_SAMPLE: usize = 20;
+/// Repeats of the single-change measure (its median is reported).
+const IDLE_REPEATS: usize = 7;
+/// GETs sampled on the idle Redis before the sweeps.
+const IDLE_GET_PERIOD: Duration = Duration::from_secs(3);
+
+/// One line of the result table.
+struct Line {
+    measure: String,
+    keys: String,
+    value: String,
+    ratio: String,
+    target: String,
+    verdict: String,
+}
+
+fn verdict(met: bool, by: String) -> String {
+    if met {
+        "met".to_owned()
+    } else {
+        format!("MISSED ({by})")
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Some(Mode::Load(args)) = cli.command {
+        sustained::load(args).await;
+        return;
+    }
+    // The daemon's own log lines, when asked for (e.g. RUST_LOG=cache_invalidator=info).
+    if std::env::var_os("RUST_LOG").is_some() {
+        cache_invalidator::telemetry::init_logging(cache_invalidator::settings::LogFormat::Text);
+    }
+    let sizes = match (cli.keys, cli.quick) {
+        (Some(keys), _) => vec![keys],
+        (None, true) => vec![100_000],
+        (None, false) => vec![100_000, 1_000_000],
+    };
+    let sustained_seconds = cli
+        .sustained_seconds
+        .unwrap_or(if cli.quick { 10 } else { 60 });
+    let worker_binary = sustained::worker_binary();
+    // The run's duration, without the build of the daemon's binary just above.
+    let started = Instant::now();
+    let rules = RuleSet::builtin();
+    let mut lines = Vec::new();
+    for (index, &keys) in sizes.iter().enumerate() {
+        let largest = index + 1 == sizes.len();
+        let options = SizeOptions {
+            keys,
+            largest,
+            quick: cli.quick,
+            sustained_seconds,
+        };
+        lines.extend(measure_size(&cli.database_url, &rules, &worker_binary, options).await);
+    }
+    print_table(&lines);
+    println!(
+        "\nmachine: {} cores, {}, {}; run took {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        command_line("redis-server", &["--version"]),
+        postgres_version(&cli.database_url).await,
+        show(started.elapsed())
+    );
+}
+
+struct SizeOptions {
+    keys: u64,
+    largest: bool,
+    quick: bool,
+    sustained_seconds: u64,
+}
+
+async fn measure_size(
+    admin_url: &str,
+    rules: &RuleSet,
+    worker_binary: &std::path::Path,
+    options: SizeOptions,
+) -> Vec<Line> {
+    let layout = Layout::for_keys(options.keys);
+    let redis_server = scratch::PrivateRedis::start();
+    let redis = redis::Client::open(redis_server.url())
+        .expect("the private redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the private redis");
+    let fill_started = Instant::now();
+    let size = keyspace::fill(&redis, &layout).await;
+    let keys_label = thousands(size);
+    eprintln!(
+        "[{keys_label} keys] filled the private redis (pid {}) in {}",
+        redis_server.pid(),
+        show(fill_started.elapsed())
+    );
+    let db = scratch::ScratchDb::create(admin_url, &layout, rules).await;
+    let client = db.client().await;
+    let poller = db.client().await;
+    let mut lines = Vec::new();
+    let line = |measure: &str, value: String, ratio: String, target: &str, verdict: String| Line {
+        measure: measure.to_owned(),
+        keys: keys_label.clone(),
+        value,
+        ratio,
+        target: target.to_owned(),
+        verdict,
+    };
+
+    let reference = measure::reference(&redis).await;
+    let reference_s = reference.as_secs_f64();
+    eprintln!("[{keys_label} keys] reference pass {}", show(reference));
+    lines.push(line(
+        "reference: one `SCAN MATCH :1:report:12345:* COUNT 1000` pass (median of 3)",
+        show(reference),
+        "1.00×".into(),
+        "",
+        String::new(),
+    ));
+
+    let triggers = if options.largest {
+        let (rounds, per_round, bulk) = if options.quick {
+            (4, 250, 3)
+        } else {
+            (10, 500, 5)
+        };
+        let cost = measure::trigger_cost(&client, layout.rows, rounds, per_round, bulk).await;
+        eprintln!(
+            "[{keys_label} keys] triggers: single {} vs {}, bulk {} vs {}",
+            show(cost.single_with),
+            show(cost.single_without),
+            show(cost.bulk_with),
+            show(cost.bulk_without)
+        );
+        Some(cost)
+    } else {
+        None
+    };
+
+    let mut settings = Settings::new(Connections {
+        database_url: SecretUrl::new(db.url.clone()),
+        redis_url: SecretUrl::new(redis_server.url()),
+        redis_ca_file: None,
+    });
+    // The issue measures the first pass alone: the refill guard's second pass is off here.
+    settings.refill_guard = Duration::ZERO;
+    let token = CancellationToken::new();
+    let daemon = tokio::spawn(cache_invalidator::run(settings, token.clone()));
+    let mut rows = measure::Rows::new(layout, options.keys);
+
+    let probe = GetProbe::start(&redis_server.url(), layout);
+    probe.set(Phase::Idle);
+    tokio::time::sleep(IDLE_GET_PERIOD).await;
+    probe.set(Phase::Off);
+
+    let (idle_latency, idle_keys) = measure::idle_change(
+        &client,
+        &poller,
+        &redis,
+        &mut rows,
+        &layout,
+        IDLE_REPEATS,
+        Some(&probe),
+    )
+    .await;
+    eprintln!("[{keys_label} keys] idle change {}", show(idle_latency));
+    probe.set(Phase::Sweep);
+    let burst = measure::burst(&db.url, &poller, &redis, &mut rows, &layout, BURST_CHANGES).await;
+    probe.set(Phase::Off);
+    eprintln!(
+        "[{keys_label} keys] burst {} after the last commit ({} committing)",
+        show(burst.latency),
+        show(burst.committing)
+    );
+    let (naive_per_change, naive_patterns) =
+        measure::naive(&redis, rules, &mut rows, NAIVE_SAMPLE).await;
+    token.cancel();
+    match daemon.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => panic!("the worker failed: {error}"),
+        Err(error) => panic!("the worker panicked: {error}"),
+    }
+    let (idle_gets, sweep_gets) = probe.finish();
+
+    let idle_ratio = idle_latency.as_secs_f64() / reference_s;
+    lines.push(line(
+        &format!("idle single change: commit → keys gone (median of {IDLE_REPEATS})"),
+        format!("{} ({} keys)", show(idle_latency), thousands(idle_keys)),
+        format!("{idle_ratio:.2}×"),
+        "≤ 1.2×",
+        verdict(
+            idle_ratio <= 1.2,
+            format!("{:+.0} %", (idle_ratio / 1.2 - 1.0) * 100.0),
+        ),
+    ));
+    let burst_ratio = burst.latency.as_secs_f64() / reference_s;
+    lines.push(line(
+        &format!(
+            "burst: {BURST_CHANGES} committed changes (10 % owner changes), last commit → keys gone"
+        ),
+        format!(
+            "{} ({} keys; committing took {})",
+            show(burst.latency),
+            thousands(burst.keys_removed),
+            show(burst.committing)
+        ),
+        format!("{burst_ratio:.2}×"),
+        "≤ 2.0×",
+        verdict(
+            burst_ratio <= 2.0,
+            format!("{:+.0} %", (burst_ratio / 2.0 - 1.0) * 100.0),
+        ),
+    ));
+    let naive_total = naive_per_change * BURST_CHANGES as u32;
+    lines.push(line(
+        &format!(
+            "naive (`delete_pattern`: SCAN MATCH + DEL per pattern per change): {BURST_CHANGES} changes, \
+             extrapolated from {NAIVE_SAMPLE}"
+        ),
+        format!(
+            "{} ({} per change, {naive_patterns:.1} patterns each)",
+            show(naive_total),
+            show(naive_per_change)
+        ),
+        format!("{:.0}×", naive_total.as_secs_f64() / reference_s),
+        "printed beside ours",
+        format!(
+            "ours is {:.0}× faster",
+            naive_total.as_secs_f64() / burst.latency.as_secs_f64().max(1e-6)
+        ),
+    ));
+    let idle_p99 = percentile(&idle_gets, 99.0);
+    let sweep_p99 = percentile(&sweep_gets, 99.0);
+    let get_ratio = sweep_p99 / idle_p99.max(1e-9);
+    lines.push(line(
+        "app `GET` p99 on the swept Redis: idle vs during the single-change sweeps",
+        format!(
+            "{idle_p99:.0} µs vs {sweep_p99:.0} µs ({} / {} GETs)",
+            idle_gets.len(),
+            sweep_gets.len()
+        ),
+        format!("{get_ratio:.2}×"),
+        "≤ 2×",
+        verdict(
+            get_ratio <= 2.0,
+            format!("{:+.0} %", (get_ratio / 2.0 - 1.0) * 100.0),
+        ),
+    ));
+
+    if let Some(cost) = triggers {
+        let single = cost.single_with.as_secs_f64() / cost.single_without.as_secs_f64();
+        lines.push(line(
+            "trigger overhead: single-row UPDATE, autocommit (with vs without triggers)",
+            format!(
+                "{} vs {} per statement ({} each)",
+                show(cost.single_with),
+                show(cost.single_without),
+                thousands(cost.single_statements as u64)
+            ),
+            format!("{single:.2}×"),
+            "≤ 1.25×",
+            verdict(
+                single <= 1.25,
+                format!("{:+.0} %", (single / 1.25 - 1.0) * 100.0),
+            ),
+        ));
+        let bulk = cost.bulk_with.as_secs_f64() / cost.bulk_without.as_secs_f64();
+        lines.push(line(
+            "trigger overhead: one 10,000-row UPDATE (with vs without)",
+            format!(
+                "{} vs {} (median of {})",
+                show(cost.bulk_with),
+                show(cost.bulk_without),
+                cost.bulk_repeats
+            ),
+            format!("{bulk:.2}×"),
+            "≤ 1.5×",
+            verdict(bulk <= 1.5, format!("{:+.0} %", (bulk / 1.5 - 1.0) * 100.0)),
+        ));
+        let log = std::env::temp_dir().join(format!(
+            "cache-invalidator-bench-{}.log",
+            std::process::id()
+        ));
+        eprintln!(
+            "[{keys_label} keys] sustained load for {} s (worker log: {})",
+            options.sustained_seconds,
+            log.display()
+        );
+        let run = sustained::run(
+            worker_binary,
+            &db.url,
+            &redis_server.url(),
+            &poller,
+            &layout,
+            options.sustained_seconds,
+            &log,
+        )
+        .await;
+        lines.push(line(
+            &format!(
+                "sustained: {:.0} row changes/s for {:.0} s from a load process ({} rows per UPDATE), \
+                 daemon as its own process (refill guard 2 s): backlog age",
+                run.rows_per_second, run.seconds, run.rows_per_statement
+            ),
+            format!(
+                "p99 {:.2} s, max {:.2} s; drained {} after the load",
+                run.age_p99,
+                run.age_max,
+                show(run.drain_after_load)
+            ),
+            String::new(),
+            "p99 < 2 s at ≥ 5,000/s",
+            verdict(
+                run.age_p99 < 2.0 && run.rows_per_second >= 5_000.0,
+                format!("p99 {:.2} s, {:.0} rows/s", run.age_p99, run.rows_per_second),
+            ),
+        ));
+        let rss_mb = run.rss_max_kb as f64 / 1024.0;
+        let hwm_mb = run.hwm_kb as f64 / 1024.0;
+        lines.push(line(
+            "worker resident memory during the sustained run",
+            format!("VmRSS max {rss_mb:.1} MB, VmHWM {hwm_mb:.1} MB"),
+            String::new(),
+            "≤ 30 MB",
+            verdict(hwm_mb <= 30.0, format!("{:+.1} MB", hwm_mb - 30.0)),
+        ));
+    }
+    drop(client);
+    drop(poller);
+    db.drop().await;
+    drop(redis_server);
+    lines
+}
+
+fn print_table(lines: &[Line]) {
+    println!("| measure | keys | time / value | × reference | target | result |");
+    println!("|---|---:|---|---:|---|---|");
+    for line in lines {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            line.measure, line.keys, line.value, line.ratio, line.target, line.verdict
+        );
+    }
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|output| {
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| format!("{program}: unknown version"))
+}
+
+async fn postgres_version(url: &str) -> String {
+    let client = scratch::connect(url).await;
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or_default();
+    format!("PostgreSQL {version}")
+}

@@ -1,0 +1,412 @@
+//! The measures of one keyspace: the one-pass reference, a burst of committed changes, one change
+//! on an idle worker, the naive `delete_pattern` way, and the triggers' cost on the app's writes.
+//!
+//! "Keys gone" is observed through the outbox: the worker deletes an outbox row only after Redis
+//! confirmed the `UNLINK`s of its keys, and the deletion becomes visible when its epoch commits, so
+//! the first poll that finds the outbox empty comes (one ack and one poll interval) *after* the
+//! keys were gone — never before. Each measure then checks the keys itself: every key the change
+//! must remove (computed from the layout, independently of the rules code) is gone, and `DBSIZE`
+//! dropped by exactly that many, so nothing else was removed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use cache_invalidator::rules::{Change, RuleSet};
+use redis::aio::MultiplexedConnection;
+use tokio_postgres::Client;
+
+use crate::keyspace::{count_existing, dbsize, Layout, RowChange, KINDS};
+use crate::probe::{GetProbe, Phase};
+use crate::stats::{median, Rng};
+
+/// How often the bench looks at the outbox while waiting: the resolution of the latency measures.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// A drain slower than this means the worker is stuck: the bench stops instead of waiting forever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections committing the burst: enough that commits are not serialised on one round trip.
+const BURST_CONNECTIONS: usize = 4;
+/// `SCAN COUNT` of the reference pass and of the naive approach, as the issue defines them.
+const REFERENCE_COUNT: usize = 1000;
+
+/// One `SCAN MATCH pattern COUNT 1000` pass over the whole keyspace; returns the keys it matched.
+pub async fn scan_pass(connection: &MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut connection = connection.clone();
+    let mut cursor: u64 = 0;
+    let mut found = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(REFERENCE_COUNT)
+            .query_async(&mut connection)
+            .await
+            .expect("SCAN on the private redis");
+        found.extend(keys);
+        cursor = next;
+        if cursor == 0 {
+            return found;
+        }
+    }
+}
+
+/// The reference: one `SCAN 0 MATCH :1:report:12345:* COUNT 1000` pass, median of 3.
+pub async fn reference(connection: &MultiplexedConnection) -> Duration {
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        scan_pass(connection, ":1:report:12345:*").await;
+        times.push(started.elapsed());
+    }
+    median(&times)
+}
+
+/// The report rows as the bench changed them: current owners, and which rows were touched (a
+/// touched row's keys are gone, so later measures pick fresh ones).
+pub struct Rows {
+    layout: Layout,
+    owners: HashMap<(usize, u32), Vec<u32>>,
+    touched: HashSet<(usize, u32)>,
+    rng: Rng,
+    statements: u64,
+}
+
+/// A planned change: the row change and the statement that makes it.
+pub struct Planned {
+    pub change: RowChange,
+    pub sql: String,
+}
+
+impl Rows {
+    pub fn new(layout: Layout, seed: u64) -> Rows {
+        Rows {
+            layout,
+            owners: HashMap::new(),
+            touched: HashSet::new(),
+            rng: Rng::new(seed),
+            statements: 0,
+        }
+    }
+
+    fn owners_of(&self, kind: usize, id: u32) -> Vec<u32> {
+        self.owners.get(&(kind, id)).cloned().unwrap_or_else(|| {
+            (0..KINDS[kind].owners.len())
+                .map(|column| self.layout.initial_owner(kind, column, id))
+                .collect()
+        })
+    }
+
+    /// An UPDATE of a random row that has cached keys and was not changed yet; with probability
+    /// `owner_change_percent` it also moves the row to another user.
+    pub fn plan(&mut self, owner_change_percent: u64) -> Planned {
+        let (kind, id) = loop {
+            let kind = (self.rng.next_u64() % KINDS.len() as u64) as usize;
+            let id = self.rng.one_to(self.layout.reports);
+            if self.touched.insert((kind, id)) {
+                break (kind, id);
+            }
+        };
+        let old_owners = self.owners_of(kind, id);
+        let mut new_owners = old_owners.clone();
+        self.statements += 1;
+        let table = &KINDS[kind];
+        let mut sql = format!(
+            "UPDATE {} SET {} = 'bench {}'",
+            table.table, table.text, self.statements
+        );
+        if self.rng.percent(owner_change_percent) {
+            let column = (self.rng.next_u64() % table.owners.len() as u64) as usize;
+            let user = self.rng.one_to(self.layout.users);
+            new_owners[column] = user;
+            sql.push_str(&format!(", {} = {user}", table.owners[column]));
+        }
+        sql.push_str(&format!(" WHERE id = {id}"));
+        self.owners.insert((kind, id), new_owners.clone());
+        Planned {
+            change: RowChange {
+                kind,
+                id,
+                old_owners,
+                new_owners,
+            },
+            sql,
+        }
+    }
+}
+
+/// Waits until the outbox is empty; returns when that was first seen.
+pub async fn wait_drained(client: &Client) -> Instant {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let pending: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM cache_invalidator.outbox)",
+                &[],
+            )
+            .await
+            .expect("poll the outbox")
+            .get(0);
+        if !pending {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not drain the outbox within {DRAIN_TIMEOUT:?}"
+        );
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// What a measured set of changes removed, checked.
+pub struct Outcome {
+    /// Last commit → outbox empty.
+    pub latency: Duration,
+    /// First commit → last commit.
+    pub committing: Duration,
+    pub keys_removed: u64,
+}
+
+/// Commits `changes` (spread over connections, each an autocommit UPDATE) while the worker runs,
+/// measures last commit → outbox empty, and checks the keys: all must-go keys gone, nothing else.
+pub async fn committed_changes(
+    clients: &[Client],
+    poller: &Client,
+    redis: &MultiplexedConnection,
+    layout: &Layout,
+    changes: Vec<Planned>,
+) -> Outcome {
+    let mut must_go = HashSet::new();
+    for planned in &changes {
+        planned.change.must_go(layout, &mut must_go);
+    }
+    let existing = count_existing(redis, &must_go).await;
+    let size_before = dbsize(redis).await;
+
+    let mut shares: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    for (index, planned) in changes.into_iter().enumerate() {
+        shares[index % clients.len()].push(planned.sql);
+    }
+    let started = Instant::now();
+    let commits = shares
+        .iter()
+        .zip(clients)
+        .map(|(share, client)| async move {
+            for sql in share {
+                client.batch_execute(sql).await.expect("commit a change");
+            }
+            Instant::now()
+        });
+    let last_commit = futures::future::join_all(commits)
+        .await
+        .into_iter()
+        .max()
+        .unwrap_or(started);
+    let drained = wait_drained(poller).await;
+
+    let survivors = count_existing(redis, &must_go).await;
+    let size_after = dbsize(redis).await;
+    assert_eq!(
+        survivors, 0,
+        "{survivors} keys that had to go are still there"
+    );
+    assert_eq!(
+        size_before - size_after,
+        existing,
+        "the worker removed keys no change asked for"
+    );
+    Outcome {
+        latency: drained.saturating_duration_since(last_commit),
+        committing: last_commit - started,
+        keys_removed: existing,
+    }
+}
+
+/// A burst of `count` changes, 10 % of them owner changes, committed from several connections.
+pub async fn burst(
+    db_url: &str,
+    poller: &Client,
+    redis: &MultiplexedConnection,
+    rows: &mut Rows,
+    layout: &Layout,
+    count: usize,
+) -> Outcome {
+    let mut clients = Vec::new();
+    for _ in 0..BURST_CONNECTIONS {
+        clients.push(crate::scratch::connect(db_url).await);
+    }
+    let changes = (0..count).map(|_| rows.plan(10)).collect();
+    committed_changes(&clients, poller, redis, layout, changes).await
+}
+
+/// One change on an idle worker, `repeats` times; the median latency.
+pub async fn idle_change(
+    client: &Client,
+    poller: &Client,
+    redis: &MultiplexedConnection,
+    rows: &mut Rows,
+    layout: &Layout,
+    repeats: usize,
+    probe: Option<&GetProbe>,
+) -> (Duration, u64) {
+    let mut times = Vec::new();
+    let mut keys = 0;
+    for _ in 0..repeats {
+        wait_drained(poller).await;
+        // Let the previous epoch commit and the worker settle into its idle wait.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(probe) = probe {
+            probe.set(Phase::Sweep);
+        }
+        let outcome = committed_changes(
+            std::slice::from_ref(client),
+            poller,
+            redis,
+            layout,
+            vec![rows.plan(0)],
+        )
+        .await;
+        if let Some(probe) = probe {
+            probe.set(Phase::Off);
+        }
+        times.push(outcome.latency);
+        keys += outcome.keys_removed;
+    }
+    (median(&times), keys)
+}
+
+/// The django-redis way (`cache.delete_pattern` in a post_save signal): for each change, for each
+/// pattern, one full `SCAN MATCH pattern COUNT 1000` and a pipeline deleting what it found.
+/// Returns the mean time per change over `sample` changes.
+pub async fn naive(
+    redis: &MultiplexedConnection,
+    rules: &RuleSet,
+    rows: &mut Rows,
+    sample: usize,
+) -> (Duration, f64) {
+    let started = Instant::now();
+    let mut patterns_total = 0;
+    for _ in 0..sample {
+        let planned = rows.plan(10);
+        let values = planned.change.outbox_rows();
+        let expansion = rules
+            .expand(&Change {
+                table: KINDS[planned.change.kind].table,
+                operation: "UPDATE",
+                rows: Some(&values),
+            })
+            .expect("the built-in rules expand a report row");
+        patterns_total += expansion.patterns.len();
+        for pattern in &expansion.patterns {
+            let keys = scan_pass(redis, pattern).await;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("DEL").arg(key).ignore();
+                }
+                let () = pipe
+                    .query_async(&mut redis.clone())
+                    .await
+                    .expect("DEL on the private redis");
+            }
+        }
+    }
+    (
+        started.elapsed() / sample.max(1) as u32,
+        patterns_total as f64 / sample.max(1) as f64,
+    )
+}
+
+/// The triggers' cost on the app's writes, measured with the worker stopped (its sweeps would
+/// compete for the same CPUs and blur what the trigger itself costs).
+pub struct TriggerCost {
+    pub single_with: Duration,
+    pub single_without: Duration,
+    pub single_statements: usize,
+    pub bulk_with: Duration,
+    pub bulk_without: Duration,
+    pub bulk_repeats: usize,
+}
+
+/// Rows the bulk statement changes (the issue's 10,000-row UPDATE).
+const BULK_ROWS: u32 = 10_000;
+
+pub async fn trigger_cost(
+    client: &Client,
+    rows: u32,
+    rounds: usize,
+    per_round: usize,
+    bulk_repeats: usize,
+) -> TriggerCost {
+    let toggle = |on: bool| {
+        format!(
+            "ALTER TABLE reports_report {} TRIGGER USER",
+            if on { "ENABLE" } else { "DISABLE" }
+        )
+    };
+    let update = client
+        .prepare("UPDATE reports_report SET title = $1 WHERE id = $2")
+        .await
+        .expect("prepare the single-row UPDATE");
+    let mut rng = Rng::new(11);
+    let mut totals = [Duration::ZERO; 2];
+    // Alternating rounds spread the machine's noise evenly over both sides.
+    for round in 0..rounds {
+        for (side, on) in [(0, true), (1, false)] {
+            client
+                .batch_execute(&toggle(on))
+                .await
+                .expect("toggle triggers");
+            let started = Instant::now();
+            for i in 0..per_round {
+                let title = format!("single {round} {i}");
+                let id = rng.one_to(rows) as i32;
+                client
+                    .execute(&update, &[&title, &id])
+                    .await
+                    .expect("single-row UPDATE");
+            }
+            totals[side] += started.elapsed();
+        }
+    }
+    let mut bulk: [Vec<Duration>; 2] = Default::default();
+    for repeat in 0..bulk_repeats {
+        for (side, on) in [(0, true), (1, false)] {
+            client
+                .batch_execute(&toggle(on))
+                .await
+                .expect("toggle triggers");
+            // Same starting state for both sides: no dead tuples left by the previous statement.
+            client
+                .batch_execute("VACUUM reports_report")
+                .await
+                .expect("vacuum before the bulk UPDATE");
+            let started = Instant::now();
+            client
+                .batch_execute(&format!(
+                    "UPDATE reports_report SET title = 'bulk {repeat}' WHERE id <= {BULK_ROWS}"
+                ))
+                .await
+                .expect("bulk UPDATE");
+            bulk[side].push(started.elapsed());
+        }
+    }
+    client
+        .batch_execute(&toggle(true))
+        .await
+        .expect("re-enable triggers");
+    // The measure's changes are not the worker's business: it starts with an empty outbox.
+    client
+        .batch_execute("TRUNCATE cache_invalidator.outbox")
+        .await
+        .expect("empty the outbox");
+    let statements = (rounds * per_round).max(1) as u32;
+    TriggerCost {
+        single_with: totals[0] / statements,
+        single_without: totals[1] / statements,
+        single_statements: rounds * per_round,
+        bulk_with: median(&bulk[0]),
+        bulk_without: median(&bulk[1]),
+        bulk_repeats,
+    }
+}

@@ -1,0 +1,245 @@
+//! Sustained load: a separate load process (this binary in `load` mode) commits row changes at a
+//! fixed rate while the real daemon runs as its own process (`cache-invalidator run`); the bench
+//! samples the outbox's oldest pending change every 100 ms and the daemon's resident memory from
+//! `/proc/<pid>/status`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::keyspace::{Layout, KINDS};
+use crate::measure::wait_drained;
+use crate::stats::{percentile, Rng};
+
+/// How often the backlog age and the daemon's memory are sampled (the issue's 100 ms).
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// What the load process does: `rows_per_second` row changes, as UPDATE statements of
+/// `rows_per_statement` random rows each, from `connections` connections, for `seconds`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    #[arg(long)]
+    pub database_url: String,
+    #[arg(long, default_value_t = 5_000)]
+    pub rows_per_second: u32,
+    #[arg(long, default_value_t = 10)]
+    pub rows_per_statement: u32,
+    #[arg(long, default_value_t = 4)]
+    pub connections: u32,
+    #[arg(long)]
+    pub seconds: u64,
+    /// Report ids with cached keys (the load changes those rows).
+    #[arg(long)]
+    pub reports: u32,
+    #[arg(long)]
+    pub users: u32,
+}
+
+/// The load process: paced UPDATEs, each its own transaction; one owner change in every tenth
+/// statement. Prints `rows <n> seconds <s>` when done.
+pub async fn load(args: LoadArgs) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let statements_per_second =
+        f64::from(args.rows_per_second) / f64::from(args.rows_per_statement.max(1));
+    let period =
+        Duration::from_secs_f64(f64::from(args.connections.max(1)) / statements_per_second);
+    let mut tasks = Vec::new();
+    for connection in 0..args.connections {
+        let args = args.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = crate::scratch::connect(&args.database_url).await;
+            let mut rng = Rng::new(1_000 + u64::from(connection));
+            let mut ticks = tokio::time::interval(period);
+            // Behind schedule (Postgres slower than the rate): catch up, so the achieved rate
+            // says what the machine could do.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut rows = 0u64;
+            let mut statement = 0u64;
+            while Instant::now() < deadline {
+                ticks.tick().await;
+                statement += 1;
+                let kind = &KINDS[(rng.next_u64() % KINDS.len() as u64) as usize];
+                let ids: Vec<String> = (0..args.rows_per_statement)
+                    .map(|_| rng.one_to(args.reports).to_string())
+                    .collect();
+                let mut sql = format!(
+                    "UPDATE {} SET {} = 'load {connection} {statement}'",
+                    kind.table, kind.text
+                );
+                if statement.is_multiple_of(10) {
+                    sql.push_str(&format!(
+                        ", {owner} = CASE WHEN id = {} THEN {} ELSE {owner} END",
+                        ids[0],
+                        rng.one_to(args.users),
+                        owner = kind.owners[0]
+                    ));
+                }
+                sql.push_str(&format!(" WHERE id IN ({})", ids.join(",")));
+                let changed = client.execute(&sql, &[]).await.expect("load UPDATE");
+                rows += changed;
+            }
+            rows
+        }));
+    }
+    let mut rows = 0;
+    for task in tasks {
+        rows += task.await.expect("a load task");
+    }
+    println!("rows {rows} seconds {:.3}", started.elapsed().as_secs_f64());
+}
+
+pub struct Sustained {
+    pub seconds: f64,
+    pub rows_per_second: f64,
+    pub rows_per_statement: u32,
+    pub age_p99: f64,
+    pub age_max: f64,
+    pub drain_after_load: Duration,
+    pub rss_max_kb: u64,
+    pub hwm_kb: u64,
+}
+
+/// The daemon's binary: next to this one in the target directory, built first when the bench runs
+/// under `cargo run` (so it is the code of this tree, not a stale build).
+pub fn worker_binary() -> PathBuf {
+    let here = std::env::current_exe().expect("the bench's own path");
+    let dir = here.parent().expect("the bench's directory").to_path_buf();
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let profile_release = dir.file_name().is_some_and(|name| name == "release");
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bin", "cache-invalidator"]);
+        if profile_release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building cache-invalidator failed");
+    }
+    let binary = dir.join("cache-invalidator");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build --release` first",
+        binary.display()
+    );
+    binary
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+pub async fn run(
+    worker: &Path,
+    db_url: &str,
+    redis_url: &str,
+    poller: &Client,
+    layout: &Layout,
+    seconds: u64,
+    log: &Path,
+) -> Sustained {
+    let log_file = std::fs::File::create(log).expect("the worker's log file");
+    let mut daemon = Command::new(worker)
+        .arg("run")
+        .env("DATABASE_URL", db_url)
+        .env("REDIS_URL", redis_url)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start cache-invalidator run");
+    let pid = daemon.id();
+    // Started once its LISTEN connection is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listening: bool = poller
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = $1)",
+                &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME],
+            )
+            .await
+            .expect("look for the worker")
+            .get(0);
+        if listening {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not start: see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let rows_per_statement = 10;
+    // Aimed a little above the issue's 5,000/s: pacing loses a few ticks, and the table reports
+    // the rate achieved.
+    let rows_per_second = 5_500;
+    let load = tokio::process::Command::new(std::env::current_exe().expect("the bench's path"))
+        .args(["load", "--database-url", db_url])
+        .args(["--seconds", &seconds.to_string()])
+        .args(["--rows-per-second", &rows_per_second.to_string()])
+        .args(["--rows-per-statement", &rows_per_statement.to_string()])
+        .args(["--reports", &layout.reports.to_string()])
+        .args(["--users", &layout.users.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the load process");
+    let output = tokio::spawn(load.wait_with_output());
+
+    let mut ages = Vec::new();
+    let mut rss_max_kb = 0;
+    let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+    while !output.is_finished() {
+        ticks.tick().await;
+        let age: f64 = poller
+            .query_one(
+                "SELECT coalesce(extract(epoch FROM clock_timestamp() - min(created_at))::float8, 0) \
+                 FROM cache_invalidator.outbox",
+                &[],
+            )
+            .await
+            .expect("sample the backlog")
+            .get(0);
+        ages.push(age);
+        rss_max_kb = rss_max_kb.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
+    }
+    let load_done = Instant::now();
+    let output = output
+        .await
+        .expect("the load process' task")
+        .expect("the load process");
+    assert!(output.status.success(), "the load process failed");
+    let report = String::from_utf8_lossy(&output.stdout);
+    let mut words = report.split_whitespace();
+    let (rows, elapsed) = match (words.nth(1), words.nth(1)) {
+        (Some(rows), Some(seconds)) => (
+            rows.parse::<f64>().expect("the load's row count"),
+            seconds.parse::<f64>().expect("the load's duration"),
+        ),
+        _ => panic!("unexpected load report {report:?}"),
+    };
+    let drained = wait_drained(poller).await;
+    let hwm_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
+    // SIGTERM, as systemd would stop it; it exits 0 after the batch in flight.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = daemon.wait();
+    Sustained {
+        seconds: elapsed,
+        rows_per_second: rows / elapsed.max(0.001),
+        rows_per_statement,
+        age_p99: percentile(&ages, 99.0),
+        age_max: percentile(&ages, 100.0),
+        drain_after_load: drained.saturating_duration_since(load_done),
+        rss_max_kb,
+        hwm_kb,
+    }
+}
