@@ -12,10 +12,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use crate::postgres::{ConnectError, PgTarget};
+use crate::postgres::{describe, ConnectError, Driver, PgTarget};
 use crate::schema::SCHEMA;
 
 /// Transactions that may hold claims at once. Each is one connection; with epochs open for
@@ -30,8 +29,12 @@ pub const CLAIM_LIMIT: i64 = 200;
 pub enum OutboxError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// The connection carrying an epoch closed: the server rolled its transaction back, so the
+    /// epoch's rows are pending again and will be claimed (and swept) anew.
+    #[error("the connection holding claim epoch {epoch} closed; its rows went back to the outbox")]
+    ClaimLost { epoch: u64 },
 }
 
 impl OutboxError {
@@ -75,7 +78,7 @@ struct Epoch {
 
 #[derive(Default)]
 struct Slot {
-    connection: Option<(Client, JoinHandle<()>)>,
+    connection: Option<(Client, Driver)>,
     epoch: Option<Epoch>,
 }
 
@@ -117,6 +120,11 @@ impl Outbox {
             .count()
     }
 
+    /// True while `epoch` holds claims (its transaction has not committed or failed).
+    pub fn holds(&self, epoch: u64) -> bool {
+        self.slot_of(epoch).is_some()
+    }
+
     fn open_slot(&self) -> Option<usize> {
         self.slots.iter().position(|slot| {
             slot.epoch
@@ -140,6 +148,12 @@ impl Outbox {
             .as_ref()
             .is_some_and(|(client, _)| !client.is_closed());
         if !alive {
+            // A transaction dies with its connection. Reconnecting under the epoch would run its
+            // later claims and deletes outside any transaction, holding no locks.
+            if let Some(epoch) = slot.epoch.take() {
+                slot.connection = None;
+                return Err(OutboxError::ClaimLost { epoch: epoch.id });
+            }
             slot.connection = Some(self.target.connect(None).await?);
         }
         match &self.slots[index].connection {
@@ -267,6 +281,12 @@ impl Outbox {
         .await;
         let ages = match result {
             Ok(ages) => ages,
+            Err(OutboxError::ClaimLost { .. }) => {
+                return Ok(Acked {
+                    ages: Vec::new(),
+                    lost_claim: true,
+                })
+            }
             Err(error) => {
                 self.fail_slot(index);
                 return Err(error);

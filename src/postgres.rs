@@ -35,11 +35,21 @@ pub enum ConnectError {
     InvalidUrl { url: String, message: String },
     #[error("cannot read sslrootcert {path}: {message}")]
     RootCert { path: String, message: String },
-    #[error("cannot connect to Postgres at {url}: {source}")]
+    #[error("cannot connect to Postgres at {url}: {}", describe(.source))]
     Connect {
         url: String,
         source: tokio_postgres::Error,
     },
+}
+
+/// An error with its reason. tokio-postgres' `Display` names only the kind ("db error", "error
+/// connecting to server"); the server's message or the OS error is its source, and a log line
+/// without it cannot say why a connection went away. Neither ever holds the password.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
+    }
 }
 
 /// TLS requirements taken from the URL.
@@ -214,11 +224,11 @@ impl PgTarget {
     }
 
     /// Connects, spawning the driver task. Notifications wake `on_notification` when given; the
-    /// returned handle ends when the connection closes.
+    /// returned handle ends when the connection closes, with the error that closed it.
     pub async fn connect(
         &self,
         on_notification: Option<Arc<Notify>>,
-    ) -> Result<(Client, JoinHandle<()>), ConnectError> {
+    ) -> Result<(Client, Driver), ConnectError> {
         let connect_error = |source| ConnectError::Connect {
             url: self.redacted.clone(),
             source,
@@ -233,12 +243,17 @@ impl PgTarget {
     }
 }
 
+/// The task polling one connection. It ends when the connection closes: `Err` with the reason when
+/// the server or the network closed it (a terminated backend, a restart), `Ok` when the client was
+/// dropped.
+pub type Driver = JoinHandle<Result<(), tokio_postgres::Error>>;
+
 /// Polls the connection. A connection simply spawned with `tokio::spawn(conn)` drops
 /// notifications; this forwards them as a wake-up (the payload is constant, only the event counts).
 fn drive<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
     on_notification: Option<Arc<Notify>>,
-) -> JoinHandle<()>
+) -> Driver
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
@@ -258,10 +273,11 @@ where
                 Ok(_) => {}
                 Err(error) => {
                     tracing::debug!(%error, "postgres connection closed");
-                    break;
+                    return Err(error);
                 }
             }
         }
+        Ok(())
     })
 }
 

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::FutureExt;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::keyspace::{KeyspaceError, RedisTarget};
 use crate::outbox::{self, Claim, Outbox, OutboxError, CLAIM_LIMIT};
-use crate::postgres::{ConnectError, PgTarget};
+use crate::postgres::{describe, ConnectError, PgTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::CHANNEL;
 use crate::settings::Settings;
@@ -36,6 +36,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
 /// How often the listener refreshes the backlog gauges that `/healthz` and metrics show.
 const BACKLOG_REFRESH: Duration = Duration::from_secs(2);
+/// At stop, giving the claimed rows back (a `ROLLBACK` per epoch) may wait this long; a server that
+/// does not answer rolls them back anyway when the connection closes as the process exits.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reconnect delays: exponential with jitter, capped, never giving up while the daemon runs.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -50,7 +53,7 @@ pub enum RunError {
     Outbox(#[from] OutboxError),
 }
 
-fn reconnect_delays() -> impl Iterator<Item = Duration> {
+fn reconnect_delays() -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(RECONNECT_MIN)
         .with_max_delay(RECONNECT_MAX)
@@ -110,6 +113,8 @@ pub async fn run_with_rules(
         health,
         wake,
         systemd: Systemd::from_env(),
+        sweep_failures: reconnect_delays(),
+        redis_retry_at: None,
     };
     let result = worker.run(shutdown).await;
     listener_stop.cancel();
@@ -153,9 +158,13 @@ async fn listen(pg: PgTarget, wake: Arc<Notify>, health: Arc<Health>, stop: Canc
         health.set_postgres(true);
         wake.notify_one();
         let mut refresh = tokio::time::interval(BACKLOG_REFRESH);
-        loop {
+        let reason = loop {
             tokio::select! {
-                _ = &mut driver => break,
+                closed = &mut driver => break match closed {
+                    Ok(Err(error)) => describe(&error),
+                    Ok(Ok(())) => "closed".to_owned(),
+                    Err(error) => error.to_string(),
+                },
                 _ = stop.cancelled() => return,
                 _ = refresh.tick() => match outbox::backlog(&client).await {
                     Ok(backlog) => {
@@ -165,16 +174,16 @@ async fn listen(pg: PgTarget, wake: Arc<Notify>, health: Arc<Health>, stop: Canc
                         metrics::gauge!(names::DEAD_LETTERS).set(backlog.dead_letters as f64);
                     }
                     Err(error) => {
-                        warn!(%error, "backlog query failed");
+                        warn!(error = %describe(&error), "backlog query failed");
                         if client.is_closed() {
-                            break;
+                            break describe(&error);
                         }
                     }
                 },
             }
-        }
+        };
         health.set_postgres(false);
-        warn!("postgres LISTEN connection lost; reconnecting");
+        warn!(%reason, "postgres LISTEN connection lost; reconnecting");
     }
 }
 
@@ -215,6 +224,12 @@ struct Worker {
     health: Arc<Health>,
     wake: Arc<Notify>,
     systemd: Systemd,
+    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
+    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
+    /// in a tight loop.
+    sweep_failures: ExponentialBackoff,
+    /// When the next connection attempt after a failed sweep may start.
+    redis_retry_at: Option<Instant>,
 }
 
 impl Worker {
@@ -224,6 +239,7 @@ impl Worker {
         let mut claim_retry_at: Option<Instant> = None;
         let mut last_poll = Instant::now();
         let mut stop_deadline: Option<Instant> = None;
+        let mut step_abandoned = false;
         loop {
             self.systemd.tick(self.health.is_healthy());
             if shutdown.is_cancelled() && stop_deadline.is_none() {
@@ -235,6 +251,9 @@ impl Worker {
                     "stopping: finishing the batch in flight"
                 );
             }
+            if step_abandoned {
+                stop_deadline = Some(Instant::now());
+            }
             if let Some(deadline) = stop_deadline {
                 let in_flight = self.jobs.values().any(|job| job.epoch.is_some());
                 if !in_flight || Instant::now() >= deadline {
@@ -243,7 +262,12 @@ impl Worker {
                             "stop deadline reached: giving unfinished changes back to the outbox"
                         );
                     }
-                    self.outbox.release_all().await;
+                    if tokio::time::timeout(RELEASE_TIMEOUT, self.outbox.release_all())
+                        .await
+                        .is_err()
+                    {
+                        warn!("postgres did not answer the rollback: the claims end with the connections");
+                    }
                     info!("stopped");
                     return Ok(());
                 }
@@ -299,7 +323,15 @@ impl Worker {
 
             let busy = self.sweeper.as_ref().is_some_and(Sweeper::is_busy);
             if busy {
-                self.step().await;
+                // A Redis round trip may not outlast the grace period, even one that began before
+                // the stop was asked for.
+                let stepped = tokio::select! {
+                    _ = self.step() => true,
+                    _ = grace_over(&shutdown, stop_deadline) => false,
+                };
+                // Abandoned half done (its matches may not have been unlinked), nothing in flight
+                // may be acknowledged: the loop's top gives it all back and stops.
+                step_abandoned = !stepped;
                 continue;
             }
             // Idle: wait for a notification, the poll interval, a guard falling due, a claim
@@ -324,6 +356,12 @@ impl Worker {
 
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
     async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
+        if let Some(at) = self.redis_retry_at.take() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                _ = shutdown.cancelled() => return Ok(false),
+            }
+        }
         let mut delays = reconnect_delays();
         loop {
             match self.redis.connect().await {
@@ -346,10 +384,8 @@ impl Worker {
                     warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis connection failed");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => {
-                            self.outbox.release_all().await;
-                            return Ok(false);
-                        }
+                        // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
+                        _ = shutdown.cancelled() => return Ok(false),
                     }
                 }
             }
@@ -465,6 +501,7 @@ impl Worker {
         };
         match sweeper.step().await {
             Ok(report) => {
+                self.sweep_failures = reconnect_delays();
                 record_step(&report);
                 for finished in report.finished {
                     if let Some(job) = self.jobs.remove(&finished.id) {
@@ -473,7 +510,9 @@ impl Worker {
                 }
             }
             Err(error) => {
-                warn!(%error, windows = self.jobs.len(), "redis failed during a sweep: giving the claimed changes back to the outbox");
+                let delay = self.sweep_failures.next().unwrap_or(RECONNECT_MAX);
+                self.redis_retry_at = Some(Instant::now() + delay);
+                warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
                 metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
                 self.health.set_redis(false);
                 self.outbox.release_all().await;
@@ -502,12 +541,21 @@ impl Worker {
                 for (table, rows) in &job.rows_by_table {
                     metrics::counter!(names::CHANGES, "table" => table.clone()).increment(*rows);
                 }
+                // The epoch committed. Its later claims skipped rows below its highest id that
+                // committed late (concurrent writers): their notification was spent on those
+                // claims, so claim again now instead of waiting for the poll (seconds later).
+                if !self.outbox.holds(epoch) {
+                    self.wake.notify_one();
+                }
             }
             Ok(_) => {
                 warn!(epoch, "claim lost before acknowledging (postgres connection dropped): the changes will be swept again");
+                // Their rows are pending again: claim them now rather than at the next poll.
+                self.wake.notify_one();
             }
             Err(error) => {
                 warn!(%error, "acknowledging failed: the changes will be swept again");
+                self.wake.notify_one();
             }
         }
         for note in &job.changes {
@@ -540,6 +588,19 @@ impl Worker {
                 .push_back((Instant::now() + self.refill_guard, job.patterns));
         }
     }
+}
+
+/// Resolves when a stop's grace period is over: at `deadline` once the stop was seen, otherwise
+/// [`SHUTDOWN_GRACE`] after `shutdown` is cancelled.
+async fn grace_over(shutdown: &CancellationToken, deadline: Option<Instant>) {
+    let deadline = match deadline {
+        Some(deadline) => deadline,
+        None => {
+            shutdown.cancelled().await;
+            Instant::now() + SHUTDOWN_GRACE
+        }
+    };
+    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
 }
 
 fn record_step(report: &StepReport) {

@@ -428,3 +428,341 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+// Private Postgres clusters and TLS material, for the fault, TLS and privilege tests.
+
+/// Whether this process runs as root: initdb refuses to, so the cluster then runs as `postgres`.
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0)
+}
+
+/// Where a Postgres server program is: on `PATH`, else in the newest Debian server package
+/// (`/usr/lib/postgresql/<version>/bin`, which Debian keeps off `PATH`).
+fn pg_bin(program: &str) -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    });
+    if let Some(found) = on_path {
+        return found;
+    }
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version: u32 = entry.file_name().to_str()?.parse().ok()?;
+            Some((version, entry.path().join("bin").join(program)))
+        })
+        .filter(|(_, candidate)| candidate.is_file())
+        .max_by_key(|(version, _)| *version);
+    match newest {
+        Some((_, found)) => found,
+        None => panic!("{program} not found on PATH nor in /usr/lib/postgresql/*/bin"),
+    }
+}
+
+/// A Postgres server program, run as the `postgres` OS user when this process is root.
+fn pg_program(program: &str) -> Command {
+    let path = pg_bin(program);
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(path);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+/// Runs `command` to completion; panics with its output when it fails.
+fn run_checked(command: &mut Command, what: &str) {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Hands `path` to the `postgres` OS user (when running as root), so the server can use it.
+fn give_to_postgres(path: &std::path::Path) {
+    if running_as_root() {
+        run_checked(
+            Command::new("chown").args(["-R", "postgres:"]).arg(path),
+            "chown to postgres",
+        );
+    }
+}
+
+/// A Postgres cluster of this test's own: `initdb` in a temp dir, started with `pg_ctl` on a free
+/// port (socket in the same dir), stopped with `-m immediate` when dropped. Durability is off: a
+/// test cluster lives for seconds.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// Server settings every private cluster gets: small and fast, enough connections for a daemon,
+/// the test's clients and the helpers.
+const PRIVATE_PG_SETTINGS: [(&str, &str); 5] = [
+    ("listen_addresses", "127.0.0.1"),
+    ("fsync", "off"),
+    ("full_page_writes", "off"),
+    ("shared_buffers", "16MB"),
+    ("max_connections", "50"),
+];
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        PrivatePostgres::start_with(&[])
+    }
+
+    /// With TLS (`ssl=on`) using `certs`' server certificate; plain connections stay allowed.
+    pub fn start_tls(certs: &TestCerts) -> PrivatePostgres {
+        let dir = PrivatePostgres::init();
+        let cert = dir.path().join("server.pem");
+        let key = dir.path().join("server.key");
+        std::fs::copy(certs.cert_file(), &cert).expect("copy server certificate");
+        std::fs::copy(certs.key_file(), &key).expect("copy server key");
+        // Postgres refuses a key file others can read.
+        run_checked(
+            Command::new("chmod").arg("600").arg(&key),
+            "chmod server key",
+        );
+        give_to_postgres(dir.path());
+        let cert = cert.display().to_string();
+        let key = key.display().to_string();
+        PrivatePostgres::launch(
+            dir,
+            &[
+                ("ssl", "on"),
+                ("ssl_cert_file", &cert),
+                ("ssl_key_file", &key),
+            ],
+        )
+    }
+
+    /// With extra server settings (`-c name=value`).
+    pub fn start_with(settings: &[(&str, &str)]) -> PrivatePostgres {
+        PrivatePostgres::launch(PrivatePostgres::init(), settings)
+    }
+
+    fn init() -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix("ci-pg-")
+            .tempdir()
+            .expect("temp dir");
+        give_to_postgres(dir.path());
+        run_checked(
+            pg_program("initdb")
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["--auth=trust", "-U", "postgres", "--no-sync"]),
+            "initdb",
+        );
+        dir
+    }
+
+    fn launch(dir: tempfile::TempDir, settings: &[(&str, &str)]) -> PrivatePostgres {
+        // A port found free may be taken before the server binds it: try a few.
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let mut options = format!("-p {port} -k {}", dir.path().display());
+            for (name, value) in PRIVATE_PG_SETTINGS.iter().chain(settings) {
+                options.push_str(&format!(" -c {name}={value}"));
+            }
+            let output = pg_program("pg_ctl")
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .arg("-l")
+                .arg(dir.path().join("server.log"))
+                .args(["-o", &options, "-w", "start"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run pg_ctl");
+            if output.status.success() {
+                return PrivatePostgres { port, dir };
+            }
+            last_error = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        }
+        panic!("private postgres did not start:\n{last_error}");
+    }
+
+    /// The `postgres` database, as superuser `postgres`, without TLS options.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut command = pg_program("pg_ctl");
+        command
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .args(args);
+        command
+    }
+
+    /// `pg_ctl restart -m fast`: every session is terminated, the server is back when this returns.
+    pub fn restart(&self) {
+        run_checked(
+            &mut self.pg_ctl(&["restart", "-m", "fast", "-w"]),
+            "pg_ctl restart",
+        );
+    }
+
+    /// The server's log so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .pg_ctl(&["stop", "-m", "immediate", "-w"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl TestDb {
+    /// A database with the report tables and the triggers for `rules` on the server `admin_url`
+    /// points at (a private cluster).
+    pub async fn with_reports_on(admin_url: &str, tag: &str, rules: &RuleSet) -> TestDb {
+        let db = TestDb::empty_on(admin_url, tag).await;
+        let client = db.client().await;
+        client
+            .batch_execute(REPORT_TABLES_SQL)
+            .await
+            .expect("create tables");
+        cache_invalidator::schema::install(&client, rules)
+            .await
+            .expect("install triggers");
+        db
+    }
+}
+
+/// A test CA and a server certificate it signs for `localhost` and `127.0.0.1` (made with the
+/// `openssl` command, valid for two days).
+pub struct TestCerts {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCerts {
+    pub fn generate() -> TestCerts {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        run_checked(
+            Command::new("openssl")
+                .args(["req", "-x509", "-nodes", "-days", "2"])
+                .args(ec)
+                .args(["-keyout", &path("ca.key"), "-out", &path("ca.pem")])
+                .args(["-subj", "/CN=cache-invalidator test CA"])
+                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+                .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]),
+            "openssl: CA",
+        );
+        run_checked(
+            Command::new("openssl")
+                .args(["req", "-new", "-nodes"])
+                .args(ec)
+                .args(["-keyout", &path("server.key"), "-out", &path("server.csr")])
+                .args(["-subj", "/CN=localhost"]),
+            "openssl: server key",
+        );
+        std::fs::write(
+            path("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write extensions");
+        run_checked(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-in", &path("server.csr")])
+                .args(["-CA", &path("ca.pem"), "-CAkey", &path("ca.key")])
+                .args(["-CAcreateserial", "-out", &path("server.pem")])
+                .args(["-extfile", &path("server.ext")]),
+            "openssl: server certificate",
+        );
+        TestCerts { dir }
+    }
+
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.ca_file()).expect("read CA")
+    }
+
+    pub fn cert_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    pub fn key_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("server.key")
+    }
+}
+
+impl PrivateRedis {
+    /// A `redis-server` that speaks only TLS (`--port 0`), with `certs`' server certificate.
+    pub fn start_tls(certs: &TestCerts) -> PrivateRedis {
+        let port = free_port();
+        let file = |path: std::path::PathBuf| path.display().to_string();
+        let args = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            file(certs.cert_file()),
+            "--tls-key-file".to_owned(),
+            file(certs.key_file()),
+            "--tls-ca-cert-file".to_owned(),
+            file(certs.ca_file()),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut redis = PrivateRedis {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra_args: args.to_vec(),
+        };
+        // `--port <port>` comes first in the command line; the later `--port 0` wins.
+        redis.spawn();
+        redis
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// A connection to a TLS Redis whose certificate `ca_pem` signed.
+pub async fn tls_redis_connection(url: &str, ca_pem: &[u8]) -> MultiplexedConnection {
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca_pem.to_vec()),
+        },
+    )
+    .expect("redis TLS client")
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
+}

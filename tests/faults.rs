@@ -1,0 +1,876 @@
+//! Fault injection: the daemon loses nothing and deletes nothing extra whatever happens to
+//! Postgres, Redis or the daemon itself (issue 4).
+//!
+//! Each scenario starts the daemon, commits changes, injects the fault, commits more changes during
+//! and after it, and then checks that every key a committed change names is gone within
+//! [`PATIENCE`] of recovery, that the decoys next to them are still there, and that the outbox is
+//! empty. Servers a test breaks are its own (`PrivateRedis`, `PrivatePostgres`); the shared ones are
+//! only used through a test's own database and key prefix.
+//!
+//! Where a fault must hit rows the worker has claimed but not finished, the test holds the sweep
+//! with `CLIENT PAUSE … WRITE` (the `UNLINK`s wait, the claim stays open) and waits until
+//! `pgrowlocks` shows the claim before injecting the fault.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use cache_invalidator::rules::DEFAULT_RULES_TOML;
+use common::*;
+use redis::aio::MultiplexedConnection;
+use tokio_postgres::Client;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
+/// How long keys may take to go after recovery (the issue's bound), and any awaited effect.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// A poll interval no test outlives: only notifications (and the drain after each LISTEN
+/// reconnect) make the worker look at the outbox, so a listener that did not come back would leave
+/// later changes pending.
+const NO_POLL: Duration = Duration::from_secs(3600);
+/// How long the Redis pauses last: long enough to inject a fault while the sweep waits.
+const PAUSE_MS: u64 = 5000;
+/// The graceful stop bound operators are promised.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// Keys an INSERT of report `id` by `author` must clear.
+fn must_go(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
+    vec![
+        space.key(&format!("report:{id}:{author}:h")),
+        space.key(&format!("report:{id}:99:h")),
+        space.key(&format!("reportlist:reports:{author}:h")),
+    ]
+}
+
+/// Keys next to those that nothing in these tests may clear.
+fn decoys(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
+    vec![
+        space.key(&format!("report:{id}0:{author}:h")),
+        space.key_v2(&format!("report:{id}:{author}:h")),
+        space.key(&format!("reportlist:reports:{author}0:h")),
+        space.key(&format!("cache_stats:{author}")),
+    ]
+}
+
+async fn commit_report(client: &Client, id: i64, author: i64) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO auth_user (id) VALUES ({author}) ON CONFLICT DO NOTHING;
+             INSERT INTO reports_report (id, author_id) VALUES ({id}, {author});"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("commit report {id}: {e}"));
+}
+
+/// A connection whose commands wait out a paused Redis instead of timing out.
+async fn patient_connection(url: &str) -> MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE));
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
+}
+
+/// `CLIENT PAUSE <ms> <mode>`: `WRITE` holds the sweep's UNLINKs, `ALL` every command.
+async fn pause_redis(connection: &mut MultiplexedConnection, millis: u64, mode: &str) {
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(millis)
+        .arg(mode)
+        .query_async(connection)
+        .await
+        .expect("CLIENT PAUSE");
+}
+
+/// A database of the test's own with `pgrowlocks`, which shows the rows a claim holds.
+async fn prepare_db(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
+        .await
+        .expect("create extension pgrowlocks");
+}
+
+/// Outbox rows locked right now, i.e. claimed by a worker and not yet acknowledged.
+async fn claimed_rows(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pgrowlocks('cache_invalidator.outbox')",
+            &[],
+        )
+        .await
+        .expect("pgrowlocks")
+        .get(0)
+}
+
+async fn wait_for_claim(db: &TestDb) {
+    let client = db.client().await;
+    assert!(
+        wait_until(PATIENCE, || async { claimed_rows(&client).await > 0 }).await,
+        "the worker never claimed the change"
+    );
+}
+
+async fn wait_for_empty_outbox(db: &TestDb) {
+    let empty = wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await;
+    assert!(
+        empty,
+        "{} outbox rows still pending",
+        db.outbox_rows().await
+    );
+}
+
+/// Terminates every backend of the daemon in the test's database (the LISTEN connection and the
+/// claim connections); returns how many.
+async fn terminate_daemon_backends(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'cache-invalidator%'",
+            &[],
+        )
+        .await
+        .expect("terminate backends")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
+    let space = KeySpace::new("fault_kill_backend");
+    let db = TestDb::with_reports("fault_kill_backend", &space.rules()).await;
+    prepare_db(&db).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
+    settings.poll_interval = NO_POLL;
+    // Longer than the pause: the sweep waits for Redis rather than failing.
+    settings.redis_timeout = PATIENCE;
+    let daemon = Daemon::start(settings);
+    let client = db.client().await;
+    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
+    let mut all_decoys = Vec::new();
+    for (id, author) in changes {
+        set_keys(&mut redis, &must_go(&space, id, author)).await;
+        set_keys(&mut redis, &decoys(&space, id, author)).await;
+        all_decoys.extend(decoys(&space, id, author));
+    }
+
+    commit_report(&client, 101, 1).await;
+    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+
+    // The fault hits while 102 is claimed and its sweep waits for Redis.
+    pause_redis(&mut redis, PAUSE_MS, "WRITE").await;
+    commit_report(&client, 102, 2).await;
+    wait_for_claim(&db).await;
+    let killed = terminate_daemon_backends(&client).await;
+    assert!(
+        killed >= 2,
+        "expected the LISTEN and a claim connection, killed {killed}"
+    );
+    commit_report(&client, 103, 3).await;
+
+    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
+    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
+    commit_report(&client, 104, 4).await;
+    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    assert_kept(&mut redis, &all_decoys).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_loses_no_claimed_or_later_change() {
+    let pg = PrivatePostgres::start();
+    let space = KeySpace::new("fault_pg_restart");
+    let db = TestDb::with_reports_on(&pg.url(), "fault_pg_restart", &space.rules()).await;
+    prepare_db(&db).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
+    settings.poll_interval = NO_POLL;
+    settings.redis_timeout = PATIENCE;
+    let daemon = Daemon::start(settings);
+    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
+    let mut all_decoys = Vec::new();
+    for (id, author) in changes {
+        set_keys(&mut redis, &must_go(&space, id, author)).await;
+        set_keys(&mut redis, &decoys(&space, id, author)).await;
+        all_decoys.extend(decoys(&space, id, author));
+    }
+
+    commit_report(&db.client().await, 101, 1).await;
+    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+
+    pause_redis(&mut redis, PAUSE_MS, "WRITE").await;
+    commit_report(&db.client().await, 102, 2).await;
+    wait_for_claim(&db).await;
+    tokio::task::block_in_place(|| pg.restart());
+    // Right after the restart: the worker may not be listening again yet.
+    commit_report(&db.client().await, 103, 3).await;
+
+    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
+    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
+    commit_report(&db.client().await, 104, 4).await;
+    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    assert_kept(&mut redis, &all_decoys).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+/// Waits until a restarted Redis answers (it refuses commands while loading its dump).
+async fn reconnect_when_loaded(url: &str) -> MultiplexedConnection {
+    let ready = wait_until(PATIENCE, || async {
+        match redis::Client::open(url)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+        {
+            Ok(mut connection) => redis::cmd("EXISTS")
+                .arg("probe")
+                .query_async::<i64>(&mut connection)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(ready, "redis did not come back");
+    patient_connection(url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_committed_while_redis_is_down_are_cleared_after_it_returns() {
+    let space = KeySpace::new("fault_redis_restart");
+    let db = TestDb::with_reports("fault_redis_restart", &space.rules()).await;
+    let mut redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let daemon = Daemon::start(test_settings(&db.url, &redis_server.url(), space.rules()));
+    let client = db.client().await;
+
+    set_keys(&mut redis, &must_go(&space, 101, 1)).await;
+    commit_report(&client, 101, 1).await;
+    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+
+    // The restarted server loads this snapshot, so the keys of the change committed during the
+    // outage are there the moment it accepts connections: only a change kept in the outbox
+    // through the outage can clear them.
+    let outage = [must_go(&space, 102, 2), decoys(&space, 102, 2)].concat();
+    set_keys(&mut redis, &outage).await;
+    let () = redis::cmd("SAVE")
+        .query_async(&mut redis)
+        .await
+        .expect("SAVE");
+    redis_server.stop();
+    commit_report(&client, 102, 2).await;
+    redis_server.restart();
+    let mut redis = reconnect_when_loaded(&redis_server.url()).await;
+
+    set_keys(&mut redis, &must_go(&space, 103, 3)).await;
+    set_keys(&mut redis, &decoys(&space, 103, 3)).await;
+    commit_report(&client, 103, 3).await;
+    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
+    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    // The outage decoys prove the snapshot was loaded (and so were the keys that had to go).
+    assert_kept(
+        &mut redis,
+        &[decoys(&space, 102, 2), decoys(&space, 103, 3)].concat(),
+    )
+    .await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+async fn connections_received(connection: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(connection)
+        .await
+        .expect("INFO stats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("total_connections_received in INFO stats")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
+    let space = KeySpace::new("fault_redis_pause");
+    let db = TestDb::with_reports("fault_redis_pause", &space.rules()).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
+    settings.redis_timeout = Duration::from_secs(1);
+    let daemon = Daemon::start(settings);
+    let client = db.client().await;
+    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
+    let mut all_decoys = Vec::new();
+    for (id, author) in changes {
+        set_keys(&mut redis, &must_go(&space, id, author)).await;
+        set_keys(&mut redis, &decoys(&space, id, author)).await;
+        all_decoys.extend(decoys(&space, id, author));
+    }
+
+    commit_report(&client, 101, 1).await;
+    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+
+    let before = connections_received(&mut redis).await;
+    // Four times the command timeout: the worker's sweep must give up and try again.
+    pause_redis(&mut redis, 4000, "ALL").await;
+    commit_report(&client, 102, 2).await;
+    commit_report(&client, 103, 3).await;
+    // This connection's first command waits until the pause ends.
+    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
+    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
+    commit_report(&client, 104, 4).await;
+    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    assert_kept(&mut redis, &all_decoys).await;
+    // Only the worker connects besides this connection: a new connection is its retry.
+    let after = connections_received(&mut redis).await;
+    assert!(
+        after > before,
+        "the worker never reconnected: it waited out the pause instead of timing out"
+    );
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
+    let space = KeySpace::new("fault_stop_hung");
+    let db = TestDb::with_reports("fault_stop_hung", &space.rules()).await;
+    prepare_db(&db).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
+    // The hung UNLINK would outlast the stop bound on its own.
+    settings.redis_timeout = PATIENCE;
+    let daemon = Daemon::start(settings.clone());
+    let keys = must_go(&space, 101, 1);
+    set_keys(&mut redis, &keys).await;
+    set_keys(&mut redis, &decoys(&space, 101, 1)).await;
+
+    pause_redis(&mut redis, PATIENCE.as_millis() as u64, "WRITE").await;
+    commit_report(&db.client().await, 101, 1).await;
+    wait_for_claim(&db).await;
+    tokio::time::timeout(STOP_BOUND, daemon.stop())
+        .await
+        .expect("the daemon did not stop within the bound while Redis hung");
+    // Not acknowledged (Redis never confirmed), not held: pending for the next worker.
+    let client = db.client().await;
+    assert_eq!(claimed_rows(&client).await, 0, "claims survived the stop");
+    assert_eq!(
+        db.outbox_rows().await,
+        1,
+        "the unconfirmed change left the outbox"
+    );
+
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT UNPAUSE");
+    let daemon = Daemon::start(settings);
+    assert_gone_within(&mut redis, &keys, PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    assert_kept(&mut redis, &decoys(&space, 101, 1)).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+/// Settings in the environment that would leak into a child from the developer's shell.
+const INHERITED_SETTINGS: [&str; 14] = [
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CACHE_INVALIDATOR_REDIS_CA_FILE",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "CACHE_INVALIDATOR_RULES",
+    "CACHE_INVALIDATOR_CONFIG",
+    "CACHE_INVALIDATOR_LOG_FORMAT",
+    "CACHE_INVALIDATOR_METRICS_ADDR",
+    "CACHE_INVALIDATOR_REFILL_GUARD",
+    "CACHE_INVALIDATOR_POLL_INTERVAL",
+    "CACHE_INVALIDATOR_MAX_BACKLOG_AGE",
+    "CACHE_INVALIDATOR_REDIS_TIMEOUT",
+];
+
+fn command(args: &[&str], database_url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(BIN);
+    for name in INHERITED_SETTINGS {
+        command.env_remove(name);
+    }
+    command
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// A one-shot subcommand (`status`, `retry-dead-letters`) against `database_url`.
+async fn cli(args: &[&str], database_url: &str) -> Output {
+    match tokio::time::timeout(PATIENCE, command(args, database_url).output()).await {
+        Ok(output) => output.expect("run cache-invalidator"),
+        Err(_) => panic!("cache-invalidator {args:?} did not finish"),
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The default rules under the test's key prefix, plus `extra` TOML, written to a file.
+fn write_rules(dir: &Path, space: &KeySpace, extra: &str) -> PathBuf {
+    let path = dir.join("rules.toml");
+    let text = DEFAULT_RULES_TOML.replace(
+        "key_prefix = \":1:\"",
+        &format!("key_prefix = \"{}\"", space.key_prefix()),
+    );
+    std::fs::write(&path, format!("{text}\n{extra}")).expect("write rules");
+    path
+}
+
+/// `cache-invalidator run` as a child process, its log shown when the test fails.
+struct Process {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn start(database_url: &str, redis_url: &str, rules: &Path, log: PathBuf) -> Process {
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = command(&["run"], database_url)
+            .env("REDIS_URL", redis_url)
+            .env("CACHE_INVALIDATOR_RULES", rules)
+            .env("CACHE_INVALIDATOR_REFILL_GUARD", "0")
+            .env("CACHE_INVALIDATOR_POLL_INTERVAL", "500ms")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start cache-invalidator run");
+        Process { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
+    /// SIGKILL: no chance to give anything back.
+    async fn kill(&mut self) {
+        self.child.kill().await.expect("SIGKILL");
+    }
+
+    /// SIGTERM as an operator or systemd sends it; the exit status, within [`STOP_BOUND`].
+    async fn terminate(&mut self) -> ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        match tokio::time::timeout(STOP_BOUND, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!(
+                "no exit within {STOP_BOUND:?} of SIGTERM; log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// Peak resident memory (VmHWM) in kB, from /proc.
+    fn peak_rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Reports `ids` inserted one transaction each (authors 1..=50), as an app under load would.
+async fn burst(url: String, ids: std::ops::RangeInclusive<i64>) {
+    let client = connect(&url).await;
+    for id in ids {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO reports_report (id, author_id) VALUES ({id}, {})",
+                id % 50 + 1
+            ))
+            .await
+            .expect("burst insert");
+    }
+}
+
+/// The keys of a 2,000-report burst: every report's key and its author's list must go; keys of
+/// reports and authors the burst does not touch, and another cache VERSION, must stay.
+struct BurstKeys {
+    must_go: BTreeSet<String>,
+    decoys: Vec<String>,
+}
+
+const BURST: i64 = 2000;
+/// Long enough to see the claims and inject the fault; a SIGTERM waits it out to finish the batch.
+const BURST_PAUSE_MS: u64 = 3000;
+
+impl BurstKeys {
+    fn new(space: &KeySpace) -> BurstKeys {
+        let mut must_go: BTreeSet<String> = (1..=BURST)
+            .map(|id| space.key(&format!("report:{id}:7:h")))
+            .collect();
+        must_go.extend((1..=50).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
+        let mut decoys: Vec<String> = (BURST + 1..=BURST + 100)
+            .map(|id| space.key(&format!("report:{id}:7:h")))
+            .collect();
+        decoys.extend((51..=60).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
+        decoys.extend((1..=100).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
+        BurstKeys { must_go, decoys }
+    }
+
+    async fn set(&self, redis: &mut MultiplexedConnection) {
+        let keys: Vec<String> = self.must_go.iter().cloned().collect();
+        set_keys(redis, &keys).await;
+        set_keys(redis, &self.decoys).await;
+    }
+
+    /// Waits until no must-go key is left, then checks every decoy is.
+    async fn assert_cleared(&self, redis: &mut MultiplexedConnection, space: &KeySpace) {
+        let prefix = format!("{}:", space.namespace);
+        let must_go = &self.must_go;
+        let cleared = wait_until(PATIENCE, || {
+            let mut connection = redis.clone();
+            let prefix = prefix.clone();
+            async move {
+                keys_with_prefix(&mut connection, &prefix)
+                    .await
+                    .is_disjoint(must_go)
+            }
+        })
+        .await;
+        if !cleared {
+            let left: Vec<String> = keys_with_prefix(redis, &prefix)
+                .await
+                .intersection(must_go)
+                .take(10)
+                .cloned()
+                .collect();
+            panic!("keys still present after {PATIENCE:?}, e.g. {left:?}");
+        }
+        assert_kept(redis, &self.decoys).await;
+    }
+}
+
+/// Starts a burst of the first half and returns its task once the worker holds claims in the
+/// middle of it. A short `CLIENT PAUSE WRITE` holds the first sweeps' UNLINKs, so the claims are
+/// certainly there to be seen (and to be hit by the fault).
+async fn first_half_with_claims(
+    db: &TestDb,
+    redis: &mut MultiplexedConnection,
+) -> tokio::task::JoinHandle<()> {
+    pause_redis(redis, BURST_PAUSE_MS, "WRITE").await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO auth_user (id) SELECT generate_series(1, 50)")
+        .await
+        .expect("users");
+    let task = tokio::spawn(burst(db.url.clone(), 1..=BURST / 2));
+    let client = db.client().await;
+    assert!(
+        wait_until(PATIENCE, || async { claimed_rows(&client).await > 0 }).await,
+        "the worker never claimed from the burst"
+    );
+    task
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_sigkill_mid_burst_loses_nothing_after_a_restart() {
+    let space = KeySpace::new("fault_sigkill");
+    let db = TestDb::with_reports("fault_sigkill", &space.rules()).await;
+    prepare_db(&db).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let keys = BurstKeys::new(&space);
+    keys.set(&mut redis).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = write_rules(dir.path(), &space, "");
+
+    let mut worker = Process::start(
+        &db.url,
+        &redis_server.url(),
+        &rules,
+        dir.path().join("first.log"),
+    );
+    let first_half = first_half_with_claims(&db, &mut redis).await;
+    worker.kill().await;
+    first_half.await.expect("first half");
+    // The second half lands while no worker runs.
+    burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
+
+    let _restarted = Process::start(
+        &db.url,
+        &redis_server.url(),
+        &rules,
+        dir.path().join("second.log"),
+    );
+    keys.assert_cleared(&mut redis, &space).await;
+    wait_for_empty_outbox(&db).await;
+    db.drop().await;
+}
+
+async fn workers_listening(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'cache-invalidator worker'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() {
+    let space = KeySpace::new("fault_sigterm");
+    let db = TestDb::with_reports("fault_sigterm", &space.rules()).await;
+    prepare_db(&db).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let keys = BurstKeys::new(&space);
+    keys.set(&mut redis).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = write_rules(dir.path(), &space, "");
+
+    let mut worker = Process::start(
+        &db.url,
+        &redis_server.url(),
+        &rules,
+        dir.path().join("first.log"),
+    );
+    let first_half = first_half_with_claims(&db, &mut redis).await;
+    let status = worker.terminate().await;
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}; log:\n{}",
+        worker.log_text()
+    );
+    first_half.await.expect("first half");
+    burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
+
+    // Nothing runs: `status` says so, and fails as a health probe.
+    let report = cli(&["status", "--max-age", "0s"], &db.url).await;
+    assert_eq!(report.status.code(), Some(1), "{}", stdout(&report));
+    let text = stdout(&report);
+    assert!(text.contains("workers listening:  0"), "{text}");
+    assert!(!text.contains("outbox backlog:     0 row(s)"), "{text}");
+
+    let restarted = Process::start(
+        &db.url,
+        &redis_server.url(),
+        &rules,
+        dir.path().join("second.log"),
+    );
+    keys.assert_cleared(&mut redis, &space).await;
+    wait_for_empty_outbox(&db).await;
+    assert!(
+        wait_until(PATIENCE, || async { workers_listening(&db).await == 1 }).await,
+        "the restarted worker never listened"
+    );
+    let report = cli(&["status", "--max-age", "60s"], &db.url).await;
+    let text = stdout(&report);
+    assert!(report.status.success(), "{text}");
+    assert!(text.contains("outbox backlog:     0 row(s)"), "{text}");
+    assert!(text.contains("workers listening:  1"), "{text}");
+    drop(restarted);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_fixed() {
+    let space = KeySpace::new("fault_garbage");
+    let db = TestDb::with_reports("fault_garbage", &space.rules()).await;
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let must_go = vec![
+        space.key("report:12:1:h"),
+        space.key("report:15:2:h"),
+        space.key("reportlist:reports:1:h"),
+        space.key("reportlist:reports:2:h"),
+    ];
+    let archive = vec![space.key("archive:5:h")];
+    let decoys = vec![
+        space.key("report:13:1:h"),
+        space.key("report:14:1:h"),
+        space.key("report:5:1:h"),
+        space.key("archive:50:h"),
+        space.key_v2("report:12:1:h"),
+    ];
+    set_keys(
+        &mut redis,
+        &[must_go.clone(), archive.clone(), decoys.clone()].concat(),
+    )
+    .await;
+    let daemon = Daemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
+
+    // Good changes around garbage, in one transaction: they are claimed together.
+    db.client()
+        .await
+        .batch_execute(
+            r#"BEGIN;
+            INSERT INTO auth_user (id) VALUES (1), (2);
+            INSERT INTO reports_report (id, author_id) VALUES (12, 1);
+            INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES
+                ('reports_archive', 'INSERT', '[{"id": 5}]'),
+                ('reports_report', 'MERGE', '[{"id": 13, "author_id": 1}]'),
+                ('reports_report', 'INSERT', '{"id": 14, "author_id": 1}'),
+                ('reports_report', 'INSERT', '[{"id": {"nested": 5}, "author_id": 1}]');
+            INSERT INTO reports_report (id, author_id) VALUES (15, 2);
+            COMMIT;"#,
+        )
+        .await
+        .expect("commit garbage");
+
+    assert_gone_within(&mut redis, &must_go, PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    let errors: Vec<(String, String)> = db
+        .client()
+        .await
+        .query(
+            "SELECT op, error FROM cache_invalidator.dead_letters ORDER BY outbox_id",
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let expected = [
+        "no rule for table \"reports_archive\"",
+        "unknown operation \"MERGE\"",
+        "must be a JSON array",
+        "cannot be put in a cache key",
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:?}");
+    for ((_, error), fragment) in errors.iter().zip(expected) {
+        assert!(error.contains(fragment), "{error:?} lacks {fragment:?}");
+    }
+    assert_kept(&mut redis, &[archive.clone(), decoys.clone()].concat()).await;
+
+    let report = cli(&["status"], &db.url).await;
+    let text = stdout(&report);
+    assert!(report.status.success(), "{text}");
+    assert!(text.contains("dead letters:       4"), "{text}");
+    assert!(text.contains("reports_archive"), "{text}");
+    assert!(text.contains("unknown operation"), "{text}");
+
+    // The rules gain the missing table; a retry clears its keys and the rest fail again.
+    daemon.stop().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fixed = write_rules(
+        dir.path(),
+        &space,
+        "[[rules]]\ntable = \"reports_archive\"\nkeys = [\"archive:{id}:*\"]\n",
+    );
+    let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
+    settings.rules = cache_invalidator::rules::RuleSet::load(&fixed).expect("fixed rules");
+    let daemon = Daemon::start(settings);
+    let retried = cli(&["retry-dead-letters"], &db.url).await;
+    assert!(retried.status.success(), "{}", stdout(&retried));
+    assert!(
+        stdout(&retried).contains("4 dead letter(s)"),
+        "{}",
+        stdout(&retried)
+    );
+    assert_gone_within(&mut redis, &archive, PATIENCE).await;
+    let settled = wait_until(PATIENCE, || async {
+        db.dead_letters().await == 3 && db.outbox_rows().await == 0
+    })
+    .await;
+    assert!(
+        settled,
+        "{} dead letters after the retry, expected 3",
+        db.dead_letters().await
+    );
+    assert_kept(&mut redis, &decoys).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
+    const ROWS: i64 = 200_000;
+    /// Every 97th report's key is checked: enough to catch a lost batch anywhere in the range.
+    const SAMPLE_STEP: usize = 97;
+    const AUTHORS: i64 = 100;
+    /// Generous for a debug build; the figure is printed for the record.
+    const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
+    let space = KeySpace::new("fault_bulk");
+    let db = TestDb::with_reports("fault_bulk", &space.rules()).await;
+    let redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let mut must_go: BTreeSet<String> = (1..=ROWS)
+        .step_by(SAMPLE_STEP)
+        .map(|id| space.key(&format!("report:{id}:7:h")))
+        .collect();
+    must_go.insert(space.key(&format!("report:{ROWS}:7:h")));
+    must_go
+        .extend((1..=AUTHORS).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
+    let mut decoys: Vec<String> = (ROWS + 1..=ROWS + 50)
+        .map(|id| space.key(&format!("report:{id}:7:h")))
+        .collect();
+    decoys.extend((1..=50).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
+    decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
+    let keys = BurstKeys { must_go, decoys };
+    keys.set(&mut redis).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = write_rules(dir.path(), &space, "");
+    let worker = Process::start(
+        &db.url,
+        &redis_server.url(),
+        &rules,
+        dir.path().join("worker.log"),
+    );
+
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO auth_user (id) SELECT generate_series(1, {AUTHORS});
+             INSERT INTO reports_report (id, author_id)
+                 SELECT g, g % {AUTHORS} + 1 FROM generate_series(1, {ROWS}) g;"
+        ))
+        .await
+        .expect("bulk insert");
+
+    keys.assert_cleared(&mut redis, &space).await;
+    wait_for_empty_outbox(&db).await;
+    let peak = worker.peak_rss_kb();
+    println!("peak RSS (VmHWM) of the worker after {ROWS} changed rows: {peak} kB");
+    assert!(
+        peak < PEAK_RSS_LIMIT_KB,
+        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
+    );
+    drop(worker);
+    db.drop().await;
+}
