@@ -26,7 +26,7 @@ pub enum OpsError {
     Keyspace(#[from] KeyspaceError),
     #[error(transparent)]
     Sweep(#[from] crate::sweep::SweepError),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", crate::postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Input(String),

@@ -33,7 +33,7 @@ pub enum SchemaError {
         column: String,
         used_by: String,
     },
-    #[error(transparent)]
+    #[error("postgres: {}", crate::postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
 }
 
