@@ -874,3 +874,80 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     drop(worker);
     db.drop().await;
 }
+
+/// Issue 4, bounded memory: a million changes pile up in the outbox while Redis is down; once it is
+/// back the worker drains them in batches, and its peak memory does not grow with the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memory() {
+    const BACKLOG: i64 = 1_000_000;
+    /// Every 997th report's key is checked, plus the last: a lost batch anywhere shows.
+    const SAMPLE_STEP: usize = 997;
+    const AUTHORS: i64 = 100;
+    /// Draining a million rows takes about a minute in a debug build on two busy cores.
+    const DRAIN_PATIENCE: Duration = Duration::from_secs(400);
+    /// Generous for a debug build; the figure is printed for the record.
+    const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
+    let space = KeySpace::new("fault_backlog");
+    let db = TestDb::with_reports("fault_backlog", &space.rules()).await;
+    let mut redis_server = PrivateRedis::start();
+    let mut redis = patient_connection(&redis_server.url()).await;
+    let mut must_go: BTreeSet<String> = (1..=BACKLOG)
+        .step_by(SAMPLE_STEP)
+        .map(|id| space.key(&format!("report:{id}:7:h")))
+        .collect();
+    must_go.insert(space.key(&format!("report:{BACKLOG}:7:h")));
+    must_go
+        .extend((1..=AUTHORS).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
+    let mut decoys: Vec<String> = (BACKLOG + 1..=BACKLOG + 50)
+        .map(|id| space.key(&format!("report:{id}:7:h")))
+        .collect();
+    decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
+    let keys = BurstKeys { must_go, decoys };
+    keys.set(&mut redis).await;
+    // The restarted server loads this snapshot: the keys are there the moment it answers.
+    let () = redis::cmd("SAVE")
+        .query_async(&mut redis)
+        .await
+        .expect("SAVE");
+    redis_server.stop();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = write_rules(dir.path(), &space, "");
+    let worker = Process::start(
+        &db.url,
+        &redis_server.url(),
+        &rules,
+        dir.path().join("worker.log"),
+    );
+    // A million single-row changes, as the triggers record them, committed during the outage.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO cache_invalidator.outbox (table_name, op, rows)
+             SELECT 'reports_report', 'UPDATE',
+                    jsonb_build_array(jsonb_build_object('id', g, 'author_id', g % {AUTHORS} + 1))
+             FROM generate_series(1, {BACKLOG}) g;
+             NOTIFY cache_invalidator;"
+        ))
+        .await
+        .expect("backlog");
+    assert_eq!(
+        db.outbox_rows().await,
+        BACKLOG,
+        "nothing drains without Redis"
+    );
+
+    redis_server.restart();
+    let mut redis = reconnect_when_loaded(&redis_server.url()).await;
+    let drained = wait_until(DRAIN_PATIENCE, || async { db.outbox_rows().await == 0 }).await;
+    assert!(drained, "{} outbox rows left", db.outbox_rows().await);
+    keys.assert_cleared(&mut redis, &space).await;
+    let peak = worker.peak_rss_kb();
+    println!("peak RSS (VmHWM) of the worker after a {BACKLOG}-row backlog: {peak} kB");
+    assert!(
+        peak < PEAK_RSS_LIMIT_KB,
+        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
+    );
+    drop(worker);
+    db.drop().await;
+}
