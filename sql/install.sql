@@ -4,8 +4,9 @@ BEGIN;
 CREATE SCHEMA IF NOT EXISTS cache_invalidator;
 
 -- One row per captured statement (per 64 changed rows of it): the values the key
--- templates need, OLD and NEW alike, as a JSON array of objects. The worker deletes a row only after
--- Redis confirmed the deletes of its keys.
+-- templates need, OLD and NEW alike, one JSON array per column ({"id": [1, 2], "author_id": [3, 4]});
+-- a JSON array of objects ([{"id": 1, "author_id": 3}, …]) is read too. The worker deletes a row only
+-- after Redis confirmed the deletes of its keys.
 CREATE TABLE IF NOT EXISTS cache_invalidator.outbox (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -62,19 +63,19 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_report', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('author_id', r."author_id", 'id', r."id") AS v FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_report', TG_OP, jsonb_build_object('author_id', to_jsonb(c."author_id"[s.n:s.n + 63]), 'id', to_jsonb(c."id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."author_id") AS "author_id", array_agg(d."id") AS "id" FROM (SELECT DISTINCT r."author_id", r."id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."author_id"), 64) AS s(n);
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_report', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT jsonb_build_object('author_id', r."author_id", 'id', r."id") AS v FROM old_rows r UNION SELECT jsonb_build_object('author_id', r."author_id", 'id', r."id") FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_report', TG_OP, jsonb_build_object('author_id', to_jsonb(c."author_id"[s.n:s.n + 63]), 'id', to_jsonb(c."id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."author_id") AS "author_id", array_agg(d."id") AS "id" FROM (SELECT r."author_id", r."id" FROM old_rows r UNION SELECT r."author_id", r."id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."author_id"), 64) AS s(n);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_report', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('author_id', r."author_id", 'id', r."id") AS v FROM old_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_report', TG_OP, jsonb_build_object('author_id', to_jsonb(c."author_id"[s.n:s.n + 63]), 'id', to_jsonb(c."id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."author_id") AS "author_id", array_agg(d."id") AS "id" FROM (SELECT DISTINCT r."author_id", r."id" FROM old_rows r) d) c,
+             generate_series(1, cardinality(c."author_id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_report', 'TRUNCATE', NULL);
     END IF;
@@ -103,19 +104,19 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_studentreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") AS v FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_studentreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_studentreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") AS v FROM old_rows r UNION SELECT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_studentreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT r."id", r."student_id", r."teacher_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_studentreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") AS v FROM old_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_studentreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM old_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_studentreport', 'TRUNCATE', NULL);
     END IF;
@@ -144,19 +145,19 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'tutor_id', r."tutor_id") AS v FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'tutor_id', to_jsonb(c."tutor_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT DISTINCT r."id", r."student_id", r."tutor_id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'tutor_id', r."tutor_id") AS v FROM old_rows r UNION SELECT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'tutor_id', r."tutor_id") FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'tutor_id', to_jsonb(c."tutor_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT r."id", r."student_id", r."tutor_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."tutor_id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'tutor_id', r."tutor_id") AS v FROM old_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'tutor_id', to_jsonb(c."tutor_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT DISTINCT r."id", r."student_id", r."tutor_id" FROM old_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_tutorweeklyreport', 'TRUNCATE', NULL);
     END IF;
@@ -185,19 +186,19 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") AS v FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") AS v FROM old_rows r UNION SELECT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") FROM new_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT r."id", r."student_id", r."teacher_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_agg(v)
-        FROM (SELECT v, (row_number() OVER () - 1) / 64 AS chunk FROM (SELECT DISTINCT jsonb_build_object('id', r."id", 'student_id', r."student_id", 'teacher_id', r."teacher_id") AS v FROM old_rows r) d) c
-        GROUP BY chunk;
+        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
+        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM old_rows r) d) c,
+             generate_series(1, cardinality(c."id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_teacherweeklyreport', 'TRUNCATE', NULL);
     END IF;

@@ -71,8 +71,19 @@ pub enum RenderError {
     UnknownTable(String),
     #[error("unknown operation {0:?} (expected INSERT, UPDATE, DELETE or TRUNCATE)")]
     UnknownOperation(String),
-    #[error("rows must be a JSON array of objects, got {0}")]
+    #[error(
+        "rows must be a JSON array of objects or an object of column arrays of equal length, got {0}"
+    )]
     NotAnArray(String),
+    #[error("column {column:?} must be a JSON array of values (one per row), got {value}")]
+    NotAColumn { column: String, value: String },
+    #[error("column {column:?} holds {len} values but column {first:?} holds {first_len}: the arrays of one change must be equally long")]
+    RaggedColumns {
+        first: String,
+        first_len: usize,
+        column: String,
+        len: usize,
+    },
     #[error("row {index} is not a JSON object: {row}")]
     NotAnObject { index: usize, row: String },
     #[error("row {index} has no column {column:?} (needed by key {template:?})")]
@@ -184,7 +195,7 @@ impl Template {
     fn render(
         &self,
         key_prefix: &str,
-        row: &serde_json::Map<String, Value>,
+        row: &Row<'_>,
         index: usize,
     ) -> Result<Option<String>, RenderError> {
         let mut pattern = escape_glob(key_prefix);
@@ -244,6 +255,113 @@ impl Template {
             pattern.push('*');
         }
         pattern
+    }
+}
+
+/// One changed row as the outbox holds it: an object of its own, or position `index` of the
+/// column arrays of a column-wise change (`{"id": [1, 2], "author_id": [3, 4]}`).
+enum Row<'a> {
+    Object(&'a serde_json::Map<String, Value>),
+    Columns {
+        columns: &'a [(&'a String, &'a Vec<Value>)],
+        index: usize,
+    },
+}
+
+impl<'a> Row<'a> {
+    fn get(&self, column: &str) -> Option<&'a Value> {
+        match self {
+            Row::Object(row) => row.get(column),
+            Row::Columns { columns, index } => columns
+                .iter()
+                .find(|(name, _)| name.as_str() == column)
+                .and_then(|(_, values)| values.get(*index)),
+        }
+    }
+
+    fn values(&self) -> Vec<(&'a str, &'a Value)> {
+        match self {
+            Row::Object(row) => row.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+            Row::Columns { columns, index } => columns
+                .iter()
+                .filter_map(|(name, values)| Some((name.as_str(), values.get(*index)?)))
+                .collect(),
+        }
+    }
+}
+
+/// The rows of a change's `rows` value, checked: an array of objects, or an object of column
+/// arrays of one length. Returns how many rows there are and how to reach each.
+enum Rows<'a> {
+    Objects(&'a [Value]),
+    Columns {
+        columns: Vec<(&'a String, &'a Vec<Value>)>,
+        len: usize,
+    },
+}
+
+impl<'a> Rows<'a> {
+    fn parse(rows: Option<&'a Value>) -> Result<Rows<'a>, RenderError> {
+        match rows {
+            Some(Value::Array(rows)) => Ok(Rows::Objects(rows)),
+            Some(Value::Object(object)) if !object.is_empty() => {
+                let mut columns = Vec::with_capacity(object.len());
+                for (column, values) in object {
+                    let Value::Array(values) = values else {
+                        return Err(RenderError::NotAColumn {
+                            column: column.clone(),
+                            value: truncate(&values.to_string(), 80),
+                        });
+                    };
+                    columns.push((column, values));
+                }
+                let (first, first_values) = columns[0];
+                if let Some((column, values)) = columns
+                    .iter()
+                    .find(|(_, values)| values.len() != first_values.len())
+                {
+                    return Err(RenderError::RaggedColumns {
+                        first: first.clone(),
+                        first_len: first_values.len(),
+                        column: (*column).clone(),
+                        len: values.len(),
+                    });
+                }
+                let len = first_values.len();
+                Ok(Rows::Columns { columns, len })
+            }
+            Some(other) => Err(RenderError::NotAnArray(truncate(&other.to_string(), 80))),
+            None => Err(RenderError::NotAnArray("NULL".to_owned())),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Rows::Objects(rows) => rows.len(),
+            Rows::Columns { len, .. } => *len,
+        }
+    }
+
+    fn row(&self, index: usize) -> Result<Row<'_>, RenderError> {
+        match self {
+            Rows::Objects(rows) => match &rows[index] {
+                Value::Object(row) => Ok(Row::Object(row)),
+                other => Err(RenderError::NotAnObject {
+                    index,
+                    row: truncate(&other.to_string(), 80),
+                }),
+            },
+            Rows::Columns { columns, .. } => Ok(Row::Columns { columns, index }),
+        }
+    }
+}
+
+/// How many changed rows an outbox `rows` value stands for, in either form (1 when it names none,
+/// as `TRUNCATE` does, or cannot be read): what `cache_invalidator_changes_total` counts.
+pub fn changed_rows(rows: Option<&Value>) -> u64 {
+    match Rows::parse(rows) {
+        Ok(rows) => rows.len() as u64,
+        Err(_) => 1,
     }
 }
 
@@ -327,7 +445,10 @@ impl TableRule {
 }
 
 /// A change as recorded in the outbox: which table, which operation, and the recorded values of
-/// the affected rows (OLD and NEW rows alike: UPDATE records both).
+/// the affected rows (OLD and NEW rows alike: UPDATE records both). `rows` is column-wise as the
+/// triggers write it (`{"id": [1, 2], "author_id": [3, 4]}`, the i-th elements forming one row), or
+/// an array of objects (`[{"id": 1, "author_id": 3}, …]`) as older triggers, the `explain` command
+/// and hand-inserted rows have it.
 #[derive(Debug, Clone)]
 pub struct Change<'a> {
     pub table: &'a str,
@@ -475,24 +596,15 @@ impl RuleSet {
             "INSERT" | "UPDATE" | "DELETE" | "INVALIDATE" => {}
             other => return Err(RenderError::UnknownOperation(other.to_owned())),
         }
-        let rows = match change.rows {
-            Some(Value::Array(rows)) => rows,
-            Some(other) => return Err(RenderError::NotAnArray(truncate(&other.to_string(), 80))),
-            None => return Err(RenderError::NotAnArray("NULL".to_owned())),
-        };
-        for (index, row) in rows.iter().enumerate() {
-            let Value::Object(row) = row else {
-                return Err(RenderError::NotAnObject {
-                    index,
-                    row: truncate(&row.to_string(), 80),
-                });
-            };
+        let rows = Rows::parse(change.rows)?;
+        for index in 0..rows.len() {
+            let row = rows.row(index)?;
             for template in templates {
-                if let Some(pattern) = template.render(&self.key_prefix, row, index)? {
+                if let Some(pattern) = template.render(&self.key_prefix, &row, index)? {
                     expansion.patterns.insert(pattern);
                 }
             }
-            for (column, value) in row {
+            for (column, value) in row.values() {
                 let text = match value {
                     Value::String(text) => text.clone(),
                     Value::Number(number) => number.to_string(),
@@ -528,7 +640,12 @@ impl RuleSet {
         row.insert(column.to_owned(), Value::String(value.to_owned()));
         templates
             .iter()
-            .filter_map(|template| template.render(&self.key_prefix, &row, 0).ok().flatten())
+            .filter_map(|template| {
+                template
+                    .render(&self.key_prefix, &Row::Object(&row), 0)
+                    .ok()
+                    .flatten()
+            })
             .collect()
     }
 }
@@ -595,6 +712,96 @@ mod tests {
         assert_eq!(patterns.len(), 2);
         assert!(patterns.contains(":1:studentreport:3:*"));
         assert!(patterns.contains(":1:reportlist:student-reports:4:*"));
+    }
+
+    #[test]
+    fn column_wise_rows_expand_like_an_array_of_objects() {
+        let rules = RuleSet::builtin();
+        let objects = json!([
+            {"id": 7, "author_id": 1},
+            {"id": 7, "author_id": 2},
+            {"id": 8, "author_id": "x*"}
+        ]);
+        let columns = json!({"id": [7, 7, 8], "author_id": [1, 2, "x*"]});
+        let expected = expand(&rules, "reports_report", "UPDATE", objects.clone());
+        assert_eq!(expected.len(), 5);
+        assert!(expected.contains(":1:reportlist:reports:x\\*:*"));
+        assert_eq!(
+            expand(&rules, "reports_report", "UPDATE", columns.clone()),
+            expected
+        );
+        assert_eq!(changed_rows(Some(&objects)), 3);
+        assert_eq!(changed_rows(Some(&columns)), 3);
+        assert_eq!(changed_rows(None), 1);
+        let change = Change {
+            table: "reports_report",
+            operation: "UPDATE",
+            rows: Some(&columns),
+        };
+        let expansion = rules.expand(&change).expect("renders");
+        assert_eq!(expansion.ids.into_iter().collect::<Vec<_>>(), ["7", "8"]);
+        assert_eq!(
+            expansion.owners.into_iter().collect::<Vec<_>>(),
+            ["1", "2", "x*"]
+        );
+    }
+
+    #[test]
+    fn null_in_a_column_array_skips_only_its_pattern() {
+        let rules = RuleSet::builtin();
+        let patterns = expand(
+            &rules,
+            "reports_studentreport",
+            "DELETE",
+            json!({"id": [3, 4], "student_id": [null, 5], "teacher_id": [6, null]}),
+        );
+        let expected: BTreeSet<String> = [
+            ":1:studentreport:3:*",
+            ":1:studentreport:4:*",
+            ":1:reportlist:student-reports:5:*",
+            ":1:reportlist:student-reports:6:*",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(patterns, expected);
+    }
+
+    #[test]
+    fn malformed_column_wise_rows_say_what_is_wrong() {
+        let rules = RuleSet::builtin();
+        let render = |rows: Value| {
+            rules
+                .expand(&Change {
+                    table: "reports_report",
+                    operation: "UPDATE",
+                    rows: Some(&rows),
+                })
+                .expect_err("malformed")
+        };
+        assert_eq!(
+            render(json!({"author_id": [1, 2], "id": [7]})).to_string(),
+            "column \"id\" holds 1 values but column \"author_id\" holds 2: the arrays of one \
+             change must be equally long"
+        );
+        assert!(matches!(
+            render(json!({"author_id": 1, "id": [7]})),
+            RenderError::NotAColumn { ref column, .. } if column == "author_id"
+        ));
+        assert!(matches!(
+            render(json!({"id": [7]})),
+            RenderError::MissingColumn { ref column, .. } if column == "author_id"
+        ));
+        assert!(matches!(
+            render(json!({"id": [[7]], "author_id": [1]})),
+            RenderError::Unrenderable { ref column, .. } if column == "id"
+        ));
+        // An object with no column names no row: it cannot be told from a lost change.
+        assert!(matches!(render(json!({})), RenderError::NotAnArray(_)));
+        assert!(matches!(render(json!("text")), RenderError::NotAnArray(_)));
+        // Equal arrays of no values are a change of no rows: nothing to clear, nothing wrong.
+        let empty = json!({"id": [], "author_id": []});
+        assert!(expand(&rules, "reports_report", "UPDATE", empty).is_empty());
     }
 
     #[test]

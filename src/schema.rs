@@ -6,6 +6,12 @@
 //! outbox rows of at most [`ROWS_PER_OUTBOX_ENTRY`] values each, then sends one constant-payload
 //! `pg_notify` (Postgres folds identical notifications in a transaction, so a statement or a whole
 //! transaction wakes the worker once, at commit, and a rollback sends nothing).
+//!
+//! An outbox row holds its values column-wise, `{"author_id": [3, 4], "id": [1, 2]}` (the i-th
+//! element of every array is one changed row), because that is what the trigger builds cheapest:
+//! one `array_agg` per column and one JSON object per outbox row, where an array of objects
+//! (`[{"author_id": 3, "id": 1}, …]`) built one JSON object per changed row and cost a 10,000-row
+//! `UPDATE` 2.7× its time without triggers. The worker reads both forms ([`crate::rules`]).
 
 use std::fmt::Write as _;
 
@@ -32,6 +38,12 @@ pub enum SchemaError {
         table: String,
         column: String,
         used_by: String,
+    },
+    #[error("table {table}: column {column:?} cannot be recorded for a key: {reason}")]
+    UnusableColumn {
+        table: String,
+        column: String,
+        reason: String,
     },
     #[error("postgres: {}", crate::postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -67,8 +79,9 @@ fn base_sql() -> String {
         r#"CREATE SCHEMA IF NOT EXISTS {SCHEMA};
 
 -- One row per captured statement (per {ROWS_PER_OUTBOX_ENTRY} changed rows of it): the values the key
--- templates need, OLD and NEW alike, as a JSON array of objects. The worker deletes a row only after
--- Redis confirmed the deletes of its keys.
+-- templates need, OLD and NEW alike, one JSON array per column ({{"id": [1, 2], "author_id": [3, 4]}});
+-- a JSON array of objects ([{{"id": 1, "author_id": 3}}, …]) is read too. The worker deletes a row only
+-- after Redis confirmed the deletes of its keys.
 CREATE TABLE IF NOT EXISTS {SCHEMA}.outbox (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -124,54 +137,126 @@ GRANT EXECUTE ON FUNCTION {SCHEMA}.invalidate_user(text), {SCHEMA}.invalidate_us
     )
 }
 
-/// `jsonb_build_object('id', r."id", …)` over the rule's columns, reading from alias `r`.
-fn row_object(columns: &[String]) -> String {
+/// How the trigger takes one outbox row's share of a column array: elements `s.n` to
+/// `s.n + ROWS_PER_OUTBOX_ENTRY - 1` (`generate_series` steps `s.n` by [`ROWS_PER_OUTBOX_ENTRY`]).
+/// Written once because [`recorded_columns`] reads it back.
+fn chunk_slice() -> String {
+    format!("[s.n:s.n + {}])", ROWS_PER_OUTBOX_ENTRY - 1)
+}
+
+/// The outbox `rows` value of one chunk: `jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]),
+/// …)` over the rule's columns, reading the column arrays of alias `c`.
+fn chunk_object(columns: &[String]) -> String {
     let pairs: Vec<String> = columns
         .iter()
-        .map(|column| format!("{}, r.{}", quote_literal(column), quote_ident(column)))
+        .map(|column| {
+            format!(
+                "{}, to_jsonb(c.{}{}",
+                quote_literal(column),
+                quote_ident(column),
+                chunk_slice()
+            )
+        })
         .collect();
     format!("jsonb_build_object({})", pairs.join(", "))
 }
 
+/// `r."a", r."b"`: the recorded columns of alias `r`.
+fn column_list(columns: &[String]) -> String {
+    let list: Vec<String> = columns
+        .iter()
+        .map(|c| format!("r.{}", quote_ident(c)))
+        .collect();
+    list.join(", ")
+}
+
 /// The SELECT that yields the distinct recorded values of an UPDATE statement.
-fn update_values(rule: &TableRule, object: &str) -> String {
+///
+/// Duplicates are removed on the columns' own values, before any JSON is built: a bulk UPDATE
+/// that changes no recorded column has identical OLD and NEW values, and halving what is turned
+/// into JSON costs less than the hashing (measured on 10,000 rows: 6.4 ms with the `UNION`, 9.5 ms
+/// without). That needs an equality operator on each recorded column's type, which `install`
+/// checks ([`validate_against_database`]).
+fn update_values(rule: &TableRule, columns: &str) -> String {
     if rule.watch.is_empty() {
-        return format!(
-            "SELECT {object} AS v FROM old_rows r UNION SELECT {object} FROM new_rows r"
-        );
+        return format!("SELECT {columns} FROM old_rows r UNION SELECT {columns} FROM new_rows r");
     }
     // With `watch`, a row counts only if one of the watched columns (or a recorded one) changed:
     // its OLD and NEW tuples then differ, so each survives the EXCEPT against the other side.
     // The tuples are compared as text (`ROW(…)::text`, each value in its type's output form):
-    // EXCEPT needs an equality operator, which `json`, `point` or `xml` columns lack, and a
-    // trigger failing on them would make the app's UPDATEs fail.
-    let mut compared: Vec<String> = rule.columns();
+    // a watched column need not be recorded, and `json`, `point` or `xml` columns have no
+    // equality operator; a trigger failing on them would make the app's UPDATEs fail.
+    let recorded = rule.columns();
+    let mut compared = recorded.clone();
     for column in &rule.watch {
         if !compared.contains(column) {
             compared.push(column.clone());
         }
     }
-    let list: Vec<String> = compared
+    let image = format!("ROW({})::text AS image", column_list(&compared));
+    let compared_list = if recorded.is_empty() {
+        image
+    } else {
+        format!("{columns}, {image}")
+    };
+    let outer: Vec<String> = recorded
         .iter()
-        .map(|c| format!("r.{}", quote_ident(c)))
+        .map(|c| format!("d.{}", quote_ident(c)))
         .collect();
-    let image = format!("ROW({})::text", list.join(", "));
+    let outer = outer.join(", ");
     format!(
-        "SELECT v FROM (SELECT {object} AS v, {image} FROM old_rows r EXCEPT ALL SELECT {object}, {image} FROM new_rows r) o \
-         UNION SELECT v FROM (SELECT {object} AS v, {image} FROM new_rows r EXCEPT ALL SELECT {object}, {image} FROM old_rows r) n"
+        "SELECT {outer} FROM (SELECT {compared_list} FROM old_rows r EXCEPT ALL SELECT {compared_list} FROM new_rows r) d \
+         UNION SELECT {outer} FROM (SELECT {compared_list} FROM new_rows r EXCEPT ALL SELECT {compared_list} FROM old_rows r) d"
+    )
+}
+
+/// The statement that writes a captured statement's `values` (a SELECT of the recorded columns)
+/// into the outbox, [`ROWS_PER_OUTBOX_ENTRY`] rows of values per outbox row.
+fn insert_sql(rule: &TableRule, values: &str) -> String {
+    let table = quote_literal(&rule.table.to_string());
+    let columns = rule.columns();
+    let Some(first) = columns.first() else {
+        // A rule whose keys name no column (`static:*`): any changed row clears the same
+        // patterns, so one value-less row stands for all of them.
+        return format!(
+            "INSERT INTO {SCHEMA}.outbox (table_name, op, rows)\n\
+             \x20       SELECT {table}, TG_OP, '[{{}}]'::jsonb WHERE EXISTS ({values});"
+        );
+    };
+    // One array per column over all the statement's distinct values (`array_agg` feeds every
+    // aggregate of a row together, so the i-th elements belong to one row), then one outbox row per
+    // slice. Slicing avoids a window function and a second grouping: measured 8.4 ms against
+    // 9.4 ms for `row_number()` chunks on 10,000 rows, and it stays linear (1.6 M values: 0.4 s).
+    // `to_jsonb` of an array keeps NULL elements as JSON nulls, which skip their patterns.
+    let aggregates: Vec<String> = columns
+        .iter()
+        .map(|c| format!("array_agg(d.{0}) AS {0}", quote_ident(c)))
+        .collect();
+    format!(
+        "INSERT INTO {SCHEMA}.outbox (table_name, op, rows)\n\
+         \x20       SELECT {table}, TG_OP, {object}\n\
+         \x20       FROM (SELECT {aggregates} FROM ({values}) d) c,\n\
+         \x20            generate_series(1, cardinality(c.{first}), {ROWS_PER_OUTBOX_ENTRY}) AS s(n);",
+        object = chunk_object(&columns),
+        aggregates = aggregates.join(", "),
+        first = quote_ident(first),
     )
 }
 
 fn capture_function_sql(rule: &TableRule) -> String {
     let table = quote_literal(&rule.table.to_string());
-    let object = row_object(&rule.columns());
-    let insert = |values: &str| {
-        format!(
-            "INSERT INTO {SCHEMA}.outbox (table_name, op, rows)\n\
-             \x20       SELECT {table}, TG_OP, jsonb_agg(v)\n\
-             \x20       FROM (SELECT v, (row_number() OVER () - 1) / {ROWS_PER_OUTBOX_ENTRY} AS chunk FROM ({values}) d) c\n\
-             \x20       GROUP BY chunk;"
-        )
+    let columns = column_list(&rule.columns());
+    let distinct = |transition: &str| {
+        if rule.columns().is_empty() {
+            format!("SELECT FROM {transition} r")
+        } else {
+            format!("SELECT DISTINCT {columns} FROM {transition} r")
+        }
+    };
+    let update = if rule.columns().is_empty() && rule.watch.is_empty() {
+        "SELECT FROM new_rows r".to_owned()
+    } else {
+        update_values(rule, &columns)
     };
     format!(
         r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
@@ -194,9 +279,9 @@ END
 $fn$;
 "#,
         function = capture_function(rule),
-        insert_new = insert(&format!("SELECT DISTINCT {object} AS v FROM new_rows r")),
-        insert_update = insert(&update_values(rule, &object)),
-        insert_old = insert(&format!("SELECT DISTINCT {object} AS v FROM old_rows r")),
+        insert_new = insert_sql(rule, &distinct("new_rows")),
+        insert_update = insert_sql(rule, &update),
+        insert_old = insert_sql(rule, &distinct("old_rows")),
     )
 }
 
@@ -371,6 +456,56 @@ pub async fn validate_against_database(
                 });
             }
         }
+        for column in rule.columns() {
+            recordable(client, rule, oid, &column).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the trigger can gather a recorded column: it removes duplicates on the column's own
+/// values (which needs an equality operator: `json`, `point` or `xml` have none) and collects each
+/// column into one array (an array column would make a multi-dimensional one, which fails on rows
+/// of different lengths). Either would make the app's writes fail, so `install` refuses first;
+/// neither kind of value can be put in a cache key anyway.
+async fn recordable(
+    client: &Client,
+    rule: &TableRule,
+    oid: i64,
+    column: &str,
+) -> Result<(), SchemaError> {
+    let unusable = |reason: String| SchemaError::UnusableColumn {
+        table: rule.table.to_string(),
+        column: column.to_owned(),
+        reason,
+    };
+    let row = client
+        .query_one(
+            "SELECT format_type(t.oid, NULL), coalesce(b.typcategory, t.typcategory)::text \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_type b ON b.oid = t.typbasetype \
+             WHERE a.attrelid = $1::bigint::oid AND a.attname = $2",
+            &[&oid, &column],
+        )
+        .await?;
+    let type_name: String = row.get(0);
+    let category: String = row.get(1);
+    if category == "A" {
+        return Err(unusable(format!("it holds arrays ({type_name})")));
+    }
+    let probe = format!(
+        "EXPLAIN SELECT DISTINCT r.{} FROM {} r",
+        quote_ident(column),
+        qualified_table(rule)
+    );
+    if let Err(error) = client.query(probe.as_str(), &[]).await {
+        if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) {
+            return Err(unusable(format!(
+                "its type {type_name} has no equality operator, which the trigger needs to \
+                 record each value once"
+            )));
+        }
+        return Err(error.into());
     }
     Ok(())
 }
@@ -493,15 +628,23 @@ fn body_difference(installed_body: &str, wanted: &[String]) -> String {
         .to_owned()
 }
 
-/// The columns a capture function records: the keys of its first `jsonb_build_object('c', r."c",
-/// …)` as [`row_object`] writes it. `None` when the body does not have that shape.
+/// The columns a capture function records: the keys of its first `jsonb_build_object('c',
+/// to_jsonb(c."c"[s.n:s.n + 63]), …)` as [`chunk_object`] writes it, or `jsonb_build_object('c',
+/// r."c", …)` as versions before the column-wise outbox did (so `check` still names the columns
+/// of a trigger installed by them). `None` when the body has neither shape.
 fn recorded_columns(body: &str) -> Option<Vec<String>> {
     let start = body.find("jsonb_build_object(")? + "jsonb_build_object(".len();
     let mut rest = &body[start..];
     let mut columns = Vec::new();
+    let slice = chunk_slice();
     loop {
         let (name, after) = take_quoted(rest, '\'')?;
-        let (_, after) = take_quoted(after.strip_prefix(", r.")?, '"')?;
+        let after = if let Some(value) = after.strip_prefix(", to_jsonb(c.") {
+            let (_, after) = take_quoted(value, '"')?;
+            after.strip_prefix(slice.as_str())?
+        } else {
+            take_quoted(after.strip_prefix(", r.")?, '"')?.1
+        };
         columns.push(name);
         if after.starts_with(')') {
             return Some(columns);
@@ -553,9 +696,14 @@ mod tests {
         let mut columns = recorded_columns(function_body(&sql)).expect("parsable");
         columns.sort();
         assert_eq!(columns, ["author_id", "id"]);
+        // The shape installed before the column-wise outbox.
         assert_eq!(
             recorded_columns("jsonb_build_object('it''s', r.\"it's\", 'b', r.\"b\")"),
             Some(vec!["it's".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(
+            recorded_columns(&chunk_object(&["it's".to_owned(), "a\"b".to_owned()])),
+            Some(vec!["it's".to_owned(), "a\"b".to_owned()])
         );
         assert_eq!(recorded_columns("BEGIN END"), None);
     }
@@ -563,7 +711,8 @@ mod tests {
     #[test]
     fn install_sql_records_only_the_columns_templates_need() {
         let sql = install_sql(&RuleSet::builtin());
-        assert!(sql.contains("jsonb_build_object('author_id', r.\"author_id\", 'id', r.\"id\")"));
+        assert!(sql.contains("jsonb_build_object('author_id', to_jsonb(c.\"author_id\"[s.n:s.n + 63]), 'id', to_jsonb(c.\"id\"[s.n:s.n + 63]))"));
+        assert!(sql.contains("SELECT r.\"author_id\", r.\"id\" FROM old_rows r UNION SELECT r.\"author_id\", r.\"id\" FROM new_rows r"));
         assert!(sql.contains("CREATE TRIGGER \"cache_invalidator_upd\" AFTER UPDATE ON \"reports_report\" REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
         assert!(sql.contains("pg_notify('cache_invalidator', '')"));
     }
