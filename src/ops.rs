@@ -303,7 +303,7 @@ pub async fn invalidate(
     let specs: Vec<PatternSpec> = patterns
         .iter()
         .map(|pattern| PatternSpec {
-            pattern: pattern.clone(),
+            pattern: pattern.as_str().into(),
             label: label.clone(),
         })
         .collect();

@@ -41,9 +41,11 @@ pub struct SweepError {
 }
 
 /// A pattern a window asks to clear, with the label its deleted keys are counted under (the table).
+/// The text is shared: the worker's job, the refill guard's queue and the sweeper's index all hold
+/// the same allocation, since tens of thousands of patterns can be active at once.
 #[derive(Debug, Clone)]
 pub struct PatternSpec {
-    pub pattern: String,
+    pub pattern: Arc<str>,
     pub label: Arc<str>,
 }
 
@@ -72,7 +74,7 @@ pub struct StepReport {
 
 #[derive(Debug)]
 struct PatternState {
-    text: String,
+    text: Arc<str>,
     label: Arc<str>,
     first_pass_refs: u32,
     refill_refs: u32,
@@ -137,7 +139,9 @@ struct NodeScan {
 pub struct Sweeper {
     nodes: Vec<NodeScan>,
     matcher: Matcher,
-    by_text: HashMap<String, PatternId>,
+    by_text: HashMap<Arc<str>, PatternId>,
+    /// Patterns some first-pass window still asks for (the rest only a refill guard holds).
+    first_pass_patterns: usize,
     patterns: Vec<Option<PatternState>>,
     free_ids: Vec<PatternId>,
     windows: Vec<Window>,
@@ -159,6 +163,7 @@ impl Sweeper {
                 .collect(),
             matcher: Matcher::default(),
             by_text: HashMap::new(),
+            first_pass_patterns: 0,
             patterns: Vec::new(),
             free_ids: Vec::new(),
             windows: Vec::new(),
@@ -174,6 +179,14 @@ impl Sweeper {
     /// Distinct patterns being matched: what the worker's memory grows with.
     pub fn active_patterns(&self) -> usize {
         self.by_text.len()
+    }
+
+    /// Distinct patterns that a first-pass window asks for. The worker's claim cap counts these:
+    /// a refill guard's patterns were first-pass patterns at most one guard delay and one pass
+    /// earlier, so they are bounded by the same cap, and counting them would pause claims for
+    /// patterns that no longer hold any outbox row back.
+    pub fn first_pass_patterns(&self) -> usize {
+        self.first_pass_patterns
     }
 
     pub fn is_busy(&self) -> bool {
@@ -192,7 +205,7 @@ impl Sweeper {
         let mut pattern_ids = Vec::with_capacity(patterns.len());
         let mut matched_at_join = Vec::with_capacity(patterns.len());
         for spec in patterns {
-            let pattern_id = match self.by_text.get(&spec.pattern) {
+            let pattern_id = match self.by_text.get(&*spec.pattern) {
                 Some(&existing) => existing,
                 None => {
                     let pattern_id = match self.free_ids.pop() {
@@ -220,6 +233,9 @@ impl Sweeper {
             if refill {
                 state.refill_refs += 1;
             } else {
+                if state.first_pass_refs == 0 {
+                    self.first_pass_patterns += 1;
+                }
                 state.first_pass_refs += 1;
             }
             pattern_ids.push(pattern_id);
@@ -254,6 +270,7 @@ impl Sweeper {
         self.windows.clear();
         self.matcher = Matcher::default();
         self.by_text.clear();
+        self.first_pass_patterns = 0;
         self.patterns.clear();
         self.free_ids.clear();
         for node in &mut self.nodes {
@@ -404,9 +421,12 @@ impl Sweeper {
                 state.refill_refs -= 1;
             } else {
                 state.first_pass_refs -= 1;
+                if state.first_pass_refs == 0 {
+                    self.first_pass_patterns -= 1;
+                }
             }
             if state.first_pass_refs == 0 && state.refill_refs == 0 {
-                let text = std::mem::take(&mut state.text);
+                let text = state.text.clone();
                 self.matcher.remove(&text, *pattern_id);
                 self.by_text.remove(&text);
                 self.patterns[*pattern_id as usize] = None;

@@ -31,9 +31,17 @@ pub const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
 
 /// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
-/// Patterns being swept at once. Claims pause above it, so memory does not grow with the backlog
-/// (~100 bytes a pattern with its matcher entry: a few MB).
+/// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
+/// backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
+/// refill guard's patterns are not counted: they come from windows already finished, at most one
+/// guard delay and one pass earlier, so the claim rate bounds them too.
 pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
+/// While a sweep runs, claims are at least this far apart (unless the last one was full). A window
+/// joining the pass waits a full round anyway (about a second at 1M keys), so 50 ms more is small.
+/// Claiming on every notification instead made ~150 windows of 3–4 outbox rows a second at 5,000
+/// row changes/s (measured at 1M keys): a claim and an ack round trip to Postgres each, between
+/// `SCAN` steps, plus as many refill-guard windows; spaced, it is ~20 windows a second.
+const CLAIM_INTERVAL_WHILE_SWEEPING: Duration = Duration::from_millis(50);
 /// How often the listener refreshes the backlog gauges that `/healthz` and metrics show.
 const BACKLOG_REFRESH: Duration = Duration::from_secs(2);
 /// At stop, giving the claimed rows back (a `ROLLBACK` per epoch) may wait this long; a server that
@@ -240,6 +248,8 @@ impl Worker {
         let mut last_poll = Instant::now();
         let mut stop_deadline: Option<Instant> = None;
         let mut step_abandoned = false;
+        let mut last_claim = Instant::now();
+        let mut claim_throttled = false;
         loop {
             self.systemd.tick(self.health.is_healthy());
             if shutdown.is_cancelled() && stop_deadline.is_none() {
@@ -272,6 +282,10 @@ impl Worker {
                     return Ok(());
                 }
             }
+            // Claims are spaced only while a sweep runs; an idle worker claims at once.
+            if !self.sweeper.as_ref().is_some_and(Sweeper::is_busy) {
+                claim_throttled = false;
+            }
             if self.wake.notified().now_or_never().is_some() {
                 dirty = true;
             }
@@ -290,11 +304,15 @@ impl Worker {
                 && self
                     .sweeper
                     .as_ref()
-                    .is_some_and(|s| s.active_patterns() < MAX_ACTIVE_PATTERNS);
+                    .is_some_and(|s| s.first_pass_patterns() < MAX_ACTIVE_PATTERNS)
+                && (!claim_throttled || last_claim.elapsed() >= CLAIM_INTERVAL_WHILE_SWEEPING);
             if dirty && claim_allowed {
                 dirty = false;
                 match self.outbox.claim(CLAIM_LIMIT).await {
                     Ok(Some(claim)) => {
+                        last_claim = Instant::now();
+                        // A full claim means a backlog: catch up without waiting.
+                        claim_throttled = !claim.full;
                         claim_retry_at = None;
                         claim_delays = reconnect_delays();
                         if claim.full {
@@ -404,7 +422,7 @@ impl Worker {
             patterns: Vec::new(),
             started: Instant::now(),
         };
-        let mut pattern_index: HashMap<String, usize> = HashMap::new();
+        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
         let mut labels: HashMap<String, Arc<str>> = HashMap::new();
         for row in &claim.rows {
             let change = Change {
@@ -420,20 +438,22 @@ impl Worker {
                         .clone();
                     let mut indexes = Vec::with_capacity(expansion.patterns.len());
                     for pattern in expansion.patterns {
-                        let next = job.patterns.len();
-                        let index = *pattern_index.entry(pattern.clone()).or_insert_with(|| {
-                            job.patterns.push(PatternSpec {
-                                pattern,
-                                label: label.clone(),
-                            });
-                            next
-                        });
+                        let index = match pattern_index.get(pattern.as_str()) {
+                            Some(&index) => index,
+                            None => {
+                                let pattern: Arc<str> = Arc::from(pattern);
+                                let index = job.patterns.len();
+                                pattern_index.insert(pattern.clone(), index);
+                                job.patterns.push(PatternSpec {
+                                    pattern,
+                                    label: label.clone(),
+                                });
+                                index
+                            }
+                        };
                         indexes.push(index);
                     }
-                    let changed_rows = match &row.rows {
-                        Some(serde_json::Value::Array(rows)) => rows.len() as u64,
-                        _ => 1,
-                    };
+                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
                     *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
                     job.done.push(row.id);
                     job.changes.push(ChangeNote {

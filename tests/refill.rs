@@ -112,7 +112,7 @@ async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
     let mut sweeper = Sweeper::new(target.connect().await.expect("connect"));
     let label: Arc<str> = Arc::from("reports_report");
     let spec = |pattern: &str| PatternSpec {
-        pattern: pattern.to_owned(),
+        pattern: pattern.into(),
         label: label.clone(),
     };
     let mut connection = redis_connection(url).await;

@@ -9,9 +9,9 @@
 
 use std::collections::HashSet;
 
-use redis::aio::MultiplexedConnection;
 use tokio::task::JoinSet;
 
+use crate::nodes::Nodes;
 use crate::stats::hash;
 
 /// One of the four report tables and the keys its rows own.
@@ -61,7 +61,8 @@ pub const KINDS: [Kind; 4] = [
 /// Cached values are pickled report fragments: their size barely matters to `SCAN`, but it keeps
 /// Redis' memory realistic.
 const VALUE: &[u8] = &[b'v'; 120];
-/// `SET`s per pipeline while filling, and pipelines in flight: enough to keep Redis busy.
+/// `SET`s per pipeline while filling, and pipelines in flight (over all primaries): enough to
+/// keep Redis busy.
 const FILL_BATCH: usize = 5_000;
 const FILL_IN_FLIGHT: usize = 4;
 
@@ -207,58 +208,48 @@ impl RowChange {
     }
 }
 
-/// Fills Redis with the layout's keys; returns how many it holds afterwards (`DBSIZE`).
-pub async fn fill(connection: &MultiplexedConnection, layout: &Layout) -> u64 {
-    let mut keys = layout.all_keys();
+/// Fills Redis with the layout's keys, each on its primary; returns how many it holds afterwards
+/// (`DBSIZE` summed over the primaries).
+pub async fn fill(nodes: &Nodes, layout: &Layout) -> u64 {
+    let mut batches: Vec<Vec<String>> = vec![Vec::new(); nodes.len()];
     let mut in_flight = JoinSet::new();
+    let mut keys = layout.all_keys();
     loop {
-        let batch: Vec<String> = keys.by_ref().take(FILL_BATCH).collect();
-        if batch.is_empty() {
+        let key = keys.next();
+        let done = key.is_none();
+        if let Some(key) = key {
+            batches[nodes.router.node_of(&key)].push(key);
+        }
+        for (node, batch) in batches.iter_mut().enumerate() {
+            if batch.is_empty() || (batch.len() < FILL_BATCH && !done) {
+                continue;
+            }
+            if in_flight.len() >= FILL_IN_FLIGHT {
+                if let Some(Err(error)) = in_flight.join_next().await {
+                    panic!("a fill pipeline failed: {error}");
+                }
+            }
+            let batch = std::mem::take(batch);
+            let mut connection = nodes.connections[node].clone();
+            in_flight.spawn(async move {
+                let mut pipe = redis::pipe();
+                for key in &batch {
+                    pipe.cmd("SET").arg(key).arg(VALUE).ignore();
+                }
+                let () = pipe
+                    .query_async(&mut connection)
+                    .await
+                    .expect("filling the private redis");
+            });
+        }
+        if done {
             break;
         }
-        if in_flight.len() >= FILL_IN_FLIGHT {
-            if let Some(Err(error)) = in_flight.join_next().await {
-                panic!("a fill pipeline failed: {error}");
-            }
-        }
-        let mut connection = connection.clone();
-        in_flight.spawn(async move {
-            let mut pipe = redis::pipe();
-            for key in &batch {
-                pipe.cmd("SET").arg(key).arg(VALUE).ignore();
-            }
-            let () = pipe
-                .query_async(&mut connection)
-                .await
-                .expect("filling the private redis");
-        });
     }
-    while let Some(done) = in_flight.join_next().await {
-        if let Err(error) = done {
+    while let Some(finished) = in_flight.join_next().await {
+        if let Err(error) = finished {
             panic!("a fill pipeline failed: {error}");
         }
     }
-    dbsize(connection).await
-}
-
-pub async fn dbsize(connection: &MultiplexedConnection) -> u64 {
-    redis::cmd("DBSIZE")
-        .query_async(&mut connection.clone())
-        .await
-        .expect("DBSIZE")
-}
-
-/// How many of `keys` exist, in pipelined `EXISTS` batches.
-pub async fn count_existing(connection: &MultiplexedConnection, keys: &HashSet<String>) -> u64 {
-    let keys: Vec<&String> = keys.iter().collect();
-    let mut total = 0;
-    for chunk in keys.chunks(FILL_BATCH) {
-        let count: u64 = redis::cmd("EXISTS")
-            .arg(chunk)
-            .query_async(&mut connection.clone())
-            .await
-            .expect("EXISTS");
-        total += count;
-    }
-    total
+    nodes.dbsize().await
 }

@@ -2,7 +2,7 @@
 //! builds itself (issue 5). Run it from the repository root:
 //!
 //! ```text
-//! cargo run --release --bin bench -- [--quick] [--keys N]
+//! cargo run --release --bin bench -- [--quick] [--keys N] [--cluster]
 //! ```
 //!
 //! Per keyspace size: a private `redis-server` filled with a django-redis keyspace, a scratch
@@ -11,9 +11,15 @@
 //! committed changes), and the naive `delete_pattern` way on a sample. On the largest size also the
 //! triggers' cost on the app's writes and a sustained load from a separate process against the
 //! daemon running as its own process. Prints one table; progress goes to stderr.
+//!
+//! `--cluster` measures the same against a private Redis Cluster of three primaries on this
+//! machine (the daemon at `redis+cluster://…`): every `SCAN` pass, the reference's and the naive
+//! way's, runs on all primaries in parallel, as the daemon's sweep does. The trigger-overhead rows
+//! are left out there: they measure Postgres alone, and the single-server run has them.
 
 mod keyspace;
 mod measure;
+mod nodes;
 mod probe;
 mod scratch;
 mod stats;
@@ -50,6 +56,9 @@ struct Cli {
     /// Seconds of sustained load [default: 60; --quick: 10]
     #[arg(long)]
     sustained_seconds: Option<u64>,
+    /// Against a private Redis Cluster of 3 primaries instead of one redis-server
+    #[arg(long)]
+    cluster: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +76,8 @@ const NAIVE_SAMPLE: usize = 20;
 const IDLE_REPEATS: usize = 7;
 /// GETs sampled on the idle Redis before the sweeps.
 const IDLE_GET_PERIOD: Duration = Duration::from_secs(3);
+/// Primaries of the `--cluster` run (issue 7: "3 primaries on this machine").
+const CLUSTER_PRIMARIES: usize = 3;
 
 /// One line of the result table.
 struct Line {
@@ -117,8 +128,17 @@ async fn main() {
             largest,
             quick: cli.quick,
             sustained_seconds,
+            cluster: cli.cluster,
         };
         lines.extend(measure_size(&cli.database_url, &rules, &worker_binary, options).await);
+    }
+    if cli.cluster {
+        println!(
+            "Redis Cluster, {CLUSTER_PRIMARIES} primaries (private redis-servers on this machine, \
+             no replicas; the daemon at `redis+cluster://…`)\n"
+        );
+    } else {
+        println!("one redis-server (private, on this machine)\n");
     }
     print_table(&lines);
     println!(
@@ -135,6 +155,8 @@ struct SizeOptions {
     largest: bool,
     quick: bool,
     sustained_seconds: u64,
+    /// A private Redis Cluster of [`CLUSTER_PRIMARIES`] instead of one server.
+    cluster: bool,
 }
 
 async fn measure_size(
@@ -144,18 +166,19 @@ async fn measure_size(
     options: SizeOptions,
 ) -> Vec<Line> {
     let layout = Layout::for_keys(options.keys);
-    let redis_server = scratch::PrivateRedis::start();
-    let redis = redis::Client::open(redis_server.url())
-        .expect("the private redis URL")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the private redis");
+    let redis_server = if options.cluster {
+        scratch::PrivateRedis::start_cluster(CLUSTER_PRIMARIES)
+    } else {
+        scratch::PrivateRedis::start()
+    };
+    let router = redis_server.router();
+    let redis = nodes::Nodes::connect(&redis_server.node_urls(), router.clone()).await;
     let fill_started = Instant::now();
     let size = keyspace::fill(&redis, &layout).await;
     let keys_label = thousands(size);
     eprintln!(
-        "[{keys_label} keys] filled the private redis (pid {}) in {}",
-        redis_server.pid(),
+        "[{keys_label} keys] filled the private redis (pid {:?}) in {}",
+        redis_server.pids(),
         show(fill_started.elapsed())
     );
     let db = scratch::ScratchDb::create(admin_url, &layout, rules).await;
@@ -174,15 +197,24 @@ async fn measure_size(
     let reference = measure::reference(&redis).await;
     let reference_s = reference.as_secs_f64();
     eprintln!("[{keys_label} keys] reference pass {}", show(reference));
+    let reference_label = if options.cluster {
+        format!(
+            "reference: one `SCAN MATCH :1:report:12345:* COUNT 1000` pass on each of the \
+             {CLUSTER_PRIMARIES} primaries, in parallel (median of 3)"
+        )
+    } else {
+        "reference: one `SCAN MATCH :1:report:12345:* COUNT 1000` pass (median of 3)".to_owned()
+    };
     lines.push(line(
-        "reference: one `SCAN MATCH :1:report:12345:* COUNT 1000` pass (median of 3)",
+        &reference_label,
         show(reference),
         "1.00×".into(),
         "",
         String::new(),
     ));
 
-    let triggers = if options.largest {
+    // Postgres alone: measured in the single-server run only.
+    let triggers = if options.largest && !options.cluster {
         let (rounds, per_round, bulk) = if options.quick {
             (4, 250, 3)
         } else {
@@ -203,7 +235,7 @@ async fn measure_size(
 
     let mut settings = Settings::new(Connections {
         database_url: SecretUrl::new(db.url.clone()),
-        redis_url: SecretUrl::new(redis_server.url()),
+        redis_url: SecretUrl::new(redis_server.daemon_url()),
         redis_ca_file: None,
     });
     // The issue measures the first pass alone: the refill guard's second pass is off here.
@@ -212,7 +244,7 @@ async fn measure_size(
     let daemon = tokio::spawn(cache_invalidator::run(settings, token.clone()));
     let mut rows = measure::Rows::new(layout, options.keys);
 
-    let probe = GetProbe::start(&redis_server.url(), layout);
+    let probe = GetProbe::start(&redis_server.node_urls(), router, layout);
     probe.set(Phase::Idle);
     tokio::time::sleep(IDLE_GET_PERIOD).await;
     probe.set(Phase::Off);
@@ -276,9 +308,14 @@ async fn measure_size(
         ),
     ));
     let naive_total = naive_per_change * BURST_CHANGES as u32;
+    let naive_way = if options.cluster {
+        "SCAN MATCH on every primary in parallel + DEL, per pattern per change"
+    } else {
+        "SCAN MATCH + DEL per pattern per change"
+    };
     lines.push(line(
         &format!(
-            "naive (`delete_pattern`: SCAN MATCH + DEL per pattern per change): {BURST_CHANGES} changes, \
+            "naive (`delete_pattern`: {naive_way}): {BURST_CHANGES} changes, \
              extrapolated from {NAIVE_SAMPLE}"
         ),
         format!(
@@ -296,8 +333,14 @@ async fn measure_size(
     let idle_p99 = percentile(&idle_gets, 99.0);
     let sweep_p99 = percentile(&sweep_gets, 99.0);
     let get_ratio = sweep_p99 / idle_p99.max(1e-9);
+    let get_label = if options.cluster {
+        "app `GET` p99 on the swept cluster (each GET to its key's primary): idle vs during the \
+         single-change sweeps"
+    } else {
+        "app `GET` p99 on the swept Redis: idle vs during the single-change sweeps"
+    };
     lines.push(line(
-        "app `GET` p99 on the swept Redis: idle vs during the single-change sweeps",
+        get_label,
         format!(
             "{idle_p99:.0} µs vs {sweep_p99:.0} µs ({} / {} GETs)",
             idle_gets.len(),
@@ -341,6 +384,8 @@ async fn measure_size(
             "≤ 1.5×",
             verdict(bulk <= 1.5, format!("{:+.0} %", (bulk / 1.5 - 1.0) * 100.0)),
         ));
+    }
+    if options.largest {
         let log = std::env::temp_dir().join(format!(
             "cache-invalidator-bench-{}.log",
             std::process::id()
@@ -353,7 +398,7 @@ async fn measure_size(
         let run = sustained::run(
             worker_binary,
             &db.url,
-            &redis_server.url(),
+            &redis_server.daemon_url(),
             &poller,
             &layout,
             options.sustained_seconds,

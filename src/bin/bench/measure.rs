@@ -15,7 +15,8 @@ use cache_invalidator::rules::{Change, RuleSet};
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
-use crate::keyspace::{count_existing, dbsize, Layout, RowChange, KINDS};
+use crate::keyspace::{Layout, RowChange, KINDS};
+use crate::nodes::Nodes;
 use crate::probe::{GetProbe, Phase};
 use crate::stats::{median, Rng};
 
@@ -28,8 +29,22 @@ const BURST_CONNECTIONS: usize = 4;
 /// `SCAN COUNT` of the reference pass and of the naive approach, as the issue defines them.
 const REFERENCE_COUNT: usize = 1000;
 
-/// One `SCAN MATCH pattern COUNT 1000` pass over the whole keyspace; returns the keys it matched.
-pub async fn scan_pass(connection: &MultiplexedConnection, pattern: &str) -> Vec<String> {
+/// One `SCAN MATCH pattern COUNT 1000` pass over the whole keyspace: on every primary at once,
+/// as the daemon sweeps a cluster; returns the keys it matched.
+pub async fn scan_pass(nodes: &Nodes, pattern: &str) -> Vec<String> {
+    let passes = nodes
+        .connections
+        .iter()
+        .map(|connection| scan_node(connection, pattern));
+    futures::future::join_all(passes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// One `SCAN MATCH pattern COUNT 1000` pass over one server.
+async fn scan_node(connection: &MultiplexedConnection, pattern: &str) -> Vec<String> {
     let mut connection = connection.clone();
     let mut cursor: u64 = 0;
     let mut found = Vec::new();
@@ -51,12 +66,13 @@ pub async fn scan_pass(connection: &MultiplexedConnection, pattern: &str) -> Vec
     }
 }
 
-/// The reference: one `SCAN 0 MATCH :1:report:12345:* COUNT 1000` pass, median of 3.
-pub async fn reference(connection: &MultiplexedConnection) -> Duration {
+/// The reference: one `SCAN 0 MATCH :1:report:12345:* COUNT 1000` pass (on every primary at
+/// once), median of 3.
+pub async fn reference(nodes: &Nodes) -> Duration {
     let mut times = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        scan_pass(connection, ":1:report:12345:*").await;
+        scan_pass(nodes, ":1:report:12345:*").await;
         times.push(started.elapsed());
     }
     median(&times)
@@ -172,7 +188,7 @@ pub struct Outcome {
 pub async fn committed_changes(
     clients: &[Client],
     poller: &Client,
-    redis: &MultiplexedConnection,
+    redis: &Nodes,
     layout: &Layout,
     changes: Vec<Planned>,
 ) -> Outcome {
@@ -180,8 +196,8 @@ pub async fn committed_changes(
     for planned in &changes {
         planned.change.must_go(layout, &mut must_go);
     }
-    let existing = count_existing(redis, &must_go).await;
-    let size_before = dbsize(redis).await;
+    let existing = redis.count_existing(&must_go).await;
+    let size_before = redis.dbsize().await;
 
     let mut shares: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
     for (index, planned) in changes.into_iter().enumerate() {
@@ -204,11 +220,14 @@ pub async fn committed_changes(
         .unwrap_or(started);
     let drained = wait_drained(poller).await;
 
-    let survivors = count_existing(redis, &must_go).await;
-    let size_after = dbsize(redis).await;
-    assert_eq!(
-        survivors, 0,
-        "{survivors} keys that had to go are still there"
+    let survivors = redis.existing(&must_go).await;
+    let size_after = redis.dbsize().await;
+    let left: usize = survivors.iter().map(Vec::len).sum();
+    assert!(
+        left == 0,
+        "{left} keys that had to go are still there (per primary: {:?}), e.g. {:?}",
+        survivors.iter().map(Vec::len).collect::<Vec<_>>(),
+        survivors.iter().flatten().take(5).collect::<Vec<_>>()
     );
     assert_eq!(
         size_before - size_after,
@@ -226,7 +245,7 @@ pub async fn committed_changes(
 pub async fn burst(
     db_url: &str,
     poller: &Client,
-    redis: &MultiplexedConnection,
+    redis: &Nodes,
     rows: &mut Rows,
     layout: &Layout,
     count: usize,
@@ -243,7 +262,7 @@ pub async fn burst(
 pub async fn idle_change(
     client: &Client,
     poller: &Client,
-    redis: &MultiplexedConnection,
+    redis: &Nodes,
     rows: &mut Rows,
     layout: &Layout,
     repeats: usize,
@@ -276,10 +295,11 @@ pub async fn idle_change(
 }
 
 /// The django-redis way (`cache.delete_pattern` in a post_save signal): for each change, for each
-/// pattern, one full `SCAN MATCH pattern COUNT 1000` and a pipeline deleting what it found.
+/// pattern, one full `SCAN MATCH pattern COUNT 1000` (on every primary of a cluster at once) and
+/// a pipeline deleting what it found.
 /// Returns the mean time per change over `sample` changes.
 pub async fn naive(
-    redis: &MultiplexedConnection,
+    redis: &Nodes,
     rules: &RuleSet,
     rows: &mut Rows,
     sample: usize,
@@ -299,16 +319,7 @@ pub async fn naive(
         patterns_total += expansion.patterns.len();
         for pattern in &expansion.patterns {
             let keys = scan_pass(redis, pattern).await;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for key in &keys {
-                    pipe.cmd("DEL").arg(key).ignore();
-                }
-                let () = pipe
-                    .query_async(&mut redis.clone())
-                    .await
-                    .expect("DEL on the private redis");
-            }
+            redis.delete(&keys).await;
         }
     }
     (

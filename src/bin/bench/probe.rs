@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::keyspace::Layout;
+use crate::nodes::Router;
 use crate::stats::Rng;
 
 /// Pause between GETs: an app doing ~1,000 reads a second, light enough not to slow the sweep.
@@ -30,12 +31,19 @@ pub struct GetProbe {
 }
 
 impl GetProbe {
-    pub fn start(redis_url: &str, layout: Layout) -> GetProbe {
+    /// GETs go to the primary holding the key (`node_urls` in the router's order), as a cluster
+    /// client sends them.
+    pub fn start(node_urls: &[String], router: Router, layout: Layout) -> GetProbe {
         let phase = Arc::new(AtomicUsize::new(Phase::Off as usize));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut connection = redis::Client::open(redis_url)
-            .and_then(|client| client.get_connection())
-            .expect("the GET probe's redis connection");
+        let mut connections: Vec<redis::Connection> = node_urls
+            .iter()
+            .map(|url| {
+                redis::Client::open(url.as_str())
+                    .and_then(|client| client.get_connection())
+                    .expect("the GET probe's redis connection")
+            })
+            .collect();
         let thread = {
             let phase = phase.clone();
             let stop = stop.clone();
@@ -49,10 +57,11 @@ impl GetProbe {
                         continue;
                     }
                     let key = layout.some_key(rng.next_u64());
+                    let connection = &mut connections[router.node_of(&key)];
                     let started = Instant::now();
                     let _: Option<Vec<u8>> = redis::cmd("GET")
                         .arg(&key)
-                        .query(&mut connection)
+                        .query(connection)
                         .expect("GET on the private redis");
                     let micros = started.elapsed().as_secs_f64() * 1e6;
                     // Attribute the sample only if the phase did not change under it.
