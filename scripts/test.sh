@@ -13,4 +13,10 @@ cargo clippy --all-targets --locked -- -D warnings
 # Integration tests share one Postgres and one Redis; they isolate themselves with their own
 # databases and key prefixes, so they may run in parallel. 4 threads keeps a 2-core machine busy
 # while waiting on I/O without piling up timeouts.
-cargo test --locked -- --test-threads=4
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked -- --test-threads=4 2>&1 | tee "$log"
+# One closing line for the whole run: cargo prints a summary per test binary, and the last one
+# (an empty doc-test run, for instance) says nothing about the suite.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -188,6 +188,8 @@ pub enum SettingsError {
     Config { path: String, message: String },
     #[error(transparent)]
     Rules(#[from] crate::rules::RulesError),
+    #[error("{setting} must be longer than 0 (it paces a loop: 0 would spin)")]
+    Zero { setting: &'static str },
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<ConfigFile, SettingsError> {
@@ -283,6 +285,16 @@ impl GlobalArgs {
             path,
             DEFAULT_REDIS_TIMEOUT,
         )?;
+        // The refill guard may be 0 (off); these pace the worker's polling and bound a Redis
+        // round trip, and 0 would make the worker spin or fail every command.
+        for (setting, value) in [
+            ("poll interval", settings.poll_interval),
+            ("redis timeout", settings.redis_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(SettingsError::Zero { setting });
+            }
+        }
         Ok(settings)
     }
 }

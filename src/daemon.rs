@@ -85,13 +85,7 @@ pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
                         return Err(error.into());
                     }
                 };
-            // Labelled as the triggers record them: `table` or `schema.table`.
-            let tables: Vec<String> = settings
-                .rules
-                .rules()
-                .iter()
-                .map(|rule| rule.table.to_string())
-                .collect();
+            let tables = settings.rules.table_names();
             telemetry::register_zeroes(tables.iter().map(String::as_str));
             Some(server)
         }

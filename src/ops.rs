@@ -70,12 +70,7 @@ fn redis_target(settings: &Settings) -> Result<RedisTarget, OpsError> {
 pub async fn install(settings: &Settings) -> Result<String, OpsError> {
     let client = connect_pg(settings).await?;
     schema::install(&client, &settings.rules).await?;
-    let tables: Vec<String> = settings
-        .rules
-        .rules()
-        .iter()
-        .map(|rule| rule.table.to_string())
-        .collect();
+    let tables = settings.rules.table_names();
     Ok(format!(
         "installed schema {SCHEMA} and triggers on {} table(s): {} ({})",
         tables.len(),

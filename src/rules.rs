@@ -565,6 +565,14 @@ impl RuleSet {
         &self.rules
     }
 
+    /// The ruled tables as the triggers record them: `table` or `schema.table`.
+    pub fn table_names(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .map(|rule| rule.table.to_string())
+            .collect()
+    }
+
     pub fn rule(&self, table: &str) -> Option<&TableRule> {
         self.by_table.get(table).map(|&index| &self.rules[index])
     }
