@@ -291,12 +291,7 @@ impl Sweeper {
 
     /// One round trip per node: unlink what the previous step matched, scan the next chunk.
     pub async fn step(&mut self) -> Result<StepReport, SweepError> {
-        let match_glob = {
-            let common = self.matcher.common_prefix();
-            let mut glob = escape_glob_bytes(common);
-            glob.push(b'*');
-            glob
-        };
+        let match_glob = self.matcher.superset_glob();
         // Windows whose scan ended last step finish in this one: a cluster checks its topology.
         let windows_finishing = self.windows.iter().any(|window| window.scanned);
         let mut plans = Vec::with_capacity(self.nodes.len());
@@ -396,7 +391,7 @@ impl Sweeper {
             }
             if next_cursor == 0 {
                 // A pass ended: a good moment to let Redis filter by a longer shared prefix.
-                self.matcher.recompute_common_prefix();
+                self.matcher.recompute_positions();
             }
         }
         for window in &mut self.windows {
@@ -544,18 +539,6 @@ async fn run_plan(
         scanned,
         cluster_nodes,
     })
-}
-
-/// Escapes glob metacharacters in raw key bytes (the `MATCH` argument is bytes, not UTF-8).
-fn escape_glob_bytes(bytes: &[u8]) -> Vec<u8> {
-    let mut escaped = Vec::with_capacity(bytes.len() + 1);
-    for &byte in bytes {
-        if matches!(byte, b'*' | b'?' | b'[' | b']' | b'\\') {
-            escaped.push(b'\\');
-        }
-        escaped.push(byte);
-    }
-    escaped
 }
 
 #[cfg(test)]
