@@ -6,7 +6,7 @@
 //! per distinct prefix length. Patterns without wildcards are exact lookups, and the rare others
 //! (`:1:report:*:5:*`) are matched with Redis' own glob semantics.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 /// Index of a pattern in the order it was added to the [`MatcherBuilder`].
 pub type PatternId = u32;
@@ -169,14 +169,25 @@ impl MatcherBuilder {
 /// match for each pattern that is neither exact nor a plain prefix.
 #[derive(Debug, Default, Clone)]
 pub struct Matcher {
-    exact: HashMap<Vec<u8>, PatternId>,
-    /// Prefix patterns grouped by prefix length, so a key needs one lookup per length.
-    prefixes_by_len: Vec<(usize, HashMap<Vec<u8>, PatternId>)>,
+    exact: FxHashMap<Vec<u8>, PatternId>,
+    /// Prefix patterns grouped by prefix length, so a key needs at most one lookup per length.
+    prefixes_by_len: Vec<PrefixGroup>,
     globs: Vec<(Glob, PatternId)>,
     /// For each position of the patterns' literal prefixes (up to the shortest), the bytes seen
     /// there: the sweep turns them into one `SCAN MATCH` glob that lets Redis filter.
     positions: Option<Vec<ByteSet>>,
     len: usize,
+}
+
+/// The prefix patterns of one length.
+#[derive(Debug, Default, Clone)]
+struct PrefixGroup {
+    len: usize,
+    /// The last byte of every prefix here (a superset after removals): a key whose byte at
+    /// `len - 1` is not among them skips the hash lookup. Prefixes end at a `:` almost always, and
+    /// a window of mixed changes has dozens of prefix lengths, so this spares most lookups.
+    last_bytes: ByteSet,
+    prefixes: FxHashMap<Vec<u8>, PatternId>,
 }
 
 /// A set of bytes, as a 256-bit bitmap.
@@ -188,12 +199,16 @@ impl ByteSet {
         self.0[usize::from(byte >> 6)] |= 1 << (byte & 63);
     }
 
+    fn contains(&self, byte: u8) -> bool {
+        self.0[usize::from(byte >> 6)] & (1 << (byte & 63)) != 0
+    }
+
     fn len(&self) -> u32 {
         self.0.iter().map(|word| word.count_ones()).sum()
     }
 
     fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
-        (0..=255u8).filter(|byte| self.0[usize::from(byte >> 6)] & (1 << (byte & 63)) != 0)
+        (0..=255u8).filter(|&byte| self.contains(byte))
     }
 }
 
@@ -242,14 +257,21 @@ impl Matcher {
             }
             Shape::Prefix(prefix) => {
                 let len = prefix.len();
-                let slot = match self.prefixes_by_len.iter().position(|(l, _)| *l == len) {
+                let slot = match self.prefixes_by_len.iter().position(|g| g.len == len) {
                     Some(slot) => slot,
                     None => {
-                        self.prefixes_by_len.push((len, HashMap::new()));
+                        self.prefixes_by_len.push(PrefixGroup {
+                            len,
+                            ..PrefixGroup::default()
+                        });
                         self.prefixes_by_len.len() - 1
                     }
                 };
-                self.prefixes_by_len[slot].1.insert(prefix, id);
+                let group = &mut self.prefixes_by_len[slot];
+                if let Some(&last) = prefix.last() {
+                    group.last_bytes.insert(last);
+                }
+                group.prefixes.insert(prefix, id);
             }
             Shape::Other => self.globs.push((glob, id)),
         }
@@ -263,8 +285,8 @@ impl Matcher {
             Shape::Prefix(prefix) => self
                 .prefixes_by_len
                 .iter_mut()
-                .find(|(len, _)| *len == prefix.len())
-                .is_some_and(|(_, prefixes)| prefixes.remove(&prefix).is_some()),
+                .find(|group| group.len == prefix.len())
+                .is_some_and(|group| group.prefixes.remove(&prefix).is_some()),
             Shape::Other => {
                 let before = self.globs.len();
                 self.globs.retain(|(_, glob_id)| *glob_id != id);
@@ -275,7 +297,7 @@ impl Matcher {
             self.len -= 1;
         }
         self.prefixes_by_len
-            .retain(|(_, prefixes)| !prefixes.is_empty());
+            .retain(|group| !group.prefixes.is_empty());
         if self.len == 0 {
             self.positions = None;
         }
@@ -291,7 +313,7 @@ impl Matcher {
             .chain(
                 self.prefixes_by_len
                     .iter()
-                    .flat_map(|(_, p)| p.keys().cloned()),
+                    .flat_map(|group| group.prefixes.keys().cloned()),
             )
             .chain(self.globs.iter().map(|(glob, _)| glob.literal_prefix()));
         let mut positions: Option<Vec<ByteSet>> = None;
@@ -302,6 +324,13 @@ impl Matcher {
             }
         }
         self.positions = positions;
+        for group in &mut self.prefixes_by_len {
+            let mut last_bytes = ByteSet::default();
+            for &last in group.prefixes.keys().filter_map(|prefix| prefix.last()) {
+                last_bytes.insert(last);
+            }
+            group.last_bytes = last_bytes;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -317,11 +346,18 @@ impl Matcher {
         if let Some(&id) = self.exact.get(key) {
             return Some(id);
         }
-        for (len, prefixes) in &self.prefixes_by_len {
-            if let Some(head) = key.get(..*len) {
-                if let Some(&id) = prefixes.get(head) {
-                    return Some(id);
+        for group in &self.prefixes_by_len {
+            let Some(head) = key.get(..group.len) else {
+                continue;
+            };
+            // An empty prefix (the pattern `*`) has no last byte and matches every key.
+            if let Some(&last) = head.last() {
+                if !group.last_bytes.contains(last) {
+                    continue;
                 }
+            }
+            if let Some(&id) = group.prefixes.get(head) {
+                return Some(id);
             }
         }
         self.globs
@@ -453,6 +489,23 @@ mod tests {
             !superset.is_match(b":1:session:abc"),
             "unrelated keys are filtered"
         );
+    }
+
+    #[test]
+    fn many_prefix_lengths_and_the_match_all_pattern() {
+        let ids: Vec<String> = (0..200)
+            .map(|i| format!(":1:report:{}:*", i * 37))
+            .collect();
+        let mut refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        refs.push(":1:x-");
+        let m = matcher(&refs);
+        assert_eq!(m.find(b":1:report:7363:1:h"), Some(199));
+        assert_eq!(m.find(b":1:report:736:1:h"), None);
+        assert_eq!(m.find(b":1:report:0:1:h"), Some(0));
+        assert_eq!(m.find(b":1:x-"), Some(200));
+        let all = matcher(&["*"]);
+        assert_eq!(all.find(b"anything"), Some(0));
+        assert_eq!(all.find(b""), Some(0));
     }
 
     #[test]
