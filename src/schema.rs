@@ -39,6 +39,8 @@ pub enum SchemaError {
         column: String,
         used_by: String,
     },
+    #[error("rules {first} and {second} name the same table: put all its keys in one rule")]
+    SameTable { first: String, second: String },
     #[error("table {table}: column {column:?} cannot be recorded for a key: {reason}")]
     UnusableColumn {
         table: String,
@@ -415,6 +417,9 @@ pub async fn validate_against_database(
     client: &Client,
     rules: &RuleSet,
 ) -> Result<(), SchemaError> {
+    // `reports_report` and `public.reports_report` are two rules for one table; their triggers
+    // would share names, and the second install would silently replace the first.
+    let mut seen: Vec<(i64, String)> = Vec::new();
     for rule in rules.rules() {
         let table = rule.table.to_string();
         let row = client
@@ -426,6 +431,13 @@ pub async fn validate_against_database(
         let Some(oid): Option<i64> = row.get(0) else {
             return Err(SchemaError::MissingTable { table });
         };
+        if let Some((_, first)) = seen.iter().find(|(seen_oid, _)| *seen_oid == oid) {
+            return Err(SchemaError::SameTable {
+                first: first.clone(),
+                second: table,
+            });
+        }
+        seen.push((oid, table.clone()));
         let columns: Vec<String> = client
             .query(
                 "SELECT attname::text FROM pg_attribute \

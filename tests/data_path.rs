@@ -783,6 +783,20 @@ async fn install_names_the_table_and_column_a_rule_gets_wrong() {
             "the error should name {table} and {named}: {message}"
         );
     }
+    // Two rules for one table, one of them schema-qualified.
+    let twice = custom_rules(
+        &space,
+        "[[rules]]\ntable = \"tags\"\nkeys = [\"tag:{name}:*\"]\n\
+         [[rules]]\ntable = \"public.tags\"\nkeys = [\"title:{title}:*\"]\n",
+    );
+    let message = schema::install(&client, &twice)
+        .await
+        .expect_err("two rules for one table must fail install")
+        .to_string();
+    assert!(
+        message.contains("tags") && message.contains("public.tags"),
+        "the error should name both rules: {message}"
+    );
     // Validation runs before any SQL: a failed install leaves nothing behind.
     let installed = count(
         &client,
