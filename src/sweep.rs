@@ -171,16 +171,6 @@ impl Sweeper {
         }
     }
 
-    /// Windows still running.
-    pub fn windows(&self) -> usize {
-        self.windows.len()
-    }
-
-    /// Distinct patterns being matched: what the worker's memory grows with.
-    pub fn active_patterns(&self) -> usize {
-        self.by_text.len()
-    }
-
     /// Distinct patterns that a first-pass window asks for. The worker's claim cap counts these:
     /// a refill guard's patterns were first-pass patterns at most one guard delay and one pass
     /// earlier, so they are bounded by the same cap, and counting them would pause claims for
