@@ -18,12 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
-use cache_invalidator::rules::DEFAULT_RULES_TOML;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
 /// How long keys may take to go after recovery (the bound), and any awaited effect.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// A poll interval no test outlives: only notifications (and the drain after each LISTEN
@@ -384,35 +382,9 @@ async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
     db.drop().await;
 }
 
-/// Settings in the environment that would leak into a child from the developer's shell.
-const INHERITED_SETTINGS: [&str; 14] = [
-    "DATABASE_URL",
-    "REDIS_URL",
-    "CACHE_INVALIDATOR_REDIS_CA_FILE",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "CACHE_INVALIDATOR_RULES",
-    "CACHE_INVALIDATOR_CONFIG",
-    "CACHE_INVALIDATOR_LOG_FORMAT",
-    "CACHE_INVALIDATOR_METRICS_ADDR",
-    "CACHE_INVALIDATOR_REFILL_GUARD",
-    "CACHE_INVALIDATOR_POLL_INTERVAL",
-    "CACHE_INVALIDATOR_MAX_BACKLOG_AGE",
-    "CACHE_INVALIDATOR_REDIS_TIMEOUT",
-];
-
 fn command(args: &[&str], database_url: &str) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(BIN);
-    for name in INHERITED_SETTINGS {
-        command.env_remove(name);
-    }
-    command
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut command = daemon_command(args);
+    command.env("DATABASE_URL", database_url);
     command
 }
 
@@ -424,17 +396,10 @@ async fn cli(args: &[&str], database_url: &str) -> Output {
     }
 }
 
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// The default rules under the test's key prefix, plus `extra` TOML, written to a file.
 fn write_rules(dir: &Path, space: &KeySpace, extra: &str) -> PathBuf {
     let path = dir.join("rules.toml");
-    let text = DEFAULT_RULES_TOML.replace(
-        "key_prefix = \":1:\"",
-        &format!("key_prefix = \"{}\"", space.key_prefix()),
-    );
+    let text = default_rules_toml(&space.key_prefix());
     std::fs::write(&path, format!("{text}\n{extra}")).expect("write rules");
     path
 }
@@ -471,11 +436,7 @@ impl Process {
 
     /// SIGTERM as an operator or systemd sends it; the exit status, within [`STOP_BOUND`].
     async fn terminate(&mut self) -> ExitStatus {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        send_signal(&self.child, "TERM").await;
         match tokio::time::timeout(STOP_BOUND, self.child.wait()).await {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!(

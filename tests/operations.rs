@@ -16,54 +16,17 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
 /// How long any awaited effect may take before a test gives up (a bound, not a measurement).
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Settings in the environment that would leak into a child from the developer's shell.
-const INHERITED_SETTINGS: [&str; 13] = [
-    "DATABASE_URL",
-    "REDIS_URL",
-    "CACHE_INVALIDATOR_RULES",
-    "CACHE_INVALIDATOR_CONFIG",
-    "CACHE_INVALIDATOR_LOG_FORMAT",
-    "CACHE_INVALIDATOR_METRICS_ADDR",
-    "CACHE_INVALIDATOR_REFILL_GUARD",
-    "CACHE_INVALIDATOR_POLL_INTERVAL",
-    "CACHE_INVALIDATOR_MAX_BACKLOG_AGE",
-    "CACHE_INVALIDATOR_REDIS_TIMEOUT",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
-
-fn command(args: &[&str]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(BIN);
-    command.args(args).env("RUST_LOG", "info");
-    for name in INHERITED_SETTINGS {
-        command.env_remove(name);
-    }
-    command.kill_on_drop(true);
-    command
-}
-
 /// Runs a one-shot subcommand to completion.
 async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = command(args);
+    let mut command = daemon_command(args);
     command.envs(env.iter().copied());
-    command.stdin(Stdio::null());
     match tokio::time::timeout(PATIENCE, command.output()).await {
         Ok(output) => output.expect("run cache-invalidator"),
         Err(_) => panic!("cache-invalidator {args:?} did not finish within {PATIENCE:?}"),
     }
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// `cache-invalidator run` as a child process, its log in a file shown when the test fails.
@@ -86,10 +49,9 @@ impl Running {
         if let Some(addr) = &metrics_text {
             full_args.extend_from_slice(&["--metrics-addr", addr]);
         }
-        let mut command = command(&full_args);
+        let mut command = daemon_command(&full_args);
         command
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = command.spawn().expect("start cache-invalidator run");
@@ -101,18 +63,8 @@ impl Running {
         }
     }
 
-    fn pid(&self) -> String {
-        self.child.id().expect("child still running").to_string()
-    }
-
-    /// Sends a signal the way an operator would, with `kill`.
     async fn signal(&self, name: &str) {
-        let status = tokio::process::Command::new("kill")
-            .args(["-s", name, &self.pid()])
-            .status()
-            .await
-            .expect("run kill");
-        assert!(status.success(), "kill -s {name} failed");
+        send_signal(&self.child, name).await;
     }
 
     /// `GET path` on the metrics listener; `None` while nothing answers.
@@ -201,10 +153,7 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 /// A rules file in `dir`: the default rules with `key_prefix`, `reports_report`'s keys replaced by
 /// `report_keys` when given.
 fn write_rules(path: &Path, key_prefix: &str, report_keys: Option<&str>) {
-    let mut text = cache_invalidator::rules::DEFAULT_RULES_TOML.replace(
-        "key_prefix = \":1:\"",
-        &format!("key_prefix = \"{key_prefix}\""),
-    );
+    let mut text = default_rules_toml(key_prefix);
     if let Some(keys) = report_keys {
         text = text.replace(
             r#"keys = ["report:{id}:*", "reportlist:reports:{author_id}:*"]"#,

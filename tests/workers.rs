@@ -16,37 +16,12 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
 /// How long any awaited effect may take before a test gives up (a bound, not a measurement).
 const PATIENCE: Duration = Duration::from_secs(120);
 /// The burst of the issue: 5,000 changed rows, one statement (one outbox row) each.
 const BURST: i32 = 5_000;
 /// Statements per transaction in the burst: many commits, so both workers keep being woken.
 const STATEMENTS_PER_COMMIT: usize = 25;
-
-/// Settings in the environment that would leak into a child from the developer's shell.
-const INHERITED_SETTINGS: [&str; 10] = [
-    "DATABASE_URL",
-    "REDIS_URL",
-    "CACHE_INVALIDATOR_RULES",
-    "CACHE_INVALIDATOR_CONFIG",
-    "CACHE_INVALIDATOR_METRICS_ADDR",
-    "CACHE_INVALIDATOR_REFILL_GUARD",
-    "CACHE_INVALIDATOR_POLL_INTERVAL",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
-
-fn command(args: &[&str]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(BIN);
-    command.args(args).env("RUST_LOG", "info");
-    for name in INHERITED_SETTINGS {
-        command.env_remove(name);
-    }
-    command.kill_on_drop(true);
-    command
-}
 
 /// `cache-invalidator run` as a child process with its own `/metrics`; its log is printed when
 /// the test fails.
@@ -63,7 +38,7 @@ impl Worker {
         let log = dir.path().join("worker.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = command(&[
+        let child = daemon_command(&[
             "run",
             "--rules",
             rules.to_str().expect("utf-8 path"),
@@ -76,7 +51,6 @@ impl Worker {
         ])
         .env("DATABASE_URL", database_url)
         .env("REDIS_URL", redis_url)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
@@ -89,17 +63,8 @@ impl Worker {
         }
     }
 
-    fn pid(&self) -> String {
-        self.child.id().expect("child still running").to_string()
-    }
-
     async fn signal(&self, name: &str) {
-        let status = tokio::process::Command::new("kill")
-            .args(["-s", name, &self.pid()])
-            .status()
-            .await
-            .expect("run kill");
-        assert!(status.success(), "kill -s {name} failed");
+        send_signal(&self.child, name).await;
     }
 
     /// Sums the samples of `name` (every label set); `None` while `/metrics` does not answer.
@@ -229,14 +194,7 @@ impl Setup {
 
         let dir = tempfile::tempdir().expect("temp dir");
         let rules = dir.path().join("rules.toml");
-        std::fs::write(
-            &rules,
-            cache_invalidator::rules::DEFAULT_RULES_TOML.replace(
-                "key_prefix = \":1:\"",
-                &format!("key_prefix = \"{}\"", space.key_prefix()),
-            ),
-        )
-        .expect("write rules");
+        std::fs::write(&rules, default_rules_toml(&space.key_prefix())).expect("write rules");
         Setup {
             space,
             db,
@@ -408,13 +366,12 @@ async fn status_lists_each_connected_worker() {
     let second = Worker::start(&db.url, &redis.url(), &rules);
 
     let status = || async {
-        let output = command(&["status"])
+        let output = daemon_command(&["status"])
             .env("DATABASE_URL", &db.url)
-            .stdin(Stdio::null())
             .output()
             .await
             .expect("run cache-invalidator status");
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        stdout(&output)
     };
     let listed = |text: &str| {
         let pids = text

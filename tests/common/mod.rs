@@ -158,12 +158,17 @@ impl TestDb {
     }
 }
 
-/// The default rules with their key prefix replaced, so a test's keys are its own.
-pub fn rules_with_prefix(key_prefix: &str) -> RuleSet {
-    let text = DEFAULT_RULES_TOML.replace(
+/// The built-in rules file's text with another key prefix.
+pub fn default_rules_toml(key_prefix: &str) -> String {
+    DEFAULT_RULES_TOML.replace(
         "key_prefix = \":1:\"",
         &format!("key_prefix = \"{key_prefix}\""),
-    );
+    )
+}
+
+/// The default rules with their key prefix replaced, so a test's keys are its own.
+pub fn rules_with_prefix(key_prefix: &str) -> RuleSet {
+    let text = default_rules_toml(key_prefix);
     RuleSet::from_toml(&text, "test rules").expect("valid rules")
 }
 
@@ -765,4 +770,59 @@ pub async fn tls_redis_connection(url: &str, ca_pem: &[u8]) -> MultiplexedConnec
     .get_multiplexed_async_connection()
     .await
     .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
+}
+
+/// The daemon's binary, for tests that run it as a process (signals, exit codes, `/proc`).
+pub const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
+
+/// Settings in the environment that would leak into a child from the developer's shell.
+const INHERITED_SETTINGS: [&str; 14] = [
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CACHE_INVALIDATOR_REDIS_CA_FILE",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "CACHE_INVALIDATOR_RULES",
+    "CACHE_INVALIDATOR_CONFIG",
+    "CACHE_INVALIDATOR_LOG_FORMAT",
+    "CACHE_INVALIDATOR_METRICS_ADDR",
+    "CACHE_INVALIDATOR_REFILL_GUARD",
+    "CACHE_INVALIDATOR_POLL_INTERVAL",
+    "CACHE_INVALIDATOR_MAX_BACKLOG_AGE",
+    "CACHE_INVALIDATOR_REDIS_TIMEOUT",
+];
+
+/// `cache-invalidator ARGS` with none of the caller's settings inherited, logging at `info`,
+/// killed if the test drops it.
+pub fn daemon_command(args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(BIN);
+    for name in INHERITED_SETTINGS {
+        command.env_remove(name);
+    }
+    command
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Sends signal `name` (`TERM`, `HUP`, `KILL`, …) to `child` the way an operator would, with `kill`.
+pub async fn send_signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("child still running").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args(["-s", name, &pid])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(status.success(), "kill -s {name} failed");
 }
