@@ -38,6 +38,11 @@ pub enum KeyspaceError {
     },
     #[error("redis cluster: {0}")]
     Topology(String),
+    #[error(
+        "redis at {node} is a Redis Cluster node: a sweep of it alone would miss the keys of the \
+         other primaries; use redis+cluster://{node} (or rediss+cluster://)"
+    )]
+    ClusterNode { node: String },
 }
 
 impl KeyspaceError {
@@ -45,7 +50,9 @@ impl KeyspaceError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            KeyspaceError::InvalidUrl { .. } | KeyspaceError::CaFile { .. }
+            KeyspaceError::InvalidUrl { .. }
+                | KeyspaceError::CaFile { .. }
+                | KeyspaceError::ClusterNode { .. }
         )
     }
 }
@@ -60,6 +67,83 @@ pub struct Node {
     pub clustered: bool,
     /// In a cluster, what this primary said about itself when the worker connected.
     pub shard: Option<ShardView>,
+    /// How this server's `SCAN` cursors order the keyspace (read from `INFO` when connecting).
+    pub cursor_order: CursorOrder,
+}
+
+/// What a `SCAN` cursor says about how far a pass has got, which depends on the server.
+///
+/// A window that joins a pass midway is done once the pass has gone round to where it joined, so
+/// the sweep must compare cursors by how far into a pass they are. Getting that wrong would report
+/// keys gone that were never looked at, so where the order is not known a window waits for a whole
+/// pass of its own instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorOrder {
+    /// One hash table: the cursor is a bucket index in reverse bit order (every Redis outside
+    /// cluster mode, and cluster mode before Redis 7.4 and Valkey 8).
+    ReversedBuckets,
+    /// Cluster mode from Redis 7.4 and Valkey 8 on: one table per hash slot, the slot in the low
+    /// 14 bits and the reversed-order bucket cursor above them (`kvstoreScan`). A pass walks the
+    /// slots in ascending order.
+    SlotThenReversedBuckets,
+    /// Another server (Dragonfly, an unreadable `INFO`): no position is trusted.
+    Unknown,
+}
+
+/// Bits of a cursor that hold the hash slot in [`CursorOrder::SlotThenReversedBuckets`].
+const SLOT_BITS: u32 = 14;
+
+impl CursorOrder {
+    /// How far into a pass `cursor` is: grows during a pass, even across a rehash. `None` when
+    /// the order is unknown.
+    pub fn position(self, cursor: u64) -> Option<u64> {
+        match self {
+            CursorOrder::ReversedBuckets => Some(cursor.reverse_bits()),
+            CursorOrder::SlotThenReversedBuckets => {
+                let slot = cursor & ((1 << SLOT_BITS) - 1);
+                let buckets = cursor >> SLOT_BITS;
+                Some((slot << (64 - SLOT_BITS)) | (buckets.reverse_bits() >> SLOT_BITS))
+            }
+            CursorOrder::Unknown => None,
+        }
+    }
+
+    /// Reads the order from the replies to `INFO server` and `INFO cluster`.
+    pub fn from_info(server: &str, cluster: &str) -> CursorOrder {
+        let field = |text: &str, name: &str| -> Option<String> {
+            text.lines().find_map(|line| {
+                line.trim_end()
+                    .strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(str::to_owned)
+            })
+        };
+        // Major and minor of a `x.y.z` version.
+        let version = |text: &str| -> Option<(u32, u32)> {
+            let mut parts = text.split('.');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        };
+        if field(server, "dragonfly_version").is_some() {
+            return CursorOrder::Unknown;
+        }
+        match field(cluster, "cluster_enabled").as_deref() {
+            Some("0") => return CursorOrder::ReversedBuckets,
+            Some("1") => {}
+            _ => return CursorOrder::Unknown,
+        }
+        // Valkey also reports `redis_version:7.2.4`, for clients that check it.
+        let per_slot_tables = if let Some(valkey) = field(server, "valkey_version") {
+            version(&valkey).map(|v| v >= (8, 0))
+        } else {
+            // 7.3.x were the release candidates of 7.4, which brought per-slot tables.
+            field(server, "redis_version").and_then(|v| version(&v).map(|v| v >= (7, 3)))
+        };
+        match per_slot_tables {
+            Some(true) => CursorOrder::SlotThenReversedBuckets,
+            Some(false) => CursorOrder::ReversedBuckets,
+            None => CursorOrder::Unknown,
+        }
+    }
 }
 
 /// A primary as its own `CLUSTER NODES` line shows it. While this stays the same, the node holds
@@ -249,11 +333,46 @@ impl RedisTarget {
                 node: name.clone(),
                 source,
             })?;
+        let info: redis::RedisResult<(String, String)> = redis::pipe()
+            .cmd("INFO")
+            .arg("server")
+            .cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut connection.clone())
+            .await;
+        let cursor_order = match info {
+            Ok((server, cluster)) => {
+                // A plain URL to one primary of a cluster would sweep that primary's keys only.
+                if !self.cluster && cluster.lines().any(|l| l.trim_end() == "cluster_enabled:1") {
+                    return Err(KeyspaceError::ClusterNode { node: name });
+                }
+                CursorOrder::from_info(&server, &cluster)
+            }
+            // The server refused INFO (an ACL without it): sweep without trusting positions.
+            Err(error)
+                if !(error.is_io_error()
+                    || error.is_timeout()
+                    || error.is_connection_dropped()) =>
+            {
+                tracing::warn!(node = %name, %error, "INFO refused");
+                CursorOrder::Unknown
+            }
+            Err(source) => {
+                return Err(KeyspaceError::Redis {
+                    node: name.clone(),
+                    source,
+                })
+            }
+        };
+        if cursor_order == CursorOrder::Unknown {
+            tracing::warn!(node = %name, "unknown SCAN cursor order on this server: a change that arrives during a pass waits for a whole pass of its own");
+        }
         Ok(Node {
             name,
             connection,
             clustered: self.cluster,
             shard: None,
+            cursor_order,
         })
     }
 
@@ -511,6 +630,46 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cursor_order_follows_the_server_and_its_mode() {
+        let redis = |version: &str| {
+            format!("# Server\r\nredis_version:{version}\r\nredis_mode:cluster\r\n")
+        };
+        let valkey =
+            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.1.1\r\n";
+        let on = "# Cluster\r\ncluster_enabled:1\r\n";
+        let off = "# Cluster\r\ncluster_enabled:0\r\n";
+        use CursorOrder::*;
+        assert_eq!(
+            CursorOrder::from_info(&redis("7.0.15"), on),
+            ReversedBuckets
+        );
+        assert_eq!(CursorOrder::from_info(&redis("7.2.4"), on), ReversedBuckets);
+        assert_eq!(
+            CursorOrder::from_info(&redis("7.4.2"), on),
+            SlotThenReversedBuckets
+        );
+        assert_eq!(
+            CursorOrder::from_info(&redis("8.0.2"), on),
+            SlotThenReversedBuckets
+        );
+        assert_eq!(
+            CursorOrder::from_info(&redis("8.0.2"), off),
+            ReversedBuckets
+        );
+        assert_eq!(CursorOrder::from_info(valkey, on), SlotThenReversedBuckets);
+        assert_eq!(
+            CursorOrder::from_info(&valkey.replace("8.1.1", "7.2.5"), on),
+            ReversedBuckets
+        );
+        assert_eq!(
+            CursorOrder::from_info("dragonfly_version:df-v1.2\r\n", off),
+            Unknown
+        );
+        assert_eq!(CursorOrder::from_info(&redis("7.4.2"), ""), Unknown);
+        assert_eq!(CursorOrder::from_info("", on), Unknown);
+    }
 
     const NODES: &str = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
                          b 127.0.0.1:7001@17001,cache-b master - 0 0 2 connected 5461-10922\n\

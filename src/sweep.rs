@@ -4,8 +4,10 @@
 //! A window joins the pass wherever the cursor stands and is done once the cursor has gone all the
 //! way round to that point again, so a change that arrives mid-pass costs no pass of its own: the
 //! cost of N pending changes is about one pass, not N. A `SCAN` cursor is a bucket index in reverse
-//! bit order; reversed, it is a position that only grows during a pass, even across a rehash, which
-//! is what "gone round to that point" compares.
+//! bit order (in cluster mode from Redis 7.4 on, after a slot number); turned into a position that
+//! only grows during a pass, even across a rehash, it is what "gone round to that point" compares
+//! ([`CursorOrder`]). Where a server's order is unknown, a window joining mid-pass waits for the
+//! next whole pass.
 //!
 //! Each step sends one pipeline per node: the `UNLINK`s of the keys matched by the previous step,
 //! then the next `SCAN`. A window is reported finished one step after its last `SCAN`, once the
@@ -22,7 +24,7 @@ use std::sync::Arc;
 
 use redis::cluster_routing::Slot;
 
-use crate::keyspace::Node;
+use crate::keyspace::{CursorOrder, Node};
 use crate::matcher::{Matcher, PatternId};
 
 /// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
@@ -83,34 +85,48 @@ struct PatternState {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
-    /// Position (reversed cursor) where the window joined this node's pass.
-    start: u64,
+    /// Position where the window joined this node's pass; `None` when it joined mid-pass on a
+    /// server whose cursor order is unknown, so it needs the next whole pass.
+    start: Option<u64>,
     wrapped: bool,
     done: bool,
 }
 
 impl Progress {
+    /// A window joining now: at the start of a pass when the node is idle, else where the cursor
+    /// of the next `SCAN` stands.
+    fn joining(node: &NodeScan) -> Progress {
+        Progress {
+            start: if node.in_pass {
+                node.node.cursor_order.position(node.cursor)
+            } else {
+                Some(0)
+            },
+            ..Progress::default()
+        }
+    }
+
     /// Records a `SCAN` that returned `next_cursor`: it covered everything up to that position.
-    fn advance(&mut self, next_cursor: u64) {
+    fn advance(&mut self, next_cursor: u64, order: CursorOrder) {
         if self.done {
             return;
         }
         if !self.wrapped {
             if next_cursor == 0 {
-                if self.start == 0 {
+                if self.start == Some(0) {
                     self.done = true;
                 } else {
                     self.wrapped = true;
                 }
             }
-        } else if next_cursor == 0 || position(next_cursor) >= self.start {
-            self.done = true;
+            return;
         }
+        self.done = next_cursor == 0
+            || match (self.start, order.position(next_cursor)) {
+                (Some(start), Some(position)) => position >= start,
+                _ => false,
+            };
     }
-}
-
-fn position(cursor: u64) -> u64 {
-    cursor.reverse_bits()
 }
 
 #[derive(Debug)]
@@ -231,18 +247,7 @@ impl Sweeper {
             pattern_ids.push(pattern_id);
             matched_at_join.push(state.matched);
         }
-        let progress = self
-            .nodes
-            .iter()
-            .map(|node| Progress {
-                start: if node.in_pass {
-                    position(node.cursor)
-                } else {
-                    0
-                },
-                ..Progress::default()
-            })
-            .collect();
+        let progress = self.nodes.iter().map(Progress::joining).collect();
         self.windows.push(Window {
             id,
             refill,
@@ -376,8 +381,9 @@ impl Sweeper {
                     report.pass_durations.push(started.elapsed());
                 }
             }
+            let order = node.node.cursor_order;
             for window in &mut self.windows {
-                window.progress[index].advance(next_cursor);
+                window.progress[index].advance(next_cursor, order);
             }
             if next_cursor == 0 {
                 // A pass ended: a good moment to let Redis filter by a longer shared prefix.
@@ -535,34 +541,97 @@ async fn run_plan(
 mod tests {
     use super::*;
 
+    const BUCKETS: CursorOrder = CursorOrder::ReversedBuckets;
+    const PER_SLOT: CursorOrder = CursorOrder::SlotThenReversedBuckets;
+
+    fn joined_at(order: CursorOrder, cursor: u64) -> Progress {
+        Progress {
+            start: order.position(cursor),
+            ..Progress::default()
+        }
+    }
+
     #[test]
     fn a_window_joining_mid_pass_finishes_after_a_full_round() {
         // Cursors as Redis returns them for a 8-bucket table, in reverse-bit order.
         let cursors = [4u64, 2, 6, 1, 5, 3, 7, 0];
-        let start = position(2);
-        let mut progress = Progress {
-            start,
-            ..Progress::default()
-        };
         // Joined when the next SCAN used cursor 2: it returns 6, 1, 5, 3, 7, then 0 (wrap).
+        let mut progress = joined_at(BUCKETS, 2);
         for cursor in [6u64, 1, 5, 3, 7] {
-            progress.advance(cursor);
+            progress.advance(cursor, BUCKETS);
             assert!(!progress.done);
         }
-        progress.advance(0);
+        progress.advance(0, BUCKETS);
         assert!(progress.wrapped && !progress.done);
-        progress.advance(cursors[0]);
+        progress.advance(cursors[0], BUCKETS);
         assert!(!progress.done, "position of 4 is before 2 in scan order");
-        progress.advance(cursors[1]);
+        progress.advance(cursors[1], BUCKETS);
         assert!(progress.done, "back at the join point");
     }
 
     #[test]
     fn a_window_joining_an_idle_node_needs_one_pass() {
-        let mut progress = Progress::default();
-        progress.advance(4);
+        let mut progress = joined_at(BUCKETS, 0);
+        progress.advance(4, BUCKETS);
         assert!(!progress.done);
-        progress.advance(0);
+        progress.advance(0, BUCKETS);
+        assert!(progress.done);
+    }
+
+    /// A cluster-mode cursor of Redis 7.4+ / Valkey 8+: bucket cursor above the 14 slot bits.
+    fn per_slot_cursor(slot: u64, bucket_cursor: u64) -> u64 {
+        (bucket_cursor << 14) | slot
+    }
+
+    #[test]
+    fn per_slot_cursors_are_ordered_by_slot_then_by_reversed_bucket() {
+        // A pass: slot 1's table (4 buckets: 0, 2, 1, 3), then slot 2's, then slot 3's.
+        let pass = [
+            per_slot_cursor(1, 2),
+            per_slot_cursor(1, 1),
+            per_slot_cursor(1, 3),
+            per_slot_cursor(2, 0),
+            per_slot_cursor(2, 2),
+            per_slot_cursor(3, 0),
+        ];
+        let positions: Vec<u64> = pass.iter().filter_map(|&c| PER_SLOT.position(c)).collect();
+        assert!(positions.windows(2).all(|pair| pair[0] < pair[1]));
+        // Read as one reversed bucket index, slot 1 would come after slot 2: the order this
+        // layout breaks.
+        assert!(BUCKETS.position(pass[0]) > BUCKETS.position(pass[3]));
+    }
+
+    #[test]
+    fn a_window_joining_mid_slot_waits_for_that_slot_again() {
+        // Joined while slot 2 was half scanned. After the wrap, slot 0 and slot 1 must be scanned
+        // again, and slot 2 up to where it joined.
+        let mut progress = joined_at(PER_SLOT, per_slot_cursor(2, 2));
+        for cursor in [per_slot_cursor(3, 0), per_slot_cursor(3, 1), 0] {
+            progress.advance(cursor, PER_SLOT);
+            assert!(!progress.done);
+        }
+        for cursor in [
+            per_slot_cursor(1, 0),
+            per_slot_cursor(1, 2),
+            per_slot_cursor(2, 0),
+        ] {
+            progress.advance(cursor, PER_SLOT);
+            assert!(!progress.done, "not yet back in slot 2 at the join point");
+        }
+        progress.advance(per_slot_cursor(2, 2), PER_SLOT);
+        assert!(progress.done);
+    }
+
+    #[test]
+    fn with_an_unknown_cursor_order_a_mid_pass_window_waits_for_a_whole_pass() {
+        let order = CursorOrder::Unknown;
+        let mut progress = joined_at(order, 2);
+        assert_eq!(progress.start, None);
+        for cursor in [6u64, 0, 4, 2, 6, 1] {
+            progress.advance(cursor, order);
+            assert!(!progress.done);
+        }
+        progress.advance(0, order);
         assert!(progress.done);
     }
 

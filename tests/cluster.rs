@@ -667,3 +667,49 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     daemon.stop().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_cursor_order() {
+    use cache_invalidator::keyspace::{CursorOrder, KeyspaceError, RedisTarget};
+    use cache_invalidator::settings::SecretUrl;
+    let cluster = Cluster::start(3, 0).await;
+    let port = cluster.ports()[0];
+
+    // `redis://` to one primary would sweep a third of the keys: refused, with the fix in the
+    // message, and not retried (a configuration error).
+    let plain = SecretUrl::new(format!("redis://127.0.0.1:{port}"));
+    let target = RedisTarget::parse(&plain, None, Duration::from_secs(5)).expect("a valid URL");
+    match target.connect().await {
+        Err(error @ KeyspaceError::ClusterNode { .. }) => {
+            assert!(error.is_permanent());
+            assert!(
+                error.to_string().contains("redis+cluster://"),
+                "the error should say what to use: {error}"
+            );
+        }
+        Err(other) => panic!("expected the cluster-node refusal, got {other}"),
+        Ok(_) => panic!("a plain URL to a cluster node was accepted"),
+    }
+
+    // The sweep's idea of the cursor order comes from the servers themselves.
+    let version = field(&info(port, "server").await, "redis_version").expect("redis_version");
+    let (major, minor) = {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    let expected = if (major, minor) >= (7, 3) {
+        CursorOrder::SlotThenReversedBuckets
+    } else {
+        CursorOrder::ReversedBuckets
+    };
+    let url = SecretUrl::new(Cluster::url(&cluster.ports()));
+    let nodes = RedisTarget::parse(&url, None, Duration::from_secs(5))
+        .expect("a valid cluster URL")
+        .connect()
+        .await
+        .expect("connect to every primary");
+    assert_eq!(nodes.len(), 3);
+    for node in &nodes {
+        assert_eq!(node.cursor_order, expected, "{}", node.name);
+    }
+}
