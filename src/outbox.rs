@@ -7,7 +7,8 @@
 //! is lost; several workers share the outbox because each skips the rows another holds. Several
 //! claims go into one epoch, so changes that arrive while a sweep runs are claimed at once and join
 //! that sweep, instead of waiting for a connection to come free. An epoch takes claims for
-//! [`EPOCH_OPEN_FOR`], then commits when its last window is done.
+//! [`EPOCH_OPEN_FOR`] (longer when passes are slow, see [`Outbox::pace_to_pass`]), then commits
+//! when its last window is done.
 
 use std::time::{Duration, Instant};
 
@@ -20,14 +21,18 @@ use crate::schema::SCHEMA;
 /// Transactions that may hold claims at once. Each is one connection and lives
 /// [`EPOCH_OPEN_FOR`] plus a full pass (its last window joins mid-pass and needs a full round), so
 /// claims never wait for a free slot while a pass takes under `(N - 1) × EPOCH_OPEN_FOR`: 1.65 s
-/// with twelve. Measured at 1M keys under 5,000 row changes/s, passes took 1.0–2 s, and with four
-/// connections claims often waited for an epoch to commit.
+/// with twelve; slower passes stretch the epochs instead ([`Outbox::pace_to_pass`]). Measured at
+/// 1M keys under 5,000 row changes/s, passes took 1.0–2 s, and with four connections claims often
+/// waited for an epoch to commit.
 pub const EPOCH_CONNECTIONS: usize = 12;
 /// How long an epoch accepts new claims before the next claim opens another one. A row leaves the
 /// outbox only when its epoch commits, after the last window claimed into it: the backlog's age
 /// is about this plus one pass. 300 ms gave a sustained-load p99 of 2.09 s at 1M keys, over the
 /// 2 s target.
 pub const EPOCH_OPEN_FOR: Duration = Duration::from_millis(150);
+/// The longest an epoch takes claims, however slow the passes: a row claimed early waits for the
+/// windows claimed after it.
+pub const EPOCH_OPEN_AT_MOST: Duration = Duration::from_secs(1);
 /// Outbox rows per claim. With at most 64 values per row this bounds one claim's memory.
 pub const CLAIM_LIMIT: i64 = 200;
 
@@ -93,6 +98,8 @@ pub struct Outbox {
     target: PgTarget,
     slots: Vec<Slot>,
     next_epoch: u64,
+    /// How long the current epochs take claims ([`Outbox::pace_to_pass`]).
+    open_for: Duration,
 }
 
 /// The result of acknowledging a window.
@@ -110,7 +117,26 @@ impl Outbox {
             target,
             slots: (0..EPOCH_CONNECTIONS).map(|_| Slot::default()).collect(),
             next_epoch: 1,
+            open_for: EPOCH_OPEN_FOR,
         }
+    }
+
+    /// Keeps claims flowing when passes are slower than [`EPOCH_CONNECTIONS`] was sized for.
+    ///
+    /// An epoch lives about as long as it takes claims plus one pass, so with every epoch open for
+    /// `open_for`, `1 + pass / open_for` of them are in flight. Past the connections there are,
+    /// claims wait until an epoch commits, and the backlog's age jumps by a whole pass (measured:
+    /// passes of 2 s under load at 1M keys gave a p99 of 4.7 s with 150 ms epochs). Stretching the
+    /// epochs to `pass / (N - 2)` keeps one connection spare; it costs the oldest row of an epoch
+    /// that extra time, far less than a pass.
+    pub fn pace_to_pass(&mut self, pass: Duration) {
+        let spare_one = (EPOCH_CONNECTIONS - 2) as u32;
+        self.open_for = (pass / spare_one).clamp(EPOCH_OPEN_FOR, EPOCH_OPEN_AT_MOST);
+    }
+
+    /// How long a new epoch takes claims now.
+    pub fn open_for(&self) -> Duration {
+        self.open_for
     }
 
     /// True when a claim could run now: an epoch is open for claims or a slot is free.
@@ -135,7 +161,7 @@ impl Outbox {
         self.slots.iter().position(|slot| {
             slot.epoch
                 .as_ref()
-                .is_some_and(|epoch| epoch.opened.elapsed() < EPOCH_OPEN_FOR)
+                .is_some_and(|epoch| epoch.opened.elapsed() < self.open_for)
         })
     }
 
@@ -370,4 +396,34 @@ pub async fn backlog(client: &Client) -> Result<Backlog, tokio_postgres::Error> 
         oldest_age_seconds: row.get(1),
         dead_letters: row.get(2),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::SecretUrl;
+
+    #[test]
+    fn epochs_stay_open_longer_when_passes_are_slow() {
+        let url = SecretUrl::new("postgres://127.0.0.1/unused".to_owned());
+        let target = PgTarget::parse(&url, "test").expect("a valid URL");
+        let mut outbox = Outbox::new(target);
+        assert_eq!(outbox.open_for(), EPOCH_OPEN_FOR);
+        // Fast passes: the epochs fit in the connections as they are.
+        outbox.pace_to_pass(Duration::from_millis(900));
+        assert_eq!(outbox.open_for(), EPOCH_OPEN_FOR);
+        // A 3 s pass: `1 + pass / open_for` epochs stay within the connections, one spare.
+        let pass = Duration::from_secs(3);
+        outbox.pace_to_pass(pass);
+        let in_flight = 1.0 + pass.as_secs_f64() / outbox.open_for().as_secs_f64();
+        assert!(
+            in_flight <= (EPOCH_CONNECTIONS - 1) as f64,
+            "{in_flight} epochs"
+        );
+        // Never longer than the cap, and back to the floor when passes speed up again.
+        outbox.pace_to_pass(Duration::from_secs(60));
+        assert_eq!(outbox.open_for(), EPOCH_OPEN_AT_MOST);
+        outbox.pace_to_pass(Duration::from_millis(300));
+        assert_eq!(outbox.open_for(), EPOCH_OPEN_FOR);
+    }
 }

@@ -523,6 +523,9 @@ impl Worker {
             Ok(report) => {
                 self.sweep_failures = reconnect_delays();
                 record_step(&report);
+                for pass in &report.pass_durations {
+                    self.outbox.pace_to_pass(*pass);
+                }
                 for finished in report.finished {
                     if let Some(job) = self.jobs.remove(&finished.id) {
                         self.finish_job(job, &finished.keys_per_pattern).await;
