@@ -216,9 +216,9 @@ async fn measure_size(
     // Postgres alone: measured in the single-server run only.
     let triggers = if options.largest && !options.cluster {
         let (rounds, per_round, bulk) = if options.quick {
-            (4, 250, 3)
+            (15, 80, 3)
         } else {
-            (10, 500, 5)
+            (41, 125, 7)
         };
         let cost = measure::trigger_cost(&client, layout.rows, rounds, per_round, bulk).await;
         eprintln!(
@@ -355,9 +355,10 @@ async fn measure_size(
     ));
 
     if let Some(cost) = triggers {
-        let single = cost.single_with.as_secs_f64() / cost.single_without.as_secs_f64();
+        let single = cost.single_ratio;
         lines.push(line(
-            "trigger overhead: single-row UPDATE, autocommit (with vs without triggers)",
+            "trigger overhead: single-row UPDATE, autocommit (with vs without triggers; median \
+             over alternating rounds)",
             format!(
                 "{} vs {} per statement ({} each)",
                 show(cost.single_with),
@@ -371,7 +372,7 @@ async fn measure_size(
                 format!("{:+.0} %", (single / 1.25 - 1.0) * 100.0),
             ),
         ));
-        let bulk = cost.bulk_with.as_secs_f64() / cost.bulk_without.as_secs_f64();
+        let bulk = cost.bulk_ratio;
         lines.push(line(
             "trigger overhead: one 10,000-row UPDATE (with vs without)",
             format!(

@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use crate::keyspace::{Layout, RowChange, KINDS};
 use crate::nodes::Nodes;
 use crate::probe::{GetProbe, Phase};
-use crate::stats::{median, Rng};
+use crate::stats::{median, median_ratio, Rng};
 
 /// How often the bench looks at the outbox while waiting: the resolution of the latency measures.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -341,12 +341,19 @@ pub async fn naive(
 
 /// The triggers' cost on the app's writes, measured with the worker stopped (its sweeps would
 /// compete for the same CPUs and blur what the trigger itself costs).
+///
+/// The two sides alternate in short rounds and each ratio is the median over rounds of one round
+/// with triggers against the round without them just after it: a commit waits for an fsync whose
+/// time here swings by 2–3× from one second to the next, and a ratio of totals let a few slow
+/// seconds on one side decide the result.
 pub struct TriggerCost {
     pub single_with: Duration,
     pub single_without: Duration,
+    pub single_ratio: f64,
     pub single_statements: usize,
     pub bulk_with: Duration,
     pub bulk_without: Duration,
+    pub bulk_ratio: f64,
     pub bulk_repeats: usize,
 }
 
@@ -371,8 +378,7 @@ pub async fn trigger_cost(
         .await
         .expect("prepare the single-row UPDATE");
     let mut rng = Rng::new(11);
-    let mut totals = [Duration::ZERO; 2];
-    // Alternating rounds spread the machine's noise evenly over both sides.
+    let mut per_statement: [Vec<Duration>; 2] = Default::default();
     for round in 0..rounds {
         for (side, on) in [(0, true), (1, false)] {
             client
@@ -388,7 +394,7 @@ pub async fn trigger_cost(
                     .await
                     .expect("single-row UPDATE");
             }
-            totals[side] += started.elapsed();
+            per_statement[side].push(started.elapsed() / per_round.max(1) as u32);
         }
     }
     let mut bulk: [Vec<Duration>; 2] = Default::default();
@@ -422,13 +428,14 @@ pub async fn trigger_cost(
         .batch_execute("TRUNCATE cache_invalidator.outbox")
         .await
         .expect("empty the outbox");
-    let statements = (rounds * per_round).max(1) as u32;
     TriggerCost {
-        single_with: totals[0] / statements,
-        single_without: totals[1] / statements,
+        single_with: median(&per_statement[0]),
+        single_without: median(&per_statement[1]),
+        single_ratio: median_ratio(&per_statement[0], &per_statement[1]),
         single_statements: rounds * per_round,
         bulk_with: median(&bulk[0]),
         bulk_without: median(&bulk[1]),
+        bulk_ratio: median_ratio(&bulk[0], &bulk[1]),
         bulk_repeats,
     }
 }
