@@ -59,28 +59,28 @@ GRANT EXECUTE ON FUNCTION cache_invalidator.invalidate_user(text), cache_invalid
 
 -- reports_report: report:{id}:*, reportlist:reports:{author_id}:*
 CREATE OR REPLACE FUNCTION cache_invalidator."capture reports_report"() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_report', TG_OP, jsonb_build_object('author_id', to_jsonb(c."author_id"[s.n:s.n + 63]), 'id', to_jsonb(c."id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."author_id") AS "author_id", array_agg(d."id") AS "id" FROM (SELECT DISTINCT r."author_id", r."id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."author_id"), 64) AS s(n);
-    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT 'reports_report', TG_OP, pg_catalog.jsonb_build_object('author_id', pg_catalog.to_jsonb(c."author_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."author_id") AS "author_id", pg_catalog.array_agg(d."id") AS "id" FROM (SELECT DISTINCT r."author_id", r."id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."author_id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_report', TG_OP, jsonb_build_object('author_id', to_jsonb(c."author_id"[s.n:s.n + 63]), 'id', to_jsonb(c."id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."author_id") AS "author_id", array_agg(d."id") AS "id" FROM (SELECT r."author_id", r."id" FROM old_rows r UNION SELECT r."author_id", r."id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."author_id"), 64) AS s(n);
-    ELSIF TG_OP = 'DELETE' THEN
+        SELECT 'reports_report', TG_OP, pg_catalog.jsonb_build_object('author_id', pg_catalog.to_jsonb(c."author_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."author_id") AS "author_id", pg_catalog.array_agg(d."id") AS "id" FROM (SELECT r."author_id", r."id" FROM old_rows r UNION SELECT r."author_id", r."id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."author_id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_report', TG_OP, jsonb_build_object('author_id', to_jsonb(c."author_id"[s.n:s.n + 63]), 'id', to_jsonb(c."id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."author_id") AS "author_id", array_agg(d."id") AS "id" FROM (SELECT DISTINCT r."author_id", r."id" FROM old_rows r) d) c,
-             generate_series(1, cardinality(c."author_id"), 64) AS s(n);
+        SELECT 'reports_report', TG_OP, pg_catalog.jsonb_build_object('author_id', pg_catalog.to_jsonb(c."author_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."author_id") AS "author_id", pg_catalog.array_agg(d."id") AS "id" FROM (SELECT DISTINCT r."author_id", r."id" FROM old_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."author_id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_report', 'TRUNCATE', NULL);
     END IF;
     IF FOUND THEN
-        PERFORM pg_notify('cache_invalidator', '');
+        PERFORM pg_catalog.pg_notify('cache_invalidator', '');
     END IF;
     RETURN NULL;
 END
@@ -100,28 +100,28 @@ CREATE TRIGGER "cache_invalidator_trunc" AFTER TRUNCATE ON "reports_report"
 
 -- reports_studentreport: studentreport:{id}:*, reportlist:student-reports:{student_id}:*, reportlist:student-reports:{teacher_id}:*
 CREATE OR REPLACE FUNCTION cache_invalidator."capture reports_studentreport"() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_studentreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
-    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT 'reports_studentreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'teacher_id', pg_catalog.to_jsonb(c."teacher_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_studentreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT r."id", r."student_id", r."teacher_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
-    ELSIF TG_OP = 'DELETE' THEN
+        SELECT 'reports_studentreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'teacher_id', pg_catalog.to_jsonb(c."teacher_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT r."id", r."student_id", r."teacher_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_studentreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM old_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
+        SELECT 'reports_studentreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'teacher_id', pg_catalog.to_jsonb(c."teacher_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM old_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_studentreport', 'TRUNCATE', NULL);
     END IF;
     IF FOUND THEN
-        PERFORM pg_notify('cache_invalidator', '');
+        PERFORM pg_catalog.pg_notify('cache_invalidator', '');
     END IF;
     RETURN NULL;
 END
@@ -141,28 +141,28 @@ CREATE TRIGGER "cache_invalidator_trunc" AFTER TRUNCATE ON "reports_studentrepor
 
 -- reports_tutorweeklyreport: tutorreport:{id}:*, reportlist:tutor-reports:{tutor_id}:*, reportlist:tutor-reports:{student_id}:*
 CREATE OR REPLACE FUNCTION cache_invalidator."capture reports_tutorweeklyreport"() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'tutor_id', to_jsonb(c."tutor_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT DISTINCT r."id", r."student_id", r."tutor_id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
-    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT 'reports_tutorweeklyreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'tutor_id', pg_catalog.to_jsonb(c."tutor_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT DISTINCT r."id", r."student_id", r."tutor_id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'tutor_id', to_jsonb(c."tutor_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT r."id", r."student_id", r."tutor_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."tutor_id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
-    ELSIF TG_OP = 'DELETE' THEN
+        SELECT 'reports_tutorweeklyreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'tutor_id', pg_catalog.to_jsonb(c."tutor_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT r."id", r."student_id", r."tutor_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."tutor_id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_tutorweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'tutor_id', to_jsonb(c."tutor_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT DISTINCT r."id", r."student_id", r."tutor_id" FROM old_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
+        SELECT 'reports_tutorweeklyreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'tutor_id', pg_catalog.to_jsonb(c."tutor_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."tutor_id") AS "tutor_id" FROM (SELECT DISTINCT r."id", r."student_id", r."tutor_id" FROM old_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_tutorweeklyreport', 'TRUNCATE', NULL);
     END IF;
     IF FOUND THEN
-        PERFORM pg_notify('cache_invalidator', '');
+        PERFORM pg_catalog.pg_notify('cache_invalidator', '');
     END IF;
     RETURN NULL;
 END
@@ -182,28 +182,28 @@ CREATE TRIGGER "cache_invalidator_trunc" AFTER TRUNCATE ON "reports_tutorweeklyr
 
 -- reports_teacherweeklyreport: teacherreport:{id}:*, reportlist:teacher-reports:{teacher_id}:*, reportlist:teacher-reports:{student_id}:*
 CREATE OR REPLACE FUNCTION cache_invalidator."capture reports_teacherweeklyreport"() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
-    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT 'reports_teacherweeklyreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'teacher_id', pg_catalog.to_jsonb(c."teacher_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT r."id", r."student_id", r."teacher_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
-    ELSIF TG_OP = 'DELETE' THEN
+        SELECT 'reports_teacherweeklyreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'teacher_id', pg_catalog.to_jsonb(c."teacher_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT r."id", r."student_id", r."teacher_id" FROM old_rows r UNION SELECT r."id", r."student_id", r."teacher_id" FROM new_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO cache_invalidator.outbox (table_name, op, rows)
-        SELECT 'reports_teacherweeklyreport', TG_OP, jsonb_build_object('id', to_jsonb(c."id"[s.n:s.n + 63]), 'student_id', to_jsonb(c."student_id"[s.n:s.n + 63]), 'teacher_id', to_jsonb(c."teacher_id"[s.n:s.n + 63]))
-        FROM (SELECT array_agg(d."id") AS "id", array_agg(d."student_id") AS "student_id", array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM old_rows r) d) c,
-             generate_series(1, cardinality(c."id"), 64) AS s(n);
+        SELECT 'reports_teacherweeklyreport', TG_OP, pg_catalog.jsonb_build_object('id', pg_catalog.to_jsonb(c."id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'student_id', pg_catalog.to_jsonb(c."student_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]), 'teacher_id', pg_catalog.to_jsonb(c."teacher_id"[s.n:s.n OPERATOR(pg_catalog.+) 63]))
+        FROM (SELECT pg_catalog.array_agg(d."id") AS "id", pg_catalog.array_agg(d."student_id") AS "student_id", pg_catalog.array_agg(d."teacher_id") AS "teacher_id" FROM (SELECT DISTINCT r."id", r."student_id", r."teacher_id" FROM old_rows r) d) c,
+             pg_catalog.generate_series(1, pg_catalog.cardinality(c."id"), 64) AS s(n);
     ELSE
         INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES ('reports_teacherweeklyreport', 'TRUNCATE', NULL);
     END IF;
     IF FOUND THEN
-        PERFORM pg_notify('cache_invalidator', '');
+        PERFORM pg_catalog.pg_notify('cache_invalidator', '');
     END IF;
     RETURN NULL;
 END

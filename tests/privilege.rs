@@ -137,3 +137,154 @@ async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
         .await
         .expect("drop roles");
 }
+
+/// The capture triggers are `SECURITY DEFINER` without a `SET search_path` (it cost a single-row
+/// UPDATE ~30-85 µs of CPU), so they run with the caller's search_path. A caller that puts its own operators and
+/// functions before `pg_catalog` must not change what they record: here a `+` that subtracts (the
+/// slices of the column arrays), an `=` on text that is never true (the `TG_OP` tests) and a
+/// `cardinality` that says 0 (the chunk count), created by the app's own (non-superuser) role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
+    let space = KeySpace::new("hostile");
+    let db = TestDb::with_reports("hostile", &space.rules()).await;
+    let app = unique("ci_app").to_lowercase();
+    let owner = db.client().await;
+    owner
+        .batch_execute(&format!(
+            r#"CREATE ROLE {app} LOGIN;
+               GRANT CREATE ON DATABASE "{database}" TO {app};
+               GRANT SELECT, UPDATE, DELETE ON reports_report TO {app};
+               INSERT INTO auth_user (id) SELECT generate_series(1, 5);
+               INSERT INTO reports_report (id, author_id) SELECT g, 1 FROM generate_series(1, 70) g;
+               INSERT INTO reports_report (id, author_id) VALUES (100, 2), (101, 4);
+               DELETE FROM cache_invalidator.outbox;"#,
+            database = db.name
+        ))
+        .await
+        .expect("role and fixture");
+
+    let hostile = connect(&role_url(&app, &db.name)).await;
+    hostile
+        .batch_execute(
+            "CREATE SCHEMA hostile;
+             CREATE FUNCTION hostile.minus_1000(int, int) RETURNS int
+                 LANGUAGE sql IMMUTABLE AS 'SELECT $1 - 1000';
+             CREATE OPERATOR hostile.+ (LEFTARG = int, RIGHTARG = int, FUNCTION = hostile.minus_1000);
+             CREATE FUNCTION hostile.never(text, text) RETURNS boolean
+                 LANGUAGE sql IMMUTABLE AS 'SELECT false';
+             CREATE OPERATOR hostile.= (LEFTARG = text, RIGHTARG = text, FUNCTION = hostile.never);
+             CREATE FUNCTION hostile.cardinality(anyarray) RETURNS int
+                 LANGUAGE sql IMMUTABLE AS 'SELECT 0';
+             SET search_path = hostile, pg_catalog, public;",
+        )
+        .await
+        .expect("hostile objects");
+    // They do win name resolution in this session, so the statements below would see them.
+    let row = hostile
+        .query_one(
+            "SELECT 1 + 63, 'UPDATE' = 'UPDATE', cardinality(ARRAY[1, 2])",
+            &[],
+        )
+        .await
+        .expect("probe the hostile objects");
+    assert_eq!(
+        (
+            row.get::<_, i32>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, i32>(2)
+        ),
+        (-999, false, 0)
+    );
+    hostile
+        .batch_execute(
+            "UPDATE reports_report SET author_id = 3 WHERE id = 100;
+             UPDATE reports_report SET title = 'edited' WHERE author_id = 1;
+             DELETE FROM reports_report WHERE id = 101;",
+        )
+        .await
+        .expect("the app's writes");
+
+    // What the outbox holds, before any worker runs: the right operations, chunks of at most 64
+    // values, and every value of every changed row.
+    let chunks: Vec<(String, i32)> = owner
+        .query(
+            "SELECT op, coalesce(jsonb_array_length(rows -> 'id'), -1) \
+             FROM cache_invalidator.outbox ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .expect("outbox chunks")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let chunk = |op: &str, values: i32| (op.to_owned(), values);
+    assert_eq!(
+        chunks,
+        [
+            chunk("DELETE", 1),
+            chunk("UPDATE", 2),
+            chunk("UPDATE", 6),
+            chunk("UPDATE", 64)
+        ]
+    );
+    let recorded: Vec<(String, i32, i32)> = owner
+        .query(
+            "SELECT o.op, p.id::int, p.author_id::int FROM cache_invalidator.outbox o, \
+             ROWS FROM (jsonb_array_elements_text(o.rows -> 'id'), \
+                        jsonb_array_elements_text(o.rows -> 'author_id')) AS p(id, author_id) \
+             ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .expect("outbox values")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let mut expected = vec![("DELETE".to_owned(), 101, 4)];
+    expected.extend((1..=70).map(|id| ("UPDATE".to_owned(), id, 1)));
+    expected.push(("UPDATE".to_owned(), 100, 2));
+    expected.push(("UPDATE".to_owned(), 100, 3));
+    assert_eq!(recorded, expected);
+
+    // And the worker clears exactly those keys.
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let must_go: Vec<String> = [
+        "report:100:1:h",
+        "report:101:1:h",
+        "report:1:1:h",
+        "report:64:1:h",
+        "report:65:1:h",
+        "report:70:1:h",
+        "reportlist:reports:1:h",
+        "reportlist:reports:2:h",
+        "reportlist:reports:3:h",
+        "reportlist:reports:4:h",
+    ]
+    .iter()
+    .map(|logical| space.key(logical))
+    .collect();
+    let decoys = vec![
+        space.key("report:71:1:h"),
+        space.key("report:102:1:h"),
+        space.key("reportlist:reports:5:h"),
+        space.key_v2("report:100:1:h"),
+    ];
+    set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
+    let daemon = Daemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
+    assert_gone_within(&mut redis, &must_go, PATIENCE).await;
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "outbox not drained: {} rows",
+        db.outbox_rows().await
+    );
+    assert_eq!(db.dead_letters().await, 0);
+    assert_kept(&mut redis, &decoys).await;
+    daemon.stop().await;
+    drop((hostile, owner));
+    db.drop().await;
+    connect(&admin_database_url())
+        .await
+        .batch_execute(&format!("DROP ROLE {app};"))
+        .await
+        .expect("drop role");
+}
