@@ -413,10 +413,13 @@ async fn measure_size(
                 run.rows_per_second, run.seconds, run.rows_per_statement
             ),
             format!(
-                "p99 {:.2} s, max {:.2} s; drained {} after the load",
+                "p99 {:.2} s, max {:.2} s; drained {} after the load; the daemon's {} passes \
+                 under the load took {} on average",
                 run.age_p99,
                 run.age_max,
-                show(run.drain_after_load)
+                show(run.drain_after_load),
+                run.passes,
+                run.mean_pass.map_or("?".to_owned(), show)
             ),
             String::new(),
             "p99 < 2 s at ≥ 5,000/s",
@@ -429,7 +432,10 @@ async fn measure_size(
         let hwm_mb = run.hwm_kb as f64 / 1024.0;
         lines.push(line(
             "worker resident memory during the sustained run",
-            format!("VmRSS max {rss_mb:.1} MB, VmHWM {hwm_mb:.1} MB"),
+            format!(
+                "VmRSS max {rss_mb:.1} MB, VmHWM {hwm_mb:.1} MB ({:.1} MB connected, before the load)",
+                run.rss_idle_kb as f64 / 1024.0
+            ),
             String::new(),
             "≤ 30 MB",
             verdict(hwm_mb <= 30.0, format!("{:+.1} MB", hwm_mb - 30.0)),

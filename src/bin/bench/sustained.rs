@@ -100,6 +100,34 @@ pub struct Sustained {
     pub drain_after_load: Duration,
     pub rss_max_kb: u64,
     pub hwm_kb: u64,
+    /// The daemon's resident memory once connected, before any load.
+    pub rss_idle_kb: u64,
+    /// Mean duration of the daemon's passes during the run (its own sweep-duration histogram).
+    pub mean_pass: Option<Duration>,
+    pub passes: u64,
+}
+
+/// `<name>_sum` and `<name>_count` of a Prometheus histogram in a scrape.
+fn histogram_sum_count(scrape: &str, name: &str) -> Option<(f64, u64)> {
+    let value = |suffix: &str| {
+        scrape.lines().find_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix(suffix)?;
+            rest.split_whitespace().last()?.parse::<f64>().ok()
+        })
+    };
+    Some((value("_sum")?, value("_count")? as u64))
+}
+
+/// One plain HTTP/1.0 GET of the daemon's `/metrics`.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body)
 }
 
 /// The daemon's binary: next to this one in the target directory, built first when the bench runs
@@ -111,6 +139,23 @@ pub fn worker_binary() -> PathBuf {
         let profile_release = dir.file_name().is_some_and(|name| name == "release");
         let mut build = Command::new(cargo);
         build.args(["build", "--bin", "cache-invalidator"]);
+        // `cargo run` gave this process the package's own variables; build scripts that watch
+        // them (ring's does) would see them change and rebuild, here and again at the next run.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         if profile_release {
             build.arg("--release");
         }
@@ -144,11 +189,19 @@ pub async fn run(
     log: &Path,
 ) -> Sustained {
     let log_file = std::fs::File::create(log).expect("the worker's log file");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port for the daemon's metrics");
     let mut daemon = Command::new(worker)
         .arg("run")
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .env("DATABASE_URL", db_url)
         .env("REDIS_URL", redis_url)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
@@ -176,6 +229,11 @@ pub async fn run(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let rss_idle_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
+    let sweep_histogram = cache_invalidator::telemetry::names::SWEEP_DURATION;
+    let passes_before = scrape(metrics_port)
+        .and_then(|text| histogram_sum_count(&text, sweep_histogram))
+        .unwrap_or((0.0, 0));
 
     let rows_per_statement = 10;
     // Aimed a little above the 5,000/s: pacing loses a few ticks, and the table reports
@@ -225,6 +283,9 @@ pub async fn run(
         ),
         _ => panic!("unexpected load report {report:?}"),
     };
+    let passes_during = scrape(metrics_port)
+        .and_then(|text| histogram_sum_count(&text, sweep_histogram))
+        .map(|(sum, count)| (sum - passes_before.0, count.saturating_sub(passes_before.1)));
     let drained = wait_drained(poller).await;
     let hwm_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
     // SIGTERM, as systemd would stop it; it exits 0 after the batch in flight.
@@ -241,5 +302,10 @@ pub async fn run(
         drain_after_load: drained.saturating_duration_since(load_done),
         rss_max_kb,
         hwm_kb,
+        rss_idle_kb,
+        mean_pass: passes_during
+            .filter(|(_, count)| *count > 0)
+            .map(|(sum, count)| Duration::from_secs_f64(sum / count as f64)),
+        passes: passes_during.map_or(0, |(_, count)| count),
     }
 }
