@@ -376,7 +376,7 @@ async fn measure_size(
         lines.push(line(
             "trigger overhead: one 10,000-row UPDATE (with vs without)",
             format!(
-                "{} vs {} (median of {})",
+                "{} vs {} (medians of {} each; the ratio is the median of the pairs)",
                 show(cost.bulk_with),
                 show(cost.bulk_without),
                 cost.bulk_repeats
