@@ -220,6 +220,72 @@ async fn a_postgres_restart_loses_no_claimed_or_later_change() {
     db.drop().await;
 }
 
+/// A Redis user whose ACL refuses `INFO`: the worker cannot learn how the server's cursors order
+/// the keyspace, so a change that arrives mid-pass must wait for a whole pass of its own. With a
+/// keyspace that takes many `SCAN` steps and changes committed one after another, most windows
+/// join a pass midway; every key they name must still go, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
+    let space = KeySpace::new("fault_no_info");
+    let db = TestDb::with_reports("fault_no_info", &space.rules()).await;
+    let redis_server = PrivateRedis::start();
+    let mut admin = patient_connection(&redis_server.url()).await;
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "worker",
+            "on",
+            ">worker-secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-info",
+        ])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    let worker_url = format!(
+        "redis://worker:worker-secret@127.0.0.1:{}/0",
+        redis_server.port
+    );
+    let mut as_worker = patient_connection(&worker_url).await;
+    let refused = redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(&mut as_worker)
+        .await;
+    assert!(refused.is_err(), "the ACL should refuse INFO: {refused:?}");
+
+    // About 30 SCAN steps per pass.
+    let filler: Vec<String> = (0..30_000)
+        .map(|i| space.key(&format!("fragment:{i}")))
+        .collect();
+    for chunk in filler.chunks(5_000) {
+        set_keys(&mut admin, chunk).await;
+    }
+    let ids = 301..=340;
+    let mut all_must_go = Vec::new();
+    let mut all_decoys = Vec::new();
+    for id in ids.clone() {
+        let author = id % 7 + 1;
+        set_keys(&mut admin, &must_go(&space, id, author)).await;
+        set_keys(&mut admin, &decoys(&space, id, author)).await;
+        all_must_go.extend(must_go(&space, id, author));
+        all_decoys.extend(decoys(&space, id, author));
+    }
+
+    let daemon = Daemon::start(test_settings(&db.url, &worker_url, space.rules()));
+    let client = db.client().await;
+    for id in ids {
+        commit_report(&client, id, id % 7 + 1).await;
+    }
+    assert_gone_within(&mut admin, &all_must_go, PATIENCE).await;
+    wait_for_empty_outbox(&db).await;
+    assert_kept(&mut admin, &all_decoys).await;
+    assert_kept(&mut admin, &filler).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
 /// Waits until a restarted Redis answers (it refuses commands while loading its dump).
 async fn reconnect_when_loaded(url: &str) -> MultiplexedConnection {
     let ready = wait_until(PATIENCE, || async {
