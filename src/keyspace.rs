@@ -110,33 +110,25 @@ impl CursorOrder {
 
     /// Reads the order from the replies to `INFO server` and `INFO cluster`.
     pub fn from_info(server: &str, cluster: &str) -> CursorOrder {
-        let field = |text: &str, name: &str| -> Option<String> {
-            text.lines().find_map(|line| {
-                line.trim_end()
-                    .strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(':'))
-                    .map(str::to_owned)
-            })
-        };
         // Major and minor of a `x.y.z` version.
         let version = |text: &str| -> Option<(u32, u32)> {
             let mut parts = text.split('.');
             Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
         };
-        if field(server, "dragonfly_version").is_some() {
+        if info_field(server, "dragonfly_version").is_some() {
             return CursorOrder::Unknown;
         }
-        match field(cluster, "cluster_enabled").as_deref() {
+        match info_field(cluster, "cluster_enabled") {
             Some("0") => return CursorOrder::ReversedBuckets,
             Some("1") => {}
             _ => return CursorOrder::Unknown,
         }
         // Valkey also reports `redis_version:7.2.4`, for clients that check it.
-        let per_slot_tables = if let Some(valkey) = field(server, "valkey_version") {
-            version(&valkey).map(|v| v >= (8, 0))
+        let per_slot_tables = if let Some(valkey) = info_field(server, "valkey_version") {
+            version(valkey).map(|v| v >= (8, 0))
         } else {
             // 7.3.x were the release candidates of 7.4, which brought per-slot tables.
-            field(server, "redis_version").and_then(|v| version(&v).map(|v| v >= (7, 3)))
+            info_field(server, "redis_version").and_then(|v| version(v).map(|v| v >= (7, 3)))
         };
         match per_slot_tables {
             Some(true) => CursorOrder::SlotThenReversedBuckets,
@@ -144,6 +136,12 @@ impl CursorOrder {
             None => CursorOrder::Unknown,
         }
     }
+}
+
+/// The value of `name` in an `INFO` reply (`name:value` lines).
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.trim_end().strip_prefix(name)?.strip_prefix(':'))
 }
 
 /// A primary as its own `CLUSTER NODES` line shows it. While this stays the same, the node holds
@@ -343,18 +341,22 @@ impl RedisTarget {
         let cursor_order = match info {
             Ok((server, cluster)) => {
                 // A plain URL to one primary of a cluster would sweep that primary's keys only.
-                if !self.cluster && cluster.lines().any(|l| l.trim_end() == "cluster_enabled:1") {
+                if !self.cluster && info_field(&cluster, "cluster_enabled") == Some("1") {
                     return Err(KeyspaceError::ClusterNode { node: name });
                 }
-                CursorOrder::from_info(&server, &cluster)
+                let order = CursorOrder::from_info(&server, &cluster);
+                if order == CursorOrder::Unknown {
+                    tracing::warn!(node = %name, "SCAN cursor order unknown on this server: a change that arrives during a pass waits for a whole pass of its own");
+                }
+                order
             }
-            // The server refused INFO (an ACL without it): sweep without trusting positions.
+            // An ACL without INFO: sweep without trusting positions.
             Err(error)
                 if !(error.is_io_error()
                     || error.is_timeout()
                     || error.is_connection_dropped()) =>
             {
-                tracing::warn!(node = %name, %error, "INFO refused");
+                tracing::warn!(node = %name, %error, "INFO refused, so the SCAN cursor order is unknown: a change that arrives during a pass waits for a whole pass of its own");
                 CursorOrder::Unknown
             }
             Err(source) => {
@@ -364,9 +366,6 @@ impl RedisTarget {
                 })
             }
         };
-        if cursor_order == CursorOrder::Unknown {
-            tracing::warn!(node = %name, "unknown SCAN cursor order on this server: a change that arrives during a pass waits for a whole pass of its own");
-        }
         Ok(Node {
             name,
             connection,

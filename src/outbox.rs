@@ -126,18 +126,14 @@ impl Outbox {
     /// An epoch lives about as long as it takes claims plus one pass, so with every epoch open for
     /// `open_for`, `1 + pass / open_for` of them are in flight. Past the connections there are,
     /// claims wait until an epoch commits, and the backlog's age jumps by a whole pass (measured:
-    /// passes of 2 s under load at 1M keys gave a p99 of 4.7 s with 150 ms epochs). Stretching the
+    /// 4.7 s p99 under the bench's sustained load at 1M keys with 150 ms epochs, on a day its
+    /// passes under that load took 1.5–2.7 s). Stretching the
     /// epochs to `pass / (N / 2)` leaves half the connections spare for passes that come out
     /// slower than the last one (they vary by half under load); it costs the oldest row of an
     /// epoch that extra time, far less than a pass.
     pub fn pace_to_pass(&mut self, pass: Duration) {
         let half = (EPOCH_CONNECTIONS / 2) as u32;
         self.open_for = (pass / half).clamp(EPOCH_OPEN_FOR, EPOCH_OPEN_AT_MOST);
-    }
-
-    /// How long a new epoch takes claims now.
-    pub fn open_for(&self) -> Duration {
-        self.open_for
     }
 
     /// True when a claim could run now: an epoch is open for claims or a slot is free.
@@ -409,20 +405,20 @@ mod tests {
         let url = SecretUrl::new("postgres://127.0.0.1/unused".to_owned());
         let target = PgTarget::parse(&url, "test").expect("a valid URL");
         let mut outbox = Outbox::new(target);
-        assert_eq!(outbox.open_for(), EPOCH_OPEN_FOR);
+        assert_eq!(outbox.open_for, EPOCH_OPEN_FOR);
         // Fast passes: the epochs fit in the connections as they are.
         outbox.pace_to_pass(Duration::from_millis(800));
-        assert_eq!(outbox.open_for(), EPOCH_OPEN_FOR);
+        assert_eq!(outbox.open_for, EPOCH_OPEN_FOR);
         // A 3 s pass: `1 + pass / open_for` epochs use half the connections, so a pass half
         // again as long still finds one free.
         let pass = Duration::from_secs(3);
         outbox.pace_to_pass(pass);
-        let in_flight = 1.0 + pass.as_secs_f64() * 1.5 / outbox.open_for().as_secs_f64();
+        let in_flight = 1.0 + pass.as_secs_f64() * 1.5 / outbox.open_for.as_secs_f64();
         assert!(in_flight <= EPOCH_CONNECTIONS as f64, "{in_flight} epochs");
         // Never longer than the cap, and back to the floor when passes speed up again.
         outbox.pace_to_pass(Duration::from_secs(60));
-        assert_eq!(outbox.open_for(), EPOCH_OPEN_AT_MOST);
+        assert_eq!(outbox.open_for, EPOCH_OPEN_AT_MOST);
         outbox.pace_to_pass(Duration::from_millis(300));
-        assert_eq!(outbox.open_for(), EPOCH_OPEN_FOR);
+        assert_eq!(outbox.open_for, EPOCH_OPEN_FOR);
     }
 }

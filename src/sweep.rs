@@ -6,7 +6,7 @@
 //! cost of N pending changes is about one pass, not N. A `SCAN` cursor is a bucket index in reverse
 //! bit order (in cluster mode from Redis 7.4 on, after a slot number); turned into a position that
 //! only grows during a pass, even across a rehash, it is what "gone round to that point" compares
-//! ([`CursorOrder`]). Where a server's order is unknown, a window joining mid-pass waits for the
+//! ([`CursorOrder`](crate::keyspace::CursorOrder)). Where a server's order is unknown, a window joining mid-pass waits for the
 //! next whole pass.
 //!
 //! Each step sends one pipeline per node: the `UNLINK`s of the keys matched by the previous step,
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use redis::cluster_routing::Slot;
 
-use crate::keyspace::{CursorOrder, Node};
+use crate::keyspace::Node;
 use crate::matcher::{Matcher, PatternId};
 
 /// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
@@ -106,8 +106,9 @@ impl Progress {
         }
     }
 
-    /// Records a `SCAN` that returned `next_cursor`: it covered everything up to that position.
-    fn advance(&mut self, next_cursor: u64, order: CursorOrder) {
+    /// Records a `SCAN` that returned `next_cursor`, at `next_position` in the server's cursor
+    /// order: it covered everything up to there.
+    fn advance(&mut self, next_cursor: u64, next_position: Option<u64>) {
         if self.done {
             return;
         }
@@ -122,7 +123,7 @@ impl Progress {
             return;
         }
         self.done = next_cursor == 0
-            || match (self.start, order.position(next_cursor)) {
+            || match (self.start, next_position) {
                 (Some(start), Some(position)) => position >= start,
                 _ => false,
             };
@@ -381,9 +382,10 @@ impl Sweeper {
                     report.pass_durations.push(started.elapsed());
                 }
             }
-            let order = node.node.cursor_order;
+            // Once per step, not per window: hundreds of windows can share a pass.
+            let next_position = node.node.cursor_order.position(next_cursor);
             for window in &mut self.windows {
-                window.progress[index].advance(next_cursor, order);
+                window.progress[index].advance(next_cursor, next_position);
             }
             if next_cursor == 0 {
                 // A pass ended: a good moment to let Redis filter by a longer shared prefix.
@@ -540,9 +542,14 @@ async fn run_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyspace::CursorOrder;
 
     const BUCKETS: CursorOrder = CursorOrder::ReversedBuckets;
     const PER_SLOT: CursorOrder = CursorOrder::SlotThenReversedBuckets;
+
+    fn advance(progress: &mut Progress, next_cursor: u64, order: CursorOrder) {
+        progress.advance(next_cursor, order.position(next_cursor));
+    }
 
     fn joined_at(order: CursorOrder, cursor: u64) -> Progress {
         Progress {
@@ -558,23 +565,23 @@ mod tests {
         // Joined when the next SCAN used cursor 2: it returns 6, 1, 5, 3, 7, then 0 (wrap).
         let mut progress = joined_at(BUCKETS, 2);
         for cursor in [6u64, 1, 5, 3, 7] {
-            progress.advance(cursor, BUCKETS);
+            advance(&mut progress, cursor, BUCKETS);
             assert!(!progress.done);
         }
-        progress.advance(0, BUCKETS);
+        advance(&mut progress, 0, BUCKETS);
         assert!(progress.wrapped && !progress.done);
-        progress.advance(cursors[0], BUCKETS);
+        advance(&mut progress, cursors[0], BUCKETS);
         assert!(!progress.done, "position of 4 is before 2 in scan order");
-        progress.advance(cursors[1], BUCKETS);
+        advance(&mut progress, cursors[1], BUCKETS);
         assert!(progress.done, "back at the join point");
     }
 
     #[test]
     fn a_window_joining_an_idle_node_needs_one_pass() {
         let mut progress = joined_at(BUCKETS, 0);
-        progress.advance(4, BUCKETS);
+        advance(&mut progress, 4, BUCKETS);
         assert!(!progress.done);
-        progress.advance(0, BUCKETS);
+        advance(&mut progress, 0, BUCKETS);
         assert!(progress.done);
     }
 
@@ -607,7 +614,7 @@ mod tests {
         // again, and slot 2 up to where it joined.
         let mut progress = joined_at(PER_SLOT, per_slot_cursor(2, 2));
         for cursor in [per_slot_cursor(3, 0), per_slot_cursor(3, 1), 0] {
-            progress.advance(cursor, PER_SLOT);
+            advance(&mut progress, cursor, PER_SLOT);
             assert!(!progress.done);
         }
         for cursor in [
@@ -615,10 +622,10 @@ mod tests {
             per_slot_cursor(1, 2),
             per_slot_cursor(2, 0),
         ] {
-            progress.advance(cursor, PER_SLOT);
+            advance(&mut progress, cursor, PER_SLOT);
             assert!(!progress.done, "not yet back in slot 2 at the join point");
         }
-        progress.advance(per_slot_cursor(2, 2), PER_SLOT);
+        advance(&mut progress, per_slot_cursor(2, 2), PER_SLOT);
         assert!(progress.done);
     }
 
@@ -628,10 +635,10 @@ mod tests {
         let mut progress = joined_at(order, 2);
         assert_eq!(progress.start, None);
         for cursor in [6u64, 0, 4, 2, 6, 1] {
-            progress.advance(cursor, order);
+            advance(&mut progress, cursor, order);
             assert!(!progress.done);
         }
-        progress.advance(0, order);
+        advance(&mut progress, 0, order);
         assert!(progress.done);
     }
 

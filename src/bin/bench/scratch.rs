@@ -202,11 +202,11 @@ impl Drop for PrivateRedis {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
-        .expect("a free port for a private redis-server")
+        .expect("a free port on 127.0.0.1")
 }
 
 fn blocking_connection(port: u16) -> redis::Connection {

@@ -189,10 +189,7 @@ pub async fn run(
     log: &Path,
 ) -> Sustained {
     let log_file = std::fs::File::create(log).expect("the worker's log file");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port for the daemon's metrics");
+    let metrics_port = crate::scratch::free_port();
     let mut daemon = Command::new(worker)
         .arg("run")
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
