@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Output};
 use std::time::Duration;
 
 use common::*;
@@ -472,38 +472,35 @@ fn write_rules(dir: &Path, space: &KeySpace, extra: &str) -> PathBuf {
 
 /// `cache-invalidator run` as a child process, its log shown when the test fails.
 struct Process {
-    child: tokio::process::Child,
-    log: PathBuf,
+    process: LoggedChild,
 }
 
 impl Process {
     fn start(database_url: &str, redis_url: &str, rules: &Path, log: PathBuf) -> Process {
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = command(&["run"], database_url)
+        let mut command = command(&["run"], database_url);
+        command
             .env("REDIS_URL", redis_url)
             .env("CACHE_INVALIDATOR_RULES", rules)
             .env("CACHE_INVALIDATOR_REFILL_GUARD", "0")
-            .env("CACHE_INVALIDATOR_POLL_INTERVAL", "500ms")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("start cache-invalidator run");
-        Process { child, log }
+            .env("CACHE_INVALIDATOR_POLL_INTERVAL", "500ms");
+        Process {
+            process: LoggedChild::spawn(command, log),
+        }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id().expect("still running")
+        self.process.id().expect("still running")
     }
 
     /// SIGKILL: no chance to give anything back.
     async fn kill(&mut self) {
-        self.child.kill().await.expect("SIGKILL");
+        self.process.kill().await.expect("SIGKILL");
     }
 
     /// SIGTERM as an operator or systemd sends it; the exit status, within [`STOP_BOUND`].
     async fn terminate(&mut self) -> ExitStatus {
-        send_signal(&self.child, "TERM").await;
-        match tokio::time::timeout(STOP_BOUND, self.child.wait()).await {
+        send_signal(&self.process, "TERM").await;
+        match tokio::time::timeout(STOP_BOUND, self.process.wait()).await {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!(
                 "no exit within {STOP_BOUND:?} of SIGTERM; log:\n{}",
@@ -524,16 +521,7 @@ impl Process {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} ---\n{}", self.log.display(), self.log_text());
-        }
-        let _ = self.child.start_kill();
+        self.process.log_text()
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
@@ -31,8 +31,7 @@ async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// `cache-invalidator run` as a child process, its log in a file shown when the test fails.
 struct Running {
-    child: tokio::process::Child,
-    log: PathBuf,
+    process: LoggedChild,
     metrics: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
@@ -40,8 +39,6 @@ struct Running {
 impl Running {
     fn start(args: &[&str], env: &[(&str, &str)], metrics: bool) -> Running {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("daemon.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
         let metrics = metrics.then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let mut full_args = vec!["run"];
         full_args.extend_from_slice(args);
@@ -50,21 +47,17 @@ impl Running {
             full_args.extend_from_slice(&["--metrics-addr", addr]);
         }
         let mut command = daemon_command(&full_args);
-        command
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        let child = command.spawn().expect("start cache-invalidator run");
+        command.envs(env.iter().copied());
+        let process = LoggedChild::spawn(command, dir.path().join("daemon.log"));
         Running {
-            child,
-            log,
+            process,
             metrics,
             _dir: dir,
         }
     }
 
     async fn signal(&self, name: &str) {
-        send_signal(&self.child, name).await;
+        send_signal(&self.process, name).await;
     }
 
     /// `GET path` on the metrics listener; `None` while nothing answers.
@@ -84,7 +77,7 @@ impl Running {
         assert!(
             wait_until(PATIENCE, || async { self.get("/metrics").await.is_some() }).await,
             "/metrics never answered; log:\n{}",
-            self.log_text()
+            self.process.log_text()
         );
     }
 
@@ -102,7 +95,7 @@ impl Running {
             panic!(
                 "{series} never reached {value}; now {:?}; log:\n{}",
                 body.as_deref().and_then(|body| sample(body, series)),
-                self.log_text()
+                self.process.log_text()
             );
         }
     }
@@ -110,23 +103,10 @@ impl Running {
     /// SIGTERM, then the exit status.
     async fn stop(mut self) -> ExitStatus {
         self.signal("TERM").await;
-        match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+        match tokio::time::timeout(PATIENCE, self.process.wait()).await {
             Ok(status) => status.expect("wait for cache-invalidator"),
             Err(_) => panic!("no exit within {PATIENCE:?} of SIGTERM"),
         }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- cache-invalidator log ---\n{}", self.log_text());
-        }
-        let _ = self.child.start_kill();
     }
 }
 

@@ -10,7 +10,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -26,8 +25,7 @@ const STATEMENTS_PER_COMMIT: usize = 25;
 /// `cache-invalidator run` as a child process with its own `/metrics`; its log is printed when
 /// the test fails.
 struct Worker {
-    child: tokio::process::Child,
-    log: PathBuf,
+    process: LoggedChild,
     metrics: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -35,10 +33,8 @@ struct Worker {
 impl Worker {
     fn start(database_url: &str, redis_url: &str, rules: &Path) -> Worker {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("worker.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = daemon_command(&[
+        let mut command = daemon_command(&[
             "run",
             "--rules",
             rules.to_str().expect("utf-8 path"),
@@ -48,23 +44,19 @@ impl Worker {
             "500ms",
             "--metrics-addr",
             &metrics.to_string(),
-        ])
-        .env("DATABASE_URL", database_url)
-        .env("REDIS_URL", redis_url)
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("start cache-invalidator run");
+        ]);
+        command
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url);
         Worker {
-            child,
-            log,
+            process: LoggedChild::spawn(command, dir.path().join("worker.log")),
             metrics,
             _dir: dir,
         }
     }
 
     async fn signal(&self, name: &str) {
-        send_signal(&self.child, name).await;
+        send_signal(&self.process, name).await;
     }
 
     /// Sums the samples of `name` (every label set); `None` while `/metrics` does not answer.
@@ -84,7 +76,12 @@ impl Worker {
     async fn changes(&self) -> f64 {
         self.metric("cache_invalidator_changes_total")
             .await
-            .unwrap_or_else(|| panic!("/metrics does not answer; log:\n{}", self.log_text()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "/metrics does not answer; log:\n{}",
+                    self.process.log_text()
+                )
+            })
     }
 
     async fn wait_for_listener(&self) {
@@ -96,40 +93,27 @@ impl Worker {
             })
             .await,
             "/metrics never answered; log:\n{}",
-            self.log_text()
+            self.process.log_text()
         );
     }
 
     /// SIGKILL: no shutdown, no rollback, connections cut by the kernel.
     async fn kill(mut self) {
         self.signal("KILL").await;
-        let _ = self.child.wait().await;
+        let _ = self.process.wait().await;
     }
 
     /// SIGTERM, then the exit status must be success.
     async fn stop(mut self) {
         self.signal("TERM").await;
-        match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+        match tokio::time::timeout(PATIENCE, self.process.wait()).await {
             Ok(status) => assert!(
                 status.expect("wait for cache-invalidator").success(),
                 "worker failed; log:\n{}",
-                self.log_text()
+                self.process.log_text()
             ),
             Err(_) => panic!("no exit within {PATIENCE:?} of SIGTERM"),
         }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- worker log ---\n{}", self.log_text());
-        }
-        let _ = self.child.start_kill();
     }
 }
 

@@ -793,6 +793,52 @@ const INHERITED_SETTINGS: [&str; 14] = [
     "CACHE_INVALIDATOR_REDIS_TIMEOUT",
 ];
 
+/// The daemon as a child process, its stderr in a log file that is printed when the test panics;
+/// killed when dropped. Derefs to the child for signals, `wait` and `id`.
+pub struct LoggedChild {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl LoggedChild {
+    /// Spawns `command` with stdout discarded and stderr written to `log`.
+    pub fn spawn(mut command: tokio::process::Command, log: std::path::PathBuf) -> LoggedChild {
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start cache-invalidator");
+        LoggedChild { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for LoggedChild {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for LoggedChild {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.child
+    }
+}
+
+impl Drop for LoggedChild {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
 /// `cache-invalidator ARGS` with none of the caller's settings inherited, logging at `info`,
 /// killed if the test drops it.
 pub fn daemon_command(args: &[&str]) -> tokio::process::Command {
