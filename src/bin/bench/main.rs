@@ -59,6 +59,20 @@ struct Cli {
     /// Against a private Redis Cluster of 3 primaries instead of one redis-server
     #[arg(long)]
     cluster: bool,
+    /// Run only these measures (repeat or comma-separate); the reference pass always runs
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Measures>,
+}
+
+/// Groups of measures `--only` can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Measures {
+    /// Idle change, burst, naive way and the app's GET latency
+    Sweeps,
+    /// Trigger overhead on single-row and 10,000-row UPDATEs
+    Triggers,
+    /// Sustained load: backlog age and the worker's memory
+    Sustained,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +143,7 @@ async fn main() {
             quick: cli.quick,
             sustained_seconds,
             cluster: cli.cluster,
+            only: cli.only.clone(),
         };
         lines.extend(measure_size(&cli.database_url, &rules, &worker_binary, options).await);
     }
@@ -157,6 +172,14 @@ struct SizeOptions {
     sustained_seconds: u64,
     /// A private Redis Cluster of [`CLUSTER_PRIMARIES`] instead of one server.
     cluster: bool,
+    /// Measures to run; empty for all of them.
+    only: Vec<Measures>,
+}
+
+impl SizeOptions {
+    fn runs(&self, measures: Measures) -> bool {
+        self.only.is_empty() || self.only.contains(&measures)
+    }
 }
 
 async fn measure_size(
@@ -214,7 +237,7 @@ async fn measure_size(
     ));
 
     // Postgres alone: measured in the single-server run only.
-    let triggers = if options.largest && !options.cluster {
+    let triggers = if options.largest && !options.cluster && options.runs(Measures::Triggers) {
         let (rounds, per_round, bulk) = if options.quick {
             (15, 80, 3)
         } else {
@@ -233,126 +256,129 @@ async fn measure_size(
         None
     };
 
-    let mut settings = Settings::new(Connections {
-        database_url: SecretUrl::new(db.url.clone()),
-        redis_url: SecretUrl::new(redis_server.daemon_url()),
-        redis_ca_file: None,
-    });
-    // The issue measures the first pass alone: the refill guard's second pass is off here.
-    settings.refill_guard = Duration::ZERO;
-    let token = CancellationToken::new();
-    let daemon = tokio::spawn(cache_invalidator::run(settings, token.clone()));
-    let mut rows = measure::Rows::new(layout, options.keys);
+    if options.runs(Measures::Sweeps) {
+        let mut settings = Settings::new(Connections {
+            database_url: SecretUrl::new(db.url.clone()),
+            redis_url: SecretUrl::new(redis_server.daemon_url()),
+            redis_ca_file: None,
+        });
+        // The issue measures the first pass alone: the refill guard's second pass is off here.
+        settings.refill_guard = Duration::ZERO;
+        let token = CancellationToken::new();
+        let daemon = tokio::spawn(cache_invalidator::run(settings, token.clone()));
+        let mut rows = measure::Rows::new(layout, options.keys);
 
-    let probe = GetProbe::start(&redis_server.node_urls(), router, layout);
-    probe.set(Phase::Idle);
-    tokio::time::sleep(IDLE_GET_PERIOD).await;
-    probe.set(Phase::Off);
+        let probe = GetProbe::start(&redis_server.node_urls(), router, layout);
+        probe.set(Phase::Idle);
+        tokio::time::sleep(IDLE_GET_PERIOD).await;
+        probe.set(Phase::Off);
 
-    let (idle_latency, idle_keys) = measure::idle_change(
-        &client,
-        &poller,
-        &redis,
-        &mut rows,
-        &layout,
-        IDLE_REPEATS,
-        Some(&probe),
-    )
-    .await;
-    eprintln!("[{keys_label} keys] idle change {}", show(idle_latency));
-    probe.set(Phase::Sweep);
-    let burst = measure::burst(&db.url, &poller, &redis, &mut rows, &layout, BURST_CHANGES).await;
-    probe.set(Phase::Off);
-    eprintln!(
-        "[{keys_label} keys] burst {} after the last commit ({} committing)",
-        show(burst.latency),
-        show(burst.committing)
-    );
-    let (naive_per_change, naive_patterns) =
-        measure::naive(&redis, rules, &mut rows, NAIVE_SAMPLE).await;
-    token.cancel();
-    match daemon.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => panic!("the worker failed: {error}"),
-        Err(error) => panic!("the worker panicked: {error}"),
-    }
-    let (idle_gets, sweep_gets) = probe.finish();
+        let (idle_latency, idle_keys) = measure::idle_change(
+            &client,
+            &poller,
+            &redis,
+            &mut rows,
+            &layout,
+            IDLE_REPEATS,
+            Some(&probe),
+        )
+        .await;
+        eprintln!("[{keys_label} keys] idle change {}", show(idle_latency));
+        probe.set(Phase::Sweep);
+        let burst =
+            measure::burst(&db.url, &poller, &redis, &mut rows, &layout, BURST_CHANGES).await;
+        probe.set(Phase::Off);
+        eprintln!(
+            "[{keys_label} keys] burst {} after the last commit ({} committing)",
+            show(burst.latency),
+            show(burst.committing)
+        );
+        let (naive_per_change, naive_patterns) =
+            measure::naive(&redis, rules, &mut rows, NAIVE_SAMPLE).await;
+        token.cancel();
+        match daemon.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("the worker failed: {error}"),
+            Err(error) => panic!("the worker panicked: {error}"),
+        }
+        let (idle_gets, sweep_gets) = probe.finish();
 
-    let idle_ratio = idle_latency.as_secs_f64() / reference_s;
-    lines.push(line(
-        &format!("idle single change: commit → keys gone (median of {IDLE_REPEATS})"),
-        format!("{} ({} keys)", show(idle_latency), thousands(idle_keys)),
-        format!("{idle_ratio:.2}×"),
-        "≤ 1.2×",
-        verdict(
-            idle_ratio <= 1.2,
-            format!("{:+.0} %", (idle_ratio / 1.2 - 1.0) * 100.0),
-        ),
-    ));
-    let burst_ratio = burst.latency.as_secs_f64() / reference_s;
-    lines.push(line(
-        &format!(
+        let idle_ratio = idle_latency.as_secs_f64() / reference_s;
+        lines.push(line(
+            &format!("idle single change: commit → keys gone (median of {IDLE_REPEATS})"),
+            format!("{} ({} keys)", show(idle_latency), thousands(idle_keys)),
+            format!("{idle_ratio:.2}×"),
+            "≤ 1.2×",
+            verdict(
+                idle_ratio <= 1.2,
+                format!("{:+.0} %", (idle_ratio / 1.2 - 1.0) * 100.0),
+            ),
+        ));
+        let burst_ratio = burst.latency.as_secs_f64() / reference_s;
+        lines.push(line(
+            &format!(
             "burst: {BURST_CHANGES} committed changes (10 % owner changes), last commit → keys gone"
         ),
-        format!(
-            "{} ({} keys; committing took {})",
-            show(burst.latency),
-            thousands(burst.keys_removed),
-            show(burst.committing)
-        ),
-        format!("{burst_ratio:.2}×"),
-        "≤ 2.0×",
-        verdict(
-            burst_ratio <= 2.0,
-            format!("{:+.0} %", (burst_ratio / 2.0 - 1.0) * 100.0),
-        ),
-    ));
-    let naive_total = naive_per_change * BURST_CHANGES as u32;
-    let naive_way = if options.cluster {
-        "SCAN MATCH on every primary in parallel + DEL, per pattern per change"
-    } else {
-        "SCAN MATCH + DEL per pattern per change"
-    };
-    lines.push(line(
-        &format!(
-            "naive (`delete_pattern`: {naive_way}): {BURST_CHANGES} changes, \
+            format!(
+                "{} ({} keys; committing took {})",
+                show(burst.latency),
+                thousands(burst.keys_removed),
+                show(burst.committing)
+            ),
+            format!("{burst_ratio:.2}×"),
+            "≤ 2.0×",
+            verdict(
+                burst_ratio <= 2.0,
+                format!("{:+.0} %", (burst_ratio / 2.0 - 1.0) * 100.0),
+            ),
+        ));
+        let naive_total = naive_per_change * BURST_CHANGES as u32;
+        let naive_way = if options.cluster {
+            "SCAN MATCH on every primary in parallel + DEL, per pattern per change"
+        } else {
+            "SCAN MATCH + DEL per pattern per change"
+        };
+        lines.push(line(
+            &format!(
+                "naive (`delete_pattern`: {naive_way}): {BURST_CHANGES} changes, \
              extrapolated from {NAIVE_SAMPLE}"
-        ),
-        format!(
-            "{} ({} per change, {naive_patterns:.1} patterns each)",
-            show(naive_total),
-            show(naive_per_change)
-        ),
-        format!("{:.0}×", naive_total.as_secs_f64() / reference_s),
-        "printed beside ours",
-        format!(
-            "ours is {:.0}× faster",
-            naive_total.as_secs_f64() / burst.latency.as_secs_f64().max(1e-6)
-        ),
-    ));
-    let idle_p99 = percentile(&idle_gets, 99.0);
-    let sweep_p99 = percentile(&sweep_gets, 99.0);
-    let get_ratio = sweep_p99 / idle_p99.max(1e-9);
-    let get_label = if options.cluster {
-        "app `GET` p99 on the swept cluster (each GET to its key's primary): idle vs during the \
+            ),
+            format!(
+                "{} ({} per change, {naive_patterns:.1} patterns each)",
+                show(naive_total),
+                show(naive_per_change)
+            ),
+            format!("{:.0}×", naive_total.as_secs_f64() / reference_s),
+            "printed beside ours",
+            format!(
+                "ours is {:.0}× faster",
+                naive_total.as_secs_f64() / burst.latency.as_secs_f64().max(1e-6)
+            ),
+        ));
+        let idle_p99 = percentile(&idle_gets, 99.0);
+        let sweep_p99 = percentile(&sweep_gets, 99.0);
+        let get_ratio = sweep_p99 / idle_p99.max(1e-9);
+        let get_label = if options.cluster {
+            "app `GET` p99 on the swept cluster (each GET to its key's primary): idle vs during the \
          single-change sweeps"
-    } else {
-        "app `GET` p99 on the swept Redis: idle vs during the single-change sweeps"
-    };
-    lines.push(line(
-        get_label,
-        format!(
-            "{idle_p99:.0} µs vs {sweep_p99:.0} µs ({} / {} GETs)",
-            idle_gets.len(),
-            sweep_gets.len()
-        ),
-        format!("{get_ratio:.2}×"),
-        "≤ 2×",
-        verdict(
-            get_ratio <= 2.0,
-            format!("{:+.0} %", (get_ratio / 2.0 - 1.0) * 100.0),
-        ),
-    ));
+        } else {
+            "app `GET` p99 on the swept Redis: idle vs during the single-change sweeps"
+        };
+        lines.push(line(
+            get_label,
+            format!(
+                "{idle_p99:.0} µs vs {sweep_p99:.0} µs ({} / {} GETs)",
+                idle_gets.len(),
+                sweep_gets.len()
+            ),
+            format!("{get_ratio:.2}×"),
+            "≤ 2×",
+            verdict(
+                get_ratio <= 2.0,
+                format!("{:+.0} %", (get_ratio / 2.0 - 1.0) * 100.0),
+            ),
+        ));
+    }
 
     if let Some(cost) = triggers {
         let single = cost.single_ratio;
@@ -386,7 +412,7 @@ async fn measure_size(
             verdict(bulk <= 1.5, format!("{:+.0} %", (bulk / 1.5 - 1.0) * 100.0)),
         ));
     }
-    if options.largest {
+    if options.largest && options.runs(Measures::Sustained) {
         let log = std::env::temp_dir().join(format!(
             "cache-invalidator-bench-{}.log",
             std::process::id()
