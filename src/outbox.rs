@@ -20,10 +20,10 @@ use crate::schema::SCHEMA;
 
 /// Transactions that may hold claims at once. Each is one connection and lives
 /// [`EPOCH_OPEN_FOR`] plus a full pass (its last window joins mid-pass and needs a full round), so
-/// claims never wait for a free slot while a pass takes under `(N - 1) × EPOCH_OPEN_FOR`: 1.65 s
-/// with twelve; slower passes stretch the epochs instead ([`Outbox::pace_to_pass`]). Measured at
-/// 1M keys under 5,000 row changes/s, passes took 1.0–2 s, and with four connections claims often
-/// waited for an epoch to commit.
+/// twelve hold passes of up to `(N - 1) × EPOCH_OPEN_FOR` (1.65 s) at the shortest epochs; slower
+/// passes stretch the epochs ([`Outbox::pace_to_pass`]). Measured at 1M keys under 5,000 row
+/// changes/s, passes took 1.0–2 s, and with four connections claims often waited for an epoch to
+/// commit (claims now go into the newest epoch instead, see [`Outbox::claim`]).
 pub const EPOCH_CONNECTIONS: usize = 12;
 /// How long an epoch accepts new claims before the next claim opens another one. A row leaves the
 /// outbox only when its epoch commits, after the last window claimed into it: the backlog's age
@@ -121,24 +121,18 @@ impl Outbox {
         }
     }
 
-    /// Keeps claims flowing when passes are slower than [`EPOCH_CONNECTIONS`] was sized for.
+    /// Keeps the epochs within the connections as passes get slower.
     ///
     /// An epoch lives about as long as it takes claims plus one pass, so with every epoch open for
-    /// `open_for`, `1 + pass / open_for` of them are in flight. Past the connections there are,
-    /// claims wait until an epoch commits, and the backlog's age jumps by a whole pass (measured:
-    /// 4.7 s p99 under the bench's sustained load at 1M keys with 150 ms epochs, on a day its
-    /// passes under that load took 1.5–2.7 s). Stretching the
-    /// epochs to `pass / (N / 2)` leaves half the connections spare for passes that come out
-    /// slower than the last one (they vary by half under load); it costs the oldest row of an
-    /// epoch that extra time, far less than a pass.
+    /// `open_for`, `1 + pass / open_for` of them are in flight. Stretching the epochs to
+    /// `pass / (N - 2)` keeps that under the connections there are, one to spare. A pass slower
+    /// than the last one can still use them all up: claims then go into the newest epoch (see
+    /// [`Outbox::claim`]) rather than wait. Each row waits for the last window of its epoch,
+    /// so this is as short as the connections allow: at `pass / 6`, the bench's sustained load at
+    /// 1M keys kept its first rows 300 ms longer, during the first passes (1.6–1.8 s).
     pub fn pace_to_pass(&mut self, pass: Duration) {
-        let half = (EPOCH_CONNECTIONS / 2) as u32;
-        self.open_for = (pass / half).clamp(EPOCH_OPEN_FOR, EPOCH_OPEN_AT_MOST);
-    }
-
-    /// True when a claim could run now: an epoch is open for claims or a slot is free.
-    pub fn can_claim(&self) -> bool {
-        self.open_slot().is_some() || self.slots.iter().any(|slot| slot.epoch.is_none())
+        let spread = (EPOCH_CONNECTIONS - 2) as u32;
+        self.open_for = (pass / spread).clamp(EPOCH_OPEN_FOR, EPOCH_OPEN_AT_MOST);
     }
 
     /// Epochs holding claims.
@@ -160,6 +154,13 @@ impl Outbox {
                 .as_ref()
                 .is_some_and(|epoch| epoch.opened.elapsed() < self.open_for)
         })
+    }
+
+    /// The slot of the epoch opened last (with every slot holding one).
+    fn newest_slot(&self) -> usize {
+        (0..self.slots.len())
+            .max_by_key(|&index| self.slots[index].epoch.as_ref().map(|epoch| epoch.opened))
+            .unwrap_or(0)
     }
 
     fn slot_of(&self, epoch: u64) -> Option<usize> {
@@ -191,33 +192,34 @@ impl Outbox {
         }
     }
 
-    /// Claims up to `limit` pending rows, oldest first. `None` when every slot is busy.
-    pub async fn claim(&mut self, limit: i64) -> Result<Option<Claim>, OutboxError> {
-        let index = match self.open_slot() {
-            Some(index) => index,
-            None => match self.slots.iter().position(|slot| slot.epoch.is_none()) {
-                Some(index) => {
-                    let id = self.next_epoch;
-                    self.next_epoch += 1;
-                    let result = async {
-                        self.client(index).await?.batch_execute("BEGIN").await?;
-                        Ok::<_, OutboxError>(())
-                    }
-                    .await;
-                    if let Err(error) = result {
-                        self.slots[index].connection = None;
-                        return Err(error);
-                    }
-                    self.slots[index].epoch = Some(Epoch {
-                        id,
-                        opened: Instant::now(),
-                        last_id: 0,
-                        windows_outstanding: 0,
-                    });
-                    index
+    /// Claims up to `limit` pending rows, oldest first, into the epoch open for claims, else into
+    /// a new one, else (every connection holds an epoch) into the newest: claims never wait for
+    /// a pass to end, and that epoch's rows wait for this window too.
+    pub async fn claim(&mut self, limit: i64) -> Result<Claim, OutboxError> {
+        let free = self.slots.iter().position(|slot| slot.epoch.is_none());
+        let index = match (self.open_slot(), free) {
+            (Some(index), _) => index,
+            (None, Some(index)) => {
+                let id = self.next_epoch;
+                self.next_epoch += 1;
+                let result = async {
+                    self.client(index).await?.batch_execute("BEGIN").await?;
+                    Ok::<_, OutboxError>(())
                 }
-                None => return Ok(None),
-            },
+                .await;
+                if let Err(error) = result {
+                    self.slots[index].connection = None;
+                    return Err(error);
+                }
+                self.slots[index].epoch = Some(Epoch {
+                    id,
+                    opened: Instant::now(),
+                    last_id: 0,
+                    windows_outstanding: 0,
+                });
+                index
+            }
+            (None, None) => self.newest_slot(),
         };
         let last_id = self.slots[index].epoch.as_ref().map_or(0, |e| e.last_id);
         let query = format!(
@@ -256,11 +258,11 @@ impl Outbox {
             // Nothing claimed and nothing in flight: end the transaction so it holds no snapshot.
             self.finish_epoch(index).await?;
         }
-        Ok(Some(Claim {
+        Ok(Claim {
             epoch: epoch_id,
             full: rows.len() as i64 >= limit,
             rows,
-        }))
+        })
     }
 
     /// Deletes the rows of a finished window (its keys are confirmed gone) and moves unusable rows
@@ -409,12 +411,11 @@ mod tests {
         // Fast passes: the epochs fit in the connections as they are.
         outbox.pace_to_pass(Duration::from_millis(800));
         assert_eq!(outbox.open_for, EPOCH_OPEN_FOR);
-        // A 3 s pass: `1 + pass / open_for` epochs use half the connections, so a pass half
-        // again as long still finds one free.
+        // A 3 s pass: `1 + pass / open_for` epochs leave a connection spare.
         let pass = Duration::from_secs(3);
         outbox.pace_to_pass(pass);
-        let in_flight = 1.0 + pass.as_secs_f64() * 1.5 / outbox.open_for.as_secs_f64();
-        assert!(in_flight <= EPOCH_CONNECTIONS as f64, "{in_flight} epochs");
+        let in_flight = 1.0 + pass.as_secs_f64() / outbox.open_for.as_secs_f64();
+        assert!(in_flight < EPOCH_CONNECTIONS as f64, "{in_flight} epochs");
         // Never longer than the cap, and back to the floor when passes speed up again.
         outbox.pace_to_pass(Duration::from_secs(60));
         assert_eq!(outbox.open_for, EPOCH_OPEN_AT_MOST);

@@ -6,30 +6,48 @@
 //! cost of N pending changes is about one pass, not N. A `SCAN` cursor is a bucket index in reverse
 //! bit order (in cluster mode from Redis 7.4 on, after a slot number); turned into a position that
 //! only grows during a pass, even across a rehash, it is what "gone round to that point" compares
-//! ([`CursorOrder`](crate::keyspace::CursorOrder)). Where a server's order is unknown, a window joining mid-pass waits for the
-//! next whole pass.
+//! ([`CursorOrder`](crate::keyspace::CursorOrder)). Where a server's order is unknown, a window
+//! joining mid-pass waits for the next whole pass.
 //!
-//! Each step sends one pipeline per node: the `UNLINK`s of the keys matched by the previous step,
-//! then the next `SCAN`. A window is reported finished one step after its last `SCAN`, once the
-//! deletes of everything it matched were confirmed.
+//! Where the cursor is one reversed bucket index, a node's range of positions is split into
+//! [`LANES`] equal shares, each scanned round after round by its own chain of requests, so Redis
+//! has the next `SCAN` queued while the worker parses and matches a reply. A window is done when
+//! every lane has gone round to where it joined that lane. The same argument that makes a
+//! mid-pass join safe makes a lane safe: its share is an interval of positions, and a `SCAN`
+//! covers every position from its cursor's up to the returned cursor's, whatever the table size.
+//!
+//! Each request of a lane carries the `UNLINK`s of the keys its previous reply matched, then the
+//! next `SCAN`. A window is reported finished once every lane answered a request sent after the
+//! window was done scanning it: the deletes of everything it matched are then confirmed.
 //!
 //! In a Redis Cluster each primary is scanned on its own, and the `UNLINK`s are grouped by hash
-//! slot (a node refuses multi-key commands across slots). The step that reports windows finished
-//! also asks every primary for its own `CLUSTER NODES` line: if a failover or a slot migration
-//! happened since the worker connected, keys may have moved past a cursor, so the step fails and
-//! the worker gives the batch back and sweeps again on the new topology.
+//! slot (a node refuses multi-key commands across slots). The request that confirms a window also
+//! asks the primary for its own `CLUSTER NODES` line: if a failover or a slot migration happened
+//! since the worker connected, keys may have moved past a cursor, so the step fails and the worker
+//! gives the batch back and sweeps again on the new topology.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::Slot;
 
-use crate::keyspace::Node;
+use crate::keyspace::{CursorOrder, Node};
 use crate::matcher::{Matcher, PatternId};
 
 /// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
 /// app shares this Redis); 5,000 saves 10 % of a pass but blocks Redis 3–4 ms per call.
 pub const SCAN_COUNT: usize = 1000;
+/// Requests in flight per node, each over its own share of the cursor's range. With one, Redis
+/// sat idle while the worker parsed and matched a reply and while replies and requests travelled:
+/// at 1M keys under the bench's sustained load Redis was 61 % busy, and the first passes (a full
+/// keyspace, many deletes) took 2.5 × the reference pass. With two lanes Redis was 77 % busy and
+/// they took 1.7–1.8 ×; with four 1.4–1.6 ×; eight did no better than four.
+pub const LANES: usize = 4;
 /// Keys per `UNLINK` command: small enough that freeing them never blocks Redis for long.
 pub const UNLINK_CHUNK: usize = 256;
 
@@ -67,8 +85,8 @@ pub struct StepReport {
     pub deleted: HashMap<Arc<str>, u64>,
     /// Keys removed by patterns only a refill-guard window still asked for: stale refills.
     pub refill_deleted: u64,
-    /// Passes started (one per node whose cursor started at 0).
-    pub passes_started: u64,
+    /// Passes finished (one per node whose cursor went all the way round).
+    pub passes_finished: u64,
     /// Durations of the passes that ended in this step.
     pub pass_durations: Vec<std::time::Duration>,
     pub keys_scanned: u64,
@@ -83,38 +101,55 @@ struct PatternState {
     matched: u64,
 }
 
+/// How far one window has got in one lane.
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
-    /// Position where the window joined this node's pass; `None` when it joined mid-pass on a
-    /// server whose cursor order is unknown, so it needs the next whole pass.
+    /// Position where the window joined the lane's round; `None` when it joined mid-round on a
+    /// server whose cursor order is unknown, so it needs the next whole round.
     start: Option<u64>,
+    /// Joined while a `SCAN` of the lane was in flight. That `SCAN` was sent with the match glob
+    /// of before: it may have filtered out this window's keys, so the window starts where its
+    /// reply leaves the cursor.
+    after_in_flight: bool,
     wrapped: bool,
+    /// The lane's rounds covered the whole lane since the window joined.
     done: bool,
+    /// A request sent after `done` came back: the `UNLINK`s of every key the window matched in
+    /// this lane are confirmed.
+    confirmed: bool,
 }
 
 impl Progress {
-    /// A window joining now: at the start of a pass when the node is idle, else where the cursor
-    /// of the next `SCAN` stands.
-    fn joining(node: &NodeScan) -> Progress {
-        Progress {
-            start: if node.in_pass {
-                node.node.cursor_order.position(node.cursor)
-            } else {
-                Some(0)
-            },
-            ..Progress::default()
+    /// A window joining `lane` now.
+    fn joining(lane: &Lane, order: CursorOrder) -> Progress {
+        let mut progress = Progress::default();
+        if lane.scan_in_flight {
+            progress.after_in_flight = true;
+        } else if lane.in_round {
+            progress.start = order.position(lane.cursor);
+        } else {
+            progress.start = lane.first_position;
         }
+        progress
     }
 
-    /// Records a `SCAN` that returned `next_cursor`, at `next_position` in the server's cursor
-    /// order: it covered everything up to there.
-    fn advance(&mut self, next_cursor: u64, next_position: Option<u64>) {
+    /// Records a `SCAN` of the lane that returned a cursor at `next_position` in the server's
+    /// order (it covered everything before it); `round_ended` when that is the lane's end.
+    fn advance(&mut self, round_ended: bool, next_position: Option<u64>, lane: &Lane) {
         if self.done {
             return;
         }
+        if self.after_in_flight {
+            self.after_in_flight = false;
+            self.start = match round_ended {
+                true => lane.first_position,
+                false => next_position,
+            };
+            return;
+        }
         if !self.wrapped {
-            if next_cursor == 0 {
-                if self.start == Some(0) {
+            if round_ended {
+                if self.start.is_some() && self.start == lane.first_position {
                     self.done = true;
                 } else {
                     self.wrapped = true;
@@ -122,7 +157,7 @@ impl Progress {
             }
             return;
         }
-        self.done = next_cursor == 0
+        self.done = round_ended
             || match (self.start, next_position) {
                 (Some(start), Some(position)) => position >= start,
                 _ => false,
@@ -136,25 +171,83 @@ struct Window {
     refill: bool,
     pattern_ids: Vec<PatternId>,
     matched_at_join: Vec<u64>,
+    /// One per lane.
     progress: Vec<Progress>,
-    /// Every node has been scanned; finished once the next step confirmed the deletes.
-    scanned: bool,
 }
 
-struct NodeScan {
-    node: Node,
-    /// The cursor the next `SCAN` uses; 0 with `in_pass == false` means idle.
+/// One share of a node's cursor range, scanned round after round by its own chain of requests.
+struct Lane {
+    node: usize,
+    /// The cursor this lane's round begins at, and its position.
+    first_cursor: u64,
+    first_position: Option<u64>,
+    /// Position where the next lane's share begins; `None` for the node's last lane, whose round
+    /// ends when the server's cursor comes back to 0.
+    end: Option<u64>,
+    /// The first lane of a node times the node's passes (its lanes run side by side).
+    times_passes: bool,
+    /// The cursor the next `SCAN` uses.
     cursor: u64,
-    in_pass: bool,
-    pass_started: Option<std::time::Instant>,
+    /// The cursor is inside a round (past `first_cursor`).
+    in_round: bool,
+    round_started: Option<Instant>,
+    in_flight: bool,
+    scan_in_flight: bool,
     /// Keys matched and not yet unlinked, with the label they count under and whether only a
     /// refill guard asked for them.
     pending: Vec<(Vec<u8>, Arc<str>, bool)>,
 }
 
-/// The sweep state: nodes with their cursors, the active windows and their compiled patterns.
+impl Lane {
+    /// Splits a node's cursor range into `lanes` equal shares of positions (keys hash evenly over
+    /// buckets, so equal shares hold about as many keys). Only where the order is one reversed
+    /// bucket index: a share must begin at a cursor the server reads the same way.
+    fn for_node(node: usize, order: CursorOrder, lanes: usize) -> Vec<Lane> {
+        let count = match order {
+            CursorOrder::ReversedBuckets => lanes.max(1),
+            CursorOrder::SlotThenReversedBuckets | CursorOrder::Unknown => 1,
+        };
+        let boundary = |share: usize| ((share as u128) << 64) / count as u128;
+        (0..count)
+            .map(|share| {
+                let first_position = boundary(share) as u64;
+                let first_cursor = first_position.reverse_bits();
+                Lane {
+                    node,
+                    first_cursor,
+                    // Cursor 0 starts a whole pass in any order.
+                    first_position: match share {
+                        0 => Some(0),
+                        _ => order.position(first_cursor),
+                    },
+                    end: (share + 1 < count).then(|| boundary(share + 1) as u64),
+                    times_passes: share == 0,
+                    cursor: first_cursor,
+                    in_round: false,
+                    round_started: None,
+                    in_flight: false,
+                    scan_in_flight: false,
+                    pending: Vec::new(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A lane's request and what came back.
+struct LaneReply {
+    lane: usize,
+    plan: NodePlan,
+    outcome: Result<PlanOutcome, redis::RedisError>,
+}
+
+/// The sweep state: nodes, their lanes with cursors and requests in flight, the active windows
+/// and their compiled patterns.
 pub struct Sweeper {
-    nodes: Vec<NodeScan>,
+    nodes: Vec<Node>,
+    lanes_per_node: usize,
+    lanes: Vec<Lane>,
+    in_flight: FuturesUnordered<BoxFuture<'static, LaneReply>>,
     matcher: Matcher,
     by_text: HashMap<Arc<str>, PatternId>,
     /// Patterns some first-pass window still asks for (the rest only a refill guard holds).
@@ -167,17 +260,23 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn new(nodes: Vec<Node>) -> Sweeper {
+        Sweeper::with_lanes(nodes, LANES)
+    }
+
+    /// A sweeper with `lanes` lanes per node where the cursor order allows (1: one cursor per
+    /// node, whose steps follow each other in a fixed order).
+    pub fn with_lanes(nodes: Vec<Node>, lanes: usize) -> Sweeper {
+        let lanes_per_node = lanes;
+        let lanes = nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(index, node)| Lane::for_node(index, node.cursor_order, lanes_per_node))
+            .collect();
         Sweeper {
-            nodes: nodes
-                .into_iter()
-                .map(|node| NodeScan {
-                    node,
-                    cursor: 0,
-                    in_pass: false,
-                    pass_started: None,
-                    pending: Vec::new(),
-                })
-                .collect(),
+            nodes,
+            lanes_per_node,
+            lanes,
+            in_flight: FuturesUnordered::new(),
             matcher: Matcher::default(),
             by_text: HashMap::new(),
             first_pass_patterns: 0,
@@ -196,8 +295,11 @@ impl Sweeper {
         self.first_pass_patterns
     }
 
+    /// Windows are active, requests are in flight, or matched keys wait for their `UNLINK`.
     pub fn is_busy(&self) -> bool {
         !self.windows.is_empty()
+            || !self.in_flight.is_empty()
+            || self.lanes.iter().any(|lane| !lane.pending.is_empty())
     }
 
     /// Adds a window that joins the pass in progress (or starts one). `refill` marks the delayed
@@ -248,20 +350,23 @@ impl Sweeper {
             pattern_ids.push(pattern_id);
             matched_at_join.push(state.matched);
         }
-        let progress = self.nodes.iter().map(Progress::joining).collect();
+        let progress = self
+            .lanes
+            .iter()
+            .map(|lane| Progress::joining(lane, self.nodes[lane.node].cursor_order))
+            .collect();
         self.windows.push(Window {
             id,
             refill,
             pattern_ids,
             matched_at_join,
             progress,
-            scanned: false,
         });
         Some(id)
     }
 
-    /// Forgets every window (after a failure: their outbox rows were given back). Nodes start their
-    /// next pass from the beginning.
+    /// Forgets every window (after a failure: their outbox rows were given back) and every
+    /// request in flight. Nodes start their next pass from the beginning.
     pub fn abandon_all(&mut self) {
         self.windows.clear();
         self.matcher = Matcher::default();
@@ -269,11 +374,14 @@ impl Sweeper {
         self.first_pass_patterns = 0;
         self.patterns.clear();
         self.free_ids.clear();
-        for node in &mut self.nodes {
-            node.cursor = 0;
-            node.in_pass = false;
-            node.pending.clear();
-        }
+        self.in_flight = FuturesUnordered::new();
+        let lanes_per_node = self.lanes_per_node;
+        self.lanes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(index, node)| Lane::for_node(index, node.cursor_order, lanes_per_node))
+            .collect();
     }
 
     /// Replaces the nodes (after a reconnect or a cluster topology change). Call after
@@ -281,71 +389,161 @@ impl Sweeper {
     pub fn replace_nodes(&mut self, nodes: Vec<Node>) {
         *self = Sweeper {
             next_window: self.next_window,
-            ..Sweeper::new(nodes)
+            ..Sweeper::with_lanes(nodes, self.lanes_per_node)
         };
     }
 
-    /// One round trip per node: unlink what the previous step matched, scan the next chunk.
+    /// Waits for the next reply of any lane and books it; every lane with work to do keeps one
+    /// request in flight. Cancelling the returned future loses nothing: its only wait is for a
+    /// reply, and the request stays in flight.
     pub async fn step(&mut self) -> Result<StepReport, SweepError> {
-        let match_glob = self.matcher.superset_glob();
-        // Windows whose scan ended last step finish in this one: a cluster checks its topology.
-        let windows_finishing = self.windows.iter().any(|window| window.scanned);
-        let mut plans = Vec::with_capacity(self.nodes.len());
-        for (index, node) in self.nodes.iter_mut().enumerate() {
+        self.send_requests();
+        let Some(reply) = self.in_flight.next().await else {
+            // Nothing to do: a caller stepping in a loop still lets other tasks run.
+            tokio::task::yield_now().await;
+            return Ok(StepReport::default());
+        };
+        let mut report = StepReport::default();
+        self.book_reply(reply, &mut report)?;
+        // Replies that came in meanwhile are booked now, so their lanes send again at once.
+        while let Some(Some(reply)) = self.in_flight.next().now_or_never() {
+            self.book_reply(reply, &mut report)?;
+        }
+        self.send_requests();
+        Ok(report)
+    }
+
+    /// Sends one request for each lane that has none in flight and work to do: `UNLINK` what it
+    /// matched, `SCAN` on for windows that need it, confirm windows that finished scanning it.
+    fn send_requests(&mut self) {
+        let mut match_glob: Option<Arc<[u8]>> = None;
+        for index in 0..self.lanes.len() {
+            let lane = &self.lanes[index];
+            if lane.in_flight {
+                continue;
+            }
             let needs_scan = self
                 .windows
                 .iter()
                 .any(|window| !window.progress[index].done);
-            let pending = std::mem::take(&mut node.pending);
-            plans.push(NodePlan {
-                groups: group_pending(pending, node.node.clustered),
-                scan: needs_scan.then_some(node.cursor),
-                verify: node.node.shard.is_some() && windows_finishing,
+            let needs_confirming = self.windows.iter().any(|window| {
+                let progress = &window.progress[index];
+                progress.done && !progress.confirmed
             });
-        }
-        let requests = self
-            .nodes
-            .iter()
-            .zip(&plans)
-            .map(|(node, plan)| run_plan(&node.node, plan, &match_glob));
-        let results = futures::future::join_all(requests).await;
-
-        let mut report = StepReport::default();
-        // Windows whose scanning ended in an earlier step had all their matches in this step's
-        // UNLINKs; if no node failed, those deletes are now confirmed.
-        let mut outcomes = Vec::with_capacity(results.len());
-        for (index, result) in results.into_iter().enumerate() {
-            let node = &self.nodes[index].node;
-            let fail = |source| SweepError {
-                node: node.name.clone(),
-                source,
-            };
-            let outcome = result.map_err(fail)?;
-            if let Some(text) = &outcome.cluster_nodes {
-                node.verify_shard(text).map_err(|detail| {
-                    fail(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "cluster topology changed during the sweep",
-                        detail,
-                    )))
-                })?;
+            if !needs_scan && !needs_confirming && lane.pending.is_empty() {
+                continue;
             }
-            outcomes.push(outcome);
+            let node = &self.nodes[lane.node];
+            let glob = match_glob
+                .get_or_insert_with(|| Arc::from(self.matcher.superset_glob()))
+                .clone();
+            let lane = &mut self.lanes[index];
+            let plan = NodePlan {
+                groups: group_pending(std::mem::take(&mut lane.pending), node.clustered),
+                scan: needs_scan.then_some(lane.cursor),
+                verify: node.shard.is_some() && needs_confirming,
+            };
+            if needs_scan && !lane.in_round {
+                lane.in_round = true;
+                lane.round_started = Some(Instant::now());
+            }
+            lane.in_flight = true;
+            lane.scan_in_flight = needs_scan;
+            let connection = node.connection.clone();
+            self.in_flight.push(Box::pin(async move {
+                let outcome = run_plan(connection, &plan, &glob).await;
+                LaneReply {
+                    lane: index,
+                    plan,
+                    outcome,
+                }
+            }));
         }
-        for (plan, outcome) in plans.iter().zip(&outcomes) {
-            for (group, count) in &outcome.unlinked {
-                let group = &plan.groups[*group];
-                if group.refill {
-                    report.refill_deleted += count;
-                } else {
-                    *report.deleted.entry(group.label.clone()).or_default() += count;
+    }
+
+    fn book_reply(&mut self, reply: LaneReply, report: &mut StepReport) -> Result<(), SweepError> {
+        let LaneReply {
+            lane: index,
+            plan,
+            outcome,
+        } = reply;
+        let node = &self.nodes[self.lanes[index].node];
+        let fail = |source| SweepError {
+            node: node.name.clone(),
+            source,
+        };
+        let outcome = outcome.map_err(fail)?;
+        if let Some(text) = &outcome.cluster_nodes {
+            node.verify_shard(text).map_err(|detail| {
+                fail(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "cluster topology changed during the sweep",
+                    detail,
+                )))
+            })?;
+        }
+        let order = node.cursor_order;
+        for (group, count) in &outcome.unlinked {
+            let group = &plan.groups[*group];
+            if group.refill {
+                report.refill_deleted += count;
+            } else {
+                *report.deleted.entry(group.label.clone()).or_default() += count;
+            }
+        }
+        let lane = &mut self.lanes[index];
+        lane.in_flight = false;
+        lane.scan_in_flight = false;
+        // This request carried the UNLINKs of everything matched up to the reply before it, so
+        // windows that were done scanning this lane then have their deletes confirmed here.
+        for window in &mut self.windows {
+            let progress = &mut window.progress[index];
+            if progress.done {
+                progress.confirmed = true;
+            }
+        }
+
+        if let Some((next_cursor, keys)) = outcome.scanned {
+            report.keys_scanned += keys.len() as u64;
+            for key in keys {
+                if let Some(pattern_id) = self.matcher.find(&key) {
+                    if let Some(state) = self.patterns[pattern_id as usize].as_mut() {
+                        state.matched += 1;
+                        let refill_only = state.first_pass_refs == 0;
+                        lane.pending.push((key, state.label.clone(), refill_only));
+                    }
                 }
             }
+            // Once per reply, not per window: hundreds of windows can share a pass.
+            let next_position = order.position(next_cursor);
+            let round_ended = next_cursor == 0
+                || matches!((lane.end, next_position), (Some(end), Some(position)) if position >= end);
+            if round_ended {
+                lane.cursor = lane.first_cursor;
+                lane.in_round = false;
+                if let Some(started) = lane.round_started.take() {
+                    if lane.times_passes {
+                        report.passes_finished += 1;
+                        report.pass_durations.push(started.elapsed());
+                    }
+                }
+            } else {
+                lane.cursor = next_cursor;
+            }
+            let lane = &self.lanes[index];
+            for window in &mut self.windows {
+                window.progress[index].advance(round_ended, next_position, lane);
+            }
+            if round_ended && lane.times_passes {
+                // A pass ended: a good moment to let Redis filter by a longer shared prefix.
+                self.matcher.recompute_positions();
+            }
         }
+
         let finished_ids: Vec<WindowId> = self
             .windows
             .iter()
-            .filter(|window| window.scanned)
+            .filter(|window| window.progress.iter().all(|progress| progress.confirmed))
             .map(|window| window.id)
             .collect();
         for id in finished_ids {
@@ -353,51 +551,7 @@ impl Sweeper {
                 report.finished.push(finished);
             }
         }
-
-        for (index, (plan, outcome)) in plans.iter().zip(outcomes).enumerate() {
-            let Some((next_cursor, keys)) = outcome.scanned else {
-                continue;
-            };
-            if plan.scan == Some(0) {
-                report.passes_started += 1;
-                self.nodes[index].pass_started = Some(std::time::Instant::now());
-            }
-            report.keys_scanned += keys.len() as u64;
-            for key in keys {
-                if let Some(pattern_id) = self.matcher.find(&key) {
-                    if let Some(state) = self.patterns[pattern_id as usize].as_mut() {
-                        state.matched += 1;
-                        let refill_only = state.first_pass_refs == 0;
-                        self.nodes[index]
-                            .pending
-                            .push((key, state.label.clone(), refill_only));
-                    }
-                }
-            }
-            let node = &mut self.nodes[index];
-            node.cursor = next_cursor;
-            node.in_pass = next_cursor != 0;
-            if next_cursor == 0 {
-                if let Some(started) = node.pass_started.take() {
-                    report.pass_durations.push(started.elapsed());
-                }
-            }
-            // Once per step, not per window: hundreds of windows can share a pass.
-            let next_position = node.node.cursor_order.position(next_cursor);
-            for window in &mut self.windows {
-                window.progress[index].advance(next_cursor, next_position);
-            }
-            if next_cursor == 0 {
-                // A pass ended: a good moment to let Redis filter by a longer shared prefix.
-                self.matcher.recompute_positions();
-            }
-        }
-        for window in &mut self.windows {
-            if window.progress.iter().all(|progress| progress.done) {
-                window.scanned = true;
-            }
-        }
-        Ok(report)
+        Ok(())
     }
 
     fn finish_window(&mut self, id: WindowId) -> Option<FinishedWindow> {
@@ -475,7 +629,7 @@ struct PlanOutcome {
 }
 
 async fn run_plan(
-    node: &Node,
+    mut connection: MultiplexedConnection,
     plan: &NodePlan,
     match_glob: &[u8],
 ) -> Result<PlanOutcome, redis::RedisError> {
@@ -504,7 +658,6 @@ async fn run_plan(
             cluster_nodes: None,
         });
     }
-    let mut connection = node.connection.clone();
     let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
     // CLUSTER NODES went first in the pipeline.
     let cluster_nodes = match plan.verify {
@@ -547,8 +700,17 @@ mod tests {
     const BUCKETS: CursorOrder = CursorOrder::ReversedBuckets;
     const PER_SLOT: CursorOrder = CursorOrder::SlotThenReversedBuckets;
 
+    /// A lane over a node's whole range, as with one lane per node.
+    fn whole_range() -> Lane {
+        Lane::for_node(0, CursorOrder::Unknown, 1).remove(0)
+    }
+
     fn advance(progress: &mut Progress, next_cursor: u64, order: CursorOrder) {
-        progress.advance(next_cursor, order.position(next_cursor));
+        progress.advance(
+            next_cursor == 0,
+            order.position(next_cursor),
+            &whole_range(),
+        );
     }
 
     fn joined_at(order: CursorOrder, cursor: u64) -> Progress {
@@ -556,6 +718,92 @@ mod tests {
             start: order.position(cursor),
             ..Progress::default()
         }
+    }
+
+    /// Replays `replies` (cursors returned) on `lane` for `progress`; true once done.
+    fn replay(progress: &mut Progress, lane: &mut Lane, replies: &[u64]) -> bool {
+        for &next_cursor in replies {
+            let next_position = BUCKETS.position(next_cursor);
+            let round_ended = next_cursor == 0
+                || matches!((lane.end, next_position), (Some(end), Some(p)) if p >= end);
+            lane.cursor = if round_ended {
+                lane.first_cursor
+            } else {
+                next_cursor
+            };
+            lane.in_round = !round_ended;
+            progress.advance(round_ended, next_position, lane);
+        }
+        progress.done
+    }
+
+    #[test]
+    fn two_lanes_split_the_cursor_order_in_halves() {
+        let lanes = Lane::for_node(0, BUCKETS, 2);
+        assert_eq!(lanes.len(), 2);
+        assert_eq!((lanes[0].first_cursor, lanes[0].end), (0, Some(1 << 63)));
+        // Bucket 1 of any table is the first in the second half of the reversed-bit order.
+        assert_eq!((lanes[1].first_cursor, lanes[1].end), (1, None));
+        assert_eq!(lanes[1].first_position, Some(1 << 63));
+        // An 8-bucket table, whole pass: 0 4 2 6 | 1 5 3 7. The first lane's round ends when
+        // Redis hands back cursor 1; the second's when it hands back 0.
+        let mut first = Progress::joining(&lanes[0], BUCKETS);
+        let mut second = Progress::joining(&lanes[1], BUCKETS);
+        let mut lanes = lanes;
+        let (head, tail) = lanes.split_at_mut(1);
+        assert!(!replay(&mut first, &mut head[0], &[4, 2, 6]));
+        assert!(replay(&mut first, &mut head[0], &[1]));
+        assert!(!replay(&mut second, &mut tail[0], &[5, 3, 7]));
+        assert!(replay(&mut second, &mut tail[0], &[0]));
+        // Other shapes are not split: their cursors are not one reversed bucket index.
+        assert_eq!(Lane::for_node(0, PER_SLOT, 2).len(), 1);
+        assert_eq!(Lane::for_node(0, CursorOrder::Unknown, 2).len(), 1);
+    }
+
+    #[test]
+    fn four_lanes_begin_at_the_quarters_of_the_cursor_order() {
+        // An 8-bucket table's pass is 0 4 | 2 6 | 1 5 | 3 7.
+        let lanes = Lane::for_node(0, BUCKETS, 4);
+        let firsts: Vec<u64> = lanes.iter().map(|lane| lane.first_cursor).collect();
+        assert_eq!(firsts, [0, 2, 1, 3]);
+        let mut lanes = lanes;
+        let rounds: [&[u64]; 4] = [&[4, 2], &[6, 1], &[5, 3], &[7, 0]];
+        for (lane, replies) in lanes.iter_mut().zip(rounds) {
+            let mut progress = Progress::joining(lane, BUCKETS);
+            assert!(!replay(&mut progress, lane, &replies[..1]));
+            assert!(replay(&mut progress, lane, &replies[1..]), "{replies:?}");
+        }
+    }
+
+    #[test]
+    fn a_window_joining_a_lane_mid_round_waits_for_its_join_point_in_that_lane() {
+        let mut lanes = Lane::for_node(0, BUCKETS, 2);
+        let lane = &mut lanes[1];
+        // The second lane of an 8-bucket table stands at cursor 3 (after 1 and 5).
+        lane.cursor = 3;
+        lane.in_round = true;
+        let mut progress = Progress::joining(lane, BUCKETS);
+        assert!(!replay(&mut progress, lane, &[7, 0, 1, 5]));
+        assert!(replay(&mut progress, lane, &[3]));
+    }
+
+    #[test]
+    fn a_window_joining_while_a_scan_is_in_flight_starts_where_its_reply_leaves_the_cursor() {
+        let mut lanes = Lane::for_node(0, BUCKETS, 2);
+        let lane = &mut lanes[0];
+        // The SCAN at cursor 2 was sent before the window's patterns were in the match glob.
+        lane.cursor = 2;
+        lane.in_round = true;
+        lane.scan_in_flight = true;
+        let mut progress = Progress::joining(lane, BUCKETS);
+        // Its reply (cursor 6) does not count for the window: bucket 2 must be scanned again.
+        assert!(!replay(&mut progress, lane, &[6, 1, 4]));
+        assert!(!replay(&mut progress, lane, &[2]));
+        assert!(replay(&mut progress, lane, &[6]));
+        // Joined in flight just as the round ended: the whole next round is needed.
+        let mut progress = Progress::joining(lane, BUCKETS);
+        assert!(!replay(&mut progress, lane, &[1, 4, 2, 6]));
+        assert!(replay(&mut progress, lane, &[1]));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! A listener task holds the `LISTEN` connection (reconnecting forever) and wakes the loop on every
 //! notification and after every reconnect. The loop claims what is pending into a window, adds its
-//! patterns to the rolling sweep, steps the sweep one round trip at a time, and acknowledges each
-//! window once Redis confirmed its deletes. While a sweep runs, new changes keep being claimed and
-//! join it, so a burst costs about one pass. A failed Redis step gives every claimed row back to the
+//! patterns to the rolling sweep, steps the sweep reply by reply, and acknowledges each window once
+//! Redis confirmed its deletes. The Postgres round trips (claims, acknowledgements) run alongside
+//! the Redis steps, not between them. While a sweep runs, new changes keep being claimed and join
+//! it, so a burst costs about one pass. A failed Redis step gives every claimed row back to the
 //! outbox; nothing is acknowledged that Redis did not confirm.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -18,12 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::keyspace::{KeyspaceError, RedisTarget};
-use crate::outbox::{self, Claim, Outbox, OutboxError, CLAIM_LIMIT};
+use crate::outbox::{self, Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
 use crate::postgres::{describe, ConnectError, PgTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::CHANNEL;
 use crate::settings::Settings;
-use crate::sweep::{PatternSpec, StepReport, Sweeper, WindowId};
+use crate::sweep::{PatternSpec, StepReport, SweepError, Sweeper, WindowId};
 use crate::telemetry::{names, Health, Systemd};
 
 /// `application_name` of the LISTEN connection: `status` counts workers by it.
@@ -115,6 +116,7 @@ pub async fn run_with_rules(
         redis,
         sweeper: None,
         jobs: HashMap::new(),
+        finished: Vec::new(),
         guards: VecDeque::new(),
         refill_guard: settings.refill_guard,
         poll_interval: settings.poll_interval,
@@ -225,6 +227,8 @@ struct Worker {
     redis: RedisTarget,
     sweeper: Option<Sweeper>,
     jobs: HashMap<WindowId, Job>,
+    /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
+    finished: Vec<(Job, Vec<u64>)>,
     /// Refill-guard passes waiting for their time, oldest first.
     guards: VecDeque<(Instant, Vec<PatternSpec>)>,
     refill_guard: Duration,
@@ -265,7 +269,11 @@ impl Worker {
                 stop_deadline = Some(Instant::now());
             }
             if let Some(deadline) = stop_deadline {
-                let in_flight = self.jobs.values().any(|job| job.epoch.is_some());
+                let in_flight = self
+                    .jobs
+                    .values()
+                    .chain(self.finished.iter().map(|(job, _)| job))
+                    .any(|job| job.epoch.is_some());
                 if !in_flight || Instant::now() >= deadline {
                     if in_flight {
                         warn!(
@@ -300,16 +308,98 @@ impl Worker {
 
             let claim_allowed = stop_deadline.is_none()
                 && claim_retry_at.is_none_or(|at| Instant::now() >= at)
-                && self.outbox.can_claim()
                 && self
                     .sweeper
                     .as_ref()
                     .is_some_and(|s| s.first_pass_patterns() < MAX_ACTIVE_PATTERNS)
                 && (!claim_throttled || last_claim.elapsed() >= CLAIM_INTERVAL_WHILE_SWEEPING);
-            if dirty && claim_allowed {
+            let claim_now = dirty && claim_allowed;
+            if claim_now {
                 dirty = false;
-                match self.outbox.claim(CLAIM_LIMIT).await {
-                    Ok(Some(claim)) => {
+            }
+
+            self.start_due_guards();
+
+            let busy = self.sweeper.as_ref().is_some_and(Sweeper::is_busy);
+            if claim_now || busy || !self.finished.is_empty() {
+                // The Postgres side (acknowledge finished windows, claim new changes) runs next to
+                // the Redis step rather than between steps: a round trip to a loaded Postgres
+                // takes milliseconds, and Redis would sit idle for each of them, ~40 a second
+                // under sustained load.
+                let acks = std::mem::take(&mut self.finished);
+                let outbox = &mut self.outbox;
+                let postgres = async move {
+                    let mut acked = Vec::with_capacity(acks.len());
+                    for (job, keys_per_pattern) in acks {
+                        let result = match job.epoch {
+                            Some(epoch) => Some(outbox.ack(epoch, &job.done, &job.dead).await),
+                            None => None,
+                        };
+                        acked.push((job, keys_per_pattern, result));
+                    }
+                    let claim = match claim_now {
+                        true => Some(outbox.claim(CLAIM_LIMIT).await),
+                        false => None,
+                    };
+                    (acked, claim)
+                };
+                let mut sweeper = self.sweeper.as_mut().filter(|_| busy);
+                // Redis steps go on for as long as the Postgres side takes (at least one step).
+                let work = async {
+                    let mut postgres = std::pin::pin!(postgres);
+                    let mut postgres_outcome = None;
+                    let mut steps: Vec<Result<StepReport, SweepError>> = Vec::new();
+                    loop {
+                        // Only while there is sweeping to do: a step with nothing in flight
+                        // returns at once, and looping on it would starve Postgres' own tasks.
+                        let stepping = sweeper.as_deref().is_some_and(Sweeper::is_busy)
+                            && !steps.iter().any(Result::is_err);
+                        if let Some(outcome) = postgres_outcome.take() {
+                            if !stepping || !steps.is_empty() {
+                                return (outcome, steps);
+                            }
+                            postgres_outcome = Some(outcome);
+                        }
+                        tokio::select! {
+                            outcome = &mut postgres, if postgres_outcome.is_none() => {
+                                postgres_outcome = Some(outcome);
+                            }
+                            // Cancel-safe: a step only waits for a reply already on its way.
+                            stepped = step_of(&mut sweeper), if stepping => steps.push(stepped),
+                        }
+                    }
+                };
+                // A round trip may not outlast the grace period, even one that began before the
+                // stop was asked for.
+                let outcome = tokio::select! {
+                    outcome = work => Some(outcome),
+                    _ = grace_over(&shutdown, stop_deadline) => None,
+                };
+                let Some(((acked, claim), steps)) = outcome else {
+                    // Abandoned half done (a step's matches may not have been unlinked), nothing
+                    // in flight may be acknowledged: the loop's top gives it all back and stops.
+                    step_abandoned = true;
+                    continue;
+                };
+                for (job, keys_per_pattern, result) in acked {
+                    self.acknowledged(job, &keys_per_pattern, result);
+                }
+                let mut failure = None;
+                for stepped in steps {
+                    match stepped {
+                        Ok(report) => self.stepped(report),
+                        Err(error) => failure = Some(error),
+                    }
+                }
+                if let Some(error) = failure {
+                    // Every epoch is rolled back, the claim just made included.
+                    self.sweep_failed(error).await;
+                    dirty = true;
+                    continue;
+                }
+                match claim {
+                    None => {}
+                    Some(Ok(claim)) => {
                         last_claim = Instant::now();
                         // A full claim means a backlog: catch up without waiting.
                         claim_throttled = !claim.full;
@@ -319,13 +409,12 @@ impl Worker {
                             dirty = true;
                         }
                         if !claim.rows.is_empty() {
-                            self.start_window(claim).await;
-                        } else if self.jobs.is_empty() {
+                            self.start_window(claim);
+                        } else if self.jobs.is_empty() && self.finished.is_empty() {
                             self.systemd.ready();
                         }
                     }
-                    Ok(None) => dirty = true,
-                    Err(error) => {
+                    Some(Err(error)) => {
                         if error.is_permanent() {
                             return Err(error.into());
                         }
@@ -335,21 +424,6 @@ impl Worker {
                         dirty = true;
                     }
                 }
-            }
-
-            self.start_due_guards();
-
-            let busy = self.sweeper.as_ref().is_some_and(Sweeper::is_busy);
-            if busy {
-                // A Redis round trip may not outlast the grace period, even one that began before
-                // the stop was asked for.
-                let stepped = tokio::select! {
-                    _ = self.step() => true,
-                    _ = grace_over(&shutdown, stop_deadline) => false,
-                };
-                // Abandoned half done (its matches may not have been unlinked), nothing in flight
-                // may be acknowledged: the loop's top gives it all back and stops.
-                step_abandoned = !stepped;
                 continue;
             }
             // Idle: wait for a notification, the poll interval, a guard falling due, a claim
@@ -362,6 +436,8 @@ impl Worker {
                 wait = wait.min(at.saturating_duration_since(Instant::now()));
             }
             if dirty && claim_retry_at.is_none() && stop_deadline.is_none() {
+                // Let the connections' tasks run before trying again.
+                tokio::task::yield_now().await;
                 continue;
             }
             tokio::select! {
@@ -411,7 +487,7 @@ impl Worker {
     }
 
     /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
-    async fn start_window(&mut self, claim: Claim) {
+    fn start_window(&mut self, claim: Claim) {
         let rules = self.rules.borrow().clone();
         let mut job = Job {
             epoch: Some(claim.epoch),
@@ -485,8 +561,8 @@ impl Worker {
             Some(id) => {
                 self.jobs.insert(id, job);
             }
-            // Nothing to sweep for (only dead rows): acknowledge at once.
-            None => self.finish_job(job, &[]).await,
+            // Nothing to sweep for (only dead rows): acknowledge next.
+            None => self.finished.push((job, Vec::new())),
         }
     }
 
@@ -515,37 +591,50 @@ impl Worker {
         }
     }
 
-    async fn step(&mut self) {
-        let Some(sweeper) = self.sweeper.as_mut() else {
-            return;
-        };
-        match sweeper.step().await {
-            Ok(report) => {
-                self.sweep_failures = reconnect_delays();
-                record_step(&report);
-                for pass in &report.pass_durations {
-                    self.outbox.pace_to_pass(*pass);
-                }
-                for finished in report.finished {
-                    if let Some(job) = self.jobs.remove(&finished.id) {
-                        self.finish_job(job, &finished.keys_per_pattern).await;
-                    }
-                }
-            }
-            Err(error) => {
-                let delay = self.sweep_failures.next().unwrap_or(RECONNECT_MAX);
-                self.redis_retry_at = Some(Instant::now() + delay);
-                warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
-                metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
-                self.health.set_redis(false);
-                self.outbox.release_all().await;
-                self.jobs.clear();
-                self.sweeper = None;
+    /// Books a step that worked: its finished windows wait for their acknowledgement.
+    fn stepped(&mut self, report: StepReport) {
+        self.sweep_failures = reconnect_delays();
+        record_step(&report);
+        for pass in &report.pass_durations {
+            self.outbox.pace_to_pass(*pass);
+            // Its own target, so a pass per second can be followed without every change's line:
+            // RUST_LOG=cache_invalidator=info,cache_invalidator::pass=debug
+            debug!(
+                target: "cache_invalidator::pass",
+                duration_ms = pass.as_millis() as u64,
+                windows = self.jobs.len(),
+                patterns = self.sweeper.as_ref().map_or(0, Sweeper::first_pass_patterns),
+                "sweep pass finished"
+            );
+        }
+        for finished in report.finished {
+            if let Some(job) = self.jobs.remove(&finished.id) {
+                self.finished.push((job, finished.keys_per_pattern));
             }
         }
     }
 
-    async fn finish_job(&mut self, job: Job, keys_per_pattern: &[u64]) {
+    /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
+    async fn sweep_failed(&mut self, error: SweepError) {
+        let delay = self.sweep_failures.next().unwrap_or(RECONNECT_MAX);
+        self.redis_retry_at = Some(Instant::now() + delay);
+        warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
+        metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
+        self.health.set_redis(false);
+        self.outbox.release_all().await;
+        self.jobs.clear();
+        self.finished.clear();
+        self.sweeper = None;
+    }
+
+    /// Books a finished window once Postgres answered its acknowledgement (`None`: a refill
+    /// guard's window, which has no outbox rows).
+    fn acknowledged(
+        &mut self,
+        job: Job,
+        keys_per_pattern: &[u64],
+        result: Option<Result<Acked, OutboxError>>,
+    ) {
         let keys: u64 = keys_per_pattern.iter().sum();
         let Some(epoch) = job.epoch else {
             if keys > 0 {
@@ -556,8 +645,8 @@ impl Worker {
             }
             return;
         };
-        match self.outbox.ack(epoch, &job.done, &job.dead).await {
-            Ok(acked) if !acked.lost_claim => {
+        match result {
+            Some(Ok(acked)) if !acked.lost_claim => {
                 for age in &acked.ages {
                     metrics::histogram!(names::COMMIT_TO_DELETE).record(*age);
                 }
@@ -571,12 +660,12 @@ impl Worker {
                     self.wake.notify_one();
                 }
             }
-            Ok(_) => {
+            Some(Ok(_)) | None => {
                 warn!(epoch, "claim lost before acknowledging (postgres connection dropped): the changes will be swept again");
                 // Their rows are pending again: claim them now rather than at the next poll.
                 self.wake.notify_one();
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 warn!(%error, "acknowledging failed: the changes will be swept again");
                 self.wake.notify_one();
             }
@@ -613,6 +702,14 @@ impl Worker {
     }
 }
 
+/// One step of the sweep, or never when there is none to step (for `select!`).
+async fn step_of(sweeper: &mut Option<&mut Sweeper>) -> Result<StepReport, SweepError> {
+    match sweeper {
+        Some(sweeper) => sweeper.step().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves when a stop's grace period is over: at `deadline` once the stop was seen, otherwise
 /// [`SHUTDOWN_GRACE`] after `shutdown` is cancelled.
 async fn grace_over(shutdown: &CancellationToken, deadline: Option<Instant>) {
@@ -633,8 +730,8 @@ fn record_step(report: &StepReport) {
     if report.refill_deleted > 0 {
         metrics::counter!(names::REFILL_KEYS_DELETED).increment(report.refill_deleted);
     }
-    if report.passes_started > 0 {
-        metrics::counter!(names::SWEEPS).increment(report.passes_started);
+    if report.passes_finished > 0 {
+        metrics::counter!(names::SWEEPS).increment(report.passes_finished);
     }
     for duration in &report.pass_durations {
         metrics::histogram!(names::SWEEP_DURATION).record(duration.as_secs_f64());
