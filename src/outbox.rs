@@ -128,8 +128,8 @@ impl Outbox {
     /// `pass / (N - 2)` keeps that under the connections there are, one to spare. A pass slower
     /// than the last one can still use them all up: claims then go into the newest epoch (see
     /// [`Outbox::claim`]) rather than wait. Each row waits for the last window of its epoch,
-    /// so this is as short as the connections allow: at `pass / 6`, the bench's sustained load at
-    /// 1M keys kept its first rows 300 ms longer, during the first passes (1.6–1.8 s).
+    /// so this is as short as the connections allow: `pass / 6` came to 270–300 ms for the
+    /// 1.6–1.8 s first passes of the bench's sustained load at 1M keys, `pass / 10` to 160–180 ms.
     pub fn pace_to_pass(&mut self, pass: Duration) {
         let spread = (EPOCH_CONNECTIONS - 2) as u32;
         self.open_for = (pass / spread).clamp(EPOCH_OPEN_FOR, EPOCH_OPEN_AT_MOST);

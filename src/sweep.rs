@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -128,7 +128,7 @@ impl Progress {
         let mut progress = Progress::default();
         if lane.scan_in_flight {
             progress.after_in_flight = true;
-        } else if lane.in_round {
+        } else if lane.in_round() {
             progress.start = order.position(lane.cursor);
         } else {
             progress.start = lane.first_position;
@@ -191,8 +191,7 @@ struct Lane {
     times_passes: bool,
     /// The cursor the next `SCAN` uses.
     cursor: u64,
-    /// The cursor is inside a round (past `first_cursor`).
-    in_round: bool,
+    /// When the lane's round began; `None` between rounds (the cursor is at `first_cursor`).
     round_started: Option<Instant>,
     in_flight: bool,
     scan_in_flight: bool,
@@ -201,11 +200,46 @@ struct Lane {
     pending: Vec<(Vec<u8>, Arc<str>, bool)>,
 }
 
+/// Where a `SCAN` reply left a lane ([`Lane::move_to`]).
+struct Moved {
+    /// Position of the returned cursor in the server's order.
+    position: Option<u64>,
+    /// The reply reached the lane's end: the lane is back at its first cursor.
+    round_ended: bool,
+    /// How long the round that ended took.
+    round_took: Option<Duration>,
+}
+
 impl Lane {
+    /// The cursor is inside a round (past `first_cursor`).
+    fn in_round(&self) -> bool {
+        self.round_started.is_some()
+    }
+
+    /// Moves the lane past a `SCAN` that returned `next_cursor`: on to it, or back to the lane's
+    /// first cursor when it reached the next lane's share or the end of the pass.
+    fn move_to(&mut self, next_cursor: u64, order: CursorOrder) -> Moved {
+        let position = order.position(next_cursor);
+        let round_ended = next_cursor == 0
+            || matches!((self.end, position), (Some(end), Some(position)) if position >= end);
+        let mut round_took = None;
+        if round_ended {
+            self.cursor = self.first_cursor;
+            round_took = self.round_started.take().map(|started| started.elapsed());
+        } else {
+            self.cursor = next_cursor;
+        }
+        Moved {
+            position,
+            round_ended,
+            round_took,
+        }
+    }
+
     /// How far the lane is into its round, in positions from its start (0 between rounds, and
     /// where the cursor order is unknown).
     fn round_done(&self, order: CursorOrder) -> u64 {
-        if !self.in_round {
+        if !self.in_round() {
             return 0;
         }
         match (order.position(self.cursor), self.first_position) {
@@ -238,7 +272,6 @@ impl Lane {
                     end: (share + 1 < count).then(|| boundary(share + 1) as u64),
                     times_passes: share == 0,
                     cursor: first_cursor,
-                    in_round: false,
                     round_started: None,
                     in_flight: false,
                     scan_in_flight: false,
@@ -260,7 +293,6 @@ struct LaneReply {
 /// and their compiled patterns.
 pub struct Sweeper {
     nodes: Vec<Node>,
-    lanes_per_node: usize,
     lanes: Vec<Lane>,
     in_flight: FuturesUnordered<BoxFuture<'static, LaneReply>>,
     matcher: Matcher,
@@ -280,8 +312,7 @@ impl Sweeper {
 
     /// A sweeper with `lanes` lanes per node where the cursor order allows (1: one cursor per
     /// node, whose steps follow each other in a fixed order).
-    pub fn with_lanes(nodes: Vec<Node>, lanes: usize) -> Sweeper {
-        let lanes_per_node = lanes;
+    pub fn with_lanes(nodes: Vec<Node>, lanes_per_node: usize) -> Sweeper {
         let lanes = nodes
             .iter()
             .enumerate()
@@ -289,7 +320,6 @@ impl Sweeper {
             .collect();
         Sweeper {
             nodes,
-            lanes_per_node,
             lanes,
             in_flight: FuturesUnordered::new(),
             matcher: Matcher::default(),
@@ -380,34 +410,6 @@ impl Sweeper {
         Some(id)
     }
 
-    /// Forgets every window (after a failure: their outbox rows were given back) and every
-    /// request in flight. Nodes start their next pass from the beginning.
-    pub fn abandon_all(&mut self) {
-        self.windows.clear();
-        self.matcher = Matcher::default();
-        self.by_text.clear();
-        self.first_pass_patterns = 0;
-        self.patterns.clear();
-        self.free_ids.clear();
-        self.in_flight = FuturesUnordered::new();
-        let lanes_per_node = self.lanes_per_node;
-        self.lanes = self
-            .nodes
-            .iter()
-            .enumerate()
-            .flat_map(|(index, node)| Lane::for_node(index, node.cursor_order, lanes_per_node))
-            .collect();
-    }
-
-    /// Replaces the nodes (after a reconnect or a cluster topology change). Call after
-    /// [`Sweeper::abandon_all`]: cursors of the old nodes mean nothing to the new ones.
-    pub fn replace_nodes(&mut self, nodes: Vec<Node>) {
-        *self = Sweeper {
-            next_window: self.next_window,
-            ..Sweeper::with_lanes(nodes, self.lanes_per_node)
-        };
-    }
-
     /// Waits for the next reply of any lane and books it; every lane with work to do keeps one
     /// request in flight. Cancelling the returned future loses nothing: its only wait is for a
     /// reply, and the request stays in flight.
@@ -467,8 +469,7 @@ impl Sweeper {
                 scan: needs_scan.then_some(lane.cursor),
                 verify: node.shard.is_some() && needs_confirming,
             };
-            if needs_scan && !lane.in_round {
-                lane.in_round = true;
+            if needs_scan && !lane.in_round() {
                 lane.round_started = Some(Instant::now());
             }
             lane.in_flight = true;
@@ -539,26 +540,16 @@ impl Sweeper {
                 }
             }
             // Once per reply, not per window: hundreds of windows can share a pass.
-            let next_position = order.position(next_cursor);
-            let round_ended = next_cursor == 0
-                || matches!((lane.end, next_position), (Some(end), Some(position)) if position >= end);
-            if round_ended {
-                lane.cursor = lane.first_cursor;
-                lane.in_round = false;
-                if let Some(started) = lane.round_started.take() {
-                    if lane.times_passes {
-                        report.passes_finished += 1;
-                        report.pass_durations.push(started.elapsed());
-                    }
-                }
-            } else {
-                lane.cursor = next_cursor;
+            let moved = lane.move_to(next_cursor, order);
+            if let (Some(took), true) = (moved.round_took, lane.times_passes) {
+                report.passes_finished += 1;
+                report.pass_durations.push(took);
             }
             let lane = &self.lanes[index];
             for window in &mut self.windows {
-                window.progress[index].advance(round_ended, next_position, lane);
+                window.progress[index].advance(moved.round_ended, moved.position, lane);
             }
-            if round_ended && lane.times_passes {
+            if moved.round_ended && lane.times_passes {
                 // A pass ended: a good moment to let Redis filter by a longer shared prefix.
                 self.matcher.recompute_positions();
             }
@@ -747,18 +738,18 @@ mod tests {
     /// Replays `replies` (cursors returned) on `lane` for `progress`; true once done.
     fn replay(progress: &mut Progress, lane: &mut Lane, replies: &[u64]) -> bool {
         for &next_cursor in replies {
-            let next_position = BUCKETS.position(next_cursor);
-            let round_ended = next_cursor == 0
-                || matches!((lane.end, next_position), (Some(end), Some(p)) if p >= end);
-            lane.cursor = if round_ended {
-                lane.first_cursor
-            } else {
-                next_cursor
-            };
-            lane.in_round = !round_ended;
-            progress.advance(round_ended, next_position, lane);
+            // A SCAN at the lane's first cursor starts its round, as `send_requests` does.
+            lane.round_started.get_or_insert_with(Instant::now);
+            let moved = lane.move_to(next_cursor, BUCKETS);
+            progress.advance(moved.round_ended, moved.position, lane);
         }
         progress.done
+    }
+
+    /// Puts `lane` in the middle of its round, at `cursor`.
+    fn mid_round(lane: &mut Lane, cursor: u64) {
+        lane.cursor = cursor;
+        lane.round_started = Some(Instant::now());
     }
 
     #[test]
@@ -804,8 +795,9 @@ mod tests {
         // Four lanes of an 8-bucket table (0 4 | 2 6 | 1 5 | 3 7), each at a different point.
         let mut lanes = Lane::for_node(0, BUCKETS, 4);
         for (lane, cursor) in lanes.iter_mut().zip([4u64, 2, 5, 3]) {
-            lane.cursor = cursor;
-            lane.in_round = cursor != lane.first_cursor;
+            if cursor != lane.first_cursor {
+                mid_round(lane, cursor);
+            }
         }
         let mut order: Vec<(u64, usize)> = lanes
             .iter()
@@ -824,8 +816,7 @@ mod tests {
         let mut lanes = Lane::for_node(0, BUCKETS, 2);
         let lane = &mut lanes[1];
         // The second lane of an 8-bucket table stands at cursor 3 (after 1 and 5).
-        lane.cursor = 3;
-        lane.in_round = true;
+        mid_round(lane, 3);
         let mut progress = Progress::joining(lane, BUCKETS);
         assert!(!replay(&mut progress, lane, &[7, 0, 1, 5]));
         assert!(replay(&mut progress, lane, &[3]));
@@ -836,8 +827,7 @@ mod tests {
         let mut lanes = Lane::for_node(0, BUCKETS, 2);
         let lane = &mut lanes[0];
         // The SCAN at cursor 2 was sent before the window's patterns were in the match glob.
-        lane.cursor = 2;
-        lane.in_round = true;
+        mid_round(lane, 2);
         lane.scan_in_flight = true;
         let mut progress = Progress::joining(lane, BUCKETS);
         // Its reply (cursor 6) does not count for the window: bucket 2 must be scanned again.

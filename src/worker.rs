@@ -354,11 +354,10 @@ impl Worker {
                         // returns at once, and looping on it would starve Postgres' own tasks.
                         let stepping = sweeper.as_deref().is_some_and(Sweeper::is_busy)
                             && !steps.iter().any(Result::is_err);
-                        if let Some(outcome) = postgres_outcome.take() {
-                            if !stepping || !steps.is_empty() {
+                        if !stepping || !steps.is_empty() {
+                            if let Some(outcome) = postgres_outcome.take() {
                                 return (outcome, steps);
                             }
-                            postgres_outcome = Some(outcome);
                         }
                         tokio::select! {
                             outcome = &mut postgres, if postgres_outcome.is_none() => {
@@ -465,10 +464,8 @@ impl Worker {
                         redis = self.redis.redacted(),
                         "connected to redis"
                     );
-                    match self.sweeper.as_mut() {
-                        Some(sweeper) => sweeper.replace_nodes(nodes),
-                        None => self.sweeper = Some(Sweeper::new(nodes)),
-                    }
+                    // A sweep starts afresh: cursors of the old connections mean nothing now.
+                    self.sweeper = Some(Sweeper::new(nodes));
                     self.health.set_redis(true);
                     return Ok(true);
                 }

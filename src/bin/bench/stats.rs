@@ -85,17 +85,13 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-/// The median of `with[i] / without[i]` over the rounds.
+/// The median (by nearest rank, like [`percentile`]) of `with[i] / without[i]` over the rounds.
+/// The bench runs an odd number of rounds, so it is the middle ratio.
 pub fn median_ratio(with: &[Duration], without: &[Duration]) -> f64 {
-    let mut ratios: Vec<f64> = with
+    let ratios: Vec<f64> = with
         .iter()
         .zip(without)
         .map(|(w, o)| w.as_secs_f64() / o.as_secs_f64().max(1e-9))
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    match ratios.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => ratios[n / 2],
-        n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
-    }
+    percentile(&ratios, 50.0)
 }
