@@ -22,6 +22,7 @@ mod measure;
 mod nodes;
 mod probe;
 mod scratch;
+mod server_side;
 mod stats;
 mod sustained;
 
@@ -73,6 +74,8 @@ enum Measures {
     Triggers,
     /// Sustained load: backlog age and the worker's memory
     Sustained,
+    /// The client-side sweep against a server-side Lua sweep (one server only)
+    Lua,
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,6 +259,8 @@ async fn measure_size(
         None
     };
 
+    // Which rows the measures changed, so each picks rows whose keys are still cached.
+    let mut rows = measure::Rows::new(layout, options.keys);
     if options.runs(Measures::Sweeps) {
         let mut settings = Settings::new(Connections {
             database_url: SecretUrl::new(db.url.clone()),
@@ -266,7 +271,6 @@ async fn measure_size(
         settings.refill_guard = Duration::ZERO;
         let token = CancellationToken::new();
         let daemon = tokio::spawn(cache_invalidator::run(settings, token.clone()));
-        let mut rows = measure::Rows::new(layout, options.keys);
 
         let probe = GetProbe::start(&redis_server.node_urls(), router, layout);
         probe.set(Phase::Idle);
@@ -378,6 +382,65 @@ async fn measure_size(
                 format!("{:+.0} %", (get_ratio / 2.0 - 1.0) * 100.0),
             ),
         ));
+    }
+
+    // A script cannot `UNLINK` keys of several hash slots on a cluster node, so the Lua sweep is
+    // measured on one server only.
+    if !options.cluster && options.runs(Measures::Lua) {
+        let comparison = server_side::compare(
+            &redis_server.daemon_url(),
+            &redis,
+            rules,
+            &mut rows,
+            &layout,
+            BURST_CHANGES,
+        )
+        .await;
+        let describe = |cost: &server_side::SweepCost, calls: &str| {
+            format!(
+                "{} ({} patterns, {} keys; Redis busy {}; {} {calls}, {} commands over 1 ms)",
+                show(cost.wall),
+                thousands(cost.patterns as u64),
+                thousands(cost.keys_removed),
+                show(cost.redis_busy),
+                thousands(cost.calls),
+                cost.calls_over_limit
+            )
+        };
+        let (client, lua) = (&comparison.client, &comparison.lua);
+        lines.push(line(
+            &format!(
+                "client-side sweep (the daemon's sweeper): the patterns of {BURST_CHANGES} changes \
+                 → keys gone, no Postgres"
+            ),
+            describe(client, "steps"),
+            format!("{:.2}×", client.wall.as_secs_f64() / reference_s),
+            "measured beside Lua; the better is kept",
+            "kept (the daemon's)".to_owned(),
+        ));
+        for (lua, count) in lua.iter().zip(server_side::LUA_SCAN_COUNTS) {
+            let wall_ratio = lua.wall.as_secs_f64() / client.wall.as_secs_f64().max(1e-9);
+            let busy_ratio =
+                lua.redis_busy.as_secs_f64() / client.redis_busy.as_secs_f64().max(1e-9);
+            lines.push(line(
+                &format!(
+                    "server-side Lua sweep (`EVALSHA`: `SCAN … COUNT {count}`, prefix lookups and \
+                     UNLINK inside Redis): the patterns of another {BURST_CHANGES} changes → keys \
+                     gone"
+                ),
+                describe(lua, "calls"),
+                format!("{:.2}×", lua.wall.as_secs_f64() / reference_s),
+                "measured beside the client-side sweep",
+                format!(
+                    "{wall_ratio:.2}× the client-side time, {busy_ratio:.2}× its Redis time: {}",
+                    if wall_ratio < 1.0 {
+                        "Lua is faster"
+                    } else {
+                        "client-side is faster"
+                    }
+                ),
+            ));
+        }
     }
 
     if let Some(cost) = triggers {
