@@ -489,6 +489,7 @@ async fn measure_size(
             worker_binary,
             &db.url,
             &redis_server.daemon_url(),
+            &redis_server.pids(),
             &poller,
             &layout,
             options.sustained_seconds,
@@ -503,12 +504,17 @@ async fn measure_size(
             ),
             format!(
                 "p99 {:.2} s, max {:.2} s; drained {} after the load; the daemon's {} passes \
-                 under the load took {} on average",
+                 under the load took {} on average; CPU during the load: daemon {}, Redis {} of \
+                 a core",
                 run.age_p99,
                 run.age_max,
                 show(run.drain_after_load),
                 run.passes,
-                run.mean_pass.map_or("?".to_owned(), show)
+                run.mean_pass.map_or("?".to_owned(), show),
+                run.daemon_cpu
+                    .map_or("?".to_owned(), |share| format!("{:.0} %", share * 100.0)),
+                run.redis_cpu
+                    .map_or("?".to_owned(), |share| format!("{:.0} %", share * 100.0)),
             ),
             String::new(),
             "p99 < 2 s at ≥ 5,000/s",

@@ -105,6 +105,9 @@ pub struct Sustained {
     /// Mean duration of the daemon's passes during the run (its own sweep-duration histogram).
     pub mean_pass: Option<Duration>,
     pub passes: u64,
+    /// Share of one core the daemon and Redis (summed over its servers) used during the load.
+    pub daemon_cpu: Option<f64>,
+    pub redis_cpu: Option<f64>,
 }
 
 /// `<name>_sum` and `<name>_count` of a Prometheus histogram in a scrape.
@@ -171,6 +174,33 @@ pub fn worker_binary() -> PathBuf {
     binary
 }
 
+/// CPU time a process has used so far (user + system), from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in field 2 may hold spaces; the fields after its `)` are plain.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the `)`.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks_per_second(),
+    ))
+}
+
+/// The kernel's `USER_HZ`, the unit of `/proc/<pid>/stat` times (100 on every common Linux).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Share of one core each process used between two readings of [`cpu_time`].
+fn core_share(before: Option<Duration>, after: Option<Duration>, wall: Duration) -> Option<f64> {
+    Some((after?.saturating_sub(before?)).as_secs_f64() / wall.as_secs_f64().max(1e-9))
+}
+
 fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -179,10 +209,12 @@ fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     worker: &Path,
     db_url: &str,
     redis_url: &str,
+    redis_pids: &[u32],
     poller: &Client,
     layout: &Layout,
     seconds: u64,
@@ -232,6 +264,10 @@ pub async fn run(
         .and_then(|text| histogram_sum_count(&text, sweep_histogram))
         .unwrap_or((0.0, 0));
 
+    let redis_cpu = || -> Option<Duration> { redis_pids.iter().map(|&pid| cpu_time(pid)).sum() };
+    let (daemon_cpu_before, redis_cpu_before) = (cpu_time(pid), redis_cpu());
+    let load_started = Instant::now();
+
     let rows_per_statement = 10;
     // Aimed a little above the 5,000/s: pacing loses a few ticks, and the table reports
     // the rate achieved.
@@ -266,6 +302,9 @@ pub async fn run(
         rss_max_kb = rss_max_kb.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
     }
     let load_done = Instant::now();
+    let load_wall = load_done - load_started;
+    let daemon_cpu = core_share(daemon_cpu_before, cpu_time(pid), load_wall);
+    let redis_cpu = core_share(redis_cpu_before, redis_cpu(), load_wall);
     let output = output
         .await
         .expect("the load process' task")
@@ -304,5 +343,7 @@ pub async fn run(
             .filter(|(_, count)| *count > 0)
             .map(|(sum, count)| Duration::from_secs_f64(sum / count as f64)),
         passes: passes_during.map_or(0, |(_, count)| count),
+        daemon_cpu,
+        redis_cpu,
     }
 }
