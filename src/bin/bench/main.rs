@@ -270,7 +270,15 @@ async fn measure_size(
         // The issue measures the first pass alone: the refill guard's second pass is off here.
         settings.refill_guard = Duration::ZERO;
         let token = CancellationToken::new();
-        let daemon = tokio::spawn(cache_invalidator::run(settings, token.clone()));
+        // On a one-thread runtime of its own, as the `cache-invalidator` binary runs it.
+        let daemon_token = token.clone();
+        let daemon = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the daemon's runtime")
+                .block_on(cache_invalidator::run(settings, daemon_token))
+        });
 
         let probe = GetProbe::start(&redis_server.node_urls(), router, layout);
         probe.set(Phase::Idle);
@@ -300,10 +308,10 @@ async fn measure_size(
         let (naive_per_change, naive_patterns) =
             measure::naive(&redis, rules, &mut rows, NAIVE_SAMPLE).await;
         token.cancel();
-        match daemon.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => panic!("the worker failed: {error}"),
-            Err(error) => panic!("the worker panicked: {error}"),
+        match tokio::task::spawn_blocking(move || daemon.join()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => panic!("the worker failed: {error}"),
+            Ok(Err(_)) | Err(_) => panic!("the worker panicked"),
         }
         let (idle_gets, sweep_gets) = probe.finish();
 
