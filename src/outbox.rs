@@ -135,6 +135,13 @@ impl Outbox {
         self.open_for = (pass / spread).clamp(EPOCH_OPEN_FOR, EPOCH_OPEN_AT_MOST);
     }
 
+    /// Sets how long each epoch takes claims, past [`Outbox::pace_to_pass`]'s bounds. For tests
+    /// that need each claim in an epoch of its own without waiting out [`EPOCH_OPEN_FOR`].
+    #[doc(hidden)]
+    pub fn set_epoch_open_for(&mut self, open_for: Duration) {
+        self.open_for = open_for;
+    }
+
     /// Epochs holding claims.
     pub fn epochs_in_flight(&self) -> usize {
         self.slots
