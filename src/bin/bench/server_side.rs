@@ -158,9 +158,11 @@ async fn lua_sweep(
             let mut prefixes = Vec::with_capacity(patterns.len());
             for pattern in &patterns {
                 builder.add(pattern);
-                // The default rules' patterns are all `literal*`, and a numeric id needs no escaping.
+                // The default rules' patterns are all `literal:*` (the script looks prefixes up
+                // at colons), and a numeric id needs no escaping.
                 let prefix = pattern
                     .strip_suffix('*')
+                    .filter(|prefix| prefix.ends_with(':'))
                     .filter(|prefix| !prefix.contains(['*', '?', '[', ']', '\\']))
                     .unwrap_or_else(|| panic!("not a plain prefix pattern: {pattern}"));
                 prefixes.push(prefix.to_owned());
