@@ -7,8 +7,9 @@
 //! (`:1:reportlist:{resource}:{user}:{h}`, 1–19 per user and resource), ~20 % keys no rule touches
 //! (sessions, template fragments, `:1:cache_stats:{user}`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
+use cache_invalidator::rules::{Change, RuleSet};
 use tokio::task::JoinSet;
 
 use crate::nodes::Nodes;
@@ -192,6 +193,20 @@ impl RowChange {
         for &user in self.old_owners.iter().chain(&self.new_owners) {
             into.extend(layout.list_keys(self.kind, user));
         }
+    }
+
+    /// The patterns the daemon's rules give for this change, as the worker would expand its outbox
+    /// row.
+    pub fn patterns(&self, rules: &RuleSet) -> BTreeSet<String> {
+        let values = self.outbox_rows();
+        rules
+            .expand(&Change {
+                table: KINDS[self.kind].table,
+                operation: "UPDATE",
+                rows: Some(&values),
+            })
+            .expect("the built-in rules expand a report row")
+            .patterns
     }
 
     /// The row values the trigger records, OLD then NEW, as the outbox holds them.

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use cache_invalidator::rules::{Change, RuleSet};
+use cache_invalidator::rules::RuleSet;
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
@@ -318,17 +318,9 @@ pub async fn naive(
     let started = Instant::now();
     let mut patterns_total = 0;
     for _ in 0..sample {
-        let planned = rows.plan(10);
-        let values = planned.change.outbox_rows();
-        let expansion = rules
-            .expand(&Change {
-                table: KINDS[planned.change.kind].table,
-                operation: "UPDATE",
-                rows: Some(&values),
-            })
-            .expect("the built-in rules expand a report row");
-        patterns_total += expansion.patterns.len();
-        for pattern in &expansion.patterns {
+        let patterns = rows.plan(10).change.patterns(rules);
+        patterns_total += patterns.len();
+        for pattern in &patterns {
             let keys = scan_pass(redis, pattern).await;
             redis.delete(&keys).await;
         }

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use cache_invalidator::keyspace::RedisTarget;
 use cache_invalidator::matcher::MatcherBuilder;
-use cache_invalidator::rules::{Change, RuleSet};
+use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper};
 
-use crate::keyspace::{Layout, KINDS};
+use crate::keyspace::Layout;
 use crate::measure::Rows;
 use crate::nodes::Nodes;
 
@@ -209,17 +209,9 @@ fn plan(
     let mut patterns = HashSet::new();
     let mut must_go = HashSet::new();
     for _ in 0..changes {
-        let planned = rows.plan(10);
-        planned.change.must_go(layout, &mut must_go);
-        let values = planned.change.outbox_rows();
-        let expansion = rules
-            .expand(&Change {
-                table: KINDS[planned.change.kind].table,
-                operation: "UPDATE",
-                rows: Some(&values),
-            })
-            .expect("the built-in rules expand a report row");
-        patterns.extend(expansion.patterns);
+        let change = rows.plan(10).change;
+        change.must_go(layout, &mut must_go);
+        patterns.extend(change.patterns(rules));
     }
     (patterns.into_iter().collect(), must_go)
 }
