@@ -12,7 +12,9 @@ use clap::Parser;
 /// thread driving the connection to the thread running the sweep. Measured with the bench's
 /// sustained load at 1M keys (`--only sustained`, four alternating pairs of runs), one thread used
 /// 23–28 % of a core against 30–35 %, leaving the difference to Redis on the shared cores, and
-/// its backlog-age p99 was as good or better in each pair.
+/// its backlog-age p99 was as good or better in each pair. The price: a burst on otherwise idle
+/// cores, where a second thread could parse replies beside the sweep, took 1.36–1.61 × the
+/// reference pass against 1.11–1.24 × (README, Performance).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -496,8 +496,7 @@ async fn measure_size(
         let run = sustained::run(
             worker_binary,
             &db.url,
-            &redis_server.daemon_url(),
-            &redis_server.pids(),
+            &redis_server,
             &poller,
             &layout,
             options.sustained_seconds,

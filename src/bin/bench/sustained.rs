@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 
 use crate::keyspace::{Layout, KINDS};
 use crate::measure::wait_drained;
+use crate::scratch::PrivateRedis;
 use crate::stats::{percentile, Rng};
 
 /// How often the backlog age and the daemon's memory are sampled (the 100 ms).
@@ -209,12 +210,10 @@ fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     worker: &Path,
     db_url: &str,
-    redis_url: &str,
-    redis_pids: &[u32],
+    redis: &PrivateRedis,
     poller: &Client,
     layout: &Layout,
     seconds: u64,
@@ -226,7 +225,7 @@ pub async fn run(
         .arg("run")
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .env("DATABASE_URL", db_url)
-        .env("REDIS_URL", redis_url)
+        .env("REDIS_URL", redis.daemon_url())
         .env(
             "RUST_LOG",
             std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -264,6 +263,7 @@ pub async fn run(
         .and_then(|text| histogram_sum_count(&text, sweep_histogram))
         .unwrap_or((0.0, 0));
 
+    let redis_pids = redis.pids();
     let redis_cpu = || -> Option<Duration> { redis_pids.iter().map(|&pid| cpu_time(pid)).sum() };
     let (daemon_cpu_before, redis_cpu_before) = (cpu_time(pid), redis_cpu());
     let load_started = Instant::now();
