@@ -10,9 +10,9 @@
 //!
 //! The Lua sweep is the natural shape of one: each call gets the patterns' literal prefixes as
 //! arguments (scripts keep no state between calls: a table left in the Lua VM would be lost on a
-//! restart or failover without anyone noticing), runs one `SCAN MATCH <superset glob> COUNT 500`
-//! as the daemon does, looks each key's prefixes up in a Lua table, and `UNLINK`s the matches; no
-//! key crosses the network. It runs on one cursor: with all work inside Redis, more cursors in
+//! restart or failover without anyone noticing), runs one `SCAN MATCH <superset glob>` step with
+//! the daemon's `COUNT` (and with ten times that, see [`LUA_SCAN_COUNTS`]), looks each key up in a
+//! Lua table of the prefixes, and `UNLINK`s the matches; no key crosses the network. It runs on one cursor: with all work inside Redis, more cursors in
 //! flight would only hide round trips that are small next to a call.
 
 use std::collections::HashSet;
@@ -22,17 +22,17 @@ use cache_invalidator::keyspace::RedisTarget;
 use cache_invalidator::matcher::MatcherBuilder;
 use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::SecretUrl;
-use cache_invalidator::sweep::{PatternSpec, Sweeper};
+use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 
 use crate::keyspace::Layout;
 use crate::measure::Rows;
 use crate::nodes::Nodes;
 
-/// `SCAN COUNT` of each script call. 500 is the daemon's own, so both sweeps walk the same chunks;
-/// 5,000 spreads the cost of building the prefix table over ten times as many keys, at the price
-/// of calls that block Redis far longer than DESIGN.md allows. Measured to show whether Lua could
-/// win at all.
-pub const LUA_SCAN_COUNTS: [usize; 2] = [500, 5_000];
+/// `SCAN COUNT` of each script call. The daemon's own, so both sweeps walk the same chunks; and ten
+/// times that, which spreads the cost of building the prefix table over ten times as many keys at
+/// the price of calls that block Redis far longer than DESIGN.md allows: measured to show whether
+/// Lua could win at all.
+pub const LUA_SCAN_COUNTS: [usize; 2] = [SCAN_COUNT, 10 * SCAN_COUNT];
 /// Calls slower than this (Redis' own time, from its slow log) are counted: DESIGN.md's bound on
 /// how long one command may block the app.
 const BLOCK_LIMIT_MICROS: u64 = 1_000;
