@@ -301,6 +301,13 @@ impl Worker {
                 last_poll = Instant::now();
                 dirty = true;
             }
+            if self
+                .outbox
+                .recheck_due_at()
+                .is_some_and(|at| Instant::now() >= at)
+            {
+                dirty = true;
+            }
 
             if self.sweeper.is_none() && !self.connect_redis(&shutdown).await? {
                 continue;
@@ -432,6 +439,9 @@ impl Worker {
                 wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
             if let Some(at) = claim_retry_at {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
+            if let Some(at) = self.outbox.recheck_due_at() {
                 wait = wait.min(at.saturating_duration_since(Instant::now()));
             }
             if dirty && claim_retry_at.is_none() && stop_deadline.is_none() {
