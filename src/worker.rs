@@ -441,7 +441,13 @@ impl Worker {
             if let Some(at) = claim_retry_at {
                 wait = wait.min(at.saturating_duration_since(Instant::now()));
             }
-            if let Some(at) = self.outbox.recheck_due_at() {
+            // One already due set `dirty` above; waiting on it again would spin while a claim
+            // retry is pending.
+            if let Some(at) = self
+                .outbox
+                .recheck_due_at()
+                .filter(|at| *at > Instant::now())
+            {
                 wait = wait.min(at.saturating_duration_since(Instant::now()));
             }
             if dirty && claim_retry_at.is_none() && stop_deadline.is_none() {
