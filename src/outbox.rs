@@ -132,7 +132,7 @@ impl Outbox {
     /// skipped it. Once that epoch stops taking claims, the next claim opens a new epoch, which
     /// reads the outbox from its first row. Without this recheck, the bench's 1,000-change burst
     /// at 1M keys took 2.4 × the reference pass instead of ~1.5 × in two of six full runs, which
-    /// is what one such row costs (the epoch's pass, then a pass of its own); five burst runs
+    /// fits what one such row costs (the epoch's pass, then a pass of its own); five burst runs
     /// with it took 1.09–1.56 ×.
     pub fn recheck_due_at(&self) -> Option<Instant> {
         let continued = self.continued?;

@@ -88,9 +88,8 @@ pub struct StepReport {
     pub deleted: HashMap<Arc<str>, u64>,
     /// Keys removed by patterns only a refill-guard window still asked for: stale refills.
     pub refill_deleted: u64,
-    /// Passes finished (one per node whose cursor went all the way round).
-    pub passes_finished: u64,
-    /// Durations of the passes that ended in this step.
+    /// Durations of the passes that ended in this step (one per node whose cursor went all the
+    /// way round).
     pub pass_durations: Vec<std::time::Duration>,
     pub keys_scanned: u64,
 }
@@ -542,7 +541,6 @@ impl Sweeper {
             // Once per reply, not per window: hundreds of windows can share a pass.
             let moved = lane.move_to(next_cursor, order);
             if let (Some(took), true) = (moved.round_took, lane.times_passes) {
-                report.passes_finished += 1;
                 report.pass_durations.push(took);
             }
             let lane = &self.lanes[index];

@@ -743,8 +743,8 @@ fn record_step(report: &StepReport) {
     if report.refill_deleted > 0 {
         metrics::counter!(names::REFILL_KEYS_DELETED).increment(report.refill_deleted);
     }
-    if report.passes_finished > 0 {
-        metrics::counter!(names::SWEEPS).increment(report.passes_finished);
+    if !report.pass_durations.is_empty() {
+        metrics::counter!(names::SWEEPS).increment(report.pass_durations.len() as u64);
     }
     for duration in &report.pass_durations {
         metrics::histogram!(names::SWEEP_DURATION).record(duration.as_secs_f64());

@@ -126,7 +126,7 @@ async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
     let mut steps = 0;
     while sweeper.is_busy() {
         let report = sweeper.step().await.expect("step");
-        passes += report.passes_finished;
+        passes += report.pass_durations.len() as u64;
         refill_deleted += report.refill_deleted;
         steps += 1;
         if steps == 3 && with_guard {

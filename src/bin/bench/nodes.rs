@@ -117,6 +117,14 @@ impl Nodes {
         futures::future::join_all(sizes).await.into_iter().sum()
     }
 
+    /// Notes which of `must_go` exist and the keyspace's size, before something removes them.
+    pub async fn before_removal(&self, must_go: &HashSet<String>) -> Removal {
+        Removal {
+            existing: self.count_existing(must_go).await,
+            size_before: self.dbsize().await,
+        }
+    }
+
     /// How many of `keys` exist.
     pub async fn count_existing(&self, keys: &HashSet<String>) -> u64 {
         self.existing(keys)
@@ -202,4 +210,32 @@ pub fn own_slot_ranges(cluster_nodes: &str) -> Vec<(u16, u16)> {
             }
         })
         .collect()
+}
+
+/// The must-go keys present and `DBSIZE` before a sweep, to check afterwards that exactly those
+/// keys went: each must-go key gone, and `DBSIZE` down by exactly their number.
+pub struct Removal {
+    existing: u64,
+    size_before: u64,
+}
+
+impl Removal {
+    /// Asserts the removal; returns how many keys went.
+    pub async fn check(self, redis: &Nodes, must_go: &HashSet<String>) -> u64 {
+        let survivors = redis.existing(must_go).await;
+        let size_after = redis.dbsize().await;
+        let left: usize = survivors.iter().map(Vec::len).sum();
+        assert!(
+            left == 0,
+            "{left} keys that had to go are still there (per primary: {:?}), e.g. {:?}",
+            survivors.iter().map(Vec::len).collect::<Vec<_>>(),
+            survivors.iter().flatten().take(5).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            self.size_before - size_after,
+            self.existing,
+            "keys no change asked for were removed"
+        );
+        self.existing
+    }
 }

@@ -187,14 +187,18 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     ))
 }
 
-/// The kernel's `USER_HZ`, the unit of `/proc/<pid>/stat` times (100 on every common Linux).
+/// The kernel's `USER_HZ`, the unit of `/proc/<pid>/stat` times (100 on every common Linux);
+/// asked of `getconf` once.
 fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Share of one core each process used between two readings of [`cpu_time`].
