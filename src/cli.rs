@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::settings::{
-    parse_duration, Connections, LogFormat, RulesSource, SecretUrl, Settings,
-    DEFAULT_MAX_BACKLOG_AGE, DEFAULT_POLL_INTERVAL, DEFAULT_REDIS_TIMEOUT, DEFAULT_REFILL_GUARD,
+    parse_duration, Connections, LogFormat, Mode, RulesSource, SecretUrl, Settings,
+    DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_BACKLOG_AGE, DEFAULT_POLL_INTERVAL, DEFAULT_REDIS_TIMEOUT,
+    DEFAULT_REFILL_GUARD, DEFAULT_REPLICA_WAIT_TIMEOUT,
 };
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -59,7 +60,8 @@ pub struct GlobalArgs {
     pub log_format: Option<LogFormat>,
 
     /// TOML file with any of: database_url, redis_url, redis_ca_file, rules, log_format,
-    /// metrics_addr, refill_guard, poll_interval, max_backlog_age, redis_timeout
+    /// metrics_addr, refill_guard, poll_interval, max_backlog_age, redis_timeout, mode,
+    /// index_max_keys, claim_timeout, replica_acks, replica_wait_timeout
     #[arg(long, env = "CACHE_INVALIDATOR_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 }
@@ -148,6 +150,27 @@ pub struct RunArgs {
     /// [default: 5s]
     #[arg(long, env = "CACHE_INVALIDATOR_REDIS_TIMEOUT", value_parser = parse_duration)]
     pub redis_timeout: Option<Duration>,
+    /// How a change's keys are found: index (an index of the cache keys fed by Redis' tracking
+    /// announcements: milliseconds at any keyspace size), sweep (one SCAN pass per window of
+    /// changes: no memory for an index), or auto (index where Redis allows it) [default: auto]
+    #[arg(long, env = "CACHE_INVALIDATOR_MODE", value_enum)]
+    pub mode: Option<Mode>,
+    /// Most keys the index may hold; past it the worker drops the index and sweeps
+    /// [default: 10000000, about 1 GB]
+    #[arg(long, env = "CACHE_INVALIDATOR_INDEX_MAX_KEYS")]
+    pub index_max_keys: Option<usize>,
+    /// Longest a worker holds a claimed change; a frozen worker's claims go to the others after it
+    /// [default: 30s]
+    #[arg(long, env = "CACHE_INVALIDATOR_CLAIM_TIMEOUT", value_parser = parse_duration)]
+    pub claim_timeout: Option<Duration>,
+    /// Replicas of a Redis node that must have its deletes (WAIT) before a change is
+    /// acknowledged [default: every replica connected to the node]
+    #[arg(long, env = "CACHE_INVALIDATOR_REPLICA_ACKS")]
+    pub replica_acks: Option<u32>,
+    /// How long to wait for those replicas; at the timeout the change is kept and retried
+    /// [default: 1s]
+    #[arg(long, env = "CACHE_INVALIDATOR_REPLICA_WAIT_TIMEOUT", value_parser = parse_duration)]
+    pub replica_wait_timeout: Option<Duration>,
 }
 
 /// Exactly one of `--user` and `--report`; `--dry-run` goes with either.
@@ -180,6 +203,11 @@ struct ConfigFile {
     poll_interval: Option<String>,
     max_backlog_age: Option<String>,
     redis_timeout: Option<String>,
+    mode: Option<Mode>,
+    index_max_keys: Option<usize>,
+    claim_timeout: Option<String>,
+    replica_acks: Option<u32>,
+    replica_wait_timeout: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +312,25 @@ impl GlobalArgs {
             "redis_timeout",
             path,
             DEFAULT_REDIS_TIMEOUT,
+        )?;
+        settings.mode = run.and_then(|r| r.mode).or(file.mode).unwrap_or(Mode::Auto);
+        if let Some(max) = run.and_then(|r| r.index_max_keys).or(file.index_max_keys) {
+            settings.index_max_keys = max;
+        }
+        settings.claim_timeout = duration_setting(
+            run.and_then(|r| r.claim_timeout),
+            file.claim_timeout.as_ref(),
+            "claim_timeout",
+            path,
+            DEFAULT_CLAIM_TIMEOUT,
+        )?;
+        settings.replica_acks = run.and_then(|r| r.replica_acks).or(file.replica_acks);
+        settings.replica_wait_timeout = duration_setting(
+            run.and_then(|r| r.replica_wait_timeout),
+            file.replica_wait_timeout.as_ref(),
+            "replica_wait_timeout",
+            path,
+            DEFAULT_REPLICA_WAIT_TIMEOUT,
         )?;
         // The refill guard may be 0 (off); these pace the worker's polling and bound a Redis
         // round trip, and 0 would make the worker spin or fail every command.

@@ -171,6 +171,40 @@ pub struct Settings {
     pub max_backlog_age: Duration,
     /// Timeout for one Redis command: a server that stops answering fails the batch, which retries.
     pub redis_timeout: Duration,
+    /// How the worker finds a change's keys: an index fed by Redis' tracking announcements, or a
+    /// `SCAN` pass.
+    pub mode: Mode,
+    /// Keys the index may hold before the worker drops it and sweeps instead (memory bound).
+    pub index_max_keys: usize,
+    /// Longest a worker may hold a claimed change before other workers may take it over.
+    pub claim_timeout: Duration,
+    /// Replicas that must confirm a node's deletes (`WAIT`) before a change is acknowledged;
+    /// `None`: every replica connected to the node.
+    pub replica_acks: Option<u32>,
+    /// How long `WAIT` may wait for those replicas before the change is kept and retried.
+    pub replica_wait_timeout: Duration,
+}
+
+/// How the worker finds the keys of a change (contract: `--mode`, `CACHE_INVALIDATOR_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Index where every node accepts `CLIENT TRACKING`, else sweep (with one warning).
+    Auto,
+    /// Keep an index of the cache keys; refuse to start where Redis cannot announce them.
+    Index,
+    /// One rolling `SCAN` pass per window of changes; no index.
+    Sweep,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Index => "index",
+            Mode::Sweep => "sweep",
+        })
+    }
 }
 
 impl Settings {
@@ -185,6 +219,11 @@ impl Settings {
             poll_interval: DEFAULT_POLL_INTERVAL,
             max_backlog_age: DEFAULT_MAX_BACKLOG_AGE,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
+            mode: Mode::Auto,
+            index_max_keys: DEFAULT_INDEX_MAX_KEYS,
+            claim_timeout: DEFAULT_CLAIM_TIMEOUT,
+            replica_acks: None,
+            replica_wait_timeout: DEFAULT_REPLICA_WAIT_TIMEOUT,
         }
     }
 }
@@ -198,6 +237,13 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BACKLOG_AGE: Duration = Duration::from_secs(60);
 /// A SCAN chunk or UNLINK pipeline takes about a millisecond; five seconds means Redis is stuck.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+/// About 1 GB of worker memory at the index's ≤ 100 bytes per key (key names included).
+pub const DEFAULT_INDEX_MAX_KEYS: usize = 10_000_000;
+/// Above the longest legitimate hold of a claim (a pass over a large keyspace), well under the
+/// minute after which an operator would call a change stuck.
+pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replicas on the same network confirm a write within milliseconds; a second means one is stuck.
+pub const DEFAULT_REPLICA_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
