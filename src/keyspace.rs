@@ -69,6 +69,8 @@ pub struct Node {
     pub shard: Option<ShardView>,
     /// How this server's `SCAN` cursors order the keyspace (read from `INFO` when connecting).
     pub cursor_order: CursorOrder,
+    /// The same server with RESP3, for index mode's tracking connection (push messages).
+    pub tracking_client: Client,
 }
 
 /// What a `SCAN` cursor says about how far a pass has got, which depends on the server.
@@ -366,12 +368,25 @@ impl RedisTarget {
                 })
             }
         };
+        let resp3 = client.get_connection_info().clone();
+        let resp3_settings = resp3
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let tracking_client =
+            open_client(resp3.set_redis_settings(resp3_settings), self.ca.as_deref()).map_err(
+                |source| KeyspaceError::Redis {
+                    node: name.clone(),
+                    source,
+                },
+            )?;
         Ok(Node {
             name,
             connection,
             clustered: self.cluster,
             shard: None,
             cursor_order,
+            tracking_client,
         })
     }
 

@@ -11,6 +11,8 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod finder;
+pub mod index;
 pub mod keyspace;
 pub mod matcher;
 pub mod ops;
@@ -21,6 +23,7 @@ pub mod schema;
 pub mod settings;
 pub mod sweep;
 pub mod telemetry;
+pub mod tracking;
 pub mod worker;
 
 pub use settings::Settings;

@@ -628,6 +628,43 @@ impl RuleSet {
         Ok(expansion)
     }
 
+    /// The key prefixes every pattern these rules can produce lies under, for Redis' tracking in
+    /// broadcasting mode (index mode): each template's literal text before its first placeholder
+    /// or glob character, after the key prefix. Redis refuses overlapping prefixes on one
+    /// connection, and a key under the longer one is announced for the shorter one anyway, so a
+    /// prefix that starts with another is dropped. An empty prefix (a template that begins with a
+    /// placeholder, with no key prefix) means every key.
+    pub fn tracking_prefixes(&self) -> Vec<Vec<u8>> {
+        let mut prefixes: Vec<Vec<u8>> = self
+            .rules
+            .iter()
+            .flat_map(|rule| rule.templates.iter())
+            .chain(&self.user_templates)
+            .chain(&self.report_templates)
+            .map(|template| {
+                let mut head = escape_glob(&self.key_prefix);
+                for part in &template.parts {
+                    match part {
+                        Part::Glob(text) => head.push_str(text),
+                        Part::Column(_) => break,
+                    }
+                }
+                crate::matcher::Glob::parse(&head).literal_prefix()
+            })
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let mut merged: Vec<Vec<u8>> = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            // Sorted, so a shorter prefix of this one is the last one kept, if any.
+            if merged.last().is_some_and(|kept| prefix.starts_with(kept)) {
+                continue;
+            }
+            merged.push(prefix);
+        }
+        merged
+    }
+
     /// Patterns for `invalidate --user U` (DESIGN.md): the user's report views and lists.
     pub fn user_patterns(&self, user: &str) -> BTreeSet<String> {
         self.manual_patterns(&self.user_templates, "user_id", user)

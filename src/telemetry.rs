@@ -41,6 +41,11 @@ pub mod names {
     pub const RECONNECTS: &str = "cache_invalidator_reconnects_total";
     /// Not in the contract table, an addition: SIGHUP reloads by `result` (`applied`, `rejected`).
     pub const RULES_RELOADS: &str = "cache_invalidator_rules_reloads_total";
+    /// Index mode (contract: DESIGN.md, "Finding the keys"): 1 for the mode in use, by `mode`.
+    pub const MODE: &str = "cache_invalidator_mode";
+    pub const INDEX_KEYS: &str = "cache_invalidator_index_keys";
+    /// Seeds of the index, by `reason` (`start`, `connection_lost`, `failover`, `flush`, …).
+    pub const INDEX_REBUILDS: &str = "cache_invalidator_index_rebuilds_total";
 }
 
 /// Histogram buckets, in seconds, shared by both histograms: from a sweep of a small keyspace or
@@ -87,7 +92,14 @@ pub struct Health {
     /// Oldest pending change's age in milliseconds.
     oldest_age_ms: AtomicU64,
     max_backlog_age: Duration,
+    /// How keys are found: [`FINDING_SWEEP`], [`FINDING_INDEX_SEEDING`] or
+    /// [`FINDING_INDEX_COMPLETE`].
+    finding: std::sync::atomic::AtomicU8,
 }
+
+const FINDING_SWEEP: u8 = 0;
+const FINDING_INDEX_SEEDING: u8 = 1;
+const FINDING_INDEX_COMPLETE: u8 = 2;
 
 impl Health {
     pub fn new(max_backlog_age: Duration) -> Health {
@@ -98,6 +110,26 @@ impl Health {
             backlog_rows: AtomicU64::new(0),
             oldest_age_ms: AtomicU64::new(0),
             max_backlog_age,
+            finding: std::sync::atomic::AtomicU8::new(FINDING_SWEEP),
+        }
+    }
+
+    /// `None`: sweep mode; `Some(complete)`: index mode, the index seeded or not yet.
+    pub fn set_index(&self, index: Option<bool>) {
+        let finding = match index {
+            None => FINDING_SWEEP,
+            Some(false) => FINDING_INDEX_SEEDING,
+            Some(true) => FINDING_INDEX_COMPLETE,
+        };
+        self.finding.store(finding, Ordering::Relaxed);
+    }
+
+    /// The mode for operators: `sweep`, `index (seeding)` or `index (complete)`.
+    pub fn mode(&self) -> &'static str {
+        match self.finding.load(Ordering::Relaxed) {
+            FINDING_INDEX_SEEDING => "index (seeding: changes are swept meanwhile)",
+            FINDING_INDEX_COMPLETE => "index (complete)",
+            _ => "sweep",
         }
     }
 
@@ -155,10 +187,11 @@ impl Health {
             format!("{}s", self.max_backlog_age.as_secs())
         };
         format!(
-            "postgres {}, redis {redis}, backlog {} rows, oldest {:.1}s (limit {limit})",
+            "postgres {}, redis {redis}, backlog {} rows, oldest {:.1}s (limit {limit}), mode {}",
             if self.postgres_up() { "up" } else { "down" },
             self.backlog_rows.load(Ordering::Relaxed),
             self.oldest_age().as_secs_f64(),
+            self.mode(),
         )
     }
 }

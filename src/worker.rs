@@ -8,7 +8,7 @@
 //! it, so a burst costs about one pass. A failed Redis step gives every claimed row back to the
 //! outbox; nothing is acknowledged that Redis did not confirm.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +18,17 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::finder::{Finder, WindowId};
 use crate::keyspace::{KeyspaceError, RedisTarget};
 use crate::outbox::{self, Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
 use crate::postgres::{describe, ConnectError, PgTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::CHANNEL;
+use crate::settings::Mode;
 use crate::settings::Settings;
-use crate::sweep::{PatternSpec, StepReport, SweepError, Sweeper, WindowId};
+use crate::sweep::{PatternSpec, StepReport, SweepError};
 use crate::telemetry::{names, Health, Systemd};
+use crate::tracking::{Tracking, TrackingError};
 
 /// `application_name` of the LISTEN connection: `status` counts workers by it.
 pub const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
@@ -60,6 +63,9 @@ pub enum RunError {
     Redis(#[from] KeyspaceError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// `--mode index` on a server that cannot announce keys.
+    #[error("--mode index: {0}; use --mode auto or sweep with this server")]
+    IndexRefused(TrackingError),
 }
 
 fn reconnect_delays() -> ExponentialBackoff {
@@ -100,6 +106,7 @@ pub async fn run_with_rules(
         postgres = pg.redacted(),
         redis = redis.redacted(),
         refill_guard_ms = settings.refill_guard.as_millis() as u64,
+        mode = %settings.mode,
         "starting"
     );
     let wake = Arc::new(Notify::new());
@@ -114,10 +121,14 @@ pub async fn run_with_rules(
         rules,
         outbox: Outbox::new(pg),
         redis,
-        sweeper: None,
+        finder: None,
+        mode: settings.mode,
+        index_max_keys: settings.index_max_keys,
+        redis_timeout: settings.redis_timeout,
+        tracking: None,
+        index_dropped: false,
         jobs: HashMap::new(),
         finished: Vec::new(),
-        guards: VecDeque::new(),
         refill_guard: settings.refill_guard,
         poll_interval: settings.poll_interval,
         health,
@@ -210,8 +221,7 @@ struct ChangeNote {
 
 /// A window in the sweep, and what to do when it finishes.
 struct Job {
-    /// `None` for the refill guard's second pass, which has no outbox rows.
-    epoch: Option<u64>,
+    epoch: u64,
     done: Vec<i64>,
     dead: Vec<(i64, String)>,
     /// Changed rows per table, for the changes metric.
@@ -225,12 +235,18 @@ struct Worker {
     rules: watch::Receiver<Arc<RuleSet>>,
     outbox: Outbox,
     redis: RedisTarget,
-    sweeper: Option<Sweeper>,
+    finder: Option<Finder>,
+    /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking.
+    mode: Mode,
+    index_max_keys: usize,
+    redis_timeout: Duration,
+    /// The index between two Redis connections (a finder holds it while connected).
+    tracking: Option<Tracking>,
+    /// The index passed its memory bound: sweep mode until the daemon restarts.
+    index_dropped: bool,
     jobs: HashMap<WindowId, Job>,
     /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
     finished: Vec<(Job, Vec<u64>)>,
-    /// Refill-guard passes waiting for their time, oldest first.
-    guards: VecDeque<(Instant, Vec<PatternSpec>)>,
     refill_guard: Duration,
     poll_interval: Duration,
     health: Arc<Health>,
@@ -256,12 +272,23 @@ impl Worker {
         let mut claim_throttled = false;
         loop {
             self.systemd.tick(self.health.is_healthy());
+            if let Some(finder) = self.finder.as_ref() {
+                if finder.index_dropped() && !self.index_dropped {
+                    self.index_dropped = true;
+                    self.set_mode_gauge(false);
+                }
+                if finder.has_index() {
+                    self.health.set_index(Some(finder.index_complete()));
+                }
+            }
             if shutdown.is_cancelled() && stop_deadline.is_none() {
                 stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                 self.systemd.stopping();
-                self.guards.clear();
+                if let Some(finder) = self.finder.as_mut() {
+                    finder.clear_guards();
+                }
                 info!(
-                    windows = self.jobs.values().filter(|j| j.epoch.is_some()).count(),
+                    windows = self.jobs.len(),
                     "stopping: finishing the batch in flight"
                 );
             }
@@ -269,11 +296,7 @@ impl Worker {
                 stop_deadline = Some(Instant::now());
             }
             if let Some(deadline) = stop_deadline {
-                let in_flight = self
-                    .jobs
-                    .values()
-                    .chain(self.finished.iter().map(|(job, _)| job))
-                    .any(|job| job.epoch.is_some());
+                let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
                 if !in_flight || Instant::now() >= deadline {
                     if in_flight {
                         warn!(
@@ -291,7 +314,7 @@ impl Worker {
                 }
             }
             // Claims are spaced only while a sweep runs; an idle worker claims at once.
-            if !self.sweeper.as_ref().is_some_and(Sweeper::is_busy) {
+            if !self.finder.as_ref().is_some_and(Finder::is_busy) {
                 claim_throttled = false;
             }
             if self.wake.notified().now_or_never().is_some() {
@@ -309,25 +332,27 @@ impl Worker {
                 dirty = true;
             }
 
-            if self.sweeper.is_none() && !self.connect_redis(&shutdown).await? {
+            if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
                 continue;
             }
 
             let claim_allowed = stop_deadline.is_none()
                 && claim_retry_at.is_none_or(|at| Instant::now() >= at)
                 && self
-                    .sweeper
+                    .finder
                     .as_ref()
-                    .is_some_and(|s| s.first_pass_patterns() < MAX_ACTIVE_PATTERNS)
+                    .is_some_and(|f| f.first_pass_patterns() < MAX_ACTIVE_PATTERNS)
                 && (!claim_throttled || last_claim.elapsed() >= CLAIM_INTERVAL_WHILE_SWEEPING);
             let claim_now = dirty && claim_allowed;
             if claim_now {
                 dirty = false;
             }
 
-            self.start_due_guards();
+            if let Some(finder) = self.finder.as_mut() {
+                finder.start_due_guards();
+            }
 
-            let busy = self.sweeper.as_ref().is_some_and(Sweeper::is_busy);
+            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             if claim_now || busy || !self.finished.is_empty() {
                 // The Postgres side (acknowledge finished windows, claim new changes) runs next to
                 // the Redis step rather than between steps: a round trip to a loaded Postgres
@@ -338,10 +363,7 @@ impl Worker {
                 let postgres = async move {
                     let mut acked = Vec::with_capacity(acks.len());
                     for (job, keys_per_pattern) in acks {
-                        let result = match job.epoch {
-                            Some(epoch) => Some(outbox.ack(epoch, &job.done, &job.dead).await),
-                            None => None,
-                        };
+                        let result = Some(outbox.ack(job.epoch, &job.done, &job.dead).await);
                         acked.push((job, keys_per_pattern, result));
                     }
                     let claim = match claim_now {
@@ -350,7 +372,7 @@ impl Worker {
                     };
                     (acked, claim)
                 };
-                let mut sweeper = self.sweeper.as_mut().filter(|_| busy);
+                let mut finder = self.finder.as_mut().filter(|_| busy);
                 // Redis steps go on for as long as the Postgres side takes (at least one step).
                 let work = async {
                     let mut postgres = std::pin::pin!(postgres);
@@ -359,7 +381,7 @@ impl Worker {
                     loop {
                         // Only while there is sweeping to do: a step with nothing in flight
                         // returns at once, and looping on it would starve Postgres' own tasks.
-                        let stepping = sweeper.as_deref().is_some_and(Sweeper::is_busy)
+                        let stepping = finder.as_deref().is_some_and(Finder::is_busy)
                             && !steps.iter().any(Result::is_err);
                         if !stepping || !steps.is_empty() {
                             if let Some(outcome) = postgres_outcome.take() {
@@ -371,7 +393,7 @@ impl Worker {
                                 postgres_outcome = Some(outcome);
                             }
                             // Cancel-safe: a step only waits for a reply already on its way.
-                            stepped = step_of(&mut sweeper), if stepping => steps.push(stepped),
+                            stepped = step_of(&mut finder), if stepping => steps.push(stepped),
                         }
                     }
                 };
@@ -435,7 +457,7 @@ impl Worker {
             // Idle: wait for a notification, the poll interval, a guard falling due, a claim
             // retry, or shutdown.
             let mut wait = self.poll_interval.saturating_sub(last_poll.elapsed());
-            if let Some((due, _)) = self.guards.front() {
+            if let Some(due) = self.finder.as_ref().and_then(Finder::next_guard_due) {
                 wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
             if let Some(at) = claim_retry_at {
@@ -480,8 +502,9 @@ impl Worker {
                         redis = self.redis.redacted(),
                         "connected to redis"
                     );
+                    let tracking = self.track(&nodes).await?;
                     // A sweep starts afresh: cursors of the old connections mean nothing now.
-                    self.sweeper = Some(Sweeper::new(nodes));
+                    self.finder = Some(Finder::new(nodes, tracking, self.refill_guard));
                     self.health.set_redis(true);
                     return Ok(true);
                 }
@@ -499,11 +522,61 @@ impl Worker {
         }
     }
 
+    /// The index for `nodes` in index mode (attached: its parts seed in the background), `None`
+    /// in sweep mode. In `auto`, a server that refuses tracking means sweep mode for good, said
+    /// once; with `--mode index` it is an error.
+    async fn track(
+        &mut self,
+        nodes: &[crate::keyspace::Node],
+    ) -> Result<Option<Tracking>, RunError> {
+        if self.mode == Mode::Sweep || self.index_dropped {
+            self.set_mode_gauge(false);
+            return Ok(None);
+        }
+        let prefixes = self.rules.borrow().tracking_prefixes();
+        let mut tracking = self
+            .tracking
+            .take()
+            .unwrap_or_else(|| Tracking::new(prefixes, self.index_max_keys, self.redis_timeout));
+        match tracking.attach(nodes).await {
+            Ok(()) => {
+                info!(
+                    keys = tracking.keys(),
+                    complete = tracking.is_complete(),
+                    "index mode: changes are swept until the index is seeded"
+                );
+                self.set_mode_gauge(true);
+                Ok(Some(tracking))
+            }
+            Err(error @ TrackingError::Refused { .. }) if self.mode == Mode::Index => {
+                Err(RunError::IndexRefused(error))
+            }
+            Err(error @ TrackingError::Refused { .. }) => {
+                warn!(%error, "index mode unavailable: sweep mode (one SCAN pass per window of changes) from now on");
+                self.mode = Mode::Sweep;
+                self.set_mode_gauge(false);
+                Ok(None)
+            }
+            // A connection that failed: sweep for now, track on the next connection.
+            Err(error) => {
+                warn!(%error, "index: tracking failed; sweeping until the next connection");
+                self.set_mode_gauge(false);
+                Ok(None)
+            }
+        }
+    }
+
+    fn set_mode_gauge(&self, index: bool) {
+        metrics::gauge!(names::MODE, "mode" => "index").set(if index { 1.0 } else { 0.0 });
+        metrics::gauge!(names::MODE, "mode" => "sweep").set(if index { 0.0 } else { 1.0 });
+        self.health.set_index(index.then_some(false));
+    }
+
     /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
     fn start_window(&mut self, claim: Claim) {
         let rules = self.rules.borrow().clone();
         let mut job = Job {
-            epoch: Some(claim.epoch),
+            epoch: claim.epoch,
             done: Vec::with_capacity(claim.rows.len()),
             dead: Vec::new(),
             rows_by_table: HashMap::new(),
@@ -567,40 +640,15 @@ impl Worker {
             }
         }
         let window = self
-            .sweeper
+            .finder
             .as_mut()
-            .and_then(|sweeper| sweeper.add_window(&job.patterns, false));
+            .and_then(|finder| finder.add_window(job.patterns.clone()));
         match window {
             Some(id) => {
                 self.jobs.insert(id, job);
             }
             // Nothing to sweep for (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
-        }
-    }
-
-    fn start_due_guards(&mut self) {
-        let now = Instant::now();
-        while self.guards.front().is_some_and(|(due, _)| *due <= now) {
-            let Some((_, patterns)) = self.guards.pop_front() else {
-                break;
-            };
-            if let Some(sweeper) = self.sweeper.as_mut() {
-                if let Some(id) = sweeper.add_window(&patterns, true) {
-                    self.jobs.insert(
-                        id,
-                        Job {
-                            epoch: None,
-                            done: Vec::new(),
-                            dead: Vec::new(),
-                            rows_by_table: HashMap::new(),
-                            changes: Vec::new(),
-                            patterns,
-                            started: now,
-                        },
-                    );
-                }
-            }
         }
     }
 
@@ -616,7 +664,7 @@ impl Worker {
                 target: "cache_invalidator::pass",
                 duration_ms = pass.as_millis() as u64,
                 windows = self.jobs.len(),
-                patterns = self.sweeper.as_ref().map_or(0, Sweeper::first_pass_patterns),
+                patterns = self.finder.as_ref().map_or(0, Finder::first_pass_patterns),
                 "sweep pass finished"
             );
         }
@@ -634,14 +682,14 @@ impl Worker {
         warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
         metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
         self.health.set_redis(false);
+        self.index_dropped |= self.finder.as_ref().is_some_and(Finder::index_dropped);
         self.outbox.release_all().await;
         self.jobs.clear();
         self.finished.clear();
-        self.sweeper = None;
+        self.tracking = self.finder.take().and_then(Finder::into_tracking);
     }
 
-    /// Books a finished window once Postgres answered its acknowledgement (`None`: a refill
-    /// guard's window, which has no outbox rows).
+    /// Books a finished window once Postgres answered its acknowledgement.
     fn acknowledged(
         &mut self,
         job: Job,
@@ -649,15 +697,7 @@ impl Worker {
         result: Option<Result<Acked, OutboxError>>,
     ) {
         let keys: u64 = keys_per_pattern.iter().sum();
-        let Some(epoch) = job.epoch else {
-            if keys > 0 {
-                info!(
-                    patterns = job.patterns.len(),
-                    keys, "refill guard removed keys written back after their invalidation"
-                );
-            }
-            return;
-        };
+        let epoch = job.epoch;
         match result {
             Some(Ok(acked)) if !acked.lost_claim => {
                 for age in &acked.ages {
@@ -708,17 +748,16 @@ impl Worker {
             duration_ms = job.started.elapsed().as_millis() as u64,
             "batch invalidated"
         );
-        if !self.refill_guard.is_zero() && !job.patterns.is_empty() {
-            self.guards
-                .push_back((Instant::now() + self.refill_guard, job.patterns));
+        if let Some(finder) = self.finder.as_mut() {
+            finder.guard(job.patterns);
         }
     }
 }
 
 /// One step of the sweep, or never when there is none to step (for `select!`).
-async fn step_of(sweeper: &mut Option<&mut Sweeper>) -> Result<StepReport, SweepError> {
-    match sweeper {
-        Some(sweeper) => sweeper.step().await,
+async fn step_of(finder: &mut Option<&mut Finder>) -> Result<StepReport, SweepError> {
+    match finder {
+        Some(finder) => finder.step().await,
         None => std::future::pending().await,
     }
 }

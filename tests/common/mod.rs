@@ -327,7 +327,20 @@ pub fn test_settings(database_url: &str, redis_url: &str, rules: RuleSet) -> Set
     settings.refill_guard = Duration::ZERO;
     settings.poll_interval = Duration::from_millis(500);
     settings.redis_timeout = Duration::from_secs(2);
+    settings.mode = test_mode();
     settings
+}
+
+/// The mode the suites run the daemon in: `TEST_MODE` = `index`, `sweep` or `auto` (the default,
+/// which is index mode on a Redis that allows tracking). `scripts/test.sh` runs the data-path and
+/// fault suites once in each mode.
+pub fn test_mode() -> cache_invalidator::settings::Mode {
+    match std::env::var("TEST_MODE").as_deref() {
+        Ok("index") => cache_invalidator::settings::Mode::Index,
+        Ok("sweep") => cache_invalidator::settings::Mode::Sweep,
+        Ok("auto") | Ok("") | Err(_) => cache_invalidator::settings::Mode::Auto,
+        Ok(other) => panic!("TEST_MODE={other:?}: expected index, sweep or auto"),
+    }
 }
 
 /// The daemon running in-process, stopped with a token like SIGTERM would.
@@ -776,7 +789,7 @@ pub async fn tls_redis_connection(url: &str, ca_pem: &[u8]) -> MultiplexedConnec
 pub const BIN: &str = env!("CARGO_BIN_EXE_cache-invalidator");
 
 /// Settings in the environment that would leak into a child from the developer's shell.
-const INHERITED_SETTINGS: [&str; 14] = [
+const INHERITED_SETTINGS: [&str; 19] = [
     "DATABASE_URL",
     "REDIS_URL",
     "CACHE_INVALIDATOR_REDIS_CA_FILE",
@@ -791,6 +804,11 @@ const INHERITED_SETTINGS: [&str; 14] = [
     "CACHE_INVALIDATOR_POLL_INTERVAL",
     "CACHE_INVALIDATOR_MAX_BACKLOG_AGE",
     "CACHE_INVALIDATOR_REDIS_TIMEOUT",
+    "CACHE_INVALIDATOR_MODE",
+    "CACHE_INVALIDATOR_INDEX_MAX_KEYS",
+    "CACHE_INVALIDATOR_CLAIM_TIMEOUT",
+    "CACHE_INVALIDATOR_REPLICA_ACKS",
+    "CACHE_INVALIDATOR_REPLICA_WAIT_TIMEOUT",
 ];
 
 /// The daemon as a child process, its stderr in a log file that is printed when the test panics;
@@ -848,6 +866,7 @@ pub fn daemon_command(args: &[&str]) -> tokio::process::Command {
     }
     command
         .args(args)
+        .env("CACHE_INVALIDATOR_MODE", test_mode().to_string())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .kill_on_drop(true);
