@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use redis::cluster_routing::Slot;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::index;
 use crate::keyspace::Node;
@@ -73,8 +73,9 @@ pub struct Finder {
     nodes: Vec<Node>,
     tracking: Option<Tracking>,
     next_id: WindowId,
-    /// Sweeper's window ids of the windows it answers, to the finder's ids.
-    swept: HashMap<sweep::WindowId, WindowId>,
+    /// Sweeper's window ids of the windows it answers, to the finder's ids and their patterns
+    /// (for the refill guard once they finish).
+    swept: HashMap<sweep::WindowId, (WindowId, Vec<PatternSpec>)>,
     indexed: HashMap<WindowId, IndexWindow>,
     awaiting_barrier: Vec<WindowId>,
     barrier_in_flight: bool,
@@ -160,26 +161,18 @@ impl Finder {
             self.awaiting_barrier.push(id);
         } else {
             let swept = self.sweeper.add_window(&patterns, false)?;
-            self.swept.insert(swept, id);
+            debug!(window = id, index = self.has_index(), "window swept");
+            self.swept.insert(swept, (id, patterns));
         }
         Some(id)
     }
 
-    /// The refill guard for a window whose keys are gone (see the module doc).
-    pub fn guard(&mut self, patterns: Vec<PatternSpec>) {
-        if self.refill_guard.is_zero() || patterns.is_empty() {
-            return;
-        }
-        let until = Instant::now() + self.refill_guard;
-        match self.tracking.as_ref().filter(|t| t.is_complete()) {
-            Some(tracking)
-                if patterns
-                    .iter()
-                    .all(|spec| index::covered(tracking.prefixes(), &spec.pattern)) =>
-            {
-                tracking.guard(&patterns, until)
-            }
-            _ => self.guard_passes.push_back((until, patterns)),
+    /// The sweep-mode refill guard of a window the sweep finished: its patterns are swept again
+    /// once the guard has run out.
+    fn guard_by_sweeping(&mut self, patterns: Vec<PatternSpec>) {
+        if !self.refill_guard.is_zero() {
+            self.guard_passes
+                .push_back((Instant::now() + self.refill_guard, patterns));
         }
     }
 
@@ -235,11 +228,12 @@ impl Finder {
     fn book_sweep(&mut self, mut report: StepReport) -> StepReport {
         let finished = std::mem::take(&mut report.finished);
         for window in finished {
-            if let Some(id) = self.swept.remove(&window.id) {
+            if let Some((id, patterns)) = self.swept.remove(&window.id) {
                 report.finished.push(FinishedWindow {
                     id,
                     keys_per_pattern: window.keys_per_pattern,
                 });
+                self.guard_by_sweeping(patterns);
             } else {
                 let keys: u64 = window.keys_per_pattern.iter().sum();
                 if keys > 0 {
@@ -337,6 +331,13 @@ impl Finder {
             self.hand_to_sweep(id);
             return;
         };
+        // Guarded from the lookup on, before the deletes are sent: a stale refill written right
+        // after a delete is announced, and must find its pattern guarded by then.
+        if let Some(tracking) = self.tracking.as_ref() {
+            if !self.refill_guard.is_zero() {
+                tracking.guard(&window.patterns, Instant::now() + self.refill_guard);
+            }
+        }
         let clustered = self.nodes.first().is_some_and(|node| node.clustered);
         let mut requests = Vec::new();
         let Some(window) = self.indexed.get_mut(&id) else {
@@ -370,6 +371,11 @@ impl Finder {
             });
         }
         window.nodes_pending = requests.len();
+        debug!(
+            window = id,
+            keys = window.keys_per_pattern.iter().sum::<u64>(),
+            "window answered from the index"
+        );
         if requests.is_empty() {
             self.finish(id, report);
             return;
@@ -383,7 +389,7 @@ impl Finder {
     fn hand_to_sweep(&mut self, id: WindowId) {
         if let Some(window) = self.indexed.remove(&id) {
             if let Some(swept) = self.sweeper.add_window(&window.patterns, false) {
-                self.swept.insert(swept, id);
+                self.swept.insert(swept, (id, window.patterns));
             }
         }
     }

@@ -475,6 +475,7 @@ impl Link {
 fn apply_push(index: &Mutex<NodeIndex>, shared: &Shared, push: PushInfo) {
     match push.kind {
         PushKind::Invalidate => {
+            tracing::trace!(data = ?push.data, "announcement");
             let mut part = lock(index);
             for data in &push.data {
                 match data {

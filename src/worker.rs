@@ -748,9 +748,6 @@ impl Worker {
             duration_ms = job.started.elapsed().as_millis() as u64,
             "batch invalidated"
         );
-        if let Some(finder) = self.finder.as_mut() {
-            finder.guard(job.patterns);
-        }
     }
 }
 

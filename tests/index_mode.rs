@@ -1,0 +1,571 @@
+//! Index mode against real servers: the index is seeded, follows Redis' announcements, and finds
+//! exactly the keys a sweep would; it survives a killed tracking connection and a restarted
+//! Redis, forgets expired keys, falls back to sweeping past its memory bound, and a server that
+//! refuses tracking gets sweep mode (auto) or a clear error (`--mode index`).
+//!
+//! Every test here runs the daemon in index mode whatever `TEST_MODE` says.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_invalidator::settings::{Mode, Settings};
+use cache_invalidator::telemetry::Health;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The daemon in-process in index mode, with its health state to see the mode.
+struct IndexedDaemon {
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), cache_invalidator::worker::RunError>>,
+    health: Arc<Health>,
+}
+
+impl IndexedDaemon {
+    fn start(mut settings: Settings) -> IndexedDaemon {
+        settings.mode = Mode::Index;
+        let health = Arc::new(Health::new(Duration::MAX));
+        let (rules_tx, rules) = watch::channel(Arc::new(settings.rules.clone()));
+        let token = CancellationToken::new();
+        let handle = tokio::spawn({
+            let health = health.clone();
+            let token = token.clone();
+            async move {
+                // Kept alive for the daemon's life: a closed channel is not a reload.
+                let _rules_tx = rules_tx;
+                cache_invalidator::worker::run_with_rules(settings, rules, health, token).await
+            }
+        });
+        IndexedDaemon {
+            token,
+            handle,
+            health,
+        }
+    }
+
+    /// Waits until every node's part is seeded.
+    async fn wait_complete(&self) {
+        let health = self.health.clone();
+        assert!(
+            wait_until(PATIENCE, || {
+                let health = health.clone();
+                async move { health.mode() == "index (complete)" }
+            })
+            .await,
+            "index not complete after {PATIENCE:?}: {}",
+            self.health.mode()
+        );
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon stopped cleanly");
+    }
+}
+
+async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i32>) {
+    client
+        .batch_execute("INSERT INTO auth_user (id) VALUES (1), (2) ON CONFLICT DO NOTHING")
+        .await
+        .expect("users");
+    client
+        .execute(
+            "INSERT INTO reports_report (id, title, author_id)
+             SELECT g, 'r', 1 FROM generate_series($1::int, $2::int) g",
+            &[ids.start(), ids.end()],
+        )
+        .await
+        .expect("reports");
+}
+
+#[tokio::test]
+async fn keys_set_just_before_their_change_commits_are_always_cleared() {
+    const ROUNDS: i32 = 300;
+    let space = KeySpace::new("idx_race");
+    let db = TestDb::with_reports("idx_race", &space.rules()).await;
+    let mut client = db.client().await;
+    insert_reports(&client, 1..=ROUNDS).await;
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let daemon = IndexedDaemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
+    daemon.wait_complete().await;
+
+    let mut written = Vec::new();
+    let mut decoys = Vec::new();
+    for id in 1..=ROUNDS {
+        let transaction = client.transaction().await.expect("begin");
+        transaction
+            .execute(
+                "UPDATE reports_report SET title = 'changed' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("update");
+        // The app's SET returns, then the change commits: the daemon must find the key.
+        let key = space.key(&format!("report:{id}:2:h"));
+        let decoy = space.key(&format!("report:{}:2:h", id + 100_000));
+        set_keys(&mut redis, &[key.clone(), decoy.clone()]).await;
+        transaction.commit().await.expect("commit");
+        written.push(key);
+        decoys.push(decoy);
+    }
+    assert_gone_within(&mut redis, &written, PATIENCE).await;
+    assert_kept(&mut redis, &decoys).await;
+    assert!(wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await);
+    assert_eq!(
+        daemon.health.mode(),
+        "index (complete)",
+        "the changes were answered from the index"
+    );
+    daemon.stop().await;
+    db.drop().await;
+}
+
+/// The id of the private server's tracking client (`flags` holds `t`).
+async fn tracking_client_id(redis: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(redis)
+        .await
+        .expect("client list");
+    list.lines().find_map(|line| {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
+        };
+        field("flags")
+            .filter(|flags| flags.contains('t'))
+            .and(field("id"))
+            .map(str::to_owned)
+    })
+}
+
+/// Writes keys for reports `ids` (and decoys of other reports), changes the reports, and asserts
+/// the keys go and the decoys stay.
+async fn change_and_check(
+    client: &tokio_postgres::Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+    space: &KeySpace,
+    ids: std::ops::RangeInclusive<i32>,
+) {
+    let keys: Vec<String> = ids
+        .clone()
+        .map(|id| space.key(&format!("report:{id}:2:h")))
+        .collect();
+    let decoys: Vec<String> = ids
+        .clone()
+        .map(|id| space.key(&format!("report:{}:2:h", id + 100_000)))
+        .collect();
+    set_keys(redis, &keys).await;
+    set_keys(redis, &decoys).await;
+    for id in ids {
+        client
+            .execute(
+                "UPDATE reports_report SET title = title || '.' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("update");
+    }
+    assert_gone_within(redis, &keys, PATIENCE).await;
+    assert_kept(redis, &decoys).await;
+}
+
+#[tokio::test]
+async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
+    let private = PrivateRedis::start();
+    let space = KeySpace::new("idx_kill");
+    let db = TestDb::with_reports("idx_kill", &space.rules()).await;
+    let client = db.client().await;
+    insert_reports(&client, 1..=200).await;
+    let mut redis = redis_connection(&private.url()).await;
+    let daemon = IndexedDaemon::start(test_settings(&db.url, &private.url(), space.rules()));
+    daemon.wait_complete().await;
+    change_and_check(&client, &mut redis, &space, 1..=20).await;
+
+    // Killed mid-stream: keys written and changes committed around the kill.
+    let id = tracking_client_id(&mut redis)
+        .await
+        .expect("the daemon's tracking connection");
+    let writer = {
+        let url = private.url();
+        let space_keys: Vec<String> = (21..=100)
+            .map(|id| space.key(&format!("report:{id}:2:h")))
+            .collect();
+        tokio::spawn(async move {
+            let mut redis = redis_connection(&url).await;
+            for key in space_keys {
+                set_keys(&mut redis, &[key]).await;
+            }
+        })
+    };
+    let () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut redis)
+        .await
+        .expect("client kill");
+    writer.await.expect("writer");
+    client
+        .execute(
+            "UPDATE reports_report SET title = 'k' WHERE id BETWEEN 21 AND 100",
+            &[],
+        )
+        .await
+        .expect("update");
+    let written: Vec<String> = (21..=100)
+        .map(|id| space.key(&format!("report:{id}:2:h")))
+        .collect();
+    assert_gone_within(&mut redis, &written, PATIENCE).await;
+
+    // Tracked again, on a new connection, and seeded again.
+    daemon.wait_complete().await;
+    let new_id = tracking_client_id(&mut redis)
+        .await
+        .expect("tracking again");
+    assert_ne!(new_id, id);
+    change_and_check(&client, &mut redis, &space, 101..=150).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn after_redis_restarts_the_index_is_seeded_again() {
+    let mut private = PrivateRedis::start();
+    let space = KeySpace::new("idx_restart");
+    let db = TestDb::with_reports("idx_restart", &space.rules()).await;
+    let client = db.client().await;
+    insert_reports(&client, 1..=100).await;
+    let daemon = IndexedDaemon::start(test_settings(&db.url, &private.url(), space.rules()));
+    daemon.wait_complete().await;
+    {
+        let mut redis = redis_connection(&private.url()).await;
+        change_and_check(&client, &mut redis, &space, 1..=20).await;
+    }
+    private.restart();
+    let mut redis = redis_connection(&private.url()).await;
+    // Keys written to the new server before the index knows it, then changed.
+    change_and_check(&client, &mut redis, &space, 21..=40).await;
+    daemon.wait_complete().await;
+    change_and_check(&client, &mut redis, &space, 41..=60).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn past_the_memory_bound_the_index_is_dropped_and_changes_are_swept() {
+    let private = PrivateRedis::start();
+    let space = KeySpace::new("idx_bound");
+    let db = TestDb::with_reports("idx_bound", &space.rules()).await;
+    let client = db.client().await;
+    insert_reports(&client, 1..=50).await;
+    let mut redis = redis_connection(&private.url()).await;
+    let filler: Vec<String> = (0..500)
+        .map(|n| space.key(&format!("report:{}:3:h", 1_000 + n)))
+        .collect();
+    set_keys(&mut redis, &filler).await;
+    let mut settings = test_settings(&db.url, &private.url(), space.rules());
+    settings.index_max_keys = 100;
+    let daemon = IndexedDaemon::start(settings);
+    let health = daemon.health.clone();
+    assert!(
+        wait_until(PATIENCE, || {
+            let health = health.clone();
+            async move { health.mode() == "sweep" }
+        })
+        .await,
+        "the index was not dropped: {}",
+        daemon.health.mode()
+    );
+    change_and_check(&client, &mut redis, &space, 1..=30).await;
+    assert_eq!(daemon.health.mode(), "sweep");
+    daemon.stop().await;
+    db.drop().await;
+}
+
+/// Random changes of a fixed seed: statements over reports, student reports and users.
+fn random_statements(seed: u64, count: usize) -> Vec<String> {
+    let mut state = seed;
+    let mut next = move |bound: u64| {
+        // xorshift64*: deterministic, good enough to pick rows.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound
+    };
+    (0..count)
+        .map(|_| match next(6) {
+            0 => format!(
+                "UPDATE reports_report SET title = 'x{}' WHERE id = {}",
+                next(1000),
+                1 + next(60)
+            ),
+            1 => format!(
+                "UPDATE reports_report SET author_id = {} WHERE id = {}",
+                1 + next(8),
+                1 + next(60)
+            ),
+            2 => format!("DELETE FROM reports_report WHERE id = {}", 1 + next(60)),
+            3 => format!(
+                "INSERT INTO reports_report (id, title, author_id) VALUES ({}, 'n', {}) \
+                 ON CONFLICT DO NOTHING",
+                61 + next(40),
+                1 + next(8)
+            ),
+            4 => format!("SELECT cache_invalidator.invalidate_user({})", 1 + next(8)),
+            _ => format!(
+                "SELECT cache_invalidator.invalidate_report({})",
+                1 + next(100)
+            ),
+        })
+        .collect()
+}
+
+/// Logical keys of reports 1..=100 seen by users 1..=8, and the users' list pages.
+fn logical_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    for report in 1..=100 {
+        for user in 1..=8 {
+            keys.push(format!("report:{report}:{user}:h"));
+        }
+    }
+    for user in 1..=8 {
+        keys.push(format!("reportlist:reports:{user}:h"));
+        keys.push(format!("reportlist:student-reports:{user}:h"));
+    }
+    keys
+}
+
+/// Runs `statements` against a fresh database and keyspace with the daemon in `mode`; returns the
+/// logical keys left.
+async fn survivors(mode: Mode, statements: &[String]) -> std::collections::BTreeSet<String> {
+    let space = KeySpace::new(&format!("idx_diff_{mode}"));
+    let db = TestDb::with_reports("idx_diff", &space.rules()).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO auth_user (id) SELECT g FROM generate_series(1, 8) g")
+        .await
+        .expect("users");
+    insert_reports(&client, 1..=60).await;
+    let mut redis = redis_connection(&shared_redis_url()).await;
+    let keys: Vec<String> = logical_keys().iter().map(|k| space.key(k)).collect();
+    set_keys(&mut redis, &keys).await;
+    let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
+    settings.mode = mode;
+    let daemon = match mode {
+        Mode::Index => {
+            let daemon = IndexedDaemon::start(settings);
+            daemon.wait_complete().await;
+            Err(daemon)
+        }
+        _ => Ok(Daemon::start(settings)),
+    };
+    for statement in statements {
+        client.batch_execute(statement).await.expect("statement");
+    }
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "outbox not drained"
+    );
+    match daemon {
+        Ok(daemon) => daemon.stop().await,
+        Err(daemon) => daemon.stop().await,
+    }
+    let prefix = space.key("");
+    let left = keys_with_prefix(&mut redis, &prefix)
+        .await
+        .into_iter()
+        .map(|key| key[prefix.len()..].to_owned())
+        .collect();
+    db.drop().await;
+    left
+}
+
+#[tokio::test]
+async fn index_and_sweep_delete_exactly_the_same_keys() {
+    for seed in [7u64, 1_234_567] {
+        let statements = random_statements(seed, 120);
+        let (indexed, swept) = tokio::join!(
+            survivors(Mode::Index, &statements),
+            survivors(Mode::Sweep, &statements)
+        );
+        assert_eq!(indexed, swept, "seed {seed}");
+        assert!(
+            indexed.len() < logical_keys().len(),
+            "seed {seed}: the changes deleted nothing"
+        );
+        assert!(
+            !indexed.is_empty(),
+            "seed {seed}: the changes deleted everything"
+        );
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8_lossy(&response);
+    Some(response.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn expired_keys_leave_the_index() {
+    const KEYS: usize = 100_000;
+    let private = PrivateRedis::start();
+    let space = KeySpace::new("idx_ttl");
+    let db = TestDb::with_reports("idx_ttl", &space.rules()).await;
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let rules = tempfile::NamedTempFile::new().expect("rules file");
+    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
+    let mut command = daemon_command(&[
+        "run",
+        "--mode",
+        "index",
+        "--metrics-addr",
+        &addr.to_string(),
+    ]);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", private.url())
+        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let _daemon = LoggedChild::spawn(command, log.path().to_owned());
+    let index_keys = || async {
+        let body = http_get(addr, "/metrics").await?;
+        sample(&body, "cache_invalidator_index_keys")
+    };
+    assert!(
+        wait_until(PATIENCE, || async {
+            http_get(addr, "/healthz")
+                .await
+                .is_some_and(|body| body.contains("index (complete)"))
+        })
+        .await,
+        "index not complete"
+    );
+    let mut redis = redis_connection(&private.url()).await;
+    let keys: Vec<String> = (0..KEYS)
+        .map(|n| space.key(&format!("report:{n}:1:h")))
+        .collect();
+    // Written first and given their 2 s TTL once all are in the index: writing 100k keys can take
+    // longer than 2 s, and then the first would expire before the last is written.
+    for chunk in keys.chunks(5_000) {
+        set_keys(&mut redis, chunk).await;
+    }
+    assert!(
+        wait_until(PATIENCE, || async {
+            index_keys().await.is_some_and(|n| n == KEYS as f64)
+        })
+        .await,
+        "the announced keys did not reach the index: {:?}",
+        index_keys().await
+    );
+    for chunk in keys.chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("PEXPIRE").arg(key).arg(2_000).ignore();
+        }
+        let () = pipe.query_async(&mut redis).await.expect("pexpire");
+    }
+    // Redis reclaims expired keys by sampling; each is announced, checked and forgotten.
+    assert!(
+        wait_until(Duration::from_secs(90), || async {
+            index_keys().await.is_some_and(|n| n == 0.0)
+        })
+        .await,
+        "expired keys stayed in the index: {:?}",
+        index_keys().await
+    );
+    let dbsize: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut redis)
+        .await
+        .expect("dbsize");
+    assert_eq!(dbsize, 0);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
+    let private = PrivateRedis::start();
+    let mut admin = redis_connection(&private.url()).await;
+    // An ACL that allows everything the sweep needs, but not CLIENT.
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("sweeper")
+        .arg("on")
+        .arg(">s3cret-pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-client")
+        .query_async(&mut admin)
+        .await
+        .expect("acl setuser");
+    let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
+    let space = KeySpace::new("idx_refuse");
+    let db = TestDb::with_reports("idx_refuse", &space.rules()).await;
+    let rules = tempfile::NamedTempFile::new().expect("rules file");
+    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
+
+    let mut command = daemon_command(&["run", "--mode", "index"]);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", &url)
+        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let output = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .expect("--mode index exits")
+        .expect("run");
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("CLIENT TRACKING"), "{text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let mut command =
+        daemon_command(&["run", "--mode", "auto", "--metrics-addr", &addr.to_string()]);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", &url)
+        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let daemon = LoggedChild::spawn(command, log.path().to_owned());
+    let client = db.client().await;
+    insert_reports(&client, 1..=10).await;
+    let mut redis = redis_connection(&private.url()).await;
+    change_and_check(&client, &mut redis, &space, 1..=10).await;
+    let metrics = http_get(addr, "/metrics").await.unwrap_or_default();
+    assert_eq!(
+        sample(&metrics, "cache_invalidator_mode{mode=\"sweep\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let warnings = daemon
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("index mode unavailable"))
+        .count();
+    assert_eq!(warnings, 1, "{}", daemon.log_text());
+    db.drop().await;
+}
