@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::FutureExt;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -262,27 +263,13 @@ struct Worker {
 
 impl Worker {
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), RunError> {
-        let mut dirty = true;
-        let mut claim_delays = reconnect_delays();
-        let mut claim_retry_at: Option<Instant> = None;
-        let mut last_poll = Instant::now();
-        let mut stop_deadline: Option<Instant> = None;
-        let mut step_abandoned = false;
-        let mut last_claim = Instant::now();
-        let mut claim_throttled = false;
+        let mut claims = ClaimPacing::new(self.poll_interval);
+        let mut stop = StopDeadline::default();
         loop {
             self.systemd.tick(self.health.is_healthy());
-            if let Some(finder) = self.finder.as_ref() {
-                if finder.index_dropped() && !self.index_dropped {
-                    self.index_dropped = true;
-                    self.set_mode_gauge(false);
-                }
-                if finder.has_index() {
-                    self.health.set_index(Some(finder.index_complete()));
-                }
-            }
-            if shutdown.is_cancelled() && stop_deadline.is_none() {
-                stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+            self.report_mode();
+            let now = TokioInstant::now();
+            if shutdown.is_cancelled() && stop.begin(now) {
                 self.systemd.stopping();
                 if let Some(finder) = self.finder.as_mut() {
                     finder.clear_guards();
@@ -292,197 +279,195 @@ impl Worker {
                     "stopping: finishing the batch in flight"
                 );
             }
-            if step_abandoned {
-                stop_deadline = Some(Instant::now());
-            }
-            if let Some(deadline) = stop_deadline {
-                let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
-                if !in_flight || Instant::now() >= deadline {
-                    if in_flight {
-                        warn!(
-                            "stop deadline reached: giving unfinished changes back to the outbox"
-                        );
-                    }
-                    if tokio::time::timeout(RELEASE_TIMEOUT, self.outbox.release_all())
-                        .await
-                        .is_err()
-                    {
-                        warn!("postgres did not answer the rollback: the claims end with the connections");
-                    }
-                    info!("stopped");
-                    return Ok(());
-                }
-            }
-            // Claims are spaced only while a sweep runs; an idle worker claims at once.
-            if !self.finder.as_ref().is_some_and(Finder::is_busy) {
-                claim_throttled = false;
+            let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
+            if stop.reached(now, in_flight) {
+                return self.release_and_stop(in_flight).await;
             }
             if self.wake.notified().now_or_never().is_some() {
-                dirty = true;
+                claims.wake();
             }
-            if last_poll.elapsed() >= self.poll_interval {
-                last_poll = Instant::now();
-                dirty = true;
-            }
-            if self
-                .outbox
-                .recheck_due_at()
-                .is_some_and(|at| Instant::now() >= at)
-            {
-                dirty = true;
-            }
-
+            claims.tick(now, self.recheck_due_at());
             if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
                 continue;
             }
-
-            let claim_allowed = stop_deadline.is_none()
-                && claim_retry_at.is_none_or(|at| Instant::now() >= at)
-                && self
-                    .finder
-                    .as_ref()
-                    .is_some_and(|f| f.first_pass_patterns() < MAX_ACTIVE_PATTERNS)
-                && (!claim_throttled || last_claim.elapsed() >= CLAIM_INTERVAL_WHILE_SWEEPING);
-            let claim_now = dirty && claim_allowed;
-            if claim_now {
-                dirty = false;
-            }
-
+            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
+            let room = self
+                .finder
+                .as_ref()
+                .is_some_and(|f| f.first_pass_patterns() < MAX_ACTIVE_PATTERNS);
+            let claim_now = claims.take(now, busy, room && !stop.is_stopping());
             if let Some(finder) = self.finder.as_mut() {
                 finder.start_due_guards();
             }
-
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             if claim_now || busy || !self.finished.is_empty() {
-                // The Postgres side (acknowledge finished windows, claim new changes) runs next to
-                // the Redis step rather than between steps: a round trip to a loaded Postgres
-                // takes milliseconds, and Redis would sit idle for each of them, ~40 a second
-                // under sustained load.
-                let acks = std::mem::take(&mut self.finished);
-                let outbox = &mut self.outbox;
-                let postgres = async move {
-                    let mut acked = Vec::with_capacity(acks.len());
-                    for (job, keys_per_pattern) in acks {
-                        let result = Some(outbox.ack(job.epoch, &job.done, &job.dead).await);
-                        acked.push((job, keys_per_pattern, result));
-                    }
-                    let claim = match claim_now {
-                        true => Some(outbox.claim(CLAIM_LIMIT).await),
-                        false => None,
-                    };
-                    (acked, claim)
-                };
-                let mut finder = self.finder.as_mut().filter(|_| busy);
-                // Redis steps go on for as long as the Postgres side takes (at least one step).
-                let work = async {
-                    let mut postgres = std::pin::pin!(postgres);
-                    let mut postgres_outcome = None;
-                    let mut steps: Vec<Result<StepReport, SweepError>> = Vec::new();
-                    loop {
-                        // Only while there is sweeping to do: a step with nothing in flight
-                        // returns at once, and looping on it would starve Postgres' own tasks.
-                        let stepping = finder.as_deref().is_some_and(Finder::is_busy)
-                            && !steps.iter().any(Result::is_err);
-                        if !stepping || !steps.is_empty() {
-                            if let Some(outcome) = postgres_outcome.take() {
-                                return (outcome, steps);
-                            }
-                        }
-                        tokio::select! {
-                            outcome = &mut postgres, if postgres_outcome.is_none() => {
-                                postgres_outcome = Some(outcome);
-                            }
-                            // Cancel-safe: a step only waits for a reply already on its way.
-                            stepped = step_of(&mut finder), if stepping => steps.push(stepped),
-                        }
-                    }
-                };
-                // A round trip may not outlast the grace period, even one that began before the
-                // stop was asked for.
-                let outcome = tokio::select! {
-                    outcome = work => Some(outcome),
-                    _ = grace_over(&shutdown, stop_deadline) => None,
-                };
-                let Some(((acked, claim), steps)) = outcome else {
+                let Some((acked, claim, steps)) =
+                    self.round(claim_now, busy, &shutdown, &stop).await
+                else {
                     // Abandoned half done (a step's matches may not have been unlinked), nothing
                     // in flight may be acknowledged: the loop's top gives it all back and stops.
-                    step_abandoned = true;
+                    stop.abandon(TokioInstant::now());
                     continue;
                 };
                 for (job, keys_per_pattern, result) in acked {
                     self.acknowledged(job, &keys_per_pattern, result);
                 }
-                let mut failure = None;
-                for stepped in steps {
-                    match stepped {
-                        Ok(report) => self.stepped(report),
-                        Err(error) => failure = Some(error),
-                    }
-                }
-                if let Some(error) = failure {
+                if let Some(error) = self.book_steps(steps) {
                     // Every epoch is rolled back, the claim just made included.
                     self.sweep_failed(error).await;
-                    dirty = true;
+                    claims.wake();
                     continue;
                 }
                 match claim {
                     None => {}
                     Some(Ok(claim)) => {
-                        last_claim = Instant::now();
-                        // A full claim means a backlog: catch up without waiting.
-                        claim_throttled = !claim.full;
-                        claim_retry_at = None;
-                        claim_delays = reconnect_delays();
-                        if claim.full {
-                            dirty = true;
-                        }
+                        claims.claimed(TokioInstant::now(), claim.full);
                         if !claim.rows.is_empty() {
                             self.start_window(claim);
                         } else if self.jobs.is_empty() && self.finished.is_empty() {
                             self.systemd.ready();
                         }
                     }
+                    Some(Err(error)) if error.is_permanent() => return Err(error.into()),
                     Some(Err(error)) => {
-                        if error.is_permanent() {
-                            return Err(error.into());
-                        }
-                        let delay = claim_delays.next().unwrap_or(RECONNECT_MAX);
+                        let delay = claims.failed(TokioInstant::now());
                         warn!(%error, retry_in_ms = delay.as_millis() as u64, "claiming from the outbox failed");
-                        claim_retry_at = Some(Instant::now() + delay);
-                        dirty = true;
                     }
                 }
                 continue;
             }
-            // Idle: wait for a notification, the poll interval, a guard falling due, a claim
-            // retry, or shutdown.
-            let mut wait = self.poll_interval.saturating_sub(last_poll.elapsed());
-            if let Some(due) = self.finder.as_ref().and_then(Finder::next_guard_due) {
-                wait = wait.min(due.saturating_duration_since(Instant::now()));
-            }
-            if let Some(at) = claim_retry_at {
-                wait = wait.min(at.saturating_duration_since(Instant::now()));
-            }
-            // One already due set `dirty` above; waiting on it again would spin while a claim
-            // retry is pending.
-            if let Some(at) = self
-                .outbox
-                .recheck_due_at()
-                .filter(|at| *at > Instant::now())
-            {
-                wait = wait.min(at.saturating_duration_since(Instant::now()));
-            }
-            if dirty && claim_retry_at.is_none() && stop_deadline.is_none() {
+            if claims.wants_to_claim() && !stop.is_stopping() {
                 // Let the connections' tasks run before trying again.
                 tokio::task::yield_now().await;
                 continue;
             }
+            let guard_due = self
+                .finder
+                .as_ref()
+                .and_then(Finder::next_guard_due)
+                .map(TokioInstant::from_std);
+            let wake_at = claims.next_wake(self.recheck_due_at(), guard_due);
             tokio::select! {
-                _ = self.wake.notified() => dirty = true,
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled(), if stop_deadline.is_none() => {}
+                _ = self.wake.notified() => claims.wake(),
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = shutdown.cancelled(), if !stop.is_stopping() => {}
             }
         }
+    }
+
+    /// The outbox's next recheck of late-committing rows, on tokio's clock.
+    fn recheck_due_at(&self) -> Option<TokioInstant> {
+        self.outbox.recheck_due_at().map(TokioInstant::from_std)
+    }
+
+    /// Mode metrics and health follow the finder: the memory bound, the index's completeness.
+    fn report_mode(&mut self) {
+        let Some(finder) = self.finder.as_ref() else {
+            return;
+        };
+        let (dropped, has_index, complete) = (
+            finder.index_dropped(),
+            finder.has_index(),
+            finder.index_complete(),
+        );
+        if dropped && !self.index_dropped {
+            self.index_dropped = true;
+            self.set_mode_gauge(false);
+        }
+        if has_index {
+            self.health.set_index(Some(complete));
+        }
+    }
+
+    /// Gives every claim back and stops.
+    async fn release_and_stop(&mut self, in_flight: bool) -> Result<(), RunError> {
+        if in_flight {
+            warn!("stop deadline reached: giving unfinished changes back to the outbox");
+        }
+        if tokio::time::timeout(RELEASE_TIMEOUT, self.outbox.release_all())
+            .await
+            .is_err()
+        {
+            warn!("postgres did not answer the rollback: the claims end with the connections");
+        }
+        // The index's tracking tasks end with it.
+        self.finder = None;
+        info!("stopped");
+        Ok(())
+    }
+
+    /// One round: the Postgres side (acknowledge finished windows, claim new changes) next to
+    /// Redis steps rather than between them: a round trip to a loaded Postgres takes
+    /// milliseconds, and Redis would sit idle for each of them, ~40 a second under sustained
+    /// load. `None` when the stop's grace ran out first.
+    async fn round(
+        &mut self,
+        claim_now: bool,
+        busy: bool,
+        shutdown: &CancellationToken,
+        stop: &StopDeadline,
+    ) -> Option<(
+        Vec<AckedJob>,
+        Option<Result<Claim, OutboxError>>,
+        Vec<StepResult>,
+    )> {
+        let acks = std::mem::take(&mut self.finished);
+        let outbox = &mut self.outbox;
+        let postgres = async move {
+            let mut acked = Vec::with_capacity(acks.len());
+            for (job, keys_per_pattern) in acks {
+                let result = outbox.ack(job.epoch, &job.done, &job.dead).await;
+                acked.push((job, keys_per_pattern, result));
+            }
+            let claim = match claim_now {
+                true => Some(outbox.claim(CLAIM_LIMIT).await),
+                false => None,
+            };
+            (acked, claim)
+        };
+        let mut finder = self.finder.as_mut().filter(|_| busy);
+        // Redis steps go on for as long as the Postgres side takes (at least one step).
+        let work = async {
+            let mut postgres = std::pin::pin!(postgres);
+            let mut postgres_outcome = None;
+            let mut steps: Vec<StepResult> = Vec::new();
+            loop {
+                // Only while there is work in flight: a step with nothing to do returns at once,
+                // and looping on it would starve Postgres' own tasks.
+                let stepping = finder.as_deref().is_some_and(Finder::is_busy)
+                    && !steps.iter().any(Result::is_err);
+                if !stepping || !steps.is_empty() {
+                    if let Some(outcome) = postgres_outcome.take() {
+                        return (outcome, steps);
+                    }
+                }
+                tokio::select! {
+                    outcome = &mut postgres, if postgres_outcome.is_none() => {
+                        postgres_outcome = Some(outcome);
+                    }
+                    // Cancel-safe: a step only waits for a reply already on its way.
+                    stepped = step_of(&mut finder), if stepping => steps.push(stepped),
+                }
+            }
+        };
+        // A round trip may not outlast the grace period, even one that began before the stop was
+        // asked for.
+        tokio::select! {
+            ((acked, claim), steps) = work => Some((acked, claim, steps)),
+            _ = grace_over(shutdown, stop.deadline()) => None,
+        }
+    }
+
+    /// Books the steps of a round; the error of one that failed, if any.
+    fn book_steps(&mut self, steps: Vec<StepResult>) -> Option<SweepError> {
+        let mut failure = None;
+        for stepped in steps {
+            match stepped {
+                Ok(report) => self.stepped(report),
+                Err(error) => failure = Some(error),
+            }
+        }
+        failure
     }
 
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
@@ -694,12 +679,12 @@ impl Worker {
         &mut self,
         job: Job,
         keys_per_pattern: &[u64],
-        result: Option<Result<Acked, OutboxError>>,
+        result: Result<Acked, OutboxError>,
     ) {
         let keys: u64 = keys_per_pattern.iter().sum();
         let epoch = job.epoch;
         match result {
-            Some(Ok(acked)) if !acked.lost_claim => {
+            Ok(acked) if !acked.lost_claim => {
                 for age in &acked.ages {
                     metrics::histogram!(names::COMMIT_TO_DELETE).record(*age);
                 }
@@ -713,12 +698,12 @@ impl Worker {
                     self.wake.notify_one();
                 }
             }
-            Some(Ok(_)) | None => {
+            Ok(_) => {
                 warn!(epoch, "claim lost before acknowledging (postgres connection dropped): the changes will be swept again");
                 // Their rows are pending again: claim them now rather than at the next poll.
                 self.wake.notify_one();
             }
-            Some(Err(error)) => {
+            Err(error) => {
                 warn!(%error, "acknowledging failed: the changes will be swept again");
                 self.wake.notify_one();
             }
@@ -761,15 +746,163 @@ async fn step_of(finder: &mut Option<&mut Finder>) -> Result<StepReport, SweepEr
 
 /// Resolves when a stop's grace period is over: at `deadline` once the stop was seen, otherwise
 /// [`SHUTDOWN_GRACE`] after `shutdown` is cancelled.
-async fn grace_over(shutdown: &CancellationToken, deadline: Option<Instant>) {
+async fn grace_over(shutdown: &CancellationToken, deadline: Option<TokioInstant>) {
     let deadline = match deadline {
         Some(deadline) => deadline,
         None => {
             shutdown.cancelled().await;
-            Instant::now() + SHUTDOWN_GRACE
+            TokioInstant::now() + SHUTDOWN_GRACE
         }
     };
-    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+    tokio::time::sleep_until(deadline).await;
+}
+
+/// A finished window with the keys its patterns matched, and Postgres' answer to its ack.
+type AckedJob = (Job, Vec<u64>, Result<Acked, OutboxError>);
+type StepResult = Result<StepReport, SweepError>;
+
+/// When the worker claims from the outbox: after a notification, at every poll interval, when an
+/// epoch's recheck of late-committing rows falls due, and at once after a full claim (a
+/// backlog). While the finder is busy, claims are spaced by [`CLAIM_INTERVAL_WHILE_SWEEPING`];
+/// after a failed claim, they wait out a backoff. On tokio's clock, so tests can pause time.
+struct ClaimPacing {
+    /// Something may be pending: claim when allowed.
+    dirty: bool,
+    poll_interval: Duration,
+    last_poll: TokioInstant,
+    last_claim: TokioInstant,
+    /// The last claim was not full: the next waits for the interval while the finder is busy.
+    spaced: bool,
+    retry_at: Option<TokioInstant>,
+    delays: ExponentialBackoff,
+}
+
+impl ClaimPacing {
+    fn new(poll_interval: Duration) -> ClaimPacing {
+        let now = TokioInstant::now();
+        ClaimPacing {
+            dirty: true,
+            poll_interval,
+            last_poll: now,
+            last_claim: now,
+            spaced: false,
+            retry_at: None,
+            delays: reconnect_delays(),
+        }
+    }
+
+    /// A notification, a reconnect, a lost acknowledgement: look at the outbox.
+    fn wake(&mut self) {
+        self.dirty = true;
+    }
+
+    /// The poll interval and a due recheck make the outbox worth a look without notification.
+    fn tick(&mut self, now: TokioInstant, recheck_due: Option<TokioInstant>) {
+        if now.duration_since(self.last_poll) >= self.poll_interval {
+            self.last_poll = now;
+            self.dirty = true;
+        }
+        if recheck_due.is_some_and(|at| now >= at) {
+            self.dirty = true;
+        }
+    }
+
+    /// Whether to claim now, given whether the finder is busy and whether there is room for more
+    /// (the cap on active patterns, not stopping).
+    fn take(&mut self, now: TokioInstant, busy: bool, room: bool) -> bool {
+        // An idle worker claims at once; spacing is for claims joining a busy finder.
+        if !busy {
+            self.spaced = false;
+        }
+        let allowed = room
+            && self.retry_at.is_none_or(|at| now >= at)
+            && (!self.spaced
+                || now.duration_since(self.last_claim) >= CLAIM_INTERVAL_WHILE_SWEEPING);
+        let claim = self.dirty && allowed;
+        if claim {
+            self.dirty = false;
+        }
+        claim
+    }
+
+    fn claimed(&mut self, now: TokioInstant, full: bool) {
+        self.last_claim = now;
+        // A full claim means a backlog: catch up without waiting.
+        self.spaced = !full;
+        self.dirty |= full;
+        self.retry_at = None;
+        self.delays = reconnect_delays();
+    }
+
+    /// A claim failed: the next waits out a growing delay, which is returned.
+    fn failed(&mut self, now: TokioInstant) -> Duration {
+        let delay = self.delays.next().unwrap_or(RECONNECT_MAX);
+        self.retry_at = Some(now + delay);
+        self.dirty = true;
+        delay
+    }
+
+    /// Claiming is due and not waiting for a retry: the loop goes round again without sleeping.
+    fn wants_to_claim(&self) -> bool {
+        self.dirty && self.retry_at.is_none()
+    }
+
+    /// When an idle worker must look again: the next poll, a claim retry, a recheck or a refill
+    /// guard falling due (a recheck already due set `dirty` and is not waited on again, which
+    /// would spin while a claim retry is pending).
+    fn next_wake(
+        &self,
+        recheck_due: Option<TokioInstant>,
+        guard_due: Option<TokioInstant>,
+    ) -> TokioInstant {
+        let now = TokioInstant::now();
+        [
+            Some(self.last_poll + self.poll_interval),
+            self.retry_at,
+            recheck_due.filter(|at| *at > now),
+            guard_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now + self.poll_interval)
+    }
+}
+
+/// A stop in progress: from the moment it is asked for, the batch in flight gets
+/// [`SHUTDOWN_GRACE`] to finish; a round abandoned half done ends it at once.
+#[derive(Default)]
+struct StopDeadline {
+    deadline: Option<TokioInstant>,
+}
+
+impl StopDeadline {
+    /// Starts the stop; true the first time.
+    fn begin(&mut self, now: TokioInstant) -> bool {
+        if self.deadline.is_some() {
+            return false;
+        }
+        self.deadline = Some(now + SHUTDOWN_GRACE);
+        true
+    }
+
+    fn abandon(&mut self, now: TokioInstant) {
+        self.deadline = Some(now);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    fn deadline(&self) -> Option<TokioInstant> {
+        self.deadline
+    }
+
+    /// Time to stop: nothing left in flight, or the grace is over.
+    fn reached(&self, now: TokioInstant, in_flight: bool) -> bool {
+        self.deadline
+            .is_some_and(|deadline| !in_flight || now >= deadline)
+    }
 }
 
 fn record_step(report: &StepReport) {
@@ -789,4 +922,108 @@ fn record_step(report: &StepReport) {
 
 fn join(values: &BTreeSet<String>) -> String {
     values.iter().cloned().collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_worker_claims_at_once_and_looks_again_at_every_poll() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(claims.take(now, false, true), "the first look is at start");
+        claims.claimed(now, false);
+        assert!(!claims.take(now, false, true), "nothing new");
+        assert_eq!(claims.next_wake(None, None), now + POLL);
+        tokio::time::advance(POLL).await;
+        claims.tick(TokioInstant::now(), None);
+        assert!(claims.take(TokioInstant::now(), false, true), "the poll");
+        // A notification makes an idle worker claim at once, however recent the last claim.
+        claims.claimed(TokioInstant::now(), false);
+        claims.wake();
+        assert!(claims.take(TokioInstant::now(), false, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_finder_is_busy_claims_are_spaced_unless_the_last_was_full() {
+        let mut claims = ClaimPacing::new(POLL);
+        let start = TokioInstant::now();
+        assert!(claims.take(start, true, true));
+        claims.claimed(start, false);
+        claims.wake();
+        assert!(
+            !claims.take(start, true, true),
+            "too soon after the last claim"
+        );
+        tokio::time::advance(CLAIM_INTERVAL_WHILE_SWEEPING).await;
+        assert!(claims.take(TokioInstant::now(), true, true));
+        // A full claim: a backlog waits, catch up at once.
+        claims.claimed(TokioInstant::now(), true);
+        assert!(claims.take(TokioInstant::now(), true, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_claim_is_retried_after_its_backoff_and_not_before() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(claims.take(now, false, true));
+        let delay = claims.failed(now);
+        assert!(delay >= RECONNECT_MIN);
+        assert!(!claims.take(now, false, true));
+        assert!(
+            !claims.wants_to_claim(),
+            "no spinning while the retry waits"
+        );
+        assert_eq!(claims.next_wake(None, None), now + delay);
+        tokio::time::advance(delay).await;
+        assert!(claims.take(TokioInstant::now(), false, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_room_means_no_claim_but_the_change_stays_pending() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(!claims.take(now, true, false));
+        assert!(
+            claims.take(now, true, true),
+            "still pending once there is room"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_wait_ends_at_a_recheck_or_a_refill_guard_falling_due() {
+        let claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        let recheck = now + Duration::from_secs(1);
+        let guard = now + Duration::from_secs(2);
+        assert_eq!(claims.next_wake(Some(recheck), Some(guard)), recheck);
+        assert_eq!(claims.next_wake(None, Some(guard)), guard);
+        // A recheck already due set `dirty` when seen; it is not waited on again.
+        assert_eq!(claims.next_wake(Some(now), None), now + POLL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_gives_the_batch_in_flight_its_grace_then_ends() {
+        let mut stop = StopDeadline::default();
+        let now = TokioInstant::now();
+        assert!(!stop.reached(now, true), "not stopping yet");
+        assert!(stop.begin(now));
+        assert!(!stop.begin(now), "begun once");
+        assert!(!stop.reached(now, true), "the batch in flight may finish");
+        assert!(stop.reached(now, false), "nothing in flight: stop at once");
+        tokio::time::advance(SHUTDOWN_GRACE).await;
+        assert!(stop.reached(TokioInstant::now(), true), "the grace is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_round_ends_the_stop_at_once() {
+        let mut stop = StopDeadline::default();
+        let now = TokioInstant::now();
+        stop.begin(now);
+        stop.abandon(now);
+        assert!(stop.reached(now, true));
+    }
 }
