@@ -405,7 +405,7 @@ impl Finder {
 
     /// Past the memory bound the index is dropped for good, with one warning: sweeping needs no
     /// memory per key, running out of memory would stop invalidation altogether.
-    fn check_memory_bound(&mut self) {
+    pub fn check_memory_bound(&mut self) {
         if self.index_dropped {
             return;
         }

@@ -274,6 +274,8 @@ struct Link {
 enum Ended {
     Stopped,
     Lost(String),
+    /// The index passed its memory bound: it is being dropped.
+    OverLimit,
 }
 
 impl Link {
@@ -350,6 +352,13 @@ impl Link {
             info!(node = %self.name, reason = reason.label(), "index: seeding");
             match self.maintain(&mut current, &stop).await {
                 Ended::Stopped => return,
+                Ended::OverLimit => {
+                    // Forget every key and stop listening now, not when the worker next looks:
+                    // announcements would go on filling the part.
+                    lock(&self.index).tracking_lost(&self.shared.total_keys);
+                    index::record_size(&self.shared);
+                    return;
+                }
                 Ended::Lost(why) => {
                     warn!(node = %self.name, reason = %why, "index: tracking connection lost; sweeping until the index is seeded again");
                     lock(&self.index).tracking_lost(&self.shared.total_keys);
@@ -372,7 +381,7 @@ impl Link {
         let started = Instant::now();
         loop {
             if self.shared.over_limit.load(Ordering::Relaxed) {
-                return Ended::Stopped;
+                return Ended::OverLimit;
             }
             let (verify, unlinks) = {
                 let mut part = lock(&self.index);
@@ -464,7 +473,7 @@ impl Link {
             }
             if self.shared.past_the_bound() {
                 self.shared.over_limit.store(true, Ordering::Relaxed);
-                return Ended::Stopped;
+                return Ended::OverLimit;
             }
             index::record_size(&self.shared);
         }

@@ -362,9 +362,10 @@ impl Worker {
 
     /// Mode metrics and health follow the finder: the memory bound, the index's completeness.
     fn report_mode(&mut self) {
-        let Some(finder) = self.finder.as_ref() else {
+        let Some(finder) = self.finder.as_mut() else {
             return;
         };
+        finder.check_memory_bound();
         let (dropped, has_index, complete) = (
             finder.index_dropped(),
             finder.has_index(),

@@ -617,6 +617,66 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invalidation() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let space = KeySpace::new("idx_failover");
+    let db = TestDb::with_reports("idx_failover", &space.rules()).await;
+    seed_reports(&db, 600).await;
+    let (must_go, decoys) = report_keys(&space, 1..=200, 401..=600, 1000);
+    cluster
+        .set_keys(&[must_go.clone(), decoys.clone()].concat())
+        .await;
+    assert_spread(&cluster, &space, &must_go, &decoys).await;
+    cluster.wait_for_replication().await;
+    let daemon = Daemon::start_indexed(test_settings(
+        &db.url,
+        &Cluster::url(&cluster.primaries().await),
+        space.rules(),
+    ))
+    .await;
+    let client = db.client().await;
+    // The seed rows' changes first, then changes answered from the index.
+    wait_for_empty_outbox(&db).await;
+    client
+        .batch_execute("UPDATE reports_report SET title = 'a' WHERE id BETWEEN 1 AND 100")
+        .await
+        .expect("update");
+    wait_for_empty_outbox(&db).await;
+
+    let victim = cluster.primaries().await[0];
+    cluster.kill(victim);
+    client
+        .batch_execute("UPDATE reports_report SET title = 'b' WHERE id BETWEEN 101 AND 200")
+        .await
+        .expect("update during the failover");
+    let promoted = wait_until(PATIENCE, || async {
+        let primaries = cluster.primaries().await;
+        primaries.len() == 3 && !primaries.contains(&victim)
+    })
+    .await;
+    assert!(promoted, "no replica was promoted");
+    wait_for_empty_outbox(&db).await;
+    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    assert_swept(&by_node, &must_go, &decoys);
+
+    // The promoted primary's part is seeded; keys written to it now are found by lookups.
+    daemon.wait_index_complete().await;
+    let (again, kept) = report_keys(&space, 201..=300, 301..=400, 2000);
+    cluster
+        .set_keys(&[again.clone(), kept.clone()].concat())
+        .await;
+    client
+        .batch_execute("UPDATE reports_report SET title = 'c' WHERE id BETWEEN 201 AND 300")
+        .await
+        .expect("update after the failover");
+    wait_for_empty_outbox(&db).await;
+    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    assert_swept(&by_node, &again, &[decoys, kept].concat());
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     let cluster = Cluster::start(3, 0).await;
     let space = KeySpace::new("migration");

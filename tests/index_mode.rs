@@ -8,70 +8,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use cache_invalidator::settings::{Mode, Settings};
-use cache_invalidator::telemetry::Health;
+use cache_invalidator::settings::Mode;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// The daemon in-process in index mode, with its health state to see the mode.
-struct IndexedDaemon {
-    token: CancellationToken,
-    handle: JoinHandle<Result<(), cache_invalidator::worker::RunError>>,
-    health: Arc<Health>,
-}
-
-impl IndexedDaemon {
-    fn start(mut settings: Settings) -> IndexedDaemon {
-        settings.mode = Mode::Index;
-        let health = Arc::new(Health::new(Duration::MAX));
-        let (rules_tx, rules) = watch::channel(Arc::new(settings.rules.clone()));
-        let token = CancellationToken::new();
-        let handle = tokio::spawn({
-            let health = health.clone();
-            let token = token.clone();
-            async move {
-                // Kept alive for the daemon's life: a closed channel is not a reload.
-                let _rules_tx = rules_tx;
-                cache_invalidator::worker::run_with_rules(settings, rules, health, token).await
-            }
-        });
-        IndexedDaemon {
-            token,
-            handle,
-            health,
-        }
-    }
-
-    /// Waits until every node's part is seeded.
-    async fn wait_complete(&self) {
-        let health = self.health.clone();
-        assert!(
-            wait_until(PATIENCE, || {
-                let health = health.clone();
-                async move { health.mode() == "index (complete)" }
-            })
-            .await,
-            "index not complete after {PATIENCE:?}: {}",
-            self.health.mode()
-        );
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        self.handle
-            .await
-            .expect("daemon task")
-            .expect("daemon stopped cleanly");
-    }
-}
 
 async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i32>) {
     client
@@ -96,8 +39,8 @@ async fn keys_set_just_before_their_change_commits_are_always_cleared() {
     let mut client = db.client().await;
     insert_reports(&client, 1..=ROUNDS).await;
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let daemon = IndexedDaemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
-    daemon.wait_complete().await;
+    let daemon =
+        Daemon::start_indexed(test_settings(&db.url, &shared_redis_url(), space.rules())).await;
 
     let mut written = Vec::new();
     let mut decoys = Vec::new();
@@ -188,8 +131,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
     let client = db.client().await;
     insert_reports(&client, 1..=200).await;
     let mut redis = redis_connection(&private.url()).await;
-    let daemon = IndexedDaemon::start(test_settings(&db.url, &private.url(), space.rules()));
-    daemon.wait_complete().await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     change_and_check(&client, &mut redis, &space, 1..=20).await;
 
     // Killed mid-stream: keys written and changes committed around the kill.
@@ -229,7 +171,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
     assert_gone_within(&mut redis, &written, PATIENCE).await;
 
     // Tracked again, on a new connection, and seeded again.
-    daemon.wait_complete().await;
+    daemon.wait_index_complete().await;
     let new_id = tracking_client_id(&mut redis)
         .await
         .expect("tracking again");
@@ -246,8 +188,7 @@ async fn after_redis_restarts_the_index_is_seeded_again() {
     let db = TestDb::with_reports("idx_restart", &space.rules()).await;
     let client = db.client().await;
     insert_reports(&client, 1..=100).await;
-    let daemon = IndexedDaemon::start(test_settings(&db.url, &private.url(), space.rules()));
-    daemon.wait_complete().await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     {
         let mut redis = redis_connection(&private.url()).await;
         change_and_check(&client, &mut redis, &space, 1..=20).await;
@@ -256,7 +197,7 @@ async fn after_redis_restarts_the_index_is_seeded_again() {
     let mut redis = redis_connection(&private.url()).await;
     // Keys written to the new server before the index knows it, then changed.
     change_and_check(&client, &mut redis, &space, 21..=40).await;
-    daemon.wait_complete().await;
+    daemon.wait_index_complete().await;
     change_and_check(&client, &mut redis, &space, 41..=60).await;
     daemon.stop().await;
     db.drop().await;
@@ -276,7 +217,8 @@ async fn past_the_memory_bound_the_index_is_dropped_and_changes_are_swept() {
     set_keys(&mut redis, &filler).await;
     let mut settings = test_settings(&db.url, &private.url(), space.rules());
     settings.index_max_keys = 100;
-    let daemon = IndexedDaemon::start(settings);
+    settings.mode = Mode::Index;
+    let daemon = Daemon::start(settings);
     let health = daemon.health.clone();
     assert!(
         wait_until(PATIENCE, || {
@@ -363,12 +305,8 @@ async fn survivors(mode: Mode, statements: &[String]) -> std::collections::BTree
     let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
     settings.mode = mode;
     let daemon = match mode {
-        Mode::Index => {
-            let daemon = IndexedDaemon::start(settings);
-            daemon.wait_complete().await;
-            Err(daemon)
-        }
-        _ => Ok(Daemon::start(settings)),
+        Mode::Index => Daemon::start_indexed(settings).await,
+        _ => Daemon::start(settings),
     };
     for statement in statements {
         client.batch_execute(statement).await.expect("statement");
@@ -377,10 +315,7 @@ async fn survivors(mode: Mode, statements: &[String]) -> std::collections::BTree
         wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
         "outbox not drained"
     );
-    match daemon {
-        Ok(daemon) => daemon.stop().await,
-        Err(daemon) => daemon.stop().await,
-    }
+    daemon.stop().await;
     let prefix = space.key("");
     let left = keys_with_prefix(&mut redis, &prefix)
         .await

@@ -343,17 +343,52 @@ pub fn test_mode() -> cache_invalidator::settings::Mode {
     }
 }
 
-/// The daemon running in-process, stopped with a token like SIGTERM would.
+/// The daemon running in-process, stopped with a token like SIGTERM would, with the health state
+/// `/healthz` would show (its mode says whether the index is complete).
 pub struct Daemon {
     token: CancellationToken,
     handle: JoinHandle<Result<(), cache_invalidator::worker::RunError>>,
+    pub health: std::sync::Arc<cache_invalidator::telemetry::Health>,
 }
 
 impl Daemon {
     pub fn start(settings: Settings) -> Daemon {
+        let health = std::sync::Arc::new(cache_invalidator::telemetry::Health::new(Duration::MAX));
+        let (rules_tx, rules) =
+            tokio::sync::watch::channel(std::sync::Arc::new(settings.rules.clone()));
         let token = CancellationToken::new();
-        let handle = tokio::spawn(cache_invalidator::run(settings, token.clone()));
-        Daemon { token, handle }
+        let handle = tokio::spawn({
+            let (health, token) = (health.clone(), token.clone());
+            async move {
+                // Kept for the daemon's life: a closed channel is not a reload.
+                let _rules_tx = rules_tx;
+                cache_invalidator::worker::run_with_rules(settings, rules, health, token).await
+            }
+        });
+        Daemon {
+            token,
+            handle,
+            health,
+        }
+    }
+
+    /// Starts it in index mode (whatever `TEST_MODE` says) and waits until the index is seeded.
+    pub async fn start_indexed(mut settings: Settings) -> Daemon {
+        settings.mode = cache_invalidator::settings::Mode::Index;
+        let daemon = Daemon::start(settings);
+        daemon.wait_index_complete().await;
+        daemon
+    }
+
+    /// Waits until every node's part of the index is seeded (30 s at most).
+    pub async fn wait_index_complete(&self) {
+        let health = self.health.clone();
+        let complete = wait_until(Duration::from_secs(30), || {
+            let health = health.clone();
+            async move { health.mode() == "index (complete)" }
+        })
+        .await;
+        assert!(complete, "index not complete: {}", self.health.mode());
     }
 
     /// Stops it and waits; panics if it failed.
