@@ -118,12 +118,7 @@ impl NodeIndex {
                 }
             }
         }
-        if shared
-            .guards
-            .lock()
-            .map(|mut g| g.covers(key))
-            .unwrap_or(false)
-        {
+        if lock(&shared.guards).covers(key) {
             self.guard_unlinks.push(key.into());
         }
     }

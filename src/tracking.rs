@@ -241,7 +241,16 @@ impl Tracker {
             wake,
             command_timeout,
         };
-        let connection = link.open().await?;
+        // A refusal ends index mode; a connection that failed is retried by the task (the part is
+        // incomplete meanwhile, so windows are swept).
+        let connection = match link.open().await {
+            Ok(connection) => Some(connection),
+            Err(error @ TrackingError::Refused { .. }) => return Err(error),
+            Err(error) => {
+                warn!(node = %node.name, %error, "index: tracking connection failed; retrying, sweeping meanwhile");
+                None
+            }
+        };
         let stop = CancellationToken::new();
         tokio::spawn(link.run(connection, reason, stop.clone()));
         Ok(Tracker {
@@ -297,11 +306,22 @@ impl Link {
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(self.command_timeout))
             .set_push_sender(on_push);
-        let mut connection = self
+        let mut connection = match self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(failed)?;
+        {
+            Ok(connection) => connection,
+            // A server that answers RESP3's HELLO with an error (Redis before 6, a proxy) will
+            // not announce keys.
+            Err(error) if is_refusal(&error) => {
+                return Err(TrackingError::Refused {
+                    node: self.name.clone(),
+                    reason: error.to_string(),
+                })
+            }
+            Err(error) => return Err(failed(error)),
+        };
         // Counting from before the reply: an announcement may follow it at once.
         lock(&self.index).tracking_started(connection.clone(), &self.shared.total_keys);
         let mut command = redis::cmd("CLIENT");
@@ -313,23 +333,26 @@ impl Link {
             Ok(()) => Ok(connection),
             Err(error) => {
                 lock(&self.index).tracking_lost(&self.shared.total_keys);
-                // A reply from the server (an ACL, an unknown command or option) will not change
-                // on retrying; a broken connection may.
-                if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
-                    Err(failed(error))
-                } else {
+                if is_refusal(&error) {
                     Err(TrackingError::Refused {
                         node: self.name.clone(),
                         reason: error.to_string(),
                     })
+                } else {
+                    Err(failed(error))
                 }
             }
         }
     }
 
     /// Seeds and maintains the part until stopped; reconnects and seeds again after a loss.
-    async fn run(self, first: MultiplexedConnection, reason: SeedReason, stop: CancellationToken) {
-        let mut connection = Some(first);
+    async fn run(
+        self,
+        first: Option<MultiplexedConnection>,
+        reason: SeedReason,
+        stop: CancellationToken,
+    ) {
+        let mut connection = first;
         let mut reason = reason;
         let mut delays = reconnect_delays();
         loop {
@@ -478,6 +501,12 @@ impl Link {
             index::record_size(&self.shared);
         }
     }
+}
+
+/// A reply from the server (an ACL, an unknown command or option) will not change on retrying; a
+/// broken or slow connection may.
+fn is_refusal(error: &redis::RedisError) -> bool {
+    !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped())
 }
 
 /// Applies one push of the tracking connection to the node's part, as it is read.

@@ -404,7 +404,7 @@ async fn expired_keys_leave_the_index() {
         .collect();
     // Written first and given their 2 s TTL once all are in the index: writing 100k keys can take
     // longer than 2 s, and then the first would expire before the last is written.
-    for chunk in keys.chunks(5_000) {
+    for chunk in keys.chunks(1_000) {
         set_keys(&mut redis, chunk).await;
     }
     assert!(
@@ -415,7 +415,7 @@ async fn expired_keys_leave_the_index() {
         "the announced keys did not reach the index: {:?}",
         index_keys().await
     );
-    for chunk in keys.chunks(5_000) {
+    for chunk in keys.chunks(1_000) {
         let mut pipe = redis::pipe();
         for key in chunk {
             pipe.cmd("PEXPIRE").arg(key).arg(2_000).ignore();
