@@ -62,16 +62,6 @@ async fn commit_report(client: &Client, id: i64, author: i64) {
         .unwrap_or_else(|e| panic!("commit report {id}: {e}"));
 }
 
-/// A connection whose commands wait out a paused Redis instead of timing out.
-async fn patient_connection(url: &str) -> MultiplexedConnection {
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE));
-    redis::Client::open(url)
-        .expect("redis url")
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
-}
-
 /// `CLIENT PAUSE <ms> <mode>`: `WRITE` holds the sweep's UNLINKs, `ALL` every command.
 async fn pause_redis(connection: &mut MultiplexedConnection, millis: u64, mode: &str) {
     let () = redis::cmd("CLIENT")

@@ -213,6 +213,18 @@ pub async fn redis_connection(url: &str) -> MultiplexedConnection {
         .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
 }
 
+/// A connection that waits up to a minute for a reply, for servers kept busy on purpose (redis-rs
+/// gives up after half a second by default).
+pub async fn patient_connection(url: &str) -> MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
+}
+
 pub async fn set_keys(connection: &mut MultiplexedConnection, keys: &[String]) {
     let mut pipe = redis::pipe();
     for key in keys {
