@@ -112,7 +112,7 @@ pub async fn run_with_rules(
     ));
     let mut worker = Worker {
         rules,
-        outbox: Outbox::new(pg),
+        outbox: Outbox::new(pg).with_claim_timeout(settings.claim_timeout),
         redis,
         sweeper: None,
         jobs: HashMap::new(),
