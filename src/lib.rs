@@ -16,6 +16,7 @@ pub mod matcher;
 pub mod ops;
 pub mod outbox;
 pub mod postgres;
+pub mod replicas;
 pub mod rules;
 pub mod schema;
 pub mod settings;

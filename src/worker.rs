@@ -95,7 +95,8 @@ pub async fn run_with_rules(
         &settings.connections.redis_url,
         settings.connections.redis_ca_file.as_deref(),
         settings.redis_timeout,
-    )?;
+    )?
+    .with_replicas(crate::replicas::ReplicaPolicy::from_settings(&settings));
     info!(
         postgres = pg.redacted(),
         redis = redis.redacted(),
