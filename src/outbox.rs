@@ -54,6 +54,9 @@ pub const CLAIM_LIMIT: i64 = 200;
 /// slow round trip (a loaded Postgres, a busy worker thread) still leaves another before the
 /// server's timeout, while a 30 s timeout costs one trivial query per connection every 10 s.
 pub const HEARTBEATS_PER_CLAIM_TIMEOUT: u32 = 3;
+/// The shortest heartbeat period, however short the claim timeout: a timer needs a period, and a
+/// claim connection is not worth more than a round trip a millisecond.
+const HEARTBEAT_AT_MOST_EVERY: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -215,8 +218,12 @@ impl Outbox {
     /// timeout (overriding any role or database default) and starts its heartbeat.
     async fn open_connection(&self) -> Result<ClaimConnection, OutboxError> {
         let (client, driver) = self.target.connect(None).await?;
-        // Whole milliseconds, as Postgres takes them; 0 turns the timeout off.
-        let millis = self.claim_timeout.as_millis();
+        // Whole milliseconds, as Postgres takes them; 0 turns the timeout off, so a timeout under
+        // a millisecond is rounded up rather than to "no bound".
+        let millis = match self.claim_timeout.is_zero() {
+            true => 0,
+            false => self.claim_timeout.as_millis().max(1),
+        };
         client
             .batch_execute(&format!(
                 "SET idle_in_transaction_session_timeout = {millis}"
@@ -226,7 +233,7 @@ impl Outbox {
         let heartbeat = (!self.claim_timeout.is_zero()).then(|| {
             tokio::spawn(heartbeat(
                 Arc::downgrade(&client),
-                self.claim_timeout / HEARTBEATS_PER_CLAIM_TIMEOUT,
+                (self.claim_timeout / HEARTBEATS_PER_CLAIM_TIMEOUT).max(HEARTBEAT_AT_MOST_EVERY),
             ))
         });
         Ok(ClaimConnection {

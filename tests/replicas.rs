@@ -277,3 +277,24 @@ async fn confirm_replicas_says_whether_the_replicas_have_the_connections_writes(
         .expect("no WAIT");
     assert_eq!((confirmation.acked, confirmation.required), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_wait_longer_than_half_the_redis_timeout_is_refused_at_start() {
+    let output = daemon_command(&[
+        "run",
+        "--replica-wait-timeout",
+        "3s",
+        "--redis-timeout",
+        "5s",
+    ])
+    .env_remove("CACHE_INVALIDATOR_REPLICA_WAIT_TIMEOUT")
+    .output()
+    .await
+    .expect("run cache-invalidator");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("replica wait timeout 3s must be at most half the redis timeout 5s"),
+        "{message}"
+    );
+}
