@@ -60,6 +60,12 @@ pub const SCAN_COUNT: usize = 500;
 pub const LANES: usize = 4;
 /// Keys per `UNLINK` command: small enough that freeing them never blocks Redis for long.
 pub const UNLINK_CHUNK: usize = 256;
+/// A node's replicas are counted again (`INFO replication`, in a request that confirms windows)
+/// once the last count is this old; requests that carry `WAIT` always count them. Confirming
+/// windows without a fresh count misses only a replica that attached within this second, which
+/// is still in its first synchronisation and no candidate for a failover; counting on every
+/// confirmation would add an `INFO` to tens of requests a second on servers without replicas.
+const REPLICA_RECOUNT_AFTER: Duration = Duration::from_secs(1);
 
 pub type WindowId = u64;
 
@@ -304,6 +310,8 @@ struct ReplicaWaits {
     in_flight: bool,
     /// The last `WAIT` timed out short of the replicas asked for (warned once until it recovers).
     behind: bool,
+    /// When the replicas were last counted by a sweep request.
+    counted_at: Option<Instant>,
 }
 
 /// The sweep state: nodes, their lanes with cursors and requests in flight, the active windows
@@ -518,12 +526,19 @@ impl Sweeper {
                 // confirmed, right after its deletes (unless `INFO` is refused).
                 count_replicas: policy.counts_connected()
                     && node.replicas.is_some()
-                    && (needs_confirming || wait),
+                    && (wait
+                        || (needs_confirming
+                            && self.replica_waits[node_index]
+                                .counted_at
+                                .is_none_or(|at| at.elapsed() >= REPLICA_RECOUNT_AFTER))),
                 wait: wait.then(|| (required, policy.wait_millis())),
                 covers,
             };
             if wait {
                 self.replica_waits[node_index].in_flight = true;
+            }
+            if plan.count_replicas {
+                self.replica_waits[node_index].counted_at = Some(Instant::now());
             }
             if needs_scan && !lane.in_round() {
                 lane.round_started = Some(Instant::now());
