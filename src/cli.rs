@@ -218,6 +218,14 @@ pub enum SettingsError {
     Rules(#[from] crate::rules::RulesError),
     #[error("{setting} must be longer than 0 (it paces a loop: 0 would spin)")]
     Zero { setting: &'static str },
+    #[error(
+        "replica wait timeout {wait:?} must be at most half the redis timeout {redis_timeout:?}: \
+         a WAIT blocks the connection, and the requests queued behind it must not time out"
+    )]
+    ReplicaWaitTooLong {
+        wait: Duration,
+        redis_timeout: Duration,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<ConfigFile, SettingsError> {
@@ -341,6 +349,12 @@ impl GlobalArgs {
             if value.is_zero() {
                 return Err(SettingsError::Zero { setting });
             }
+        }
+        if settings.replica_wait_timeout > settings.redis_timeout / 2 {
+            return Err(SettingsError::ReplicaWaitTooLong {
+                wait: settings.replica_wait_timeout,
+                redis_timeout: settings.redis_timeout,
+            });
         }
         Ok(settings)
     }

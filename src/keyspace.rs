@@ -19,6 +19,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo};
 
+use crate::replicas::{connected_replicas, ReplicaPolicy};
 use crate::settings::SecretUrl;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,6 +72,11 @@ pub struct Node {
     pub cursor_order: CursorOrder,
     /// The same server with RESP3, for index mode's tracking connection (push messages).
     pub tracking_client: Client,
+    /// Replicas connected to this node (`INFO replication`), as last read: when connecting, then
+    /// with each confirmation of its deletes. `None` where `INFO` is refused.
+    pub replicas: Option<u32>,
+    /// Which replicas must have this node's deletes before a change is acknowledged.
+    pub replica_policy: ReplicaPolicy,
 }
 
 /// What a `SCAN` cursor says about how far a pass has got, which depends on the server.
@@ -213,6 +219,7 @@ pub struct RedisTarget {
     ca: Option<Vec<u8>>,
     redacted: String,
     command_timeout: Duration,
+    replica_policy: ReplicaPolicy,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -307,7 +314,15 @@ impl RedisTarget {
             ca,
             redacted,
             command_timeout,
+            replica_policy: ReplicaPolicy::default(),
         })
+    }
+
+    /// Which replicas of each node must have its deletes before a change is acknowledged
+    /// (default: every connected replica, [`ReplicaPolicy::default`]).
+    pub fn with_replicas(mut self, policy: ReplicaPolicy) -> RedisTarget {
+        self.replica_policy = policy;
+        self
     }
 
     pub fn redacted(&self) -> &str {
@@ -333,15 +348,19 @@ impl RedisTarget {
                 node: name.clone(),
                 source,
             })?;
-        let info: redis::RedisResult<(String, String)> = redis::pipe()
+        let info: redis::RedisResult<(String, String, String)> = redis::pipe()
             .cmd("INFO")
             .arg("server")
             .cmd("INFO")
             .arg("cluster")
+            .cmd("INFO")
+            .arg("replication")
             .query_async(&mut connection.clone())
             .await;
+        let mut replicas = None;
         let cursor_order = match info {
-            Ok((server, cluster)) => {
+            Ok((server, cluster, replication)) => {
+                replicas = connected_replicas(&replication);
                 // A plain URL to one primary of a cluster would sweep that primary's keys only.
                 if !self.cluster && info_field(&cluster, "cluster_enabled") == Some("1") {
                     return Err(KeyspaceError::ClusterNode { node: name });
@@ -359,6 +378,9 @@ impl RedisTarget {
                     || error.is_connection_dropped()) =>
             {
                 tracing::warn!(node = %name, %error, "INFO refused, so the SCAN cursor order is unknown: a change that arrives during a pass waits for a whole pass of its own");
+                if self.replica_policy.counts_connected() {
+                    tracing::warn!(node = %name, "INFO refused, so the replicas cannot be counted: changes are acknowledged without waiting for replicas (set --replica-acks to wait for a fixed number)");
+                }
                 CursorOrder::Unknown
             }
             Err(source) => {
@@ -387,6 +409,8 @@ impl RedisTarget {
             shard: None,
             cursor_order,
             tracking_client,
+            replicas,
+            replica_policy: self.replica_policy,
         })
     }
 

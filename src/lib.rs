@@ -4,7 +4,8 @@
 //! change in an outbox and notify; the worker ([`worker`]) is woken, claims the change
 //! ([`outbox`], over connections from [`postgres`]), turns it into key patterns ([`rules`]), and
 //! clears them together with every other pending change in one sweep of Redis ([`sweep`], with the
-//! compiled [`matcher`], over connections from [`keyspace`]); then it deletes the outbox rows.
+//! compiled [`matcher`], over connections from [`keyspace`]); once Redis and its replicas
+//! ([`replicas`]) confirmed the deletes, it deletes the outbox rows.
 //! [`ops`] holds the operator's other subcommands, [`telemetry`] logs, metrics and health.
 
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod matcher;
 pub mod ops;
 pub mod outbox;
 pub mod postgres;
+pub mod replicas;
 pub mod rules;
 pub mod schema;
 pub mod settings;

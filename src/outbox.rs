@@ -9,10 +9,25 @@
 //! that sweep, instead of waiting for a connection to come free. An epoch takes claims for
 //! [`EPOCH_OPEN_FOR`] (longer when passes are slow, see [`Outbox::pace_to_pass`]), then commits
 //! when its last window is done.
+//!
+//! A claim is bounded in time as well: each claim connection sets Postgres'
+//! `idle_in_transaction_session_timeout` to the claim timeout (`--claim-timeout`), and a task of
+//! the worker's says something on each connection several times per timeout. A worker that runs
+//! keeps its claims however long its sweep takes (a pass over millions of keys takes seconds);
+//! a worker that is frozen (SIGSTOP, a paused container, a stalled VM: TCP keepalives do not see
+//! it, the kernel still answers them) falls silent, and the server ends its sessions once the
+//! timeout has passed, which gives its rows back to the other workers. When the frozen worker
+//! wakes, it finds those connections closed and treats their claims as lost
+//! ([`OutboxError::ClaimLost`]): the changes are swept again (at-least-once). A heartbeat rather
+//! than a timeout alone, because the longest legitimate hold has no bound: it grows with the
+//! keyspace, and with replicas that lag ([`crate::replicas`]).
 
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use serde_json::Value;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::postgres::{describe, ConnectError, Driver, PgTarget};
@@ -35,6 +50,13 @@ pub const EPOCH_OPEN_FOR: Duration = Duration::from_millis(150);
 pub const EPOCH_OPEN_AT_MOST: Duration = Duration::from_secs(1);
 /// Outbox rows per claim. With at most 64 values per row this bounds one claim's memory.
 pub const CLAIM_LIMIT: i64 = 200;
+/// Heartbeats per claim timeout on each claim connection. With three, one heartbeat delayed by a
+/// slow round trip (a loaded Postgres, a busy worker thread) still leaves another before the
+/// server's timeout, while a 30 s timeout costs one trivial query per connection every 10 s.
+pub const HEARTBEATS_PER_CLAIM_TIMEOUT: u32 = 3;
+/// The shortest heartbeat period, however short the claim timeout: a timer needs a period, and a
+/// claim connection is not worth more than a round trip a millisecond.
+const HEARTBEAT_AT_MOST_EVERY: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -44,8 +66,11 @@ pub enum OutboxError {
     Postgres(#[from] tokio_postgres::Error),
     /// The connection carrying an epoch closed: the server rolled its transaction back, so the
     /// epoch's rows are pending again and will be claimed (and swept) anew.
-    #[error("the connection holding claim epoch {epoch} closed; its rows went back to the outbox")]
-    ClaimLost { epoch: u64 },
+    #[error(
+        "the connection holding claim epoch {epoch} closed ({reason}); its rows went back to the \
+         outbox"
+    )]
+    ClaimLost { epoch: u64, reason: String },
 }
 
 impl OutboxError {
@@ -89,8 +114,61 @@ struct Epoch {
 
 #[derive(Default)]
 struct Slot {
-    connection: Option<(Client, Driver)>,
+    connection: Option<ClaimConnection>,
     epoch: Option<Epoch>,
+}
+
+/// One claim connection, with the heartbeat that keeps its transactions from timing out while
+/// the worker runs. Dropping it stops the heartbeat and closes the connection, which ends its
+/// transaction on the server.
+struct ClaimConnection {
+    client: Arc<Client>,
+    driver: Driver,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ClaimConnection {
+    /// Why the connection closed, as its driver saw it (a terminated backend, a claim timeout).
+    fn closed_reason(&mut self) -> String {
+        match (&mut self.driver).now_or_never() {
+            Some(Ok(Err(error))) => {
+                if error.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT) {
+                    "the server ended it after the claim timeout without a word from this \
+                     worker: was the process frozen?"
+                        .to_owned()
+                } else {
+                    describe(&error)
+                }
+            }
+            _ => "connection closed".to_owned(),
+        }
+    }
+}
+
+impl Drop for ClaimConnection {
+    fn drop(&mut self) {
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.abort();
+        }
+    }
+}
+
+/// Says something on a claim connection every `every`, so its open transaction never sits idle
+/// for the claim timeout while this process runs. Ends when the connection is gone or fails.
+async fn heartbeat(client: Weak<Client>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the connection was just used.
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(client) = client.upgrade() else {
+            return;
+        };
+        if client.is_closed() || client.batch_execute("SELECT 1").await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The worker's claims on the outbox: a few connections, each carrying at most one epoch.
@@ -103,6 +181,9 @@ pub struct Outbox {
     /// The epoch that last took a claim after its first. That claim skipped rows below the
     /// epoch's highest id that committed late; see [`Outbox::recheck_due_at`].
     continued: Option<u64>,
+    /// Longest a claim connection may say nothing inside a transaction before the server ends it
+    /// (`idle_in_transaction_session_timeout`); zero: no bound.
+    claim_timeout: Duration,
 }
 
 /// The result of acknowledging a window.
@@ -122,7 +203,44 @@ impl Outbox {
             next_epoch: 1,
             open_for: EPOCH_OPEN_FOR,
             continued: None,
+            claim_timeout: crate::settings::DEFAULT_CLAIM_TIMEOUT,
         }
+    }
+
+    /// Bounds how long a frozen worker keeps its claims (`--claim-timeout`; zero: no bound). It
+    /// applies to connections opened from now on.
+    pub fn with_claim_timeout(mut self, claim_timeout: Duration) -> Outbox {
+        self.claim_timeout = claim_timeout;
+        self
+    }
+
+    /// Opens a claim connection: sets the server's idle-in-transaction timeout to the claim
+    /// timeout (overriding any role or database default) and starts its heartbeat.
+    async fn open_connection(&self) -> Result<ClaimConnection, OutboxError> {
+        let (client, driver) = self.target.connect(None).await?;
+        // Whole milliseconds, as Postgres takes them; 0 turns the timeout off, so a timeout under
+        // a millisecond is rounded up rather than to "no bound".
+        let millis = match self.claim_timeout.is_zero() {
+            true => 0,
+            false => self.claim_timeout.as_millis().max(1),
+        };
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {millis}"
+            ))
+            .await?;
+        let client = Arc::new(client);
+        let heartbeat = (!self.claim_timeout.is_zero()).then(|| {
+            tokio::spawn(heartbeat(
+                Arc::downgrade(&client),
+                (self.claim_timeout / HEARTBEATS_PER_CLAIM_TIMEOUT).max(HEARTBEAT_AT_MOST_EVERY),
+            ))
+        });
+        Ok(ClaimConnection {
+            client,
+            driver,
+            heartbeat,
+        })
     }
 
     /// When a claim should look again for rows that committed late with ids below those already
@@ -206,18 +324,25 @@ impl Outbox {
         let alive = slot
             .connection
             .as_ref()
-            .is_some_and(|(client, _)| !client.is_closed());
+            .is_some_and(|connection| !connection.client.is_closed());
         if !alive {
             // A transaction dies with its connection. Reconnecting under the epoch would run its
             // later claims and deletes outside any transaction, holding no locks.
             if let Some(epoch) = slot.epoch.take() {
-                slot.connection = None;
-                return Err(OutboxError::ClaimLost { epoch: epoch.id });
+                let reason = slot
+                    .connection
+                    .take()
+                    .map_or_else(|| "connection closed".to_owned(), |mut c| c.closed_reason());
+                return Err(OutboxError::ClaimLost {
+                    epoch: epoch.id,
+                    reason,
+                });
             }
-            slot.connection = Some(self.target.connect(None).await?);
+            let connection = self.open_connection().await?;
+            self.slots[index].connection = Some(connection);
         }
         match &self.slots[index].connection {
-            Some((client, _)) => Ok(client),
+            Some(connection) => Ok(&connection.client),
             None => unreachable!("connected just above"),
         }
     }
@@ -401,7 +526,7 @@ impl Outbox {
         for index in 0..self.slots.len() {
             if self.slots[index].epoch.take().is_some() {
                 let rolled_back = match &self.slots[index].connection {
-                    Some((client, _)) => client.batch_execute("ROLLBACK").await.is_ok(),
+                    Some(connection) => connection.client.batch_execute("ROLLBACK").await.is_ok(),
                     None => true,
                 };
                 if !rolled_back {

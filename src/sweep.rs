@@ -25,6 +25,12 @@
 //! asks the primary for its own `CLUSTER NODES` line: if a failover or a slot migration happened
 //! since the worker connected, keys may have moved past a cursor, so the step fails and the worker
 //! gives the batch back and sweeps again on the new topology.
+//!
+//! Where a node has replicas, a window is finished only once they have its deletes too
+//! ([`crate::replicas`]): a request of the node carries `WAIT` after its `UNLINK`s, and the
+//! windows confirmed on the node up to then count as replicated when enough replicas answered.
+//! `WAIT` blocks the node's connection, so one is in flight per node at a time; one that times out
+//! leaves the windows unfinished (their changes stay in the outbox) and is sent again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +44,7 @@ use redis::cluster_routing::Slot;
 
 use crate::keyspace::{CursorOrder, Node};
 use crate::matcher::{Matcher, PatternId};
+use crate::replicas::connected_replicas;
 
 /// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
 /// app shares this Redis); 5,000 saves 10 % of a pass but blocks Redis 3–4 ms per call. With
@@ -53,6 +60,12 @@ pub const SCAN_COUNT: usize = 500;
 pub const LANES: usize = 4;
 /// Keys per `UNLINK` command: small enough that freeing them never blocks Redis for long.
 pub const UNLINK_CHUNK: usize = 256;
+/// A node's replicas are counted again (`INFO replication`, in a request that confirms windows)
+/// once the last count is this old; requests that carry `WAIT` always count them. Confirming
+/// windows without a fresh count misses only a replica that attached within this second, which
+/// is still in its first synchronisation and no candidate for a failover; counting on every
+/// confirmation would add an `INFO` to tens of requests a second on servers without replicas.
+const REPLICA_RECOUNT_AFTER: Duration = Duration::from_secs(1);
 
 pub type WindowId = u64;
 
@@ -119,6 +132,8 @@ struct Progress {
     /// A request sent after `done` came back: the `UNLINK`s of every key the window matched in
     /// this lane are confirmed.
     confirmed: bool,
+    /// The node's replicas the policy asks for have those deletes too (or it asks for none).
+    replicated: bool,
 }
 
 impl Progress {
@@ -288,10 +303,23 @@ struct LaneReply {
     outcome: Result<PlanOutcome, redis::RedisError>,
 }
 
+/// A node's replica confirmations.
+#[derive(Debug, Default, Clone)]
+struct ReplicaWaits {
+    /// A request carrying `WAIT` is in flight: it blocks the connection, so one at a time.
+    in_flight: bool,
+    /// The last `WAIT` timed out short of the replicas asked for (warned once until it recovers).
+    behind: bool,
+    /// When the replicas were last counted by a sweep request.
+    counted_at: Option<Instant>,
+}
+
 /// The sweep state: nodes, their lanes with cursors and requests in flight, the active windows
 /// and their compiled patterns.
 pub struct Sweeper {
     nodes: Vec<Node>,
+    /// One per node.
+    replica_waits: Vec<ReplicaWaits>,
     lanes: Vec<Lane>,
     in_flight: FuturesUnordered<BoxFuture<'static, LaneReply>>,
     matcher: Matcher,
@@ -318,6 +346,7 @@ impl Sweeper {
             .flat_map(|(index, node)| Lane::for_node(index, node.cursor_order, lanes_per_node))
             .collect();
         Sweeper {
+            replica_waits: vec![ReplicaWaits::default(); nodes.len()],
             nodes,
             lanes,
             in_flight: FuturesUnordered::new(),
@@ -455,10 +484,36 @@ impl Sweeper {
                 let progress = &window.progress[index];
                 progress.done && !progress.confirmed
             });
-            if !needs_scan && !needs_confirming && lane.pending.is_empty() {
+            let node_index = lane.node;
+            let node = &self.nodes[node_index];
+            let policy = node.replica_policy;
+            let required = policy.required(node.replicas);
+            // Windows of this node confirmed on the primary and waiting for its replicas: this
+            // request's WAIT covers them, and the ones its own UNLINKs confirm.
+            let covers: Vec<(WindowId, usize)> =
+                match required > 0 && !self.replica_waits[node_index].in_flight {
+                    true => self
+                        .windows
+                        .iter()
+                        .flat_map(|window| {
+                            window
+                                .progress
+                                .iter()
+                                .enumerate()
+                                .filter(|&(lane, progress)| {
+                                    self.lanes[lane].node == node_index
+                                        && !progress.replicated
+                                        && (progress.confirmed || (lane == index && progress.done))
+                                })
+                                .map(move |(lane, _)| (window.id, lane))
+                        })
+                        .collect(),
+                    false => Vec::new(),
+                };
+            let wait = !covers.is_empty();
+            if !needs_scan && !needs_confirming && !wait && lane.pending.is_empty() {
                 continue;
             }
-            let node = &self.nodes[lane.node];
             let glob = match_glob
                 .get_or_insert_with(|| Arc::from(self.matcher.superset_glob()))
                 .clone();
@@ -467,7 +522,24 @@ impl Sweeper {
                 groups: group_pending(std::mem::take(&mut lane.pending), node.clustered),
                 scan: needs_scan.then_some(lane.cursor),
                 verify: node.shard.is_some() && needs_confirming,
+                // Replicas may attach or leave at any time: count them where a window is
+                // confirmed, right after its deletes (unless `INFO` is refused).
+                count_replicas: policy.counts_connected()
+                    && node.replicas.is_some()
+                    && (wait
+                        || (needs_confirming
+                            && self.replica_waits[node_index]
+                                .counted_at
+                                .is_none_or(|at| at.elapsed() >= REPLICA_RECOUNT_AFTER))),
+                wait: wait.then(|| (required, policy.wait_millis())),
+                covers,
             };
+            if wait {
+                self.replica_waits[node_index].in_flight = true;
+            }
+            if plan.count_replicas {
+                self.replica_waits[node_index].counted_at = Some(Instant::now());
+            }
             if needs_scan && !lane.in_round() {
                 lane.round_started = Some(Instant::now());
             }
@@ -496,6 +568,10 @@ impl Sweeper {
             node: node.name.clone(),
             source,
         };
+        let node_index = self.lanes[index].node;
+        if plan.wait.is_some() {
+            self.replica_waits[node_index].in_flight = false;
+        }
         let outcome = outcome.map_err(fail)?;
         if let Some(text) = &outcome.cluster_nodes {
             node.verify_shard(text).map_err(|detail| {
@@ -515,6 +591,28 @@ impl Sweeper {
                 *report.deleted.entry(group.label.clone()).or_default() += count;
             }
         }
+        let policy = node.replica_policy;
+        let node_name = node.name.clone();
+        if let Some(connected) = outcome.connected_replicas {
+            self.nodes[node_index].replicas = Some(connected);
+        }
+        let required = policy.required(self.nodes[node_index].replicas);
+        let replicated = match (plan.wait, outcome.replicas_acked) {
+            (Some(_), Some(acked)) => Some(acked >= required),
+            _ => None,
+        };
+        let waits = &mut self.replica_waits[node_index];
+        match replicated {
+            Some(false) if !waits.behind => {
+                waits.behind = true;
+                tracing::warn!(node = %node_name, acked = outcome.replicas_acked.unwrap_or(0), required, wait_ms = policy.wait_millis(), "replicas did not confirm the deletes in time: the changes stay in the outbox until they do");
+            }
+            Some(true) if waits.behind => {
+                waits.behind = false;
+                tracing::info!(node = %node_name, required, "replicas confirm the deletes again");
+            }
+            _ => {}
+        }
         let lane = &mut self.lanes[index];
         lane.in_flight = false;
         lane.scan_in_flight = false;
@@ -524,6 +622,17 @@ impl Sweeper {
             let progress = &mut window.progress[index];
             if progress.done {
                 progress.confirmed = true;
+                // Nothing to wait for: no replica asked for, as counted right after the deletes.
+                if required == 0 {
+                    progress.replicated = true;
+                }
+            }
+        }
+        if replicated == Some(true) {
+            for &(window_id, lane) in &plan.covers {
+                if let Some(window) = self.windows.iter_mut().find(|w| w.id == window_id) {
+                    window.progress[lane].replicated = true;
+                }
             }
         }
 
@@ -556,7 +665,12 @@ impl Sweeper {
         let finished_ids: Vec<WindowId> = self
             .windows
             .iter()
-            .filter(|window| window.progress.iter().all(|progress| progress.confirmed))
+            .filter(|window| {
+                window
+                    .progress
+                    .iter()
+                    .all(|progress| progress.confirmed && progress.replicated)
+            })
             .map(|window| window.id)
             .collect();
         for id in finished_ids {
@@ -632,6 +746,12 @@ struct NodePlan {
     scan: Option<u64>,
     /// Ask for `CLUSTER NODES` (see [`Node::verify_shard`]).
     verify: bool,
+    /// Ask `INFO replication` how many replicas are connected, after the `UNLINK`s.
+    count_replicas: bool,
+    /// `WAIT <replicas> <milliseconds>` after the `UNLINK`s.
+    wait: Option<(u32, u64)>,
+    /// Windows (and lanes) the `WAIT` vouches for when enough replicas answer.
+    covers: Vec<(WindowId, usize)>,
 }
 
 struct PlanOutcome {
@@ -639,6 +759,9 @@ struct PlanOutcome {
     unlinked: Vec<(usize, u64)>,
     scanned: Option<(u64, Vec<Vec<u8>>)>,
     cluster_nodes: Option<String>,
+    connected_replicas: Option<u32>,
+    /// Replicas that acknowledged every write of the connection (`WAIT`'s answer).
+    replicas_acked: Option<u32>,
 }
 
 async fn run_plan(
@@ -657,6 +780,13 @@ async fn run_plan(
             commands.push(group_index);
         }
     }
+    // After the UNLINKs: WAIT covers every write the connection made before it.
+    if plan.count_replicas {
+        pipe.cmd("INFO").arg("replication");
+    }
+    if let Some((replicas, millis)) = plan.wait {
+        pipe.cmd("WAIT").arg(replicas).arg(millis);
+    }
     if let Some(cursor) = plan.scan {
         pipe.cmd("SCAN").arg(cursor);
         if match_glob != b"*" {
@@ -664,11 +794,18 @@ async fn run_plan(
         }
         pipe.arg("COUNT").arg(SCAN_COUNT);
     }
-    if commands.is_empty() && plan.scan.is_none() && !plan.verify {
+    if commands.is_empty()
+        && plan.scan.is_none()
+        && !plan.verify
+        && !plan.count_replicas
+        && plan.wait.is_none()
+    {
         return Ok(PlanOutcome {
             unlinked: Vec::new(),
             scanned: None,
             cluster_nodes: None,
+            connected_replicas: None,
+            replicas_acked: None,
         });
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
@@ -693,6 +830,25 @@ async fn run_plan(
         }
         None => None,
     };
+    let missing = |what: &'static str| redis::RedisError::from((redis::ErrorKind::Client, what));
+    let replicas_acked = match plan.wait {
+        Some(_) => Some(redis::from_redis_value(
+            replies.pop().ok_or_else(|| missing("empty WAIT reply"))?,
+        )?),
+        None => None,
+    };
+    let connected = match plan.count_replicas {
+        true => {
+            let info: String = redis::from_redis_value(
+                replies
+                    .pop()
+                    .ok_or_else(|| missing("empty INFO replication reply"))?,
+            )?;
+            // A reply without the field: count none rather than fail every sweep.
+            Some(connected_replicas(&info).unwrap_or(0))
+        }
+        false => None,
+    };
     let mut unlinked = Vec::with_capacity(commands.len());
     for (group_index, reply) in commands.into_iter().zip(replies) {
         let count: u64 = redis::from_redis_value(reply)?;
@@ -702,6 +858,8 @@ async fn run_plan(
         unlinked,
         scanned,
         cluster_nodes,
+        connected_replicas: connected,
+        replicas_acked,
     })
 }
 

@@ -102,7 +102,8 @@ pub async fn run_with_rules(
         &settings.connections.redis_url,
         settings.connections.redis_ca_file.as_deref(),
         settings.redis_timeout,
-    )?;
+    )?
+    .with_replicas(crate::replicas::ReplicaPolicy::from_settings(&settings));
     info!(
         postgres = pg.redacted(),
         redis = redis.redacted(),
@@ -120,7 +121,7 @@ pub async fn run_with_rules(
     ));
     let mut worker = Worker {
         rules,
-        outbox: Outbox::new(pg),
+        outbox: Outbox::new(pg).with_claim_timeout(settings.claim_timeout),
         redis,
         finder: None,
         mode: settings.mode,

@@ -1,0 +1,300 @@
+//! Replicas before the acknowledgement (issue 19, point 3): where a Redis node has replicas, an
+//! outbox row is deleted only once they have the change's deletes (`WAIT`), so a failover cannot
+//! bring back keys whose outbox rows are gone; where it has none, nothing waits.
+//!
+//! A private primary with a private replica; the replica is frozen with SIGSTOP, which holds its
+//! replication back (it neither reads the stream nor acknowledges it) while the primary keeps the
+//! link.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use redis::aio::MultiplexedConnection;
+
+/// How long any awaited effect may take (a bound, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(30);
+/// While the replica is frozen, the row must stay this long: several `WAIT` timeouts (1 s each).
+const HELD_FOR: Duration = Duration::from_secs(4);
+
+/// A `redis-server` replicating `primary_port`, killed when dropped.
+struct Replica {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    fn start(primary_port: u16) -> Replica {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &dir.path().display().to_string()])
+            .args(["--replicaof", "127.0.0.1", &primary_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Replica {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// SIGSTOP / SIGCONT.
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn info_field(connection: &mut MultiplexedConnection, section: &str, name: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(connection)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.trim_end().strip_prefix(&format!("{name}:")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Commits one UPDATE of report `id`.
+async fn change(db: &TestDb, id: i32) {
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "UPDATE reports_report SET title = 'new' WHERE id = {id}"
+        ))
+        .await
+        .expect("change a report");
+}
+
+async fn seeded_db(tag: &str, space: &KeySpace) -> TestDb {
+    let db = TestDb::with_reports(tag, &space.rules()).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO auth_user (id) VALUES (1), (2);
+             INSERT INTO reports_report (id, author_id) VALUES (1, 1), (2, 2);
+             DELETE FROM cache_invalidator.outbox;",
+        )
+        .await
+        .expect("seed reports");
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
+    let space = KeySpace::new("replica");
+    let db = seeded_db("replica", &space).await;
+    let primary = PrivateRedis::start();
+    let replica = Replica::start(primary.port);
+    let mut on_primary = redis_connection(&primary.url()).await;
+    let mut on_replica = redis_connection(&replica.url()).await;
+    assert!(
+        wait_until(PATIENCE, || {
+            let mut on_replica = on_replica.clone();
+            async move { info_field(&mut on_replica, "replication", "master_link_status").await == "up" }
+        })
+        .await,
+        "the replica never synchronised"
+    );
+    let must_go = vec![
+        space.key("report:1:7:h"),
+        space.key("reportlist:reports:1:p1"),
+    ];
+    let decoys = vec![
+        space.key("report:2:7:h"),
+        space.key("reportlist:reports:2:p1"),
+    ];
+    set_keys(&mut on_primary, &[&must_go[..], &decoys].concat()).await;
+    assert!(
+        wait_until(PATIENCE, || {
+            let mut on_replica = on_replica.clone();
+            let key = must_go[0].clone();
+            async move { exists(&mut on_replica, &key).await }
+        })
+        .await,
+        "the keys never reached the replica"
+    );
+
+    let daemon = Daemon::start(test_settings(&db.url, &primary.url(), space.rules()));
+    // The daemon has connected (and counted the replica) once it clears a first change.
+    change(&db, 2).await;
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "the daemon never cleared a first change"
+    );
+    set_keys(&mut on_primary, &decoys).await;
+
+    replica.signal("STOP");
+    change(&db, 1).await;
+    // The primary has the delete: the sweep ran and UNLINKed the keys...
+    assert_gone_within(&mut on_primary, &must_go, PATIENCE).await;
+    // ...but the row stays while the replica cannot confirm it.
+    let acknowledged = wait_until(HELD_FOR, || async { db.outbox_rows().await == 0 }).await;
+    assert!(
+        !acknowledged,
+        "the change was acknowledged while its replica did not have the delete"
+    );
+    assert_eq!(db.outbox_rows().await, 1);
+
+    replica.signal("CONT");
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "the change was never acknowledged after the replica caught up"
+    );
+    // Acknowledged means the replica has it.
+    for key in &must_go {
+        assert!(
+            !exists(&mut on_replica, key).await,
+            "{key} is still on the replica after the acknowledgement"
+        );
+    }
+    assert_kept(&mut on_primary, &decoys).await;
+    assert_kept(&mut on_replica, &decoys).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_replicas_nothing_waits() {
+    let space = KeySpace::new("noreplica");
+    let db = seeded_db("noreplica", &space).await;
+    let redis = PrivateRedis::start();
+    let mut connection = redis_connection(&redis.url()).await;
+    let must_go = vec![
+        space.key("report:1:7:h"),
+        space.key("reportlist:reports:1:p1"),
+    ];
+    let decoys = vec![space.key("report:2:7:h")];
+    set_keys(&mut connection, &[&must_go[..], &decoys].concat()).await;
+
+    let daemon = Daemon::start(test_settings(&db.url, &redis.url(), space.rules()));
+    change(&db, 1).await;
+    assert_gone_within(&mut connection, &must_go, PATIENCE).await;
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "the change was never acknowledged"
+    );
+    assert_kept(&mut connection, &decoys).await;
+    // The server never saw a WAIT: no replica, nothing to wait for.
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("INFO commandstats");
+    assert!(
+        stats.contains("cmdstat_unlink:") && !stats.contains("cmdstat_wait:"),
+        "{stats}"
+    );
+    daemon.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_replicas_says_whether_the_replicas_have_the_connections_writes() {
+    use cache_invalidator::replicas::{confirm_replicas, ReplicaPolicy};
+    let primary = PrivateRedis::start();
+    let replica = Replica::start(primary.port);
+    let mut on_primary = redis_connection(&primary.url()).await;
+    let mut on_replica = redis_connection(&replica.url()).await;
+    assert!(
+        wait_until(PATIENCE, || {
+            let mut on_replica = on_replica.clone();
+            async move { info_field(&mut on_replica, "replication", "master_link_status").await == "up" }
+        })
+        .await,
+        "the replica never synchronised"
+    );
+    let every = ReplicaPolicy {
+        acks: None,
+        timeout: Duration::from_millis(300),
+    };
+    let key = unique("confirm");
+    set_keys(&mut on_primary, std::slice::from_ref(&key)).await;
+    let confirmation = confirm_replicas(&mut on_primary, every)
+        .await
+        .expect("WAIT");
+    assert!(confirmation.confirmed(), "{confirmation:?}");
+    assert_eq!(confirmation.required, 1);
+    assert!(exists(&mut on_replica, &key).await);
+
+    replica.signal("STOP");
+    let () = redis::cmd("UNLINK")
+        .arg(&key)
+        .query_async::<i64>(&mut on_primary)
+        .await
+        .map(|_| ())
+        .expect("UNLINK");
+    let confirmation = confirm_replicas(&mut on_primary, every)
+        .await
+        .expect("WAIT");
+    assert!(!confirmation.confirmed(), "{confirmation:?}");
+    replica.signal("CONT");
+    let confirmation = confirm_replicas(&mut on_primary, every)
+        .await
+        .expect("WAIT");
+    assert!(confirmation.confirmed(), "{confirmation:?}");
+    assert!(!exists(&mut on_replica, &key).await);
+
+    // None asked for: no WAIT is sent.
+    let none = ReplicaPolicy {
+        acks: Some(0),
+        timeout: Duration::from_millis(300),
+    };
+    let confirmation = confirm_replicas(&mut on_primary, none)
+        .await
+        .expect("no WAIT");
+    assert_eq!((confirmation.acked, confirmation.required), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_wait_longer_than_half_the_redis_timeout_is_refused_at_start() {
+    let output = daemon_command(&[
+        "run",
+        "--replica-wait-timeout",
+        "3s",
+        "--redis-timeout",
+        "5s",
+    ])
+    .env_remove("CACHE_INVALIDATOR_REPLICA_WAIT_TIMEOUT")
+    .output()
+    .await
+    .expect("run cache-invalidator");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("replica wait timeout 3s must be at most half the redis timeout 5s"),
+        "{message}"
+    );
+}
