@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::sync::Notify;
@@ -205,7 +206,7 @@ impl PgTarget {
                     message,
                 };
                 let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                for cert in CertificateDer::pem_slice_iter(&pem) {
                     let cert = cert.map_err(|e| error(e.to_string()))?;
                     roots.add(cert).map_err(|e| error(e.to_string()))?;
                 }
