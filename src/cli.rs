@@ -18,10 +18,18 @@ use crate::settings::{
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
+/// `--version`: the crate version and the git commit it was built from (`build.rs`).
+const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CACHE_INVALIDATOR_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cache-invalidator",
-    version,
+    version = VERSION_LINE,
     about = "Keeps a Redis cache honest: Postgres triggers record every committed change in an \
              outbox, and a worker clears the cache keys the rules name.",
     after_help = "Quick start:\n  cache-invalidator install     # once, and after the rules change\n  \

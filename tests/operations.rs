@@ -268,6 +268,16 @@ async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
         "{body}"
     );
     assert!(body.contains("cache_invalidator_commit_to_delete_seconds_bucket{le=\"0.005\"}"));
+    let build_info = body
+        .lines()
+        .find(|line| line.starts_with("cache_invalidator_build_info{"))
+        .unwrap_or_else(|| panic!("no build info:\n{body}"));
+    assert!(
+        build_info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build_info.contains(&format!("commit=\"{}\"", checkout_commit()))
+            && build_info.ends_with(" 1"),
+        "{build_info}"
+    );
 
     assert!(daemon.stop().await.success());
     db.drop().await;
@@ -746,6 +756,33 @@ async fn systemd_unit_verifies_and_rates_as_hardened() {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{report}{}", stderr(&security)));
     assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
+}
+
+/// The commit of this checkout as git names it, or `unknown` where there is no git (what the
+/// binary's build script then records).
+fn checkout_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[tokio::test]
+async fn version_names_the_release_and_the_git_commit() {
+    let output = run_cli(&["--version"], &[]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output).trim(),
+        format!(
+            "cache-invalidator {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            checkout_commit()
+        )
+    );
 }
 
 #[tokio::test]
