@@ -283,6 +283,85 @@ async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
     db.drop().await;
 }
 
+/// The `changes=N` fields of the `batch invalidated` log lines, summed.
+fn logged_changes(log: &str) -> u64 {
+    log.lines()
+        .filter(|line| line.contains("batch invalidated"))
+        .filter_map(|line| {
+            let field = line
+                .split_whitespace()
+                .find(|f| f.starts_with("changes="))?;
+            field.trim_start_matches("changes=").parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows() {
+    let space = KeySpace::new("counting");
+    let db = TestDb::with_reports("counting", &space.rules()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("rules.toml");
+    write_rules(&rules, &space.key_prefix(), None);
+    let client = db.client().await;
+    // The rows to update exist before the daemon starts; their INSERT is not what is counted.
+    client
+        .batch_execute(
+            "INSERT INTO auth_user (id) VALUES (1), (2);
+             INSERT INTO reports_report (id, author_id) SELECT n, 1 FROM generate_series(1, 100) n;
+             DELETE FROM cache_invalidator.outbox;",
+        )
+        .await
+        .expect("set up reports");
+    let daemon = Running::start(
+        &[
+            "--rules",
+            rules.to_str().expect("utf-8 path"),
+            "--refill-guard",
+            "0",
+        ],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("REDIS_URL", &shared_redis_url()),
+        ],
+        true,
+    );
+    daemon.wait_for_listener().await;
+    // 100 single-row UPDATEs, each its own statement and outbox row: the even ones move the
+    // report to another author (an OLD and a NEW value tuple), the odd ones only retitle it.
+    for id in 1..=100 {
+        let statement = if id % 2 == 0 {
+            "UPDATE reports_report SET author_id = 2 WHERE id = $1"
+        } else {
+            "UPDATE reports_report SET title = 'retitled' WHERE id = $1"
+        };
+        client.execute(statement, &[&id]).await.expect("update");
+    }
+    // One statement changing 10 rows: one outbox row standing for 10 changed rows.
+    client
+        .batch_execute("UPDATE reports_report SET body = 'edited' WHERE id <= 10")
+        .await
+        .expect("bulk update");
+    // Each outbox row is timed once when acknowledged: 101 means every change was booked.
+    daemon
+        .wait_for_metric("cache_invalidator_commit_to_delete_seconds_count", 101.0)
+        .await;
+    let body = daemon.scrape().await;
+    assert_eq!(
+        sample(
+            &body,
+            "cache_invalidator_changes_total{table=\"reports_report\"}"
+        ),
+        Some(110.0),
+        "{body}"
+    );
+    // The batch lines are written before the acknowledgement is timed.
+    let log = daemon.process.log_text();
+    assert_eq!(logged_changes(&log), 110, "{log}");
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_turns_503_while_redis_is_down_and_200_once_it_is_back() {
     let mut redis = PrivateRedis::start();
