@@ -102,8 +102,14 @@ pub enum Command {
     #[command(after_help = "Example:\n  cache-invalidator check && echo ok")]
     Check,
     /// Show the outbox backlog, the oldest pending change, dead letters and connected workers;
-    /// exits 1 when the oldest pending change is older than --max-age (a health probe)
-    #[command(after_help = "Example:\n  cache-invalidator status --max-age 30s")]
+    /// exits 1 when no worker is listening or the oldest pending change is older than --max-age
+    /// (a health probe)
+    #[command(
+        after_help = "Exit codes:\n  0  a worker is listening and the backlog is younger than --max-age\n  \
+                      1  unhealthy: no worker is listening, or the oldest pending change is older\n  \
+                      2  error: invalid settings, or Postgres cannot be reached\n\n\
+                      Example:\n  cache-invalidator status --max-age 30s || alert"
+    )]
     Status {
         /// Backlog age above which the exit code is 1
         #[arg(long, value_parser = parse_duration, default_value = "60s")]

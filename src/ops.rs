@@ -203,7 +203,9 @@ pub async fn connected_workers(client: &Client) -> Result<Vec<WorkerSession>, Op
         .collect())
 }
 
-/// `status`: returns whether the backlog is younger than `max_age`.
+/// `status`: returns whether all is well: a worker is listening and the oldest pending change is
+/// younger than `max_age`. A backlog that is young only because it was just written is no comfort
+/// when nothing will ever clear it, so a missing worker is unhealthy whatever the backlog.
 pub async fn status(
     settings: &Settings,
     max_age: std::time::Duration,
@@ -258,15 +260,22 @@ pub async fn status(
             worker.pid, worker.client, worker.since
         );
     }
-    let healthy = backlog.oldest_age_seconds <= max_age.as_secs_f64();
-    if !healthy {
+    let young_enough = backlog.oldest_age_seconds <= max_age.as_secs_f64();
+    if !young_enough {
         let _ = writeln!(
             out,
-            "UNHEALTHY: the oldest pending change is older than {}s",
-            max_age.as_secs()
+            "UNHEALTHY: the oldest pending change is older than {}",
+            humantime::format_duration(max_age)
         );
     }
-    Ok((healthy, out))
+    if workers.is_empty() {
+        let _ = writeln!(
+            out,
+            "UNHEALTHY: no worker is listening on this database: changes are recorded but nothing \
+             clears them (start `cache-invalidator run`)"
+        );
+    }
+    Ok((young_enough && !workers.is_empty(), out))
 }
 
 /// `invalidate`: the keys matching `patterns` on every node. With `dry_run`, only lists them.

@@ -363,6 +363,44 @@ async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_fails_while_no_worker_listens_and_says_so() {
+    let space = KeySpace::new("status_exit");
+    let db = TestDb::with_reports("status_exit", &space.rules()).await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    ];
+    let alone = run_cli(&["status"], &env).await;
+    let text = stdout(&alone);
+    assert_eq!(alone.status.code(), Some(1), "{text}{}", stderr(&alone));
+    assert!(text.contains("workers listening:  0"), "{text}");
+    assert!(text.contains("UNHEALTHY: no worker is listening"), "{text}");
+
+    let help = run_cli(&["status", "--help"], &[]).await;
+    assert!(
+        stdout(&help).contains("exits 1 when no worker is listening"),
+        "{}",
+        stdout(&help)
+    );
+
+    let daemon = Running::start(&["--refill-guard", "0"], &env, true);
+    daemon.wait_for_listener().await;
+    let listening = wait_until(PATIENCE, || async {
+        run_cli(&["status"], &env).await.status.code() == Some(0)
+    })
+    .await;
+    let last = run_cli(&["status"], &env).await;
+    assert!(listening, "{}{}", stdout(&last), stderr(&last));
+    assert!(
+        stdout(&last).contains("workers listening:  1"),
+        "{}",
+        stdout(&last)
+    );
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_turns_503_while_redis_is_down_and_200_once_it_is_back() {
     let mut redis = PrivateRedis::start();
     let db = TestDb::with_reports("healthz", &rules_with_prefix(":1:")).await;
