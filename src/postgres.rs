@@ -97,7 +97,7 @@ enum Form {
 /// The parameters tokio-postgres understands, plus `sslrootcert` (taken out here). A key outside
 /// this list is reported without its name unless it is a known libpq parameter: in a string that
 /// was mistyped (an unquoted password with a space in it), a "key" may be part of the password.
-const UNDERSTOOD_PARAMETERS: [&str; 21] = [
+const UNDERSTOOD_PARAMETERS: [&str; 20] = [
     "user",
     "password",
     "dbname",
@@ -118,11 +118,10 @@ const UNDERSTOOD_PARAMETERS: [&str; 21] = [
     "target_session_attrs",
     "channel_binding",
     "load_balance_hosts",
-    "replication",
 ];
 
 /// libpq parameters this program does not support, named in the error when given.
-const UNSUPPORTED_LIBPQ_PARAMETERS: [&str; 16] = [
+const UNSUPPORTED_LIBPQ_PARAMETERS: [&str; 17] = [
     "service",
     "passfile",
     "sslcert",
@@ -139,6 +138,7 @@ const UNSUPPORTED_LIBPQ_PARAMETERS: [&str; 16] = [
     "krbsrvname",
     "gsslib",
     "client_encoding",
+    "replication",
 ];
 
 /// The libpq-only TLS options taken out before tokio-postgres sees the rest.

@@ -758,6 +758,103 @@ mod tests {
         assert!(!format!("{url:?} {url}").contains("pw"));
     }
 
+    fn config_file(text: &str) -> (tempfile::NamedTempFile, PathBuf) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write config");
+        let path = file.path().to_owned();
+        (file, path)
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| OsString::from(value))
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file_which_beats_the_default() {
+        let (_file, path) = config_file("refill_guard = \"3s\"\npoll_interval = 0.5\n");
+        let given = |refill_guard| Given {
+            config: Some(path.clone()),
+            refill_guard,
+            ..Given::default()
+        };
+        let env = env_of(&[(env_names::REFILL_GUARD, "2s")]);
+        let load = |given, env: &dyn Fn(&str) -> Option<OsString>| {
+            Settings::load_with_env(given, env).map(|s| s.refill_guard)
+        };
+        // A float is neither a string nor an integer: the file is wrong whatever wins.
+        let error = load(given(None), &env).expect_err("float").to_string();
+        assert!(
+            error.contains(&format!("config file {}: poll_interval:", path.display())),
+            "{error}"
+        );
+        let (_file, path) = config_file("refill_guard = \"3s\"\n");
+        let given = |refill_guard| Given {
+            config: Some(path.clone()),
+            refill_guard,
+            ..Given::default()
+        };
+        let flag = Some(Duration::from_secs(1));
+        assert_eq!(load(given(flag), &env).ok(), flag);
+        assert_eq!(load(given(None), &env).ok(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            load(given(None), &env_of(&[])).ok(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            load(Given::default(), &env_of(&[])).ok(),
+            Some(DEFAULT_REFILL_GUARD)
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_source() {
+        let error = Settings::load_with_env(Given::default(), env_of(&[(env_names::MODE, "fast")]))
+            .expect_err("bad mode")
+            .to_string();
+        assert_eq!(
+            error,
+            "environment variable CACHE_INVALIDATOR_MODE: \"fast\" is not one of auto, index, sweep"
+        );
+        let (_file, path) = config_file("log_format = \"xml\"\n");
+        let error = Settings::load_with_env(
+            Given {
+                config: Some(path.clone()),
+                ..Given::default()
+            },
+            env_of(&[]),
+        )
+        .expect_err("bad log format")
+        .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "config file {}: log_format: \"xml\" is not one of text, json",
+                path.display()
+            )
+        );
+        let (_file, path) = config_file("database_url = \"postgres://u:Secret9@h/x\n");
+        let error = Settings::load_with_env(
+            Given {
+                config: Some(path.clone()),
+                ..Given::default()
+            },
+            env_of(&[]),
+        )
+        .expect_err("unterminated string")
+        .to_string();
+        assert!(error.contains("line 1, column"), "{error}");
+        assert!(!error.contains("Secret9"), "{error}");
+    }
+
     #[test]
     fn durations_parse_like_the_documentation_says() {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
