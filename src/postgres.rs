@@ -503,8 +503,18 @@ fn redacted_form(
     }
     match form {
         Form::Url => {
+            // Readable where it can be (`sslrootcert=/etc/ssl/ca.pem`), encoded where a character
+            // would change how the URL reads.
             let encode = |text: &str| {
-                url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>()
+                let mut out = String::with_capacity(text.len());
+                for byte in text.bytes() {
+                    if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+                        out.push(char::from(byte));
+                    } else {
+                        out.push_str(&format!("%{byte:02X}"));
+                    }
+                }
+                out
             };
             let mut out = String::from("postgres://");
             if let Some(user) = config.get_user() {
@@ -522,7 +532,7 @@ fn redacted_form(
                     let name = if name.contains(':') && !name.starts_with('[') {
                         format!("[{name}]")
                     } else if name.starts_with('/') {
-                        encode(name)
+                        encode(name).replace('/', "%2F")
                     } else {
                         name.clone()
                     };
@@ -732,7 +742,7 @@ mod tests {
         assert_eq!(target.root_cert.as_deref(), Some("/ca.pem"));
         assert_eq!(
             target.redacted(),
-            "postgres://u:***@db:5432/x?sslmode=verify-full&sslrootcert=%2Fca.pem"
+            "postgres://u:***@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem"
         );
         let bad = SecretUrl::new("postgres://u:pw@db/x?sslmode=sometimes");
         let message = PgTarget::parse(&bad, "test")
