@@ -467,130 +467,141 @@ fn redacted_form(
     sslmode: Option<&str>,
     sslrootcert: Option<&str>,
 ) -> String {
+    let mut options: Vec<(&str, &str)> = Vec::new();
+    if let Some(mode) = sslmode {
+        options.push(("sslmode", mode));
+    }
+    if let Some(path) = sslrootcert {
+        options.push(("sslrootcert", path));
+    }
+    match form {
+        Form::Url => redacted_url(config, &options),
+        Form::KeyValue => redacted_key_value(config, &options),
+    }
+}
+
+/// Each host (or, without host names, each `hostaddr`) with its port when one was given.
+fn hosts_and_ports(config: &Config) -> Vec<(String, Option<u16>)> {
     let ports = config.get_ports();
     let port_of = |index: usize| match ports.len() {
         0 => None,
         1 => Some(ports[0]),
         _ => ports.get(index).copied(),
     };
-    let mut hosts: Vec<(String, Option<u16>)> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(index, host)| {
-            let name = match host {
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            };
-            (name, port_of(index))
-        })
-        .collect();
-    if hosts.is_empty() {
-        hosts = config
+    let names: Vec<String> = if config.get_hosts().is_empty() {
+        config
             .get_hostaddrs()
             .iter()
-            .enumerate()
-            .map(|(index, addr)| (addr.to_string(), port_of(index)))
-            .collect();
+            .map(ToString::to_string)
+            .collect()
+    } else {
+        config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            })
+            .collect()
+    };
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(index, name)| (name, port_of(index)))
+        .collect()
+}
+
+/// Readable where it can be (`sslrootcert=/etc/ssl/ca.pem`), percent-encoded where a character
+/// would change how the URL reads.
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
     }
+    out
+}
+
+fn redacted_url(config: &Config, options: &[(&str, &str)]) -> String {
+    let mut out = String::from("postgres://");
     let password = config.get_password().is_some();
-    let mut options: Vec<(&str, String)> = Vec::new();
-    if let Some(mode) = sslmode {
-        options.push(("sslmode", mode.to_owned()));
+    if let Some(user) = config.get_user() {
+        out.push_str(&url_encode(user));
     }
-    if let Some(path) = sslrootcert {
-        options.push(("sslrootcert", path.to_owned()));
+    if password {
+        out.push_str(":***");
     }
-    match form {
-        Form::Url => {
-            // Readable where it can be (`sslrootcert=/etc/ssl/ca.pem`), encoded where a character
-            // would change how the URL reads.
-            let encode = |text: &str| {
-                let mut out = String::with_capacity(text.len());
-                for byte in text.bytes() {
-                    if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
-                        out.push(char::from(byte));
-                    } else {
-                        out.push_str(&format!("%{byte:02X}"));
-                    }
-                }
-                out
+    if config.get_user().is_some() || password {
+        out.push('@');
+    }
+    let hosts: Vec<String> = hosts_and_ports(config)
+        .into_iter()
+        .map(|(name, port)| {
+            let name = if name.contains(':') && !name.starts_with('[') {
+                format!("[{name}]")
+            } else if name.starts_with('/') {
+                url_encode(&name).replace('/', "%2F")
+            } else {
+                name
             };
-            let mut out = String::from("postgres://");
-            if let Some(user) = config.get_user() {
-                out.push_str(&encode(user));
+            match port {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
             }
-            if password {
-                out.push_str(":***");
-            }
-            if config.get_user().is_some() || password {
-                out.push('@');
-            }
-            let hosts: Vec<String> = hosts
-                .iter()
-                .map(|(name, port)| {
-                    let name = if name.contains(':') && !name.starts_with('[') {
-                        format!("[{name}]")
-                    } else if name.starts_with('/') {
-                        encode(name).replace('/', "%2F")
-                    } else {
-                        name.clone()
-                    };
-                    match port {
-                        Some(port) => format!("{name}:{port}"),
-                        None => name,
-                    }
-                })
-                .collect();
-            out.push_str(&hosts.join(","));
-            if let Some(dbname) = config.get_dbname() {
-                out.push('/');
-                out.push_str(&encode(dbname));
-            }
-            if !options.is_empty() {
-                let query: Vec<String> = options
-                    .iter()
-                    .map(|(key, value)| format!("{key}={}", encode(value)))
-                    .collect();
-                out.push('?');
-                out.push_str(&query.join("&"));
-            }
-            out
-        }
-        Form::KeyValue => {
-            let quote = |text: &str| {
-                if !text.is_empty()
-                    && !text.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
-                {
-                    text.to_owned()
-                } else {
-                    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
-                }
-            };
-            let mut parts = Vec::new();
-            if !hosts.is_empty() {
-                let names: Vec<&str> = hosts.iter().map(|(name, _)| name.as_str()).collect();
-                parts.push(format!("host={}", quote(&names.join(","))));
-            }
-            if !ports.is_empty() {
-                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-                parts.push(format!("port={}", ports.join(",")));
-            }
-            if let Some(user) = config.get_user() {
-                parts.push(format!("user={}", quote(user)));
-            }
-            if password {
-                parts.push("password=***".to_owned());
-            }
-            if let Some(dbname) = config.get_dbname() {
-                parts.push(format!("dbname={}", quote(dbname)));
-            }
-            for (key, value) in &options {
-                parts.push(format!("{key}={}", quote(value)));
-            }
-            parts.join(" ")
-        }
+        })
+        .collect();
+    out.push_str(&hosts.join(","));
+    if let Some(dbname) = config.get_dbname() {
+        out.push('/');
+        out.push_str(&url_encode(dbname));
     }
+    if !options.is_empty() {
+        let query: Vec<String> = options
+            .iter()
+            .map(|(key, value)| format!("{key}={}", url_encode(value)))
+            .collect();
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    out
+}
+
+fn redacted_key_value(config: &Config, options: &[(&str, &str)]) -> String {
+    let quote = |text: &str| {
+        if !text.is_empty() && !text.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
+        {
+            text.to_owned()
+        } else {
+            format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+        }
+    };
+    let mut parts = Vec::new();
+    let hosts = hosts_and_ports(config);
+    if !hosts.is_empty() {
+        let names: Vec<&str> = hosts.iter().map(|(name, _)| name.as_str()).collect();
+        parts.push(format!("host={}", quote(&names.join(","))));
+    }
+    let ports = config.get_ports();
+    if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        parts.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={}", quote(user)));
+    }
+    if config.get_password().is_some() {
+        parts.push("password=***".to_owned());
+    }
+    if let Some(dbname) = config.get_dbname() {
+        parts.push(format!("dbname={}", quote(dbname)));
+    }
+    for (key, value) in options {
+        parts.push(format!("{key}={}", quote(value)));
+    }
+    parts.join(" ")
 }
 
 /// The task polling one connection. It ends when the connection closes: `Err` with the reason when

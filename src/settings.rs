@@ -305,126 +305,10 @@ impl Settings {
             env: &env,
             file: ConfigFile::read(config.as_deref())?,
         };
-        let database_url = sources.setting(
-            given.database_url,
-            "database_url",
-            env_names::DATABASE_URL,
-            |text| Ok(SecretUrl::new(text)),
-        )?;
-        let redis_url =
-            sources.setting(given.redis_url, "redis_url", env_names::REDIS_URL, |text| {
-                Ok(SecretUrl::new(text))
-            })?;
-        let redis_ca_file = sources.setting(
-            given.redis_ca_file,
-            "redis_ca_file",
-            env_names::REDIS_CA_FILE,
-            |text| Ok(PathBuf::from(text)),
-        )?;
-        let mut settings = Settings::new(Connections {
-            database_url: database_url.unwrap_or_else(|| SecretUrl::new(DEFAULT_DATABASE_URL)),
-            redis_url: redis_url.unwrap_or_else(|| SecretUrl::new(DEFAULT_REDIS_URL)),
-            redis_ca_file,
-        });
-        let rules = sources.setting(given.rules, "rules", env_names::RULES, |text| {
-            Ok(PathBuf::from(text))
-        })?;
-        settings.rules_source = match rules {
-            Some(path) => RulesSource::File(path),
-            None => RulesSource::Builtin,
-        };
-        settings.rules = settings.rules_source.load()?;
-        settings.log_format = sources
-            .setting(
-                given.log_format,
-                "log_format",
-                env_names::LOG_FORMAT,
-                |text| {
-                    one_of(
-                        text,
-                        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-                    )
-                },
-            )?
-            .unwrap_or(settings.log_format);
-        settings.metrics_addr = sources.setting(
-            given.metrics_addr,
-            "metrics_addr",
-            env_names::METRICS_ADDR,
-            |text| {
-                text.parse()
-                    .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9187"))
-            },
-        )?;
-        let durations: [(&mut Duration, Option<Duration>, &str, &str); 6] = [
-            (
-                &mut settings.refill_guard,
-                given.refill_guard,
-                "refill_guard",
-                env_names::REFILL_GUARD,
-            ),
-            (
-                &mut settings.poll_interval,
-                given.poll_interval,
-                "poll_interval",
-                env_names::POLL_INTERVAL,
-            ),
-            (
-                &mut settings.max_backlog_age,
-                given.max_backlog_age,
-                "max_backlog_age",
-                env_names::MAX_BACKLOG_AGE,
-            ),
-            (
-                &mut settings.redis_timeout,
-                given.redis_timeout,
-                "redis_timeout",
-                env_names::REDIS_TIMEOUT,
-            ),
-            (
-                &mut settings.claim_timeout,
-                given.claim_timeout,
-                "claim_timeout",
-                env_names::CLAIM_TIMEOUT,
-            ),
-            (
-                &mut settings.replica_wait_timeout,
-                given.replica_wait_timeout,
-                "replica_wait_timeout",
-                env_names::REPLICA_WAIT_TIMEOUT,
-            ),
-        ];
-        for (value, flag, key, env_name) in durations {
-            if let Some(merged) = sources.setting(flag, key, env_name, parse_duration)? {
-                *value = merged;
-            }
-        }
-        settings.mode = sources
-            .setting(given.mode, "mode", env_names::MODE, |text| {
-                one_of(
-                    text,
-                    &[
-                        ("auto", Mode::Auto),
-                        ("index", Mode::Index),
-                        ("sweep", Mode::Sweep),
-                    ],
-                )
-            })?
-            .unwrap_or(settings.mode);
-        settings.index_max_keys = sources
-            .setting(
-                given.index_max_keys,
-                "index_max_keys",
-                env_names::INDEX_MAX_KEYS,
-                whole_number,
-            )?
-            .unwrap_or(settings.index_max_keys);
-        settings.replica_acks = sources.setting(
-            given.replica_acks,
-            "replica_acks",
-            env_names::REPLICA_ACKS,
-            whole_number,
-        )?;
+        let mut settings = Settings::new(sources.connections(&given)?);
+        sources.rules_and_logs(&given, &mut settings)?;
+        sources.durations(&given, &mut settings)?;
+        sources.worker_choices(&given, &mut settings)?;
         // The refill guard may be 0 (off); these pace the worker's polling and bound a Redis
         // round trip, and 0 would make the worker spin or fail every command.
         for (setting, value) in [
@@ -611,6 +495,140 @@ struct Sources<'a> {
 }
 
 impl Sources<'_> {
+    fn connections(&self, given: &Given) -> Result<Connections, SettingsError> {
+        let secret = |text: &str| Ok(SecretUrl::new(text));
+        let database_url = self.setting(
+            given.database_url.clone(),
+            "database_url",
+            env_names::DATABASE_URL,
+            secret,
+        )?;
+        let redis_url = self.setting(
+            given.redis_url.clone(),
+            "redis_url",
+            env_names::REDIS_URL,
+            secret,
+        )?;
+        let redis_ca_file = self.setting(
+            given.redis_ca_file.clone(),
+            "redis_ca_file",
+            env_names::REDIS_CA_FILE,
+            |text| Ok(PathBuf::from(text)),
+        )?;
+        Ok(Connections {
+            database_url: database_url.unwrap_or_else(|| SecretUrl::new(DEFAULT_DATABASE_URL)),
+            redis_url: redis_url.unwrap_or_else(|| SecretUrl::new(DEFAULT_REDIS_URL)),
+            redis_ca_file,
+        })
+    }
+
+    /// The rules (loaded and checked here), the log format and the metrics listener.
+    fn rules_and_logs(&self, given: &Given, settings: &mut Settings) -> Result<(), SettingsError> {
+        let rules = self.setting(given.rules.clone(), "rules", env_names::RULES, |text| {
+            Ok(PathBuf::from(text))
+        })?;
+        settings.rules_source = match rules {
+            Some(path) => RulesSource::File(path),
+            None => RulesSource::Builtin,
+        };
+        settings.rules = settings.rules_source.load()?;
+        let log_formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
+        if let Some(format) = self.setting(
+            given.log_format,
+            "log_format",
+            env_names::LOG_FORMAT,
+            |text| one_of(text, &log_formats),
+        )? {
+            settings.log_format = format;
+        }
+        settings.metrics_addr = self.setting(
+            given.metrics_addr,
+            "metrics_addr",
+            env_names::METRICS_ADDR,
+            |text| {
+                text.parse()
+                    .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9187"))
+            },
+        )?;
+        Ok(())
+    }
+
+    fn durations(&self, given: &Given, settings: &mut Settings) -> Result<(), SettingsError> {
+        let durations: [(&mut Duration, Option<Duration>, &str, &str); 6] = [
+            (
+                &mut settings.refill_guard,
+                given.refill_guard,
+                "refill_guard",
+                env_names::REFILL_GUARD,
+            ),
+            (
+                &mut settings.poll_interval,
+                given.poll_interval,
+                "poll_interval",
+                env_names::POLL_INTERVAL,
+            ),
+            (
+                &mut settings.max_backlog_age,
+                given.max_backlog_age,
+                "max_backlog_age",
+                env_names::MAX_BACKLOG_AGE,
+            ),
+            (
+                &mut settings.redis_timeout,
+                given.redis_timeout,
+                "redis_timeout",
+                env_names::REDIS_TIMEOUT,
+            ),
+            (
+                &mut settings.claim_timeout,
+                given.claim_timeout,
+                "claim_timeout",
+                env_names::CLAIM_TIMEOUT,
+            ),
+            (
+                &mut settings.replica_wait_timeout,
+                given.replica_wait_timeout,
+                "replica_wait_timeout",
+                env_names::REPLICA_WAIT_TIMEOUT,
+            ),
+        ];
+        for (value, flag, key, env_name) in durations {
+            if let Some(merged) = self.setting(flag, key, env_name, parse_duration)? {
+                *value = merged;
+            }
+        }
+        Ok(())
+    }
+
+    /// How the worker finds keys and how many replicas confirm its deletes.
+    fn worker_choices(&self, given: &Given, settings: &mut Settings) -> Result<(), SettingsError> {
+        let modes = [
+            ("auto", Mode::Auto),
+            ("index", Mode::Index),
+            ("sweep", Mode::Sweep),
+        ];
+        if let Some(mode) = self.setting(given.mode, "mode", env_names::MODE, |text| {
+            one_of(text, &modes)
+        })? {
+            settings.mode = mode;
+        }
+        if let Some(max) = self.setting(
+            given.index_max_keys,
+            "index_max_keys",
+            env_names::INDEX_MAX_KEYS,
+            whole_number,
+        )? {
+            settings.index_max_keys = max;
+        }
+        settings.replica_acks = self.setting(
+            given.replica_acks,
+            "replica_acks",
+            env_names::REPLICA_ACKS,
+            whole_number,
+        )?;
+        Ok(())
+    }
+
     /// One setting: the command line's value, else the environment's, else the file's, each
     /// parsed with `parse`; an invalid value names where it came from. `None`: the default.
     fn setting<T>(
