@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::keyspace::{KeyspaceError, Node, RedisTarget};
-use crate::postgres::PgTarget;
 use crate::rules::RuleSet;
 use crate::schema;
 use crate::settings::{RulesSource, Settings};
@@ -93,13 +92,7 @@ pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
     };
 
     // An unparsable URL is left to the worker, which reports it and exits.
-    let probe = RedisTarget::parse(
-        &settings.connections.redis_url,
-        settings.connections.redis_ca_file.as_deref(),
-        settings.redis_timeout,
-    )
-    .ok()
-    .map(|target| {
+    let probe = settings.redis_target().ok().map(|target| {
         tokio::spawn(probe_redis(
             target,
             settings.redis_timeout,
@@ -198,11 +191,9 @@ async fn reload_rules(settings: &Settings, rules_tx: &watch::Sender<Arc<RuleSet>
         }
     };
     let differences = async {
-        let target = PgTarget::parse(
-            &settings.connections.database_url,
-            "cache-invalidator reload",
-        )
-        .map_err(|e| e.to_string())?;
+        let target = settings
+            .postgres_target("cache-invalidator reload")
+            .map_err(|e| e.to_string())?;
         let (client, _driver) = target.connect(None).await.map_err(|e| e.to_string())?;
         schema::installed_differences(&client, &rules)
             .await

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cache_invalidator::cli::{Cli, Command};
+use cache_invalidator::settings::{LogFormat, Settings};
 use cache_invalidator::{ops, schema, telemetry};
 use clap::Parser;
 
@@ -18,8 +19,18 @@ use clap::Parser;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.global.log_format());
-    match execute(cli).await {
+    let settings = Settings::load(cli.given());
+    // Logging as configured; when the settings are what is wrong, as far as the command line says.
+    let log_format = match &settings {
+        Ok(settings) => settings.log_format,
+        Err(_) => cli.global.log_format.unwrap_or(LogFormat::Text),
+    };
+    telemetry::init_logging(log_format);
+    let outcome = match settings.context("settings") {
+        Ok(settings) => execute(cli.command, settings).await,
+        Err(error) => Err(error),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
@@ -30,13 +41,8 @@ async fn main() -> ExitCode {
 }
 
 /// Runs one subcommand; `Ok(false)` is a clean "no" (a failed check, an unhealthy status).
-async fn execute(cli: Cli) -> anyhow::Result<bool> {
-    let run_args = match &cli.command {
-        Command::Run(args) => Some(args),
-        _ => None,
-    };
-    let settings = cli.global.settings(run_args).context("settings")?;
-    match cli.command {
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<bool> {
+    match command {
         Command::Run(_) => cache_invalidator::daemon::run_daemon(settings).await?,
         Command::Install => println!("{}", ops::install(&settings).await?),
         Command::Uninstall => println!("{}", ops::uninstall(&settings).await?),
@@ -48,6 +54,7 @@ async fn execute(cli: Cli) -> anyhow::Result<bool> {
             return Ok(ok);
         }
         Command::Status { max_age } => {
+            let max_age = max_age.unwrap_or(settings.max_backlog_age);
             let (healthy, report) = ops::status(&settings, max_age).await?;
             print!("{report}");
             return Ok(healthy);

@@ -13,7 +13,7 @@ use crate::outbox;
 use crate::postgres::{ConnectError, PgTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::{self, SchemaError, CHANNEL, SCHEMA};
-use crate::settings::Settings;
+use crate::settings::{Settings, APPLICATION_NAME};
 use crate::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,22 +53,14 @@ pub fn error_report(error: &(dyn std::error::Error + 'static)) -> String {
     join_causes(std::iter::successors(Some(error), |e| e.source()).map(|e| e.to_string()))
 }
 
-async fn connect_pg(settings: &Settings) -> Result<Client, OpsError> {
-    let target = PgTarget::parse(&settings.connections.database_url, "cache-invalidator cli")?;
+async fn connect_pg(settings: &Settings) -> Result<(Client, PgTarget), OpsError> {
+    let target = settings.postgres_target(APPLICATION_NAME)?;
     let (client, _driver) = target.connect(None).await?;
-    Ok(client)
-}
-
-fn redis_target(settings: &Settings) -> Result<RedisTarget, OpsError> {
-    Ok(RedisTarget::parse(
-        &settings.connections.redis_url,
-        settings.connections.redis_ca_file.as_deref(),
-        settings.redis_timeout,
-    )?)
+    Ok((client, target))
 }
 
 pub async fn install(settings: &Settings) -> Result<String, OpsError> {
-    let client = connect_pg(settings).await?;
+    let (client, _) = connect_pg(settings).await?;
     schema::install(&client, &settings.rules).await?;
     let tables = settings.rules.table_names();
     Ok(format!(
@@ -80,7 +72,7 @@ pub async fn install(settings: &Settings) -> Result<String, OpsError> {
 }
 
 pub async fn uninstall(settings: &Settings) -> Result<String, OpsError> {
-    let client = connect_pg(settings).await?;
+    let (client, _) = connect_pg(settings).await?;
     schema::uninstall(&client).await?;
     Ok(format!(
         "removed the triggers and schema {SCHEMA}; the app's tables are untouched"
@@ -98,12 +90,8 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         settings.rules_source
     );
     match connect_pg(settings).await {
-        Ok(client) => {
-            let _ = writeln!(
-                out,
-                "ok    postgres: connected to {}",
-                settings.connections.database_url
-            );
+        Ok((client, target)) => {
+            let _ = writeln!(out, "ok    postgres: connected to {}", target.redacted());
             match schema::validate_against_database(&client, &settings.rules).await {
                 Ok(()) => {
                     let _ = writeln!(out, "ok    rules: every table and column exists");
@@ -144,11 +132,12 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         }
     }
     match redis_check(settings).await {
-        Ok(nodes) => {
+        Ok((target, nodes)) => {
             let _ = writeln!(
                 out,
                 "ok    redis: {} answered PING ({} node(s))",
-                settings.connections.redis_url, nodes
+                target.redacted(),
+                nodes
             );
         }
         Err(error) => {
@@ -159,8 +148,9 @@ pub async fn check(settings: &Settings) -> (bool, String) {
     (ok, out)
 }
 
-async fn redis_check(settings: &Settings) -> Result<usize, OpsError> {
-    let nodes = redis_target(settings)?.connect().await?;
+async fn redis_check(settings: &Settings) -> Result<(RedisTarget, usize), OpsError> {
+    let target = settings.redis_target()?;
+    let nodes = target.connect().await?;
     for node in &nodes {
         let mut connection = node.connection.clone();
         redis::cmd("PING")
@@ -171,7 +161,7 @@ async fn redis_check(settings: &Settings) -> Result<usize, OpsError> {
                 source,
             })?;
     }
-    Ok(nodes.len())
+    Ok((target, nodes.len()))
 }
 
 /// A worker connected to the database, as `pg_stat_activity` shows it.
@@ -203,12 +193,14 @@ pub async fn connected_workers(client: &Client) -> Result<Vec<WorkerSession>, Op
         .collect())
 }
 
-/// `status`: returns whether the backlog is younger than `max_age`.
+/// `status`: returns whether all is well: a worker is listening and the oldest pending change is
+/// younger than `max_age`. A backlog that is young only because it was just written is no comfort
+/// when nothing will ever clear it, so a missing worker is unhealthy whatever the backlog.
 pub async fn status(
     settings: &Settings,
     max_age: std::time::Duration,
 ) -> Result<(bool, String), OpsError> {
-    let client = connect_pg(settings).await?;
+    let (client, _) = connect_pg(settings).await?;
     let backlog = outbox::backlog(&client).await?;
     let workers = connected_workers(&client).await?;
     let mut out = String::new();
@@ -258,15 +250,22 @@ pub async fn status(
             worker.pid, worker.client, worker.since
         );
     }
-    let healthy = backlog.oldest_age_seconds <= max_age.as_secs_f64();
-    if !healthy {
+    let young_enough = backlog.oldest_age_seconds <= max_age.as_secs_f64();
+    if !young_enough {
         let _ = writeln!(
             out,
-            "UNHEALTHY: the oldest pending change is older than {}s",
-            max_age.as_secs()
+            "UNHEALTHY: the oldest pending change is older than {}",
+            humantime::format_duration(max_age)
         );
     }
-    Ok((healthy, out))
+    if workers.is_empty() {
+        let _ = writeln!(
+            out,
+            "UNHEALTHY: no worker is listening on this database: changes are recorded but nothing \
+             clears them (start `cache-invalidator run`)"
+        );
+    }
+    Ok((young_enough && !workers.is_empty(), out))
 }
 
 /// `invalidate`: the keys matching `patterns` on every node. With `dry_run`, only lists them.
@@ -275,7 +274,7 @@ pub async fn invalidate(
     patterns: BTreeSet<String>,
     dry_run: bool,
 ) -> Result<String, OpsError> {
-    let target = redis_target(settings)?;
+    let target = settings.redis_target()?;
     let nodes = target.connect().await?;
     let mut out = String::new();
     for pattern in &patterns {
@@ -392,7 +391,7 @@ pub fn explain(rules: &RuleSet, table: &str, row: &str) -> Result<String, OpsErr
 
 /// `retry-dead-letters`: moves dead letters (all, or `ids`) back into the outbox.
 pub async fn retry_dead_letters(settings: &Settings, ids: &[i64]) -> Result<String, OpsError> {
-    let mut client = connect_pg(settings).await?;
+    let (mut client, _) = connect_pg(settings).await?;
     let transaction = client.transaction().await?;
     let moved = transaction
         .execute(

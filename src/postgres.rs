@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::settings::SecretUrl;
@@ -31,10 +32,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("database URL {url} is not valid: {message}")]
-    InvalidUrl { url: String, message: String },
+    /// The setting does not parse. The message never quotes the input: a string that did not
+    /// parse cannot be redacted, and may be mostly password.
+    #[error("DATABASE_URL is {message}")]
+    InvalidUrl { message: String },
     #[error("cannot read sslrootcert {path}: {message}")]
     RootCert { path: String, message: String },
+    #[error("cannot set up TLS for Postgres: {0}")]
+    Tls(String),
     #[error("cannot connect to Postgres at {url}: {}", describe(.source))]
     Connect {
         url: String,
@@ -64,12 +69,13 @@ enum TlsMode {
     VerifyFull,
 }
 
-/// A parsed database URL: the tokio-postgres config plus the TLS options it cannot hold.
+/// A parsed `DATABASE_URL`: the tokio-postgres config plus the TLS options it cannot hold.
 #[derive(Clone)]
 pub struct PgTarget {
     config: Config,
     tls: TlsMode,
     root_cert: Option<String>,
+    /// Written from the parsed configuration, never from the input text: see [`PgTarget::parse`].
     redacted: String,
 }
 
@@ -79,51 +85,142 @@ impl std::fmt::Debug for PgTarget {
     }
 }
 
-impl PgTarget {
-    pub fn parse(url: &SecretUrl, application_name: &str) -> Result<PgTarget, ConnectError> {
-        let redacted = url.redacted();
-        let invalid = |message: String| ConnectError::InvalidUrl {
-            url: redacted.clone(),
-            message,
-        };
-        let mut parsed = url::Url::parse(url.expose()).map_err(|e| invalid(e.to_string()))?;
-        let mut sslmode = None;
-        let mut root_cert = None;
-        let kept: Vec<(String, String)> = parsed
-            .query_pairs()
-            .filter_map(|(name, value)| match name.as_ref() {
-                "sslmode" => {
-                    sslmode = Some(value.into_owned());
-                    None
-                }
-                "sslrootcert" => {
-                    root_cert = Some(value.into_owned());
-                    None
-                }
-                _ => Some((name.into_owned(), value.into_owned())),
-            })
-            .collect();
-        if kept.is_empty() {
-            parsed.set_query(None);
-        } else {
-            parsed.query_pairs_mut().clear().extend_pairs(kept);
+/// How the setting was written, so that it is shown back the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// `postgres://user:password@host:port/dbname?param=value`
+    Url,
+    /// libpq's `host=… port=… user=… password='…' dbname=…`
+    KeyValue,
+}
+
+/// The parameters tokio-postgres understands, plus `sslrootcert` (taken out here). A key outside
+/// this list is reported without its name unless it is a known libpq parameter: in a string that
+/// was mistyped (an unquoted password with a space in it), a "key" may be part of the password.
+const UNDERSTOOD_PARAMETERS: [&str; 20] = [
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslnegotiation",
+    "sslrootcert",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
+/// libpq parameters this program does not support, named in the error when given.
+const UNSUPPORTED_LIBPQ_PARAMETERS: [&str; 17] = [
+    "service",
+    "passfile",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "sslcompression",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "requirepeer",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "client_encoding",
+    "replication",
+];
+
+/// The libpq-only TLS options taken out before tokio-postgres sees the rest.
+#[derive(Default)]
+struct LibpqTls {
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+}
+
+impl LibpqTls {
+    /// Keeps `sslmode` and `sslrootcert` for itself; says whether the pair goes on to
+    /// tokio-postgres.
+    fn take(&mut self, key: &str, value: &str) -> bool {
+        match key {
+            "sslmode" => self.sslmode = Some(value.to_owned()),
+            "sslrootcert" => self.sslrootcert = Some(value.to_owned()),
+            _ => return true,
         }
-        let tls = match sslmode.as_deref() {
+        false
+    }
+}
+
+/// Checks a parameter name without ever putting an unknown one in the message (see
+/// [`UNDERSTOOD_PARAMETERS`]); `position` counts parameters from 1.
+fn check_parameter(key: &str, position: usize) -> Result<(), String> {
+    if UNDERSTOOD_PARAMETERS.contains(&key) {
+        Ok(())
+    } else if UNSUPPORTED_LIBPQ_PARAMETERS.contains(&key) {
+        Err(format!("parameter {key} is not supported"))
+    } else {
+        Err(format!(
+            "parameter number {position} is not a connection parameter (user, password, host, \
+             port, dbname, sslmode, sslrootcert, …)"
+        ))
+    }
+}
+
+impl PgTarget {
+    /// Parses `DATABASE_URL` in either of libpq's forms: a `postgres://` (or `postgresql://`) URL,
+    /// or a key/value string (`host=db user=app password='s3 cr\'et' dbname=reports`, quoting as
+    /// libpq does). Errors never quote the input and the redacted form shown in logs is written
+    /// from the parsed configuration, so no password reaches any output, however it is written.
+    pub fn parse(url: &SecretUrl, application_name: &str) -> Result<PgTarget, ConnectError> {
+        let text = url.expose().trim();
+        let lowercase_start: String = text.chars().take(16).collect::<String>().to_lowercase();
+        let (form, result) = if lowercase_start.starts_with("postgres://")
+            || lowercase_start.starts_with("postgresql://")
+        {
+            (
+                Form::Url,
+                url_options(text)
+                    .map_err(|message| format!("not a valid postgres:// URL: {message}")),
+            )
+        } else if text.contains("://") {
+            (
+                Form::Url,
+                Err(
+                    "neither a postgres:// URL nor a key/value string: a URL must start with \
+                     postgres:// or postgresql://"
+                        .to_owned(),
+                ),
+            )
+        } else {
+            (Form::KeyValue, key_value_options(text).map_err(|message| {
+                format!("neither a postgres:// URL nor a key/value string (host=… user=… dbname=…): {message}")
+            }))
+        };
+        let (mut config, libpq) = result.map_err(|message| ConnectError::InvalidUrl { message })?;
+        let tls = match libpq.sslmode.as_deref() {
             None | Some("prefer") | Some("allow") => TlsMode::Encrypt { required: false },
             Some("disable") => TlsMode::Disable,
             Some("require") => TlsMode::Encrypt { required: true },
             Some("verify-ca") => TlsMode::VerifyCa,
             Some("verify-full") => TlsMode::VerifyFull,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "sslmode={other} (expected disable, prefer, require, verify-ca or verify-full)"
-                )))
+            Some(_) => {
+                return Err(ConnectError::InvalidUrl {
+                    message: "invalid: sslmode must be disable, prefer, require, verify-ca or \
+                              verify-full"
+                        .to_owned(),
+                })
             }
         };
-        let mut config: Config = parsed
-            .as_str()
-            .parse()
-            .map_err(|e: tokio_postgres::Error| invalid(e.to_string()))?;
         config.ssl_mode(match tls {
             TlsMode::Disable => SslMode::Disable,
             TlsMode::Encrypt { required: false } => SslMode::Prefer,
@@ -141,10 +238,16 @@ impl PgTarget {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        let redacted = redacted_form(
+            &config,
+            form,
+            libpq.sslmode.as_deref(),
+            libpq.sslrootcert.as_deref(),
+        );
         Ok(PgTarget {
             config,
             tls,
-            root_cert,
+            root_cert: libpq.sslrootcert,
             redacted,
         })
     }
@@ -164,10 +267,7 @@ impl PgTarget {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConnectError::InvalidUrl {
-                url: self.redacted.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
         let roots = self.root_store()?;
         let verify = match self.tls {
             TlsMode::VerifyCa | TlsMode::VerifyFull => true,
@@ -205,7 +305,7 @@ impl PgTarget {
                     message,
                 };
                 let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                for cert in CertificateDer::pem_slice_iter(&pem) {
                     let cert = cert.map_err(|e| error(e.to_string()))?;
                     roots.add(cert).map_err(|e| error(e.to_string()))?;
                 }
@@ -241,6 +341,267 @@ impl PgTarget {
         let (client, connection) = self.config.connect(tls).await.map_err(connect_error)?;
         Ok((client, drive(connection, on_notification)))
     }
+}
+
+/// A `postgres://` URL: libpq's TLS options taken out of the query, the rest parsed by
+/// tokio-postgres.
+fn url_options(text: &str) -> Result<(Config, LibpqTls), String> {
+    // url's messages ("invalid port number", "invalid IPv6 address") never quote the input.
+    let mut parsed = url::Url::parse(text).map_err(|error| error.to_string())?;
+    // A '/', '?' or '#' left raw in a password ends the authority early; what follows the '@'
+    // would then be read as path or query, and a password part shown as a database name or host.
+    let spilled = || {
+        "an '@' or '#' after the host: a password's '/', '?', '#' and '@' must be \
+         percent-encoded (%2F, %3F, %23, %40)"
+            .to_owned()
+    };
+    if parsed.path().contains('@') || parsed.fragment().is_some() {
+        return Err(spilled());
+    }
+    let mut libpq = LibpqTls::default();
+    let mut kept = Vec::new();
+    for (position, (key, value)) in parsed.query_pairs().enumerate() {
+        check_parameter(&key, position + 1)?;
+        if key != "password" && value.contains('@') {
+            return Err(spilled());
+        }
+        if libpq.take(&key, &value) {
+            kept.push((key.into_owned(), value.into_owned()));
+        }
+    }
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    // Every key was checked above, so tokio-postgres' messages name only known parameters.
+    let config = parsed
+        .as_str()
+        .parse::<Config>()
+        .map_err(|error| describe(&error))?;
+    Ok((config, libpq))
+}
+
+/// A libpq key/value string, read with libpq's rules (`key = value`, values in single quotes when
+/// they hold spaces, `\'` and `\\` escapes); libpq's TLS options taken out, the rest handed to
+/// tokio-postgres re-quoted. Errors give byte positions, never text.
+fn key_value_options(text: &str) -> Result<(Config, LibpqTls), String> {
+    let pairs = split_key_values(text)?;
+    if pairs.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    let mut libpq = LibpqTls::default();
+    let mut kept = String::new();
+    for (position, (key, value)) in pairs.iter().enumerate() {
+        check_parameter(key, position + 1)?;
+        if libpq.take(key, value) {
+            let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+            kept.push_str(&format!("{key}='{quoted}' "));
+        }
+    }
+    let config = kept.parse::<Config>().map_err(|error| describe(&error))?;
+    Ok((config, libpq))
+}
+
+/// Splits `key = value` pairs as libpq does.
+fn split_key_values(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = text.char_indices().peekable();
+    loop {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let Some(&(key_start, _)) = chars.peek() else {
+            return Ok(pairs);
+        };
+        let mut key = String::new();
+        while let Some((_, c)) = chars.next_if(|(_, c)| !c.is_whitespace() && *c != '=') {
+            key.push(c);
+        }
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        if chars.next_if(|(_, c)| *c == '=').is_none() {
+            return Err(format!(
+                "the parameter starting at byte {key_start} has no '=' (a value with spaces \
+                 goes in single quotes)"
+            ));
+        }
+        if key.is_empty() {
+            return Err(format!(
+                "an '=' without a parameter name at byte {key_start}"
+            ));
+        }
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
+        loop {
+            match chars.next() {
+                None if quoted => {
+                    return Err(format!(
+                        "the quoted value of the parameter starting at byte {key_start} has no \
+                         closing quote"
+                    ))
+                }
+                None => break,
+                Some((_, '\'')) if quoted => break,
+                Some((_, c)) if !quoted && c.is_whitespace() => break,
+                Some((_, '\\')) => {
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(escaped);
+                    }
+                }
+                Some((_, c)) => value.push(c),
+            }
+        }
+        if value.is_empty() && !quoted {
+            return Err(format!(
+                "the parameter starting at byte {key_start} has no value (write '' for an empty one)"
+            ));
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// The target as an operator may see it: written from the parsed configuration in the form the
+/// setting used, the password (if any) as `***`.
+fn redacted_form(
+    config: &Config,
+    form: Form,
+    sslmode: Option<&str>,
+    sslrootcert: Option<&str>,
+) -> String {
+    let mut options: Vec<(&str, &str)> = Vec::new();
+    if let Some(mode) = sslmode {
+        options.push(("sslmode", mode));
+    }
+    if let Some(path) = sslrootcert {
+        options.push(("sslrootcert", path));
+    }
+    match form {
+        Form::Url => redacted_url(config, &options),
+        Form::KeyValue => redacted_key_value(config, &options),
+    }
+}
+
+/// Each host (or, without host names, each `hostaddr`) with its port when one was given.
+fn hosts_and_ports(config: &Config) -> Vec<(String, Option<u16>)> {
+    let ports = config.get_ports();
+    let port_of = |index: usize| match ports.len() {
+        0 => None,
+        1 => Some(ports[0]),
+        _ => ports.get(index).copied(),
+    };
+    let names: Vec<String> = if config.get_hosts().is_empty() {
+        config
+            .get_hostaddrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    } else {
+        config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            })
+            .collect()
+    };
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(index, name)| (name, port_of(index)))
+        .collect()
+}
+
+/// Readable where it can be (`sslrootcert=/etc/ssl/ca.pem`), percent-encoded where a character
+/// would change how the URL reads.
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn redacted_url(config: &Config, options: &[(&str, &str)]) -> String {
+    let mut out = String::from("postgres://");
+    let password = config.get_password().is_some();
+    if let Some(user) = config.get_user() {
+        out.push_str(&url_encode(user));
+    }
+    if password {
+        out.push_str(":***");
+    }
+    if config.get_user().is_some() || password {
+        out.push('@');
+    }
+    let hosts: Vec<String> = hosts_and_ports(config)
+        .into_iter()
+        .map(|(name, port)| {
+            let name = if name.contains(':') && !name.starts_with('[') {
+                format!("[{name}]")
+            } else if name.starts_with('/') {
+                url_encode(&name).replace('/', "%2F")
+            } else {
+                name
+            };
+            match port {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    out.push_str(&hosts.join(","));
+    if let Some(dbname) = config.get_dbname() {
+        out.push('/');
+        out.push_str(&url_encode(dbname));
+    }
+    if !options.is_empty() {
+        let query: Vec<String> = options
+            .iter()
+            .map(|(key, value)| format!("{key}={}", url_encode(value)))
+            .collect();
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    out
+}
+
+fn redacted_key_value(config: &Config, options: &[(&str, &str)]) -> String {
+    let quote = |text: &str| {
+        if !text.is_empty() && !text.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
+        {
+            text.to_owned()
+        } else {
+            format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+        }
+    };
+    let mut parts = Vec::new();
+    let hosts = hosts_and_ports(config);
+    if !hosts.is_empty() {
+        let names: Vec<&str> = hosts.iter().map(|(name, _)| name.as_str()).collect();
+        parts.push(format!("host={}", quote(&names.join(","))));
+    }
+    let ports = config.get_ports();
+    if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        parts.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={}", quote(user)));
+    }
+    if config.get_password().is_some() {
+        parts.push("password=***".to_owned());
+    }
+    if let Some(dbname) = config.get_dbname() {
+        parts.push(format!("dbname={}", quote(dbname)));
+    }
+    for (key, value) in options {
+        parts.push(format!("{key}={}", quote(value)));
+    }
+    parts.join(" ")
 }
 
 /// The task polling one connection. It ends when the connection closes: `Err` with the reason when
@@ -390,11 +751,62 @@ mod tests {
         let target = PgTarget::parse(&url, "test").expect("parses");
         assert_eq!(target.tls, TlsMode::VerifyFull);
         assert_eq!(target.root_cert.as_deref(), Some("/ca.pem"));
+        assert_eq!(
+            target.redacted(),
+            "postgres://u:***@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem"
+        );
         let bad = SecretUrl::new("postgres://u:pw@db/x?sslmode=sometimes");
         let message = PgTarget::parse(&bad, "test")
             .expect_err("bad mode")
             .to_string();
-        assert!(message.contains("sslmode=sometimes"), "{message}");
-        assert!(!message.contains("pw@"), "{message}");
+        assert!(message.contains("sslmode must be"), "{message}");
+        assert!(!message.contains("pw"), "{message}");
+    }
+
+    #[test]
+    fn key_value_strings_parse_with_libpq_quoting() {
+        let text =
+            r"host=db port = 5433 user=app password='s3 cr\'et\\' dbname=reports sslmode=verify-ca";
+        let target = PgTarget::parse(&SecretUrl::new(text), "test").expect("parses");
+        assert_eq!(target.config.get_password(), Some(&b"s3 cr'et\\"[..]));
+        assert_eq!(target.config.get_ports(), &[5433]);
+        assert_eq!(target.tls, TlsMode::VerifyCa);
+        assert_eq!(
+            target.redacted(),
+            "host=db port=5433 user=app password=*** dbname=reports sslmode=verify-ca"
+        );
+        let unquoted = SecretUrl::new("host=db password=Se cret9=x");
+        let message = PgTarget::parse(&unquoted, "test")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(message.starts_with("DATABASE_URL is neither"), "{message}");
+        assert!(!message.contains("cret9"), "{message}");
+        let open = SecretUrl::new("host=db password='Secret9");
+        let message = PgTarget::parse(&open, "test")
+            .expect_err("open quote")
+            .to_string();
+        assert!(
+            message.contains("no closing quote") && !message.contains("Secret9"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn urls_with_raw_special_characters_in_the_password_are_refused_unquoted() {
+        for text in [
+            "postgres://u:12/Secret9@db/x",
+            "postgres://u:12?k=Secret9@db/x",
+            "postgres://u:pa#Secret9@db/x",
+            "postgres://u:pa@Secret9@db/x",
+        ] {
+            match PgTarget::parse(&SecretUrl::new(text), "test") {
+                Ok(target) => assert!(!target.redacted().contains("Secret9"), "{text}: {target:?}"),
+                Err(error) => assert!(!error.to_string().contains("Secret9"), "{text}: {error}"),
+            }
+        }
+        let encoded = SecretUrl::new("postgres://u:a%2Fb%3Fc%40d%23Secret9@db:5432/x");
+        let target = PgTarget::parse(&encoded, "test").expect("parses");
+        assert_eq!(target.config.get_password(), Some(&b"a/b?c@d#Secret9"[..]));
+        assert_eq!(target.redacted(), "postgres://u:***@db:5432/x");
     }
 }

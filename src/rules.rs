@@ -6,7 +6,7 @@
 //! pattern, and the configured `key_prefix` in front. The default rules of DESIGN.md are built in; a
 //! TOML file replaces them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -356,13 +356,38 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// The column that tells one changed row from another: an UPDATE records its OLD and its NEW
+/// values, and when a key column changes (an owner, say) they are two value tuples of one row.
+const ROW_IDENTITY_COLUMN: &str = "id";
+
 /// How many changed rows an outbox `rows` value stands for, in either form (1 when it names none,
-/// as `TRUNCATE` does, or cannot be read): what `cache_invalidator_changes_total` counts.
+/// as `TRUNCATE` does, or cannot be read): what `cache_invalidator_changes_total` and the batch
+/// log line count.
+///
+/// The triggers record the distinct value tuples of the key columns, OLD and NEW alike, so an
+/// UPDATE that moves a row to another owner records two tuples for one row. Where the recorded
+/// columns include `id`, tuples sharing an `id` are one row (a tuple without one counts alone);
+/// where they do not, rows are not told apart and each distinct tuple counts once.
 pub fn changed_rows(rows: Option<&Value>) -> u64 {
-    match Rows::parse(rows) {
-        Ok(rows) => rows.len() as u64,
-        Err(_) => 1,
+    let Ok(rows) = Rows::parse(rows) else {
+        return 1;
+    };
+    // JSON text as the key: `Value` has no `Hash`, and 7 and "7" are different ids anyway.
+    let mut identities: HashSet<String> = HashSet::with_capacity(rows.len());
+    let mut without_identity = 0;
+    for index in 0..rows.len() {
+        match rows
+            .row(index)
+            .ok()
+            .and_then(|row| row.get(ROW_IDENTITY_COLUMN))
+        {
+            Some(identity) if !identity.is_null() => {
+                identities.insert(identity.to_string());
+            }
+            _ => without_identity += 1,
+        }
     }
+    (identities.len() + without_identity) as u64
 }
 
 fn truncate(text: &str, max: usize) -> String {
@@ -775,9 +800,17 @@ mod tests {
             expand(&rules, "reports_report", "UPDATE", columns.clone()),
             expected
         );
-        assert_eq!(changed_rows(Some(&objects)), 3);
-        assert_eq!(changed_rows(Some(&columns)), 3);
+        // Row 7 moved from owner 1 to owner 2: two tuples, one changed row.
+        assert_eq!(changed_rows(Some(&objects)), 2);
+        assert_eq!(changed_rows(Some(&columns)), 2);
         assert_eq!(changed_rows(None), 1);
+        // Without an id column rows cannot be told apart: each tuple counts.
+        assert_eq!(
+            changed_rows(Some(&json!({"author_id": [1, 2], "x": [null, 3]}))),
+            2
+        );
+        // A tuple without an id (NULL) counts on its own.
+        assert_eq!(changed_rows(Some(&json!({"id": [7, null, null]}))), 3);
         let change = Change {
             table: "reports_report",
             operation: "UPDATE",

@@ -1,15 +1,28 @@
-//! Settings: flags and environment merged once into what the daemon needs, with secrets kept out
-//! of every `Debug`, log line and error message.
+//! Settings: the one place where flags, the environment, the optional config file and the
+//! defaults are merged — flags first, then the environment, then the file, then the defaults, for
+//! every subcommand — and checked, with secrets kept out of every `Debug`, log line and error.
 //!
-//! clap reads flags and their environment variables (see `cli.rs`); this module turns them into
-//! validated values: URLs that redact their password when shown, durations written `500ms`, `2s`,
-//! `1m` or a bare `0`, and the rules (a file or the built-in ones).
+//! `cli.rs` declares the command line and hands over what it read ([`Given`]); this module holds
+//! every default, reads the environment variables clap did not (those of `run`'s settings when
+//! another subcommand runs), reads the config file, and names the source of any invalid value:
+//! the flag, the environment variable, or the file and its key. It also hands out the parsed
+//! connection targets ([`Settings::postgres_target`], [`Settings::redis_target`]).
 
+use std::ffi::OsString;
 use std::fmt;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use redis::{ConnectionAddr, IntoConnectionInfo};
+
+use crate::keyspace::{KeyspaceError, RedisTarget};
+use crate::postgres::{ConnectError, PgTarget};
 use crate::rules::{RuleSet, RulesError};
+
+/// What a connection string that does not parse is shown as: it cannot be redacted, so it is not
+/// shown at all.
+const NOT_SHOWN: &str = "<not shown: it does not parse>";
 
 /// A connection URL that may carry a password. `Display` and `Debug` show it redacted.
 #[derive(Clone, PartialEq, Eq)]
@@ -25,9 +38,24 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with the password replaced by `***`.
+    /// The connection string as it may be shown: written back from what the Redis or Postgres
+    /// client parsed, the password as `***`. Nothing is cut out of the input text, so a password
+    /// holding `/`, `?`, `@` or `#` (or quotes, in a key/value string) cannot slip through; a
+    /// string that does not parse is not shown at all.
     pub fn redacted(&self) -> String {
-        redact_url(&self.0)
+        let text = self.0.trim();
+        let scheme = text
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        let shown = match scheme.as_deref() {
+            Some(
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "unix" | "redis+unix",
+            ) => redacted_redis(text),
+            _ => PgTarget::parse(self, "")
+                .ok()
+                .map(|target| target.redacted().to_owned()),
+        };
+        shown.unwrap_or_else(|| NOT_SHOWN.to_owned())
     }
 }
 
@@ -50,58 +78,82 @@ impl std::str::FromStr for SecretUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host…` URLs (also each host of a comma-separated
-/// cluster URL) and `password=` query parameters with `***`.
-pub fn redact_url(url: &str) -> String {
-    let mut out = String::with_capacity(url.len());
-    let (before_query, query) = match url.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (url, None),
-    };
-    match before_query.split_once("://") {
-        Some((scheme, rest)) => {
-            out.push_str(scheme);
-            out.push_str("://");
-            // The userinfo ends at the last '@' before the path; passwords may contain '@' or ':'.
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(authority_end);
-            match authority.rfind('@') {
-                Some(at) => {
-                    let userinfo = &authority[..at];
-                    match userinfo.split_once(':') {
-                        Some((user, _password)) => {
-                            out.push_str(user);
-                            out.push_str(":***");
-                        }
-                        None => out.push_str(userinfo),
-                    }
-                    out.push_str(&authority[at..]);
-                }
-                None => out.push_str(authority),
+/// A Redis URL written back from what the redis client parsed (each seed of a cluster URL, split
+/// as `RedisTarget::parse` splits them), or `None` when it does not parse.
+fn redacted_redis(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let plain_scheme = match scheme.as_str() {
+        "redis" | "redis+cluster" => "redis",
+        "rediss" | "rediss+cluster" => "rediss",
+        _ => {
+            // unix:// and redis+unix://: one socket, the password (if any) in the query.
+            let info = text.into_connection_info().ok()?;
+            let settings = info.redis_settings();
+            let ConnectionAddr::Unix(path) = info.addr() else {
+                return None;
+            };
+            let mut query = Vec::new();
+            if settings.db() != 0 {
+                query.push(format!("db={}", settings.db()));
             }
-            out.push_str(path);
+            if let Some(user) = settings.username().filter(|user| !user.is_empty()) {
+                query.push(format!("user={user}"));
+            }
+            if settings.password().is_some() {
+                query.push("pass=***".to_owned());
+            }
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            return Some(format!("{scheme}://{}{query}", path.display()));
         }
-        None => out.push_str(before_query),
+    };
+    let (userinfo, hosts_and_path) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let (hosts, path) = match hosts_and_path.find(['/', '?']) {
+        Some(index) => hosts_and_path.split_at(index),
+        None => (hosts_and_path, ""),
+    };
+    let infos = hosts
+        .split(',')
+        .filter(|host| !host.is_empty())
+        .map(|host| {
+            let seed = match userinfo {
+                Some(userinfo) => format!("{plain_scheme}://{userinfo}@{host}{path}"),
+                None => format!("{plain_scheme}://{host}{path}"),
+            };
+            seed.as_str().into_connection_info().ok()
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let first = infos.first()?.redis_settings();
+    let mut out = format!("{scheme}://");
+    let user = first.username().filter(|user| !user.is_empty());
+    if let Some(user) = user {
+        out.push_str(user);
     }
-    if let Some(query) = query {
-        out.push('?');
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((name, _)) if is_secret_param(name) => format!("{name}=***"),
-                _ => param.to_owned(),
-            })
-            .collect();
-        out.push_str(&params.join("&"));
+    if first.password().is_some() {
+        out.push_str(":***");
     }
-    out
-}
-
-fn is_secret_param(name: &str) -> bool {
-    matches!(
-        name.to_ascii_lowercase().as_str(),
-        "password" | "pass" | "sslpassword"
-    )
+    if user.is_some() || first.password().is_some() {
+        out.push('@');
+    }
+    let addresses: Vec<String> = infos
+        .iter()
+        .map(|info| match info.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("{host}:{port}")
+            }
+            other => other.to_string(),
+        })
+        .collect();
+    out.push_str(&addresses.join(","));
+    out.push_str(&format!("/{}", first.db()));
+    Some(out)
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h` or a bare `0`.
@@ -161,6 +213,8 @@ pub struct Settings {
     pub connections: Connections,
     pub rules_source: RulesSource,
     pub rules: RuleSet,
+    /// How log lines are written.
+    pub log_format: LogFormat,
     /// `None`: no HTTP listener.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Delay of the second pass that catches stale refills; zero turns it off.
@@ -214,6 +268,7 @@ impl Settings {
             connections,
             rules_source: RulesSource::Builtin,
             rules: RuleSet::builtin(),
+            log_format: LogFormat::Text,
             metrics_addr: None,
             refill_guard: DEFAULT_REFILL_GUARD,
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -228,6 +283,453 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Merges what the command line gave with the environment, the config file (`--config`) and
+    /// the defaults, in that order of precedence, and checks every value — also those the
+    /// subcommand at hand does not use, so a mistake is found by `check` or `status` before `run`
+    /// trips on it. Loads the rules and parses both connection strings.
+    pub fn load(given: Given) -> Result<Settings, SettingsError> {
+        Settings::load_with_env(given, |name| std::env::var_os(name))
+    }
+
+    /// [`Settings::load`] with the environment given as a lookup (tests use a map).
+    pub fn load_with_env(
+        given: Given,
+        env: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Settings, SettingsError> {
+        let config = match &given.config {
+            Some(path) => Some(path.clone()),
+            None => lookup(&env, env_names::CONFIG)?.map(PathBuf::from),
+        };
+        let sources = Sources {
+            env: &env,
+            file: ConfigFile::read(config.as_deref())?,
+        };
+        let mut settings = Settings::new(sources.connections(&given)?);
+        sources.rules_and_logs(&given, &mut settings)?;
+        sources.durations(&given, &mut settings)?;
+        sources.worker_choices(&given, &mut settings)?;
+        // The refill guard may be 0 (off); these pace the worker's polling and bound a Redis
+        // round trip, and 0 would make the worker spin or fail every command.
+        for (setting, value) in [
+            ("poll_interval", settings.poll_interval),
+            ("redis_timeout", settings.redis_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(SettingsError::Zero { setting });
+            }
+        }
+        if settings.replica_wait_timeout > settings.redis_timeout / 2 {
+            return Err(SettingsError::ReplicaWaitTooLong {
+                wait: settings.replica_wait_timeout,
+                redis_timeout: settings.redis_timeout,
+            });
+        }
+        // Parsed once here so that a connection string that cannot work fails every
+        // subcommand at once, with the reason, whichever subcommand first meets it.
+        settings.postgres_target(APPLICATION_NAME)?;
+        settings.redis_target()?;
+        Ok(settings)
+    }
+
+    /// The Postgres server to connect to, as `application_name` (how `status` tells workers from
+    /// other sessions).
+    pub fn postgres_target(&self, application_name: &str) -> Result<PgTarget, ConnectError> {
+        PgTarget::parse(&self.connections.database_url, application_name)
+    }
+
+    /// The Redis server or cluster holding the cache, with its CA file and command timeout.
+    pub fn redis_target(&self) -> Result<RedisTarget, KeyspaceError> {
+        RedisTarget::parse(
+            &self.connections.redis_url,
+            self.connections.redis_ca_file.as_deref(),
+            self.redis_timeout,
+        )
+    }
+}
+
+/// What the command line gave: flags, and the environment variables clap read for them (clap
+/// reads those of `run`'s settings only when `run` is the subcommand; [`Settings::load`] reads
+/// them for the others). `None`: not given, so the environment, file or default decides.
+#[derive(Debug, Default, Clone)]
+pub struct Given {
+    pub database_url: Option<SecretUrl>,
+    pub redis_url: Option<SecretUrl>,
+    pub redis_ca_file: Option<PathBuf>,
+    pub rules: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub config: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub refill_guard: Option<Duration>,
+    pub poll_interval: Option<Duration>,
+    pub max_backlog_age: Option<Duration>,
+    pub redis_timeout: Option<Duration>,
+    pub mode: Option<Mode>,
+    pub index_max_keys: Option<usize>,
+    pub claim_timeout: Option<Duration>,
+    pub replica_acks: Option<u32>,
+    pub replica_wait_timeout: Option<Duration>,
+}
+
+/// The environment variable of each setting (contract: DESIGN.md, "Command line"). `cli.rs`
+/// declares its flags with these names, so the two cannot drift apart.
+pub mod env_names {
+    pub const DATABASE_URL: &str = "DATABASE_URL";
+    pub const REDIS_URL: &str = "REDIS_URL";
+    pub const REDIS_CA_FILE: &str = "CACHE_INVALIDATOR_REDIS_CA_FILE";
+    pub const RULES: &str = "CACHE_INVALIDATOR_RULES";
+    pub const LOG_FORMAT: &str = "CACHE_INVALIDATOR_LOG_FORMAT";
+    pub const CONFIG: &str = "CACHE_INVALIDATOR_CONFIG";
+    pub const METRICS_ADDR: &str = "CACHE_INVALIDATOR_METRICS_ADDR";
+    pub const REFILL_GUARD: &str = "CACHE_INVALIDATOR_REFILL_GUARD";
+    pub const POLL_INTERVAL: &str = "CACHE_INVALIDATOR_POLL_INTERVAL";
+    pub const MAX_BACKLOG_AGE: &str = "CACHE_INVALIDATOR_MAX_BACKLOG_AGE";
+    pub const REDIS_TIMEOUT: &str = "CACHE_INVALIDATOR_REDIS_TIMEOUT";
+    pub const MODE: &str = "CACHE_INVALIDATOR_MODE";
+    pub const INDEX_MAX_KEYS: &str = "CACHE_INVALIDATOR_INDEX_MAX_KEYS";
+    pub const CLAIM_TIMEOUT: &str = "CACHE_INVALIDATOR_CLAIM_TIMEOUT";
+    pub const REPLICA_ACKS: &str = "CACHE_INVALIDATOR_REPLICA_ACKS";
+    pub const REPLICA_WAIT_TIMEOUT: &str = "CACHE_INVALIDATOR_REPLICA_WAIT_TIMEOUT";
+}
+
+/// The keys a config file may hold: the settings' names in snake case.
+const CONFIG_KEYS: [&str; 15] = [
+    "database_url",
+    "redis_url",
+    "redis_ca_file",
+    "rules",
+    "log_format",
+    "metrics_addr",
+    "refill_guard",
+    "poll_interval",
+    "max_backlog_age",
+    "redis_timeout",
+    "mode",
+    "index_max_keys",
+    "claim_timeout",
+    "replica_acks",
+    "replica_wait_timeout",
+];
+
+/// The `application_name` the one-shot subcommands connect with.
+pub const APPLICATION_NAME: &str = "cache-invalidator cli";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("config file {path}: {message}")]
+    ConfigFile { path: String, message: String },
+    #[error("config file {path}: {key}: {message}")]
+    ConfigValue {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("environment variable {name}: {message}")]
+    Environment { name: String, message: String },
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    #[error("{setting} must be longer than 0 (it paces a loop: 0 would spin)")]
+    Zero { setting: &'static str },
+    #[error(
+        "replica wait timeout {wait:?} must be at most half the redis timeout {redis_timeout:?}: \
+         a WAIT blocks the connection, and the requests queued behind it must not time out"
+    )]
+    ReplicaWaitTooLong {
+        wait: Duration,
+        redis_timeout: Duration,
+    },
+    #[error(transparent)]
+    Database(#[from] ConnectError),
+    #[error(transparent)]
+    Redis(#[from] KeyspaceError),
+}
+
+/// The config file's values by key, checked against [`CONFIG_KEYS`].
+struct ConfigFile {
+    path: Option<PathBuf>,
+    values: toml::Table,
+}
+
+impl ConfigFile {
+    fn read(path: Option<&Path>) -> Result<ConfigFile, SettingsError> {
+        let Some(path) = path else {
+            return Ok(ConfigFile {
+                path: None,
+                values: toml::Table::new(),
+            });
+        };
+        let error = |message: String| SettingsError::ConfigFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        // The message and position only: toml's full report quotes the offending line, which may
+        // be a connection string with its password.
+        let values: toml::Table = toml::from_str(&text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map_or((0, 0), |span| line_and_column(&text, span.start));
+            error(format!(
+                "line {line}, column {column}: {}",
+                e.message().trim_end()
+            ))
+        })?;
+        if let Some(unknown) = values
+            .keys()
+            .find(|key| !CONFIG_KEYS.contains(&key.as_str()))
+        {
+            return Err(error(format!(
+                "unknown key {unknown:?} (known: {})",
+                CONFIG_KEYS.join(", ")
+            )));
+        }
+        Ok(ConfigFile {
+            path: Some(path.to_owned()),
+            values,
+        })
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |tail| tail.chars().count())
+        + 1;
+    (line, column)
+}
+
+/// Where a setting is looked for after the command line.
+struct Sources<'a> {
+    env: &'a dyn Fn(&str) -> Option<OsString>,
+    file: ConfigFile,
+}
+
+impl Sources<'_> {
+    fn connections(&self, given: &Given) -> Result<Connections, SettingsError> {
+        let secret = |text: &str| Ok(SecretUrl::new(text));
+        let database_url = self.setting(
+            given.database_url.clone(),
+            "database_url",
+            env_names::DATABASE_URL,
+            secret,
+        )?;
+        let redis_url = self.setting(
+            given.redis_url.clone(),
+            "redis_url",
+            env_names::REDIS_URL,
+            secret,
+        )?;
+        let redis_ca_file = self.setting(
+            given.redis_ca_file.clone(),
+            "redis_ca_file",
+            env_names::REDIS_CA_FILE,
+            |text| Ok(PathBuf::from(text)),
+        )?;
+        Ok(Connections {
+            database_url: database_url.unwrap_or_else(|| SecretUrl::new(DEFAULT_DATABASE_URL)),
+            redis_url: redis_url.unwrap_or_else(|| SecretUrl::new(DEFAULT_REDIS_URL)),
+            redis_ca_file,
+        })
+    }
+
+    /// The rules (loaded and checked here), the log format and the metrics listener.
+    fn rules_and_logs(&self, given: &Given, settings: &mut Settings) -> Result<(), SettingsError> {
+        let rules = self.setting(given.rules.clone(), "rules", env_names::RULES, |text| {
+            Ok(PathBuf::from(text))
+        })?;
+        settings.rules_source = match rules {
+            Some(path) => RulesSource::File(path),
+            None => RulesSource::Builtin,
+        };
+        settings.rules = settings.rules_source.load()?;
+        let log_formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
+        if let Some(format) = self.setting(
+            given.log_format,
+            "log_format",
+            env_names::LOG_FORMAT,
+            |text| one_of(text, &log_formats),
+        )? {
+            settings.log_format = format;
+        }
+        settings.metrics_addr = self.setting(
+            given.metrics_addr,
+            "metrics_addr",
+            env_names::METRICS_ADDR,
+            |text| {
+                text.parse()
+                    .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9187"))
+            },
+        )?;
+        Ok(())
+    }
+
+    fn durations(&self, given: &Given, settings: &mut Settings) -> Result<(), SettingsError> {
+        let durations: [(&mut Duration, Option<Duration>, &str, &str); 6] = [
+            (
+                &mut settings.refill_guard,
+                given.refill_guard,
+                "refill_guard",
+                env_names::REFILL_GUARD,
+            ),
+            (
+                &mut settings.poll_interval,
+                given.poll_interval,
+                "poll_interval",
+                env_names::POLL_INTERVAL,
+            ),
+            (
+                &mut settings.max_backlog_age,
+                given.max_backlog_age,
+                "max_backlog_age",
+                env_names::MAX_BACKLOG_AGE,
+            ),
+            (
+                &mut settings.redis_timeout,
+                given.redis_timeout,
+                "redis_timeout",
+                env_names::REDIS_TIMEOUT,
+            ),
+            (
+                &mut settings.claim_timeout,
+                given.claim_timeout,
+                "claim_timeout",
+                env_names::CLAIM_TIMEOUT,
+            ),
+            (
+                &mut settings.replica_wait_timeout,
+                given.replica_wait_timeout,
+                "replica_wait_timeout",
+                env_names::REPLICA_WAIT_TIMEOUT,
+            ),
+        ];
+        for (value, flag, key, env_name) in durations {
+            if let Some(merged) = self.setting(flag, key, env_name, parse_duration)? {
+                *value = merged;
+            }
+        }
+        Ok(())
+    }
+
+    /// How the worker finds keys and how many replicas confirm its deletes.
+    fn worker_choices(&self, given: &Given, settings: &mut Settings) -> Result<(), SettingsError> {
+        let modes = [
+            ("auto", Mode::Auto),
+            ("index", Mode::Index),
+            ("sweep", Mode::Sweep),
+        ];
+        if let Some(mode) = self.setting(given.mode, "mode", env_names::MODE, |text| {
+            one_of(text, &modes)
+        })? {
+            settings.mode = mode;
+        }
+        if let Some(max) = self.setting(
+            given.index_max_keys,
+            "index_max_keys",
+            env_names::INDEX_MAX_KEYS,
+            whole_number,
+        )? {
+            settings.index_max_keys = max;
+        }
+        settings.replica_acks = self.setting(
+            given.replica_acks,
+            "replica_acks",
+            env_names::REPLICA_ACKS,
+            whole_number,
+        )?;
+        Ok(())
+    }
+
+    /// One setting: the command line's value, else the environment's, else the file's, each
+    /// parsed with `parse`; an invalid value names where it came from. `None`: the default.
+    fn setting<T>(
+        &self,
+        given: Option<T>,
+        key: &str,
+        env_name: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, SettingsError> {
+        if given.is_some() {
+            return Ok(given);
+        }
+        if let Some(text) = lookup(self.env, env_name)? {
+            return parse(&text)
+                .map(Some)
+                .map_err(|message| SettingsError::Environment {
+                    name: env_name.to_owned(),
+                    message,
+                });
+        }
+        let Some(value) = self.file.values.get(key) else {
+            return Ok(None);
+        };
+        let invalid = |message: String| SettingsError::ConfigValue {
+            path: self
+                .file
+                .path
+                .as_ref()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
+            key: key.to_owned(),
+            message,
+        };
+        let text = match value {
+            toml::Value::String(text) => text.clone(),
+            // `refill_guard = 0`, `index_max_keys = 500000`: numbers are fine unquoted.
+            toml::Value::Integer(number) => number.to_string(),
+            other => {
+                return Err(invalid(format!(
+                    "expected a string or a number, found a {}",
+                    other.type_str()
+                )))
+            }
+        };
+        parse(&text).map(Some).map_err(invalid)
+    }
+}
+
+/// An environment variable's value; unset and empty are the same (as clap treats them).
+fn lookup(
+    env: &dyn Fn(&str) -> Option<OsString>,
+    name: &str,
+) -> Result<Option<String>, SettingsError> {
+    match env(name) {
+        None => Ok(None),
+        Some(value) if value.is_empty() => Ok(None),
+        Some(value) => value
+            .into_string()
+            .map(Some)
+            .map_err(|_| SettingsError::Environment {
+                name: name.to_owned(),
+                message: "not valid UTF-8".to_owned(),
+            }),
+    }
+}
+
+/// `text` as one of `choices` (case-insensitive), or a message listing them.
+fn one_of<T: Copy>(text: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    let wanted = text.trim().to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(name, _)| *name == wanted)
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            format!("{text:?} is not one of {}", names.join(", "))
+        })
+}
+
+fn whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number in range"))
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 /// Default delay of the second pass: above the app's slowest report request we measured (see the
 /// README, "No stale refills"), well under the shortest TTL.
 pub const DEFAULT_REFILL_GUARD: Duration = Duration::from_secs(2);
@@ -250,25 +752,139 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_redacted() {
+    fn passwords_are_redacted_through_the_parsed_configuration() {
+        let shown = |text: &str| SecretUrl::new(text).redacted();
         assert_eq!(
-            redact_url("postgres://app:s3cr:et@db:5432/reports?sslmode=require"),
+            shown("postgres://app:s3cr:et@db:5432/reports?sslmode=require"),
             "postgres://app:***@db:5432/reports?sslmode=require"
         );
         assert_eq!(
-            redact_url("redis://:hunter2@127.0.0.1:6379/0"),
+            shown("postgres://db/x?user=a&password=p@ss"),
+            "postgres://a:***@db:5432/x"
+        );
+        assert_eq!(
+            shown("host=db user=app password='p w' dbname=x"),
+            "host=db user=app password=*** dbname=x"
+        );
+        assert_eq!(
+            shown("redis://:hunter2@127.0.0.1:6379/0"),
             "redis://:***@127.0.0.1:6379/0"
         );
         assert_eq!(
-            redact_url("postgres://db/x?user=a&password=p@ss"),
-            "postgres://db/x?user=a&password=***"
+            shown("redis://u:a%2Fb%3Fc%40d%23e@127.0.0.1:6379/2"),
+            "redis://u:***@127.0.0.1:6379/2"
         );
         assert_eq!(
-            redact_url("redis://127.0.0.1:6379/0"),
+            shown("rediss+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001"),
+            "rediss+cluster://:***@10.0.0.1:7000,10.0.0.2:7001/0"
+        );
+        assert_eq!(
+            shown("redis://127.0.0.1:6379/0"),
             "redis://127.0.0.1:6379/0"
         );
+        // What does not parse is not shown: any part of it may be the password.
+        assert_eq!(shown("postgres://u:12/Secret9@db/x"), NOT_SHOWN);
+        assert_eq!(shown("redis://:pa/Secret9@h:1/0"), NOT_SHOWN);
+        assert_eq!(shown("host=db password='Secret9"), NOT_SHOWN);
         let url = SecretUrl::new("rediss://u:pw@h:1");
         assert!(!format!("{url:?} {url}").contains("pw"));
+    }
+
+    fn config_file(text: &str) -> (tempfile::NamedTempFile, PathBuf) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write config");
+        let path = file.path().to_owned();
+        (file, path)
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| OsString::from(value))
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file_which_beats_the_default() {
+        let (_file, path) = config_file("refill_guard = \"3s\"\npoll_interval = 0.5\n");
+        let given = |refill_guard| Given {
+            config: Some(path.clone()),
+            refill_guard,
+            ..Given::default()
+        };
+        let env = env_of(&[(env_names::REFILL_GUARD, "2s")]);
+        let load = |given, env: &dyn Fn(&str) -> Option<OsString>| {
+            Settings::load_with_env(given, env).map(|s| s.refill_guard)
+        };
+        // A float is neither a string nor an integer: the file is wrong whatever wins.
+        let error = load(given(None), &env).expect_err("float").to_string();
+        assert!(
+            error.contains(&format!("config file {}: poll_interval:", path.display())),
+            "{error}"
+        );
+        let (_file, path) = config_file("refill_guard = \"3s\"\n");
+        let given = |refill_guard| Given {
+            config: Some(path.clone()),
+            refill_guard,
+            ..Given::default()
+        };
+        let flag = Some(Duration::from_secs(1));
+        assert_eq!(load(given(flag), &env).ok(), flag);
+        assert_eq!(load(given(None), &env).ok(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            load(given(None), &env_of(&[])).ok(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            load(Given::default(), &env_of(&[])).ok(),
+            Some(DEFAULT_REFILL_GUARD)
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_source() {
+        let error = Settings::load_with_env(Given::default(), env_of(&[(env_names::MODE, "fast")]))
+            .expect_err("bad mode")
+            .to_string();
+        assert_eq!(
+            error,
+            "environment variable CACHE_INVALIDATOR_MODE: \"fast\" is not one of auto, index, sweep"
+        );
+        let (_file, path) = config_file("log_format = \"xml\"\n");
+        let error = Settings::load_with_env(
+            Given {
+                config: Some(path.clone()),
+                ..Given::default()
+            },
+            env_of(&[]),
+        )
+        .expect_err("bad log format")
+        .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "config file {}: log_format: \"xml\" is not one of text, json",
+                path.display()
+            )
+        );
+        let (_file, path) = config_file("database_url = \"postgres://u:Secret9@h/x\n");
+        let error = Settings::load_with_env(
+            Given {
+                config: Some(path.clone()),
+                ..Given::default()
+            },
+            env_of(&[]),
+        )
+        .expect_err("unterminated string")
+        .to_string();
+        assert!(error.contains("line 1, column"), "{error}");
+        assert!(!error.contains("Secret9"), "{error}");
     }
 
     #[test]

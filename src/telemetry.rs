@@ -46,7 +46,14 @@ pub mod names {
     pub const INDEX_KEYS: &str = "cache_invalidator_index_keys";
     /// Seeds of the index, by `reason` (`start`, `connection_lost`, `failover`, `flush`, …).
     pub const INDEX_REBUILDS: &str = "cache_invalidator_index_rebuilds_total";
+    /// Not in the contract table, an addition: 1, labelled with the version and the git commit.
+    pub const BUILD_INFO: &str = "cache_invalidator_build_info";
 }
+
+/// The crate version, as `--version` and the build-info gauge show it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from (`build.rs`), or `unknown` without git.
+pub const COMMIT: &str = env!("CACHE_INVALIDATOR_COMMIT");
 
 /// Histogram buckets, in seconds, shared by both histograms: from a sweep of a small keyspace or
 /// a change cleared within one poll (5 ms) to a full pass over millions of keys (the design's 1M-key
@@ -347,6 +354,10 @@ fn describe_metrics() {
         names::RULES_RELOADS,
         "SIGHUP reloads of the rules file, by result (applied, rejected)"
     );
+    describe_gauge!(
+        names::BUILD_INFO,
+        "Always 1; the labels say which version and git commit is running"
+    );
 }
 
 /// Makes the counters appear at 0 before their first event, so dashboards and `rate()` see a
@@ -361,6 +372,7 @@ pub fn register_zeroes<'a>(tables: impl IntoIterator<Item = &'a str>) {
     }
     metrics::counter!(names::SWEEPS).increment(0);
     metrics::counter!(names::REFILL_KEYS_DELETED).increment(0);
+    metrics::gauge!(names::BUILD_INFO, "version" => VERSION, "commit" => COMMIT).set(1.0);
     for table in tables {
         metrics::counter!(names::CHANGES, "table" => table.to_owned()).increment(0);
         metrics::counter!(names::KEYS_DELETED, "table" => table.to_owned()).increment(0);

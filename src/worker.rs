@@ -728,7 +728,7 @@ impl Worker {
             );
         }
         info!(
-            changes = job.done.len(),
+            changes = job.rows_by_table.values().sum::<u64>(),
             dead_letters = job.dead.len(),
             patterns = job.patterns.len(),
             keys,

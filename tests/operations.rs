@@ -282,7 +282,134 @@ async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
         "{body}"
     );
     assert!(body.contains("cache_invalidator_commit_to_delete_seconds_bucket{le=\"0.005\"}"));
+    let build_info = body
+        .lines()
+        .find(|line| line.starts_with("cache_invalidator_build_info{"))
+        .unwrap_or_else(|| panic!("no build info:\n{body}"));
+    assert!(
+        build_info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build_info.contains(&format!("commit=\"{}\"", checkout_commit()))
+            && build_info.ends_with(" 1"),
+        "{build_info}"
+    );
 
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
+/// The `changes=N` fields of the `batch invalidated` log lines, summed.
+fn logged_changes(log: &str) -> u64 {
+    log.lines()
+        .filter(|line| line.contains("batch invalidated"))
+        .filter_map(|line| {
+            let field = line
+                .split_whitespace()
+                .find(|f| f.starts_with("changes="))?;
+            field.trim_start_matches("changes=").parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows() {
+    let space = KeySpace::new("counting");
+    let db = TestDb::with_reports("counting", &space.rules()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("rules.toml");
+    write_rules(&rules, &space.key_prefix(), None);
+    let client = db.client().await;
+    // The rows to update exist before the daemon starts; their INSERT is not what is counted.
+    client
+        .batch_execute(
+            "INSERT INTO auth_user (id) VALUES (1), (2);
+             INSERT INTO reports_report (id, author_id) SELECT n, 1 FROM generate_series(1, 100) n;
+             DELETE FROM cache_invalidator.outbox;",
+        )
+        .await
+        .expect("set up reports");
+    let daemon = Running::start(
+        &[
+            "--rules",
+            rules.to_str().expect("utf-8 path"),
+            "--refill-guard",
+            "0",
+        ],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("REDIS_URL", &shared_redis_url()),
+        ],
+        true,
+    );
+    daemon.wait_for_listener().await;
+    // 100 single-row UPDATEs, each its own statement and outbox row: the even ones move the
+    // report to another author (an OLD and a NEW value tuple), the odd ones only retitle it.
+    for id in 1..=100 {
+        let statement = if id % 2 == 0 {
+            "UPDATE reports_report SET author_id = 2 WHERE id = $1"
+        } else {
+            "UPDATE reports_report SET title = 'retitled' WHERE id = $1"
+        };
+        client.execute(statement, &[&id]).await.expect("update");
+    }
+    // One statement changing 10 rows: one outbox row standing for 10 changed rows.
+    client
+        .batch_execute("UPDATE reports_report SET body = 'edited' WHERE id <= 10")
+        .await
+        .expect("bulk update");
+    // Each outbox row is timed once when acknowledged: 101 means every change was booked.
+    daemon
+        .wait_for_metric("cache_invalidator_commit_to_delete_seconds_count", 101.0)
+        .await;
+    let body = daemon.scrape().await;
+    assert_eq!(
+        sample(
+            &body,
+            "cache_invalidator_changes_total{table=\"reports_report\"}"
+        ),
+        Some(110.0),
+        "{body}"
+    );
+    // The batch lines are written before the acknowledgement is timed.
+    let log = daemon.process.log_text();
+    assert_eq!(logged_changes(&log), 110, "{log}");
+    assert!(daemon.stop().await.success());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_fails_while_no_worker_listens_and_says_so() {
+    let space = KeySpace::new("status_exit");
+    let db = TestDb::with_reports("status_exit", &space.rules()).await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    ];
+    let alone = run_cli(&["status"], &env).await;
+    let text = stdout(&alone);
+    assert_eq!(alone.status.code(), Some(1), "{text}{}", stderr(&alone));
+    assert!(text.contains("workers listening:  0"), "{text}");
+    assert!(text.contains("UNHEALTHY: no worker is listening"), "{text}");
+
+    let help = run_cli(&["status", "--help"], &[]).await;
+    assert!(
+        stdout(&help).contains("exits 1 when no worker is listening"),
+        "{}",
+        stdout(&help)
+    );
+
+    let daemon = Running::start(&["--refill-guard", "0"], &env, true);
+    daemon.wait_for_listener().await;
+    let listening = wait_until(PATIENCE, || async {
+        run_cli(&["status"], &env).await.status.code() == Some(0)
+    })
+    .await;
+    let last = run_cli(&["status"], &env).await;
+    assert!(listening, "{}{}", stdout(&last), stderr(&last));
+    assert!(
+        stdout(&last).contains("workers listening:  1"),
+        "{}",
+        stdout(&last)
+    );
     assert!(daemon.stop().await.success());
     db.drop().await;
 }
@@ -760,6 +887,33 @@ async fn systemd_unit_verifies_and_rates_as_hardened() {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{report}{}", stderr(&security)));
     assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
+}
+
+/// The commit of this checkout as git names it, or `unknown` where there is no git (what the
+/// binary's build script then records).
+fn checkout_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[tokio::test]
+async fn version_names_the_release_and_the_git_commit() {
+    let output = run_cli(&["--version"], &[]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output).trim(),
+        format!(
+            "cache-invalidator {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            checkout_commit()
+        )
+    );
 }
 
 #[tokio::test]
