@@ -7,7 +7,8 @@
 //! - **from the index** (index mode, once every node's part is seeded): after a barrier on the
 //!   tracking connections, the window's keys are looked up in memory and removed with pipelined
 //!   `UNLINK`s, one request per node (which in a cluster also re-checks the node's slots, as the
-//!   sweep does): milliseconds, whatever the size of the keyspace;
+//!   sweep does), then, where the node has replicas, a `WAIT` for them ([`crate::replicas`]):
+//!   milliseconds, whatever the size of the keyspace;
 //! - **by the sweep** ([`Sweeper`]): in sweep mode, while the index is incomplete (start, a lost
 //!   tracking connection), for a pattern outside the tracked prefixes, or when a barrier fails.
 //!
@@ -27,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::index;
 use crate::keyspace::Node;
+use crate::replicas::{confirm_replicas, Confirmation, ReplicaError};
 use crate::sweep::{self, FinishedWindow, PatternSpec, StepReport, SweepError, Sweeper};
 use crate::tracking::Tracking;
 
@@ -59,6 +61,12 @@ enum IndexReply {
         windows: Vec<WindowId>,
         result: Result<(), String>,
     },
+    /// The node's replicas were asked (`WAIT`) for every delete sent before: `windows` waited.
+    Replicated {
+        node: usize,
+        windows: Vec<WindowId>,
+        result: Result<Confirmation, ReplicaError>,
+    },
     Unlinked {
         window: WindowId,
         node: usize,
@@ -85,11 +93,18 @@ pub struct Finder {
     guard_passes: VecDeque<(Instant, Vec<PatternSpec>)>,
     /// The memory bound was passed: said once, then sweep.
     index_dropped: bool,
+    /// Per node: windows whose deletes the node confirmed, waiting for its replicas.
+    awaiting_replicas: Vec<Vec<WindowId>>,
+    /// Per node: a `WAIT` is in flight (it blocks the connection: one at a time).
+    replica_wait_in_flight: Vec<bool>,
+    /// Per node: the last `WAIT` timed out (warned once until the replicas catch up).
+    replicas_behind: Vec<bool>,
 }
 
 impl Finder {
     /// A finder over `nodes`; `tracking` is the index (attached to these nodes) in index mode.
     pub fn new(nodes: Vec<Node>, tracking: Option<Tracking>, refill_guard: Duration) -> Finder {
+        let node_count = nodes.len();
         Finder {
             sweeper: Sweeper::new(nodes.clone()),
             nodes,
@@ -103,6 +118,9 @@ impl Finder {
             refill_guard,
             guard_passes: VecDeque::new(),
             index_dropped: false,
+            awaiting_replicas: vec![Vec::new(); node_count],
+            replica_wait_in_flight: vec![false; node_count],
+            replicas_behind: vec![false; node_count],
         }
     }
 
@@ -303,15 +321,93 @@ impl Finder {
                 for (label, count) in labels.iter().zip(counts) {
                     *report.deleted.entry(label.clone()).or_default() += count;
                 }
-                if let Some(state) = self.indexed.get_mut(&window) {
-                    state.nodes_pending = state.nodes_pending.saturating_sub(1);
-                    if state.nodes_pending == 0 {
-                        self.finish(window, report);
-                    }
+                if !labels.is_empty() && self.waits_for_replicas(node) {
+                    self.awaiting_replicas[node].push(window);
+                    self.send_replica_waits();
+                } else {
+                    self.node_done(window, report);
                 }
+            }
+            IndexReply::Replicated {
+                node,
+                windows,
+                result,
+            } => {
+                self.replica_wait_in_flight[node] = false;
+                let confirmation = result.map_err(|error| SweepError {
+                    node: self.nodes[node].name.clone(),
+                    source: match error {
+                        ReplicaError::Redis(source) => source,
+                        other => redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "replica confirmation",
+                            other.to_string(),
+                        )),
+                    },
+                })?;
+                if confirmation.confirmed() {
+                    self.replicas_behind[node] = false;
+                    for window in windows {
+                        self.node_done(window, report);
+                    }
+                } else {
+                    if !self.replicas_behind[node] {
+                        warn!(node = %self.nodes[node].name, acked = confirmation.acked, required = confirmation.required, "replicas do not have the deletes yet: the changes stay in the outbox until they do");
+                        self.replicas_behind[node] = true;
+                    }
+                    // Kept, and asked again: a later WAIT covers every earlier delete.
+                    self.awaiting_replicas[node].extend(windows);
+                }
+                self.send_replica_waits();
             }
         }
         Ok(())
+    }
+
+    /// One node finished its part of a window (deleted, and replicated where asked).
+    fn node_done(&mut self, window: WindowId, report: &mut StepReport) {
+        if let Some(state) = self.indexed.get_mut(&window) {
+            state.nodes_pending = state.nodes_pending.saturating_sub(1);
+            if state.nodes_pending == 0 {
+                self.finish(window, report);
+            }
+        }
+    }
+
+    /// Whether the node's deletes must reach replicas before a window counts as done: an
+    /// explicit `--replica-acks`, or replicas connected when the worker connected (a server
+    /// that refused `INFO` then has none to count).
+    fn waits_for_replicas(&self, node: usize) -> bool {
+        let node = &self.nodes[node];
+        match node.replica_policy.acks {
+            Some(acks) => acks > 0,
+            None => node.replicas.is_some(),
+        }
+    }
+
+    /// Sends a `WAIT` (with its count of replicas) for each node with windows waiting and none in
+    /// flight; it covers every delete sent on the node's connection before it.
+    fn send_replica_waits(&mut self) {
+        for node in 0..self.nodes.len() {
+            if self.replica_wait_in_flight[node] || self.awaiting_replicas[node].is_empty() {
+                continue;
+            }
+            let windows = std::mem::take(&mut self.awaiting_replicas[node]);
+            let mut connection = self.nodes[node].connection.clone();
+            let policy = self.nodes[node].replica_policy;
+            self.replica_wait_in_flight[node] = true;
+            self.in_flight.push(
+                async move {
+                    let result = confirm_replicas(&mut connection, policy).await;
+                    IndexReply::Replicated {
+                        node,
+                        windows,
+                        result,
+                    }
+                }
+                .boxed(),
+            );
+        }
     }
 
     /// Looks a window's keys up after its barrier and sends their deletes; a window the index
