@@ -381,6 +381,12 @@ impl Sweeper {
         self.first_pass_patterns
     }
 
+    /// Lanes over all nodes: [`LANES`] per node whose cursor order is one reversed bucket index,
+    /// one per other node.
+    pub fn lane_count(&self) -> usize {
+        self.lanes.len()
+    }
+
     /// Windows are active, requests are in flight, or matched keys wait for their `UNLINK`.
     pub fn is_busy(&self) -> bool {
         !self.windows.is_empty()
@@ -841,7 +847,9 @@ mod tests {
         assert!(replay(&mut second, &mut tail[0], &[0]));
         // Other shapes are not split: their cursors are not one reversed bucket index.
         assert_eq!(Lane::for_node(0, PER_SLOT, 2).len(), 1);
-        assert_eq!(Lane::for_node(0, CursorOrder::Unknown, 2).len(), 1);
+        let unknown = Lane::for_node(0, CursorOrder::Unknown, 4);
+        assert_eq!(unknown.len(), 1);
+        assert_eq!((unknown[0].first_cursor, unknown[0].end), (0, None));
     }
 
     #[test]
