@@ -97,6 +97,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         settings.rules.rules().len(),
         settings.rules_source
     );
+    let _ = writeln!(out, "{}", crate::matcher::shapes_report(&settings.rules));
     match connect_pg(settings).await {
         Ok(client) => {
             let _ = writeln!(
