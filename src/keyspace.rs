@@ -79,14 +79,16 @@ pub struct Node {
 /// pass of its own instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CursorOrder {
-    /// One hash table: the cursor is a bucket index in reverse bit order (every Redis outside
-    /// cluster mode, and cluster mode before Redis 7.4 and Valkey 8).
+    /// One hash table: the cursor is a bucket index in reverse bit order (the known Redis and
+    /// Valkey releases outside cluster mode, and cluster mode before Redis 7.4 and Valkey 8).
     ReversedBuckets,
     /// Cluster mode from Redis 7.4 and Valkey 8 on: one table per hash slot, the slot in the low
     /// 14 bits and the reversed-order bucket cursor above them (`kvstoreScan`). A pass walks the
     /// slots in ascending order.
     SlotThenReversedBuckets,
-    /// Another server (Dragonfly, an unreadable `INFO`): no position is trusted.
+    /// Not known for certain (a release whose `SCAN` was not read, another server such as
+    /// Dragonfly, a proxy, an unreadable `INFO`): no position is trusted, and the node is swept in
+    /// one lane from cursor 0.
     Unknown,
 }
 
