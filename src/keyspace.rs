@@ -87,14 +87,16 @@ pub struct Node {
 /// pass of its own instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CursorOrder {
-    /// One hash table: the cursor is a bucket index in reverse bit order (every Redis outside
-    /// cluster mode, and cluster mode before Redis 7.4 and Valkey 8).
+    /// One hash table: the cursor is a bucket index in reverse bit order (the known Redis and
+    /// Valkey releases outside cluster mode, and cluster mode before Redis 7.4 and Valkey 8).
     ReversedBuckets,
     /// Cluster mode from Redis 7.4 and Valkey 8 on: one table per hash slot, the slot in the low
     /// 14 bits and the reversed-order bucket cursor above them (`kvstoreScan`). A pass walks the
     /// slots in ascending order.
     SlotThenReversedBuckets,
-    /// Another server (Dragonfly, an unreadable `INFO`): no position is trusted.
+    /// Not known for certain (a release whose `SCAN` was not read, another server such as
+    /// Dragonfly, a proxy, an unreadable `INFO`): no position is trusted, and the node is swept in
+    /// one lane from cursor 0.
     Unknown,
 }
 
@@ -118,33 +120,85 @@ impl CursorOrder {
 
     /// Reads the order from the replies to `INFO server` and `INFO cluster`.
     pub fn from_info(server: &str, cluster: &str) -> CursorOrder {
+        CursorOrder::read(server, cluster).unwrap_or(CursorOrder::Unknown)
+    }
+
+    /// The order, or why it is not known for certain (for the warning).
+    ///
+    /// Only servers whose `SCAN` code was read are trusted: a newer release may change the cursor
+    /// (as Redis 7.4 did in cluster mode), and a proxy or another server answering like Redis may
+    /// stand for several tables. Positions from a wrong order would end a window that joined
+    /// mid-pass early: a missed key. So a server is known when it names itself as Redis or Valkey
+    /// in a release range below, with no other server's version field, and says the same about its
+    /// mode in `INFO server` as in `INFO cluster`; anything else gets one lane from cursor 0.
+    pub fn read(server: &str, cluster: &str) -> Result<CursorOrder, String> {
         // Major and minor of a `x.y.z` version.
         let version = |text: &str| -> Option<(u32, u32)> {
             let mut parts = text.split('.');
             Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
         };
-        if info_field(server, "dragonfly_version").is_some() {
-            return CursorOrder::Unknown;
+        if let Some(foreign) = server.lines().find_map(|line| {
+            let name = line.split(':').next()?.strip_suffix("_version")?;
+            (!OWN_VERSION_FIELDS.contains(&name)).then_some(name)
+        }) {
+            return Err(format!(
+                "the server reports {foreign}_version: not Redis or Valkey"
+            ));
         }
-        match info_field(cluster, "cluster_enabled") {
-            Some("0") => return CursorOrder::ReversedBuckets,
-            Some("1") => {}
-            _ => return CursorOrder::Unknown,
+        let clustered = match info_field(cluster, "cluster_enabled") {
+            Some("0") => false,
+            Some("1") => true,
+            _ => return Err("INFO cluster has no cluster_enabled".to_owned()),
+        };
+        // Valkey writes `server_mode` (or `redis_mode` when asked to look like Redis).
+        let mode = info_field(server, "redis_mode").or_else(|| info_field(server, "server_mode"));
+        match (mode, clustered) {
+            (Some("standalone"), false) | (Some("cluster"), true) => {}
+            (mode, _) => {
+                return Err(format!(
+                    "INFO says mode {} with cluster_enabled:{}: a proxy?",
+                    mode.unwrap_or("(none)"),
+                    u8::from(clustered)
+                ))
+            }
         }
         // Valkey also reports `redis_version:7.2.4`, for clients that check it.
-        let per_slot_tables = if let Some(valkey) = info_field(server, "valkey_version") {
-            version(valkey).map(|v| v >= (8, 0))
-        } else {
+        let (flavour, text, known, per_slot_from) = match info_field(server, "valkey_version") {
+            Some(text) => ("valkey", text, VALKEY_KNOWN, (8, 0)),
             // 7.3.x were the release candidates of 7.4, which brought per-slot tables.
-            info_field(server, "redis_version").and_then(|v| version(v).map(|v| v >= (7, 3)))
+            None => match info_field(server, "redis_version") {
+                Some(text) => ("redis", text, REDIS_KNOWN, (7, 3)),
+                None => return Err("INFO server has no redis_version".to_owned()),
+            },
         };
-        match per_slot_tables {
-            Some(true) => CursorOrder::SlotThenReversedBuckets,
-            Some(false) => CursorOrder::ReversedBuckets,
-            None => CursorOrder::Unknown,
+        let Some(release) = version(text) else {
+            return Err(format!("{flavour} version {text} is not major.minor.patch"));
+        };
+        if !(known.0..=known.1).contains(&release) {
+            return Err(format!(
+                "{flavour} {text} is outside the releases whose SCAN cursor was read \
+                 ({}.{} to {}.{})",
+                known.0 .0, known.0 .1, known.1 .0, known.1 .1
+            ));
         }
+        Ok(match clustered && release >= per_slot_from {
+            true => CursorOrder::SlotThenReversedBuckets,
+            false => CursorOrder::ReversedBuckets,
+        })
     }
 }
+
+/// `<name>_version` fields Redis and Valkey report in `INFO server`; any other (`dragonfly_version`,
+/// …) is another server answering like Redis.
+const OWN_VERSION_FIELDS: [&str; 3] = ["redis", "valkey", "gcc"];
+/// Redis releases (major, minor) whose `SCAN` was read: one reversed-bit bucket index from 2.8
+/// (`dictScan`) through 8.0, with the slot in the low 14 bits in cluster mode from 7.4
+/// (`kvstoreScan`). Extend after reading a newer release's `src/kvstore.c` and `src/dict.c`.
+const REDIS_KNOWN: ((u32, u32), (u32, u32)) = ((2, 8), (8, 0));
+/// Valkey releases whose `SCAN` was read: 7.2 (Redis' `dictScan`), 8.0 (`kvstoreScan`, per-slot
+/// tables in cluster mode) and 8.1 (the new `hashtable`, whose scan keeps the reversed-bit
+/// cursor over its top-level buckets).
+const VALKEY_KNOWN: ((u32, u32), (u32, u32)) = ((7, 2), (8, 1));
 
 /// The value of `name` in an `INFO` reply (`name:value` lines).
 fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
@@ -365,11 +419,10 @@ impl RedisTarget {
                 if !self.cluster && info_field(&cluster, "cluster_enabled") == Some("1") {
                     return Err(KeyspaceError::ClusterNode { node: name });
                 }
-                let order = CursorOrder::from_info(&server, &cluster);
-                if order == CursorOrder::Unknown {
-                    tracing::warn!(node = %name, "SCAN cursor order unknown on this server: a change that arrives during a pass waits for a whole pass of its own");
-                }
-                order
+                CursorOrder::read(&server, &cluster).unwrap_or_else(|reason| {
+                    tracing::warn!(node = %name, %reason, "SCAN cursor order not known for certain on this server: one lane from cursor 0, and a change that arrives during a pass waits for a whole pass of its own");
+                    CursorOrder::Unknown
+                })
             }
             // An ACL without INFO: sweep without trusting positions.
             Err(error)
@@ -669,44 +722,78 @@ impl Topology {
 mod tests {
     use super::*;
 
+    fn redis(version: &str, mode: &str) -> String {
+        format!("# Server\r\nredis_version:{version}\r\nredis_git_sha1:0\r\nredis_mode:{mode}\r\ngcc_version:12.2.0\r\n")
+    }
+
+    fn valkey(version: &str, mode: &str) -> String {
+        format!(
+            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:{version}\r\n\
+             server_mode:{mode}\r\n"
+        )
+    }
+
+    const ON: &str = "# Cluster\r\ncluster_enabled:1\r\n";
+    const OFF: &str = "# Cluster\r\ncluster_enabled:0\r\n";
+
     #[test]
     fn the_cursor_order_follows_the_server_and_its_mode() {
-        let redis = |version: &str| {
-            format!("# Server\r\nredis_version:{version}\r\nredis_mode:cluster\r\n")
-        };
-        let valkey =
-            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.1.1\r\n";
-        let on = "# Cluster\r\ncluster_enabled:1\r\n";
-        let off = "# Cluster\r\ncluster_enabled:0\r\n";
         use CursorOrder::*;
+        let order = CursorOrder::from_info;
+        assert_eq!(order(&redis("7.0.15", "cluster"), ON), ReversedBuckets);
+        assert_eq!(order(&redis("7.2.4", "cluster"), ON), ReversedBuckets);
         assert_eq!(
-            CursorOrder::from_info(&redis("7.0.15"), on),
-            ReversedBuckets
-        );
-        assert_eq!(CursorOrder::from_info(&redis("7.2.4"), on), ReversedBuckets);
-        assert_eq!(
-            CursorOrder::from_info(&redis("7.4.2"), on),
+            order(&redis("7.4.2", "cluster"), ON),
             SlotThenReversedBuckets
         );
         assert_eq!(
-            CursorOrder::from_info(&redis("8.0.2"), on),
+            order(&redis("8.0.2", "cluster"), ON),
             SlotThenReversedBuckets
         );
+        assert_eq!(order(&redis("8.0.2", "standalone"), OFF), ReversedBuckets);
+        assert_eq!(order(&redis("2.8.24", "standalone"), OFF), ReversedBuckets);
         assert_eq!(
-            CursorOrder::from_info(&redis("8.0.2"), off),
-            ReversedBuckets
+            order(&valkey("8.1.1", "cluster"), ON),
+            SlotThenReversedBuckets
         );
-        assert_eq!(CursorOrder::from_info(valkey, on), SlotThenReversedBuckets);
-        assert_eq!(
-            CursorOrder::from_info(&valkey.replace("8.1.1", "7.2.5"), on),
-            ReversedBuckets
+        assert_eq!(order(&valkey("8.0.1", "standalone"), OFF), ReversedBuckets);
+        assert_eq!(order(&valkey("7.2.5", "cluster"), ON), ReversedBuckets);
+        // Valkey asked to look like Redis writes `redis_mode`.
+        let compat = valkey("8.0.1", "x").replace("server_mode:x", "redis_mode:standalone");
+        assert_eq!(order(&compat, OFF), ReversedBuckets);
+    }
+
+    #[test]
+    fn a_server_whose_cursor_order_is_not_known_for_certain_is_unknown() {
+        use CursorOrder::*;
+        let order = CursorOrder::read;
+        let unknown = |server: &str, cluster: &str| {
+            let reason = order(server, cluster).expect_err("not known for certain");
+            assert_eq!(CursorOrder::from_info(server, cluster), Unknown);
+            reason
+        };
+        // Releases nobody read yet, in either mode, and ones from before SCAN existed as read.
+        assert!(unknown(&redis("8.2.1", "standalone"), OFF).contains("redis 8.2.1"));
+        unknown(&redis("9.0.0", "cluster"), ON);
+        unknown(&redis("2.6.17", "standalone"), OFF);
+        unknown(&valkey("8.2.0", "standalone"), OFF);
+        unknown(&valkey("9.0.0", "cluster"), ON);
+        unknown(&redis("eight", "standalone"), OFF);
+        // Other servers answering like Redis.
+        let dragonfly = redis("7.4.0", "standalone") + "dragonfly_version:df-v1.2\r\n";
+        assert!(unknown(&dragonfly, OFF).contains("dragonfly_version"));
+        unknown(
+            &(redis("7.2.0", "standalone") + "garnet_version:1.0\r\n"),
+            OFF,
         );
-        assert_eq!(
-            CursorOrder::from_info("dragonfly_version:df-v1.2\r\n", off),
-            Unknown
-        );
-        assert_eq!(CursorOrder::from_info(&redis("7.4.2"), ""), Unknown);
-        assert_eq!(CursorOrder::from_info("", on), Unknown);
+        // A proxy's INFO: no mode, or a mode at odds with cluster_enabled.
+        unknown("# Server\r\nredis_version:7.2.4\r\n", OFF);
+        unknown(&redis("7.2.4", "cluster"), OFF);
+        unknown(&redis("7.2.4", "standalone"), ON);
+        unknown(&redis("7.2.4", "sentinel"), OFF);
+        // Unreadable replies.
+        unknown(&redis("7.4.2", "cluster"), "");
+        unknown("", ON);
     }
 
     const NODES: &str = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\

@@ -3,10 +3,14 @@
 //! One sweep serves thousands of patterns, so trying each pattern on each key would make the cost
 //! grow with the window. Almost every pattern is a literal prefix followed by `*`
 //! (`:1:report:12:*`), so those become hash-set lookups of the key's first `len` bytes, one lookup
-//! per distinct prefix length. Patterns without wildcards are exact lookups, and the rare others
-//! (`:1:report:*:5:*`) are matched with Redis' own glob semantics.
+//! per distinct prefix length. A user's patterns put a `*` before the user (`:1:report:*:7:*`):
+//! those are looked up by the text between two of the key's colons, one lookup per colon. Patterns
+//! without wildcards are exact lookups, and the rare others (`:1:report:*7*`) are matched one by
+//! one with Redis' own glob semantics, in time linear in the key for each.
 
 use rustc_hash::FxHashMap;
+
+use crate::rules::RuleSet;
 
 /// Index of a pattern in the order it was added to the [`MatcherBuilder`].
 pub type PatternId = u32;
@@ -105,42 +109,111 @@ impl Glob {
         let literal = self.literal_prefix();
         let rest = &self.tokens[literal.len()..];
         match rest {
-            [] => Shape::Exact(literal),
-            [Token::AnyRun] => Shape::Prefix(literal),
-            _ => Shape::Other,
+            [] => return Shape::Exact(literal),
+            [Token::AnyRun] => return Shape::Prefix(literal),
+            _ => {}
+        }
+        // `prefix*:segment:…`: the literal run after the first star, cut at its last `:`.
+        let [Token::AnyRun, after_star @ ..] = rest else {
+            return Shape::Other;
+        };
+        let run: Vec<u8> = after_star
+            .iter()
+            .map_while(|token| match token {
+                Token::Byte(byte) => Some(*byte),
+                _ => None,
+            })
+            .collect();
+        let Some(last_colon) = run.iter().rposition(|&byte| byte == SEPARATOR) else {
+            return Shape::Other;
+        };
+        if run.first() != Some(&SEPARATOR) || last_colon == 0 {
+            return Shape::Other;
+        }
+        // `prefix*:segment:*` exactly: a hit of the lookup is a match.
+        let whole = last_colon + 1 == run.len() && after_star[run.len()..] == [Token::AnyRun];
+        Shape::Segment {
+            prefix: literal,
+            segment: run[..=last_colon].to_vec(),
+            whole,
         }
     }
 }
 
+/// What separates the parts of a key in the django-redis layout (`:1:report:12:7:h`): a pattern's
+/// placeholders stand in whole `:`-separated segments.
+const SEPARATOR: u8 = b':';
+
 enum Shape {
     Exact(Vec<u8>),
     Prefix(Vec<u8>),
+    /// A literal prefix, `*`, then literal text from one `:` to a later `:` (`:1:report:*:42:*`,
+    /// what a user template gives). A key can only match where that text stands between two of
+    /// its colons after the prefix, so the text is looked up at each of the key's colons.
+    Segment {
+        prefix: Vec<u8>,
+        segment: Vec<u8>,
+        /// Nothing but `*` follows the segment: a key holding it matches without further checks.
+        whole: bool,
+    },
     Other,
 }
 
+/// Redis' `stringmatchlen` without its recursion: each non-star token consumes exactly one byte,
+/// so on a mismatch it is enough to let the last `*` seen swallow one more byte and retry from
+/// just after it (earlier stars never need to take more: the last one can absorb whatever they
+/// would). Worst case keys × tokens steps; the recursive form was exponential in the number of
+/// stars (`a*a*a*a*a*a*a*a*b` against 40 `a`s did not finish).
 fn matches_from(tokens: &[Token], key: &[u8]) -> bool {
-    let Some((token, rest)) = tokens.split_first() else {
-        return key.is_empty();
-    };
-    match token {
-        Token::AnyRun => {
-            if rest.is_empty() {
-                return true;
+    let (mut token, mut at) = (0, 0);
+    // Token index after the last `*` seen, and the key position that star's match ends at.
+    let mut last_star: Option<(usize, usize)> = None;
+    loop {
+        match tokens.get(token) {
+            Some(Token::AnyRun) => {
+                if token + 1 == tokens.len() {
+                    return true;
+                }
+                last_star = Some((token + 1, at));
+                token += 1;
+                continue;
             }
-            (0..=key.len()).any(|skip| matches_from(rest, &key[skip..]))
+            Some(single) if key.get(at).is_some_and(|&byte| single.matches_byte(byte)) => {
+                token += 1;
+                at += 1;
+                continue;
+            }
+            Some(_) => {}
+            None if at == key.len() => return true,
+            None => {}
         }
-        Token::AnyByte => !key.is_empty() && matches_from(rest, &key[1..]),
-        Token::Byte(byte) => key.first() == Some(byte) && matches_from(rest, &key[1..]),
-        Token::Class { negated, items } => match key.first() {
-            Some(&byte) => {
+        // A mismatch: the last star takes one more byte, or there is no way to match.
+        match last_star {
+            Some((after_star, star_end)) if star_end < key.len() => {
+                last_star = Some((after_star, star_end + 1));
+                token = after_star;
+                at = star_end + 1;
+            }
+            _ => return false,
+        }
+    }
+}
+
+impl Token {
+    /// Whether this one-byte token (anything but `*`) accepts `byte`.
+    fn matches_byte(&self, byte: u8) -> bool {
+        match self {
+            Token::Byte(expected) => *expected == byte,
+            Token::AnyByte => true,
+            Token::Class { negated, items } => {
                 let inside = items.iter().any(|item| match *item {
                     ClassItem::Byte(b) => b == byte,
                     ClassItem::Range(low, high) => (low..=high).contains(&byte),
                 });
-                inside != *negated && matches_from(rest, &key[1..])
+                inside != *negated
             }
-            None => false,
-        },
+            Token::AnyRun => true,
+        }
     }
 }
 
@@ -165,18 +238,57 @@ impl MatcherBuilder {
     }
 }
 
-/// The compiled pattern set. Lookups cost one hash probe per distinct prefix length, plus a glob
-/// match for each pattern that is neither exact nor a plain prefix.
+/// The compiled pattern set. Lookups cost one hash probe per distinct prefix length, one per
+/// colon of the key for each prefix that segment patterns share, and a glob match for each pattern
+/// of no such shape.
 #[derive(Debug, Default, Clone)]
 pub struct Matcher {
-    exact: FxHashMap<Vec<u8>, PatternId>,
+    exact: FxHashMap<Vec<u8>, Registrations>,
     /// Prefix patterns grouped by prefix length, so a key needs at most one lookup per length.
     prefixes_by_len: Vec<PrefixGroup>,
+    /// Segment patterns grouped by their prefix and the colons of their segment text.
+    segment_groups: Vec<SegmentGroup>,
     globs: Vec<(Glob, PatternId)>,
     /// For each position of the patterns' literal prefixes (up to the shortest), the bytes seen
     /// there: the sweep turns them into one `SCAN MATCH` glob that lets Redis filter.
     positions: Option<Vec<ByteSet>>,
     len: usize,
+}
+
+/// The patterns registered under one entry. Different texts can parse to the same entry
+/// (`x:{a}:*` and `x\:{a}:*`, `:1:*` and `:1:**`); each keeps its own registration, so removing
+/// one leaves the others matching. Almost always one.
+#[derive(Debug, Default, Clone)]
+struct Registrations(Vec<PatternId>);
+
+impl Registrations {
+    fn first(&self) -> Option<PatternId> {
+        self.0.first().copied()
+    }
+
+    /// Drops `id`; true if it was there.
+    fn remove(&mut self, id: PatternId) -> bool {
+        let before = self.0.len();
+        self.0.retain(|&registered| registered != id);
+        self.0.len() < before
+    }
+}
+
+/// Adds `id` under `entry` of `map`.
+fn register(map: &mut FxHashMap<Vec<u8>, Registrations>, entry: Vec<u8>, id: PatternId) {
+    map.entry(entry).or_default().0.push(id);
+}
+
+/// Removes `id` from `entry` of `map` (and the entry once empty); true if it was there.
+fn unregister(map: &mut FxHashMap<Vec<u8>, Registrations>, entry: &[u8], id: PatternId) -> bool {
+    let Some(registrations) = map.get_mut(entry) else {
+        return false;
+    };
+    let removed = registrations.remove(id);
+    if registrations.0.is_empty() {
+        map.remove(entry);
+    }
+    removed
 }
 
 /// The prefix patterns of one length.
@@ -187,7 +299,51 @@ struct PrefixGroup {
     /// `len - 1` is not among them skips the hash lookup. Prefixes end at a `:` almost always, and
     /// a window of mixed changes has dozens of prefix lengths, so this spares most lookups.
     last_bytes: ByteSet,
-    prefixes: FxHashMap<Vec<u8>, PatternId>,
+    prefixes: FxHashMap<Vec<u8>, Registrations>,
+}
+
+/// The segment patterns that share a prefix and a number of colons in their segment text
+/// (`:1:report:*:7:*` and `:1:report:*:8:*`: prefix `:1:report:`, two colons). A key starting
+/// with the prefix is looked up once per colon past the prefix, with the text from that colon to
+/// the one `colons - 1` further on.
+#[derive(Debug, Clone)]
+struct SegmentGroup {
+    prefix: Vec<u8>,
+    colons: usize,
+    segments: FxHashMap<Vec<u8>, Vec<SegmentEntry>>,
+}
+
+/// One segment pattern: its id, and its glob when a hit must still be checked against it (more
+/// follows the segment than `*`).
+#[derive(Debug, Clone)]
+struct SegmentEntry {
+    id: PatternId,
+    check: Option<Box<Glob>>,
+}
+
+impl SegmentGroup {
+    fn find(&self, key: &[u8], colons: &[usize]) -> Option<PatternId> {
+        if !key.starts_with(&self.prefix) {
+            return None;
+        }
+        let first = colons.partition_point(|&at| at < self.prefix.len());
+        for (index, &start) in colons.iter().enumerate().skip(first) {
+            let Some(&end) = colons.get(index + self.colons - 1) else {
+                break;
+            };
+            let Some(entries) = self.segments.get(&key[start..=end]) else {
+                continue;
+            };
+            let hit = entries.iter().find(|entry| match &entry.check {
+                None => true,
+                Some(glob) => glob.is_match(key),
+            });
+            if let Some(entry) = hit {
+                return Some(entry.id);
+            }
+        }
+        None
+    }
 }
 
 /// A set of bytes, as a 256-bit bitmap.
@@ -252,9 +408,7 @@ impl Matcher {
         }
         self.len += 1;
         match glob.shape() {
-            Shape::Exact(key) => {
-                self.exact.insert(key, id);
-            }
+            Shape::Exact(key) => register(&mut self.exact, key, id),
             Shape::Prefix(prefix) => {
                 let len = prefix.len();
                 let slot = match self.prefixes_by_len.iter().position(|g| g.len == len) {
@@ -271,22 +425,71 @@ impl Matcher {
                 if let Some(&last) = prefix.last() {
                     group.last_bytes.insert(last);
                 }
-                group.prefixes.insert(prefix, id);
+                register(&mut group.prefixes, prefix, id);
+            }
+            Shape::Segment {
+                prefix,
+                segment,
+                whole,
+            } => {
+                let colons = segment.iter().filter(|&&byte| byte == SEPARATOR).count();
+                let slot = match self
+                    .segment_groups
+                    .iter()
+                    .position(|group| group.colons == colons && group.prefix == prefix)
+                {
+                    Some(slot) => slot,
+                    None => {
+                        self.segment_groups.push(SegmentGroup {
+                            prefix,
+                            colons,
+                            segments: FxHashMap::default(),
+                        });
+                        self.segment_groups.len() - 1
+                    }
+                };
+                let check = (!whole).then(|| Box::new(glob));
+                self.segment_groups[slot]
+                    .segments
+                    .entry(segment)
+                    .or_default()
+                    .push(SegmentEntry { id, check });
             }
             Shape::Other => self.globs.push((glob, id)),
         }
     }
 
-    /// Removes a pattern inserted before with `id`.
+    /// Removes the pattern inserted before with `id`; other patterns registered under the same
+    /// entry keep matching.
     pub fn remove(&mut self, pattern: &str, id: PatternId) {
         let glob = Glob::parse(pattern);
         let removed = match glob.shape() {
-            Shape::Exact(key) => self.exact.remove(&key).is_some(),
+            Shape::Exact(key) => unregister(&mut self.exact, &key, id),
             Shape::Prefix(prefix) => self
                 .prefixes_by_len
                 .iter_mut()
                 .find(|group| group.len == prefix.len())
-                .is_some_and(|group| group.prefixes.remove(&prefix).is_some()),
+                .is_some_and(|group| unregister(&mut group.prefixes, &prefix, id)),
+            Shape::Segment {
+                prefix, segment, ..
+            } => {
+                let colons = segment.iter().filter(|&&byte| byte == SEPARATOR).count();
+                self.segment_groups
+                    .iter_mut()
+                    .find(|group| group.colons == colons && group.prefix == prefix)
+                    .is_some_and(|group| {
+                        let Some(entries) = group.segments.get_mut(&segment) else {
+                            return false;
+                        };
+                        let before = entries.len();
+                        entries.retain(|entry| entry.id != id);
+                        let removed = entries.len() < before;
+                        if entries.is_empty() {
+                            group.segments.remove(&segment);
+                        }
+                        removed
+                    })
+            }
             Shape::Other => {
                 let before = self.globs.len();
                 self.globs.retain(|(_, glob_id)| *glob_id != id);
@@ -298,6 +501,8 @@ impl Matcher {
         }
         self.prefixes_by_len
             .retain(|group| !group.prefixes.is_empty());
+        self.segment_groups
+            .retain(|group| !group.segments.is_empty());
         if self.len == 0 {
             self.positions = None;
         }
@@ -315,6 +520,7 @@ impl Matcher {
                     .iter()
                     .flat_map(|group| group.prefixes.keys().cloned()),
             )
+            .chain(self.segment_groups.iter().map(|group| group.prefix.clone()))
             .chain(self.globs.iter().map(|(glob, _)| glob.literal_prefix()));
         let mut positions: Option<Vec<ByteSet>> = None;
         for literal in literals {
@@ -341,9 +547,16 @@ impl Matcher {
         self.len == 0
     }
 
+    /// Patterns that are matched by trying them one by one on every key: neither exact, nor a
+    /// literal prefix, nor a prefix and `*` followed by whole `:`-separated segments. Each costs
+    /// a glob match per key a sweep sees.
+    pub fn one_by_one(&self) -> usize {
+        self.globs.len()
+    }
+
     /// The first pattern (in lookup order) that matches `key`.
     pub fn find(&self, key: &[u8]) -> Option<PatternId> {
-        if let Some(&id) = self.exact.get(key) {
+        if let Some(id) = self.exact.get(key).and_then(Registrations::first) {
             return Some(id);
         }
         for group in &self.prefixes_by_len {
@@ -356,8 +569,21 @@ impl Matcher {
                     continue;
                 }
             }
-            if let Some(&id) = group.prefixes.get(head) {
+            if let Some(id) = group.prefixes.get(head).and_then(Registrations::first) {
                 return Some(id);
+            }
+        }
+        if !self.segment_groups.is_empty() {
+            let colons: Vec<usize> = key
+                .iter()
+                .enumerate()
+                .filter(|&(_, &byte)| byte == SEPARATOR)
+                .map(|(at, _)| at)
+                .collect();
+            for group in &self.segment_groups {
+                if let Some(id) = group.find(key, &colons) {
+                    return Some(id);
+                }
             }
         }
         self.globs
@@ -393,6 +619,50 @@ impl Matcher {
         }
         glob.push(b'*');
         glob
+    }
+}
+
+/// `check`'s line on the rules' pattern shapes: whether every pattern the rules can produce is
+/// found by lookup in a sweep, or which key templates cost a glob match per scanned key (a `*`
+/// inside a segment, a `?` or `[…]` before the first placeholder, …): a window holding many of
+/// those makes every pass slower in proportion.
+pub fn shapes_report(rules: &RuleSet) -> String {
+    // A value that needs no escaping stands for every row's.
+    const SAMPLE: &str = "1";
+    let mut one_by_one: Vec<String> = Vec::new();
+    for rule in rules.rules() {
+        for template in &rule.templates {
+            let mut pattern = format!("{}{}", rules.key_prefix(), template.source());
+            for column in template.columns() {
+                pattern = pattern.replace(&format!("{{{column}}}"), SAMPLE);
+            }
+            if matches!(Glob::parse(&pattern).shape(), Shape::Other) {
+                one_by_one.push(format!("{} `{}`", rule.table, template.source()));
+            }
+        }
+    }
+    let manual = [
+        ("invalidate --user", rules.user_patterns(SAMPLE)),
+        ("invalidate --report", rules.report_patterns(SAMPLE)),
+    ];
+    for (operation, patterns) in manual {
+        for pattern in patterns {
+            if matches!(Glob::parse(&pattern).shape(), Shape::Other) {
+                one_by_one.push(format!("{operation} `{pattern}`"));
+            }
+        }
+    }
+    if one_by_one.is_empty() {
+        "ok    rules: every key pattern is found by lookup when sweeping (placeholders in whole \
+         `:`-separated segments)"
+            .to_owned()
+    } else {
+        format!(
+            "warn  rules: {} key template(s) cost a glob match per scanned key when sweeping (a \
+             wildcard in a placeholder's segment): {}",
+            one_by_one.len(),
+            one_by_one.join(", ")
+        )
     }
 }
 
@@ -516,5 +786,185 @@ mod tests {
         let m = matcher(&["a*", "b*"]);
         assert_eq!(m.superset_glob(), b"[ab]*");
         assert_eq!(Matcher::default().superset_glob(), b"*");
+    }
+
+    #[test]
+    fn many_stars_match_in_linear_time() {
+        // The recursive matcher tried every way to split the `a`s among the stars: this did not
+        // finish. Now it is a few thousand steps.
+        let started = std::time::Instant::now();
+        let key = [b'a'; 40];
+        assert!(!Glob::parse("a*a*a*a*a*a*a*a*b").is_match(&key));
+        assert!(Glob::parse("a*a*a*a*a*a*a*a*a").is_match(&key));
+        let many = "*a".repeat(30) + "*b";
+        assert!(!Glob::parse(&many).is_match(&[b'a'; 200]));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// Redis' `stringmatchlen` as it is written (recursive on `*`), to check the linear matcher
+    /// against on small inputs.
+    fn reference_match(tokens: &[Token], key: &[u8]) -> bool {
+        let Some((token, rest)) = tokens.split_first() else {
+            return key.is_empty();
+        };
+        match token {
+            Token::AnyRun => (0..=key.len()).any(|skip| reference_match(rest, &key[skip..])),
+            single => {
+                key.first().is_some_and(|&byte| single.matches_byte(byte))
+                    && reference_match(rest, &key[1..])
+            }
+        }
+    }
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Bytes(u64);
+
+    impl Bytes {
+        fn next(&mut self, below: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % below as u64) as usize
+        }
+
+        fn text(&mut self, pieces: &[&str], max: usize) -> String {
+            let len = self.next(max + 1);
+            (0..len).map(|_| pieces[self.next(pieces.len())]).collect()
+        }
+    }
+
+    #[test]
+    fn the_linear_matcher_agrees_with_redis_recursive_one() {
+        let mut random = Bytes(0x9e37_79b9_7f4a_7c15);
+        let pattern_pieces = ["a", "b", ":", "*", "?", "[ab]", "[^a]", "\\*", "**"];
+        let key_pieces = ["a", "b", ":", "*", "c"];
+        for _ in 0..20_000 {
+            let pattern = random.text(&pattern_pieces, 7);
+            let key = random.text(&key_pieces, 9);
+            let glob = Glob::parse(&pattern);
+            assert_eq!(
+                glob.is_match(key.as_bytes()),
+                reference_match(&glob.tokens, key.as_bytes()),
+                "{pattern:?} against {key:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_patterns_are_looked_up_by_segment() {
+        let m = matcher(&[
+            ":1:report:*:42:*",
+            ":1:reportlist:*:42:*",
+            ":1:report:*:7:*",
+            ":1:x:*:a:b:*",
+        ]);
+        assert_eq!(m.one_by_one(), 0, "every pattern is a lookup");
+        assert_eq!(m.find(b":1:report:5:42:h"), Some(0));
+        assert_eq!(m.find(b":1:report:5:6:42:h"), Some(0), "`*` spans colons");
+        assert_eq!(m.find(b":1:report::42:h"), Some(0), "`*` matches nothing");
+        assert_eq!(m.find(b":1:report:42:h"), None, "no colon before the user");
+        assert_eq!(m.find(b":1:report:5:420:h"), None);
+        assert_eq!(m.find(b":1:report:5:142:h"), None);
+        assert_eq!(m.find(b":1:report:5:42"), None, "no colon after the user");
+        assert_eq!(m.find(b":1:reportlist:reports:42:h"), Some(1));
+        assert_eq!(m.find(b":1:report:5:7:h"), Some(2));
+        assert_eq!(m.find(b":1:x:1:a:b:"), Some(3));
+        assert_eq!(m.find(b":1:x:1:a:c:"), None);
+        assert_eq!(m.find(b":2:report:5:42:h"), None);
+    }
+
+    #[test]
+    fn segment_lookups_agree_with_the_globs() {
+        let mut random = Bytes(0x2545_f491_4f6c_dd1d);
+        let key_pieces = ["1", "2", "12", ":", "r", ":r:", "x"];
+        let patterns = [
+            ":r:*:1:*",
+            ":r:*:12:*",
+            ":r:*:1:2:*",
+            ":r:*:2:x*",
+            ":r:*:1:r?*",
+            "*:2:*",
+            ":r:*:12:",
+            ":r*:1:*",
+            ":r:*:2:*:1:*",
+            ":r:*2*",
+        ];
+        for pattern in patterns {
+            let m = matcher(&[pattern]);
+            let glob = Glob::parse(pattern);
+            for _ in 0..5_000 {
+                let key = random.text(&key_pieces, 8);
+                assert_eq!(
+                    m.find(key.as_bytes()).is_some(),
+                    glob.is_match(key.as_bytes()),
+                    "{pattern:?} against {key:?}"
+                );
+            }
+        }
+        let shapes = matcher(&patterns);
+        assert_eq!(
+            shapes.one_by_one(),
+            1,
+            "only `:r:*2*` (a glob inside a segment) is tried one by one"
+        );
+    }
+
+    #[test]
+    fn patterns_sharing_an_entry_are_registered_each_on_its_own() {
+        // Same entry, different texts: each registration must outlive the other's removal.
+        let pairs = [
+            ("x:a:*", "x\\:a:*"),
+            (":1:*", ":1:**"),
+            (":1:exact", ":1:\\exact"),
+            (":1:r:*:7:*", ":1:r:**:7:*"),
+        ];
+        for (one, other) in pairs {
+            let key = match one {
+                ":1:exact" => ":1:exact",
+                ":1:r:*:7:*" => ":1:r:1:7:h",
+                _ => &format!("{}h", one.trim_end_matches('*')),
+            };
+            let mut m = Matcher::default();
+            m.insert(one, 0);
+            m.insert(other, 1);
+            m.remove(one, 0);
+            assert_eq!(
+                m.find(key.as_bytes()),
+                Some(1),
+                "{other} still matches {key}"
+            );
+            assert_eq!(m.len(), 1);
+            m.insert(one, 0);
+            m.remove(other, 1);
+            assert_eq!(m.find(key.as_bytes()), Some(0), "{one} still matches {key}");
+            m.remove(one, 0);
+            assert_eq!(m.find(key.as_bytes()), None);
+            assert!(m.is_empty());
+        }
+    }
+
+    #[test]
+    fn check_names_the_templates_that_are_matched_one_by_one() {
+        let builtin = shapes_report(&RuleSet::builtin());
+        assert!(builtin.starts_with("ok "), "{builtin}");
+        let rules = RuleSet::from_toml(
+            r#"
+            [[rules]]
+            table = "reports_report"
+            keys = ["report:{id}:*", "report:*{author_id}:*", "r?port:*:{id}:*"]
+            "#,
+            "test rules",
+        )
+        .expect("valid rules");
+        let report = shapes_report(&rules);
+        assert!(report.starts_with("warn "), "{report}");
+        assert!(report.contains("2 key template(s)"), "{report}");
+        assert!(report.contains("`report:*{author_id}:*`"), "{report}");
+        assert!(report.contains("`r?port:*:{id}:*`"), "{report}");
+        assert!(!report.contains("`report:{id}:*`"), "{report}");
     }
 }

@@ -89,6 +89,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         settings.rules.rules().len(),
         settings.rules_source
     );
+    let _ = writeln!(out, "{}", crate::matcher::shapes_report(&settings.rules));
     match connect_pg(settings).await {
         Ok((client, target)) => {
             let _ = writeln!(out, "ok    postgres: connected to {}", target.redacted());

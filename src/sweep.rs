@@ -205,13 +205,31 @@ struct Lane {
     times_passes: bool,
     /// The cursor the next `SCAN` uses.
     cursor: u64,
-    /// When the lane's round began; `None` between rounds (the cursor is at `first_cursor`).
-    round_started: Option<Instant>,
+    /// How long the lane has worked on its round; `None` between rounds (the cursor is at
+    /// `first_cursor`).
+    round_clock: Option<RoundClock>,
     in_flight: bool,
     scan_in_flight: bool,
     /// Keys matched and not yet unlinked, with the label they count under and whether only a
     /// refill guard asked for them.
     pending: Vec<(Vec<u8>, Arc<str>, bool)>,
+}
+
+/// The working time of a lane's round. A lane stops mid-round when no window needs it and goes on
+/// when the next one joins, maybe much later: counting that wait would report a 140 ms pass after
+/// 25 s of idleness as 25 s, in the sweep duration histogram and in what paces the epochs.
+#[derive(Debug, Clone, Copy)]
+struct RoundClock {
+    /// Work before the last pause.
+    worked: Duration,
+    /// When the lane last went on working; `None` while it is paused.
+    since: Option<Instant>,
+}
+
+impl RoundClock {
+    fn total(&self, now: Instant) -> Duration {
+        self.worked + self.since.map_or(Duration::ZERO, |since| now - since)
+    }
 }
 
 /// Where a `SCAN` reply left a lane ([`Lane::move_to`]).
@@ -227,19 +245,43 @@ struct Moved {
 impl Lane {
     /// The cursor is inside a round (past `first_cursor`).
     fn in_round(&self) -> bool {
-        self.round_started.is_some()
+        self.round_clock.is_some()
+    }
+
+    /// The lane sends a `SCAN` at `now`: its round begins, or goes on after a pause.
+    fn work(&mut self, now: Instant) {
+        match &mut self.round_clock {
+            None => {
+                self.round_clock = Some(RoundClock {
+                    worked: Duration::ZERO,
+                    since: Some(now),
+                })
+            }
+            Some(clock) => {
+                clock.since.get_or_insert(now);
+            }
+        }
+    }
+
+    /// No window needs the lane at `now`: the time until it scans again is not its round's.
+    fn pause(&mut self, now: Instant) {
+        if let Some(clock) = &mut self.round_clock {
+            if let Some(since) = clock.since.take() {
+                clock.worked += now - since;
+            }
+        }
     }
 
     /// Moves the lane past a `SCAN` that returned `next_cursor`: on to it, or back to the lane's
     /// first cursor when it reached the next lane's share or the end of the pass.
-    fn move_to(&mut self, next_cursor: u64, order: CursorOrder) -> Moved {
+    fn move_to(&mut self, next_cursor: u64, order: CursorOrder, now: Instant) -> Moved {
         let position = order.position(next_cursor);
         let round_ended = next_cursor == 0
             || matches!((self.end, position), (Some(end), Some(position)) if position >= end);
         let mut round_took = None;
         if round_ended {
             self.cursor = self.first_cursor;
-            round_took = self.round_started.take().map(|started| started.elapsed());
+            round_took = self.round_clock.take().map(|clock| clock.total(now));
         } else {
             self.cursor = next_cursor;
         }
@@ -286,7 +328,7 @@ impl Lane {
                     end: (share + 1 < count).then(|| boundary(share + 1) as u64),
                     times_passes: share == 0,
                     cursor: first_cursor,
-                    round_started: None,
+                    round_clock: None,
                     in_flight: false,
                     scan_in_flight: false,
                     pending: Vec::new(),
@@ -366,6 +408,12 @@ impl Sweeper {
     /// patterns that no longer hold any outbox row back.
     pub fn first_pass_patterns(&self) -> usize {
         self.first_pass_patterns
+    }
+
+    /// Lanes over all nodes: [`LANES`] per node whose cursor order is one reversed bucket index,
+    /// one per other node.
+    pub fn lane_count(&self) -> usize {
+        self.lanes.len()
     }
 
     /// Windows are active, requests are in flight, or matched keys wait for their `UNLINK`.
@@ -474,8 +522,8 @@ impl Sweeper {
             })
             .collect();
         ready.sort_unstable();
+        let now = Instant::now();
         for (_, index) in ready {
-            let lane = &self.lanes[index];
             let needs_scan = self
                 .windows
                 .iter()
@@ -484,6 +532,10 @@ impl Sweeper {
                 let progress = &window.progress[index];
                 progress.done && !progress.confirmed
             });
+            if !needs_scan {
+                self.lanes[index].pause(now);
+            }
+            let lane = &self.lanes[index];
             let node_index = lane.node;
             let node = &self.nodes[node_index];
             let policy = node.replica_policy;
@@ -540,8 +592,8 @@ impl Sweeper {
             if plan.count_replicas {
                 self.replica_waits[node_index].counted_at = Some(Instant::now());
             }
-            if needs_scan && !lane.in_round() {
-                lane.round_started = Some(Instant::now());
+            if needs_scan {
+                lane.work(now);
             }
             lane.in_flight = true;
             lane.scan_in_flight = needs_scan;
@@ -648,7 +700,7 @@ impl Sweeper {
                 }
             }
             // Once per reply, not per window: hundreds of windows can share a pass.
-            let moved = lane.move_to(next_cursor, order);
+            let moved = lane.move_to(next_cursor, order, Instant::now());
             if let (Some(took), true) = (moved.round_took, lane.times_passes) {
                 report.pass_durations.push(took);
             }
@@ -895,8 +947,8 @@ mod tests {
     fn replay(progress: &mut Progress, lane: &mut Lane, replies: &[u64]) -> bool {
         for &next_cursor in replies {
             // A SCAN at the lane's first cursor starts its round, as `send_requests` does.
-            lane.round_started.get_or_insert_with(Instant::now);
-            let moved = lane.move_to(next_cursor, BUCKETS);
+            lane.work(Instant::now());
+            let moved = lane.move_to(next_cursor, BUCKETS, Instant::now());
             progress.advance(moved.round_ended, moved.position, lane);
         }
         progress.done
@@ -905,7 +957,32 @@ mod tests {
     /// Puts `lane` in the middle of its round, at `cursor`.
     fn mid_round(lane: &mut Lane, cursor: u64) {
         lane.cursor = cursor;
-        lane.round_started = Some(Instant::now());
+        lane.work(Instant::now());
+    }
+
+    #[test]
+    fn a_round_counts_the_lane_s_work_not_its_idle_time() {
+        // An 8-bucket table, one lane: 10 ms of scanning, 25 s with no window, 130 ms more.
+        let mut lane = whole_range();
+        let start = Instant::now();
+        lane.work(start);
+        let moved = lane.move_to(4, BUCKETS, start + Duration::from_millis(10));
+        assert!(!moved.round_ended);
+        lane.pause(start + Duration::from_millis(10));
+        lane.pause(start + Duration::from_secs(20));
+        let resumed = start + Duration::from_millis(25_010);
+        lane.work(resumed);
+        lane.move_to(2, BUCKETS, resumed + Duration::from_millis(60));
+        // A second SCAN sent while the lane works does not restart its clock.
+        lane.work(resumed + Duration::from_millis(60));
+        let moved = lane.move_to(0, BUCKETS, resumed + Duration::from_millis(130));
+        assert!(moved.round_ended);
+        assert_eq!(moved.round_took, Some(Duration::from_millis(140)));
+        // The next round starts its own clock.
+        assert!(!lane.in_round());
+        lane.work(resumed + Duration::from_secs(1));
+        let moved = lane.move_to(0, BUCKETS, resumed + Duration::from_millis(1_050));
+        assert_eq!(moved.round_took, Some(Duration::from_millis(50)));
     }
 
     #[test]
@@ -928,7 +1005,9 @@ mod tests {
         assert!(replay(&mut second, &mut tail[0], &[0]));
         // Other shapes are not split: their cursors are not one reversed bucket index.
         assert_eq!(Lane::for_node(0, PER_SLOT, 2).len(), 1);
-        assert_eq!(Lane::for_node(0, CursorOrder::Unknown, 2).len(), 1);
+        let unknown = Lane::for_node(0, CursorOrder::Unknown, 4);
+        assert_eq!(unknown.len(), 1);
+        assert_eq!((unknown[0].first_cursor, unknown[0].end), (0, None));
     }
 
     #[test]

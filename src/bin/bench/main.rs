@@ -12,6 +12,9 @@
 //! triggers' cost on the app's writes and a sustained load from a separate process against the
 //! daemon running as its own process. Prints one table; progress goes to stderr.
 //!
+//! `--only users` measures something else on a keyspace of its own: 6,000 `invalidate_user` calls
+//! in one statement on 200,000 report keys, and how long they hold an unrelated change back.
+//!
 //! `--cluster` measures the same against a private Redis Cluster of three primaries on this
 //! machine (the daemon at `redis+cluster://…`): every `SCAN` pass, the reference's and the naive
 //! way's, runs on all primaries in parallel, as the daemon's sweep does. The trigger-overhead rows
@@ -25,6 +28,7 @@ mod scratch;
 mod server_side;
 mod stats;
 mod sustained;
+mod users;
 
 use std::time::{Duration, Instant};
 
@@ -76,6 +80,9 @@ enum Measures {
     Sustained,
     /// The client-side sweep against a server-side Lua sweep (one server only)
     Lua,
+    /// 6,000 `invalidate_user` in one statement and an unrelated change, on a keyspace of its own
+    /// (200,000 report keys, whatever --keys says)
+    Users,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,7 +145,10 @@ async fn main() {
     let started = Instant::now();
     let rules = RuleSet::builtin();
     let mut lines = Vec::new();
-    for (index, &keys) in sizes.iter().enumerate() {
+    let runs = |measures: Measures| cli.only.is_empty() || cli.only.contains(&measures);
+    // The users measure brings its own keyspace: alone, it needs none of the sized ones.
+    let sized = cli.only.is_empty() || cli.only.iter().any(|m| *m != Measures::Users);
+    for (index, &keys) in sizes.iter().enumerate().filter(|_| sized) {
         let largest = index + 1 == sizes.len();
         let options = SizeOptions {
             keys,
@@ -149,6 +159,10 @@ async fn main() {
             only: cli.only.clone(),
         };
         lines.extend(measure_size(&cli.database_url, &rules, &worker_binary, options).await);
+    }
+    if runs(Measures::Users) {
+        let bulk = users::measure(&cli.database_url, &rules, cli.cluster).await;
+        lines.extend(users_lines(&bulk));
     }
     if cli.cluster {
         println!(
@@ -548,6 +562,58 @@ async fn measure_size(
     db.drop().await;
     drop(redis_server);
     lines
+}
+
+/// The users measure's lines: its reference pass, the unrelated change and the drain, with the
+/// issue's targets (unrelated ≤ 2 s; drained ≤ 10 × one pass + 2 s).
+fn users_lines(bulk: &users::BulkUsers) -> Vec<Line> {
+    let keys = thousands(bulk.keys);
+    let reference_s = bulk.reference.as_secs_f64();
+    let unrelated_s = bulk.unrelated.as_secs_f64();
+    let drain_target = 10.0 * reference_s + 2.0;
+    let drained_s = bulk.drained.as_secs_f64();
+    vec![
+        Line {
+            measure: "users: reference, one `SCAN MATCH :1:report:12345:* COUNT 1000` pass over \
+                      the report keys (median of 3)"
+                .to_owned(),
+            keys: keys.clone(),
+            value: show(bulk.reference),
+            ratio: "1.00×".to_owned(),
+            target: String::new(),
+            verdict: String::new(),
+        },
+        Line {
+            measure: format!(
+                "users: an unrelated `invalidate_report` committed 0.5 s after `SELECT \
+                 invalidate_user(g) FROM generate_series(1, {})` (sweep mode): commit → keys gone",
+                thousands(users::USERS_INVALIDATED.into())
+            ),
+            keys: keys.clone(),
+            value: show(bulk.unrelated),
+            ratio: format!("{:.2}×", unrelated_s / reference_s),
+            target: "≤ 2 s".to_owned(),
+            verdict: verdict(unrelated_s <= 2.0, format!("{:+.2} s", unrelated_s - 2.0)),
+        },
+        Line {
+            measure: format!(
+                "users: the {} user invalidations, commit → outbox drained",
+                thousands(users::USERS_INVALIDATED.into())
+            ),
+            keys,
+            value: format!(
+                "{} ({} keys removed, exactly those of the users and the report)",
+                show(bulk.drained),
+                thousands(bulk.removed)
+            ),
+            ratio: format!("{:.2}×", drained_s / reference_s),
+            target: format!("≤ 10 × pass + 2 s = {:.2} s", drain_target),
+            verdict: verdict(
+                drained_s <= drain_target,
+                format!("{:+.2} s", drained_s - drain_target),
+            ),
+        },
+    ]
 }
 
 fn print_table(lines: &[Line]) {

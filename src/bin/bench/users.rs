@@ -1,0 +1,196 @@
+//! The bulk user invalidation measure (`--only users`): an app's `SELECT invalidate_user(id) FROM
+//! …` over 6,000 users on a keyspace of 200,000 report keys, and an unrelated `invalidate_report`
+//! committed half a second later. A user's patterns (`:1:report:*:{U}:*`) put a `*` before the
+//! user; tried one by one on every scanned key they once held the unrelated change back for
+//! 8.5–17.7 s and took two minutes to drain. The worker runs in sweep mode: what is measured is
+//! the sweep's matcher.
+//!
+//! Keys are `:1:report:{r}:{u}:{h}` for reports `1..=REPORTS`, [`VIEWERS`] users each, out of
+//! [`USERS_WITH_KEYS`]; the unrelated report's viewers are all past the invalidated users. The
+//! measure checks what went: every key of an invalidated user and of the unrelated report, and
+//! nothing else (`DBSIZE`).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use cache_invalidator::rules::RuleSet;
+use cache_invalidator::settings::{Connections, Mode, SecretUrl, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::keyspace::Layout;
+use crate::measure::{reference, wait_drained};
+use crate::nodes::Nodes;
+use crate::scratch::{PrivateRedis, ScratchDb};
+use crate::stats::{hash, show, thousands};
+
+/// Users invalidated in one statement (the 6,000).
+pub const USERS_INVALIDATED: u32 = 6_000;
+/// Report keys in the keyspace (the 200,000).
+pub const REPORT_KEYS: u32 = 200_000;
+/// Users that see each report: one `report:{r}:{u}:{h}` key each.
+const VIEWERS: u32 = 4;
+/// Users owning keys: the 6,000 invalidated own about 30 % of them, the rest must stay.
+const USERS_WITH_KEYS: u32 = 20_000;
+/// The unrelated change's report, past the others, and its viewers, past the invalidated users.
+const UNRELATED_REPORT: u32 = REPORT_KEYS / VIEWERS + 1;
+const UNRELATED_VIEWERS: std::ops::RangeInclusive<u32> = 10_001..=10_010;
+/// How long after the bulk statement's commit the unrelated change commits (the 0.5 s).
+const UNRELATED_DELAY: Duration = Duration::from_millis(500);
+/// How often the bench looks for the unrelated change's keys: the resolution of that measure.
+const KEYS_POLL: Duration = Duration::from_millis(5);
+/// Keys per fill pipeline.
+const FILL_BATCH: usize = 5_000;
+/// Value of each cached key, as the main keyspace's.
+const VALUE: &[u8] = &[b'v'; 120];
+/// Rows of the scratch tables: the measure changes none, so the smallest layout will do.
+const SCRATCH_LAYOUT_KEYS: u64 = 1_000;
+
+/// What the measure saw.
+pub struct BulkUsers {
+    /// One `SCAN MATCH :1:report:12345:* COUNT 1000` pass over this keyspace (median of 3).
+    pub reference: Duration,
+    /// The unrelated change's commit → its keys gone.
+    pub unrelated: Duration,
+    /// The bulk statement's commit → outbox empty.
+    pub drained: Duration,
+    /// Keys in the keyspace, and keys the measure removed (checked).
+    pub keys: u64,
+    pub removed: u64,
+}
+
+/// The key of one viewer of a report (the viewer's index keeps two views by one user apart, as
+/// two filter hashes would).
+fn key(report: u32, viewer: u32, user: u32) -> String {
+    format!(
+        ":1:report:{report}:{user}:{:08x}",
+        hash(&[7, report.into(), viewer.into()]) as u32
+    )
+}
+
+/// The keyspace: `(user, key)` for every report key, the unrelated report's last.
+fn keyspace() -> Vec<(u32, String)> {
+    let mut keys: Vec<(u32, String)> = (1..=REPORT_KEYS / VIEWERS)
+        .flat_map(|report| {
+            (0..VIEWERS).map(move |viewer| {
+                let user = 1
+                    + (hash(&[6, report.into(), viewer.into()]) % u64::from(USERS_WITH_KEYS))
+                        as u32;
+                (user, key(report, viewer, user))
+            })
+        })
+        .collect();
+    keys.extend(UNRELATED_VIEWERS.map(|user| (user, key(UNRELATED_REPORT, 0, user))));
+    keys
+}
+
+pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool) -> BulkUsers {
+    let redis_server = if cluster {
+        PrivateRedis::start_cluster(crate::CLUSTER_PRIMARIES)
+    } else {
+        PrivateRedis::start()
+    };
+    let redis = Nodes::connect(&redis_server.node_urls(), redis_server.router()).await;
+    let keys = keyspace();
+    let mut by_node: Vec<Vec<&String>> = vec![Vec::new(); redis.len()];
+    for (_, key) in &keys {
+        by_node[redis.router.node_of(key)].push(key);
+    }
+    for (node, keys) in by_node.iter().enumerate() {
+        for chunk in keys.chunks(FILL_BATCH) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("SET").arg(*key).arg(VALUE).ignore();
+            }
+            let () = pipe
+                .query_async(&mut redis.connections[node].clone())
+                .await
+                .expect("filling the private redis");
+        }
+    }
+    let size = redis.dbsize().await;
+    eprintln!("[users] {} report keys", thousands(size));
+    let unrelated: HashSet<String> = UNRELATED_VIEWERS
+        .map(|user| key(UNRELATED_REPORT, 0, user))
+        .collect();
+    let must_go: HashSet<String> = keys
+        .iter()
+        .filter(|(user, _)| *user <= USERS_INVALIDATED)
+        .map(|(_, key)| key.clone())
+        .chain(unrelated.iter().cloned())
+        .collect();
+    let reference = reference(&redis).await;
+    eprintln!("[users] one SCAN MATCH pass {}", show(reference));
+
+    let db = ScratchDb::create(admin_url, &Layout::for_keys(SCRATCH_LAYOUT_KEYS), rules).await;
+    let client = db.client().await;
+    let poller = db.client().await;
+    let removal = redis.before_removal(&must_go).await;
+
+    let mut settings = Settings::new(Connections {
+        database_url: SecretUrl::new(db.url.clone()),
+        redis_url: SecretUrl::new(redis_server.daemon_url()),
+        redis_ca_file: None,
+    });
+    settings.refill_guard = Duration::ZERO;
+    settings.mode = Mode::Sweep;
+    let token = CancellationToken::new();
+    let daemon_token = token.clone();
+    // On a one-thread runtime of its own, as the `cache-invalidator` binary runs it.
+    let daemon = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the daemon's runtime")
+            .block_on(cache_invalidator::run(settings, daemon_token))
+    });
+    // The worker is connected and idle once it has cleared a change of nothing.
+    client
+        .batch_execute("SELECT cache_invalidator.invalidate_report(0)")
+        .await
+        .expect("a warm-up change");
+    wait_drained(&poller).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    client
+        .execute(
+            "SELECT cache_invalidator.invalidate_user(g) FROM generate_series(1, $1::int) g",
+            &[&(USERS_INVALIDATED as i32)],
+        )
+        .await
+        .expect("the bulk invalidate_user");
+    let bulk_committed = Instant::now();
+    tokio::time::sleep(UNRELATED_DELAY).await;
+    let unrelated_sent = Instant::now();
+    client
+        .execute(
+            "SELECT cache_invalidator.invalidate_report($1::bigint)",
+            &[&i64::from(UNRELATED_REPORT)],
+        )
+        .await
+        .expect("the unrelated invalidate_report");
+    while redis.count_existing(&unrelated).await > 0 {
+        tokio::time::sleep(KEYS_POLL).await;
+    }
+    let unrelated_took = unrelated_sent.elapsed();
+    eprintln!("[users] unrelated change {}", show(unrelated_took));
+    let drained = wait_drained(&poller).await - bulk_committed;
+    eprintln!("[users] drained {}", show(drained));
+
+    token.cancel();
+    match tokio::task::spawn_blocking(move || daemon.join()).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => panic!("the worker failed: {error}"),
+        Ok(Err(_)) | Err(_) => panic!("the worker panicked"),
+    }
+    let removed = removal.check(&redis, &must_go).await;
+    drop(client);
+    drop(poller);
+    db.drop().await;
+    BulkUsers {
+        reference,
+        unrelated: unrelated_took,
+        drained,
+        keys: size,
+        removed,
+    }
+}
