@@ -171,6 +171,8 @@ pub struct WorkerSession {
     pub pid: i32,
     pub client: String,
     pub since: String,
+    /// How it finds keys (`index complete`, `index seeding`, `sweep`), once it said so.
+    pub mode: Option<String>,
 }
 
 /// Workers holding a LISTEN connection on this database.
@@ -178,10 +180,11 @@ pub async fn connected_workers(client: &Client) -> Result<Vec<WorkerSession>, Op
     let rows = client
         .query(
             "SELECT pid, coalesce(host(client_addr), 'local'), \
-             to_char(backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') \
+             to_char(backend_start, 'YYYY-MM-DD HH24:MI:SS TZ'), application_name \
              FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = $1 ORDER BY backend_start",
-            &[&crate::worker::LISTENER_APPLICATION_NAME],
+             WHERE datname = current_database() AND application_name LIKE $1 \
+             ORDER BY backend_start",
+            &[&crate::worker::LISTENER_APPLICATION_NAME_LIKE],
         )
         .await?;
     Ok(rows
@@ -190,6 +193,7 @@ pub async fn connected_workers(client: &Client) -> Result<Vec<WorkerSession>, Op
             pid: row.get(0),
             client: row.get(1),
             since: row.get(2),
+            mode: crate::worker::mode_of_application_name(row.get(3)).map(str::to_owned),
         })
         .collect())
 }
@@ -247,8 +251,11 @@ pub async fn status(
     for worker in &workers {
         let _ = writeln!(
             out,
-            "  pid {} from {} since {}",
-            worker.pid, worker.client, worker.since
+            "  pid {} from {} since {}, mode {}",
+            worker.pid,
+            worker.client,
+            worker.since,
+            worker.mode.as_deref().unwrap_or("starting")
         );
     }
     let young_enough = backlog.oldest_age_seconds <= max_age.as_secs_f64();

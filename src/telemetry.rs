@@ -131,6 +131,15 @@ impl Health {
         self.finding.store(finding, Ordering::Relaxed);
     }
 
+    /// The mode in a few words, for `status` (through the LISTEN connection's name).
+    pub fn mode_label(&self) -> &'static str {
+        match self.finding.load(Ordering::Relaxed) {
+            FINDING_INDEX_SEEDING => "index seeding",
+            FINDING_INDEX_COMPLETE => "index complete",
+            _ => "sweep",
+        }
+    }
+
     /// The mode for operators: `sweep`, `index (seeding)` or `index (complete)`.
     pub fn mode(&self) -> &'static str {
         match self.finding.load(Ordering::Relaxed) {

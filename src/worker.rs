@@ -31,8 +31,23 @@ use crate::sweep::{PatternSpec, StepReport, SweepError};
 use crate::telemetry::{names, Health, Systemd};
 use crate::tracking::{Tracking, TrackingError};
 
-/// `application_name` of the LISTEN connection: `status` counts workers by it.
+/// `application_name` of the LISTEN connection: `status` counts workers by it. Once the worker
+/// knows how it finds keys, the name carries the mode after a colon ([`listener_application_name`]).
 pub const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
+/// The `LIKE` pattern that matches every worker's LISTEN connection, whatever its mode.
+pub const LISTENER_APPLICATION_NAME_LIKE: &str = "cache-invalidator worker%";
+
+/// The LISTEN connection's `application_name` with the worker's mode (`index complete`, `index
+/// seeding`, `sweep`): under Postgres' 63 bytes, and only letters and spaces after the prefix.
+pub fn listener_application_name(mode: &str) -> String {
+    format!("{LISTENER_APPLICATION_NAME}: {mode}")
+}
+
+/// The mode a worker's `application_name` shows, if any.
+pub fn mode_of_application_name(name: &str) -> Option<&str> {
+    name.strip_prefix(LISTENER_APPLICATION_NAME)?
+        .strip_prefix(": ")
+}
 
 /// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -181,6 +196,8 @@ async fn listen(pg: PgTarget, wake: Arc<Notify>, health: Arc<Health>, stop: Canc
         health.set_postgres(true);
         wake.notify_one();
         let mut refresh = tokio::time::interval(BACKLOG_REFRESH);
+        // The mode as `status` shows it, in the connection's `application_name`.
+        let mut shown_mode = "";
         let reason = loop {
             tokio::select! {
                 closed = &mut driver => break match closed {
@@ -191,6 +208,14 @@ async fn listen(pg: PgTarget, wake: Arc<Notify>, health: Arc<Health>, stop: Canc
                 _ = stop.cancelled() => return,
                 _ = refresh.tick() => match outbox::backlog(&client).await {
                     Ok(backlog) => {
+                        let mode = health.mode_label();
+                        if mode != shown_mode {
+                            let name = listener_application_name(mode);
+                            match client.batch_execute(&format!("SET application_name = '{name}'")).await {
+                                Ok(()) => shown_mode = mode,
+                                Err(error) => warn!(error = %describe(&error), "could not show the mode to status"),
+                            }
+                        }
                         health.set_backlog(backlog.rows, backlog.oldest_age_seconds);
                         metrics::gauge!(names::OUTBOX_BACKLOG).set(backlog.rows as f64);
                         metrics::gauge!(names::OUTBOX_OLDEST_AGE).set(backlog.oldest_age_seconds);

@@ -649,8 +649,8 @@ async fn workers_listening(db: &TestDb) -> i64 {
         .await
         .query_one(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = $1",
-            &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME],
+             WHERE datname = current_database() AND application_name LIKE $1",
+            &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
         )
         .await
         .expect("pg_stat_activity")

@@ -564,3 +564,26 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
     assert_eq!(warnings, 1, "{}", daemon.log_text());
     db.drop().await;
 }
+
+#[tokio::test]
+async fn status_and_healthz_say_the_mode_and_whether_the_index_is_complete() {
+    let space = KeySpace::new("idx_status");
+    let db = TestDb::with_reports("idx_status", &space.rules()).await;
+    let daemon =
+        Daemon::start_indexed(test_settings(&db.url, &shared_redis_url(), space.rules())).await;
+    assert!(daemon.health.describe().contains("mode index (complete)"));
+    // The worker shows its mode to `status` through its LISTEN connection, refreshed every 2 s.
+    let shown = wait_until(PATIENCE, || async {
+        let output = daemon_command(&["status"])
+            .env("DATABASE_URL", &db.url)
+            .env("REDIS_URL", shared_redis_url())
+            .output()
+            .await
+            .expect("status");
+        stdout(&output).contains("mode index complete")
+    })
+    .await;
+    assert!(shown, "status never showed the mode");
+    daemon.stop().await;
+    db.drop().await;
+}

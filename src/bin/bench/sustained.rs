@@ -245,8 +245,8 @@ pub async fn run(
         let listening: bool = poller
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name = $1)",
-                &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME],
+                 AND application_name LIKE $1)",
+                &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
             )
             .await
             .expect("look for the worker")
