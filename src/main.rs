@@ -1,5 +1,7 @@
 //! The `cache-invalidator` binary: parse the command line, set up logging, call the library.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use anyhow::Context;

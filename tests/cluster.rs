@@ -19,6 +19,9 @@ use redis::aio::MultiplexedConnection;
 /// How long any awaited effect may take before a test gives up (a bound, not a measurement). A
 /// failover alone takes about two node timeouts.
 const PATIENCE: Duration = Duration::from_secs(60);
+/// Clusters with replicas (six servers, a failover) are started one at a time: two at once on a
+/// 2-core machine kept each other from settling within [`PATIENCE`].
+static ONE_REPLICATED_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Short, so a failover completes in a few seconds; long enough that a busy 2-core machine does
 /// not trigger one by itself.
 const NODE_TIMEOUT_MS: &str = "1500";
@@ -551,6 +554,7 @@ async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
+    let _one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
     let mut cluster = Cluster::start(3, 1).await;
     let space = KeySpace::new("failover");
     let db = TestDb::with_reports("failover", &space.rules()).await;
@@ -618,6 +622,7 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invalidation() {
+    let _one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
     let mut cluster = Cluster::start(3, 1).await;
     let space = KeySpace::new("idx_failover");
     let db = TestDb::with_reports("idx_failover", &space.rules()).await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cache_invalidator::settings::Mode;
+use cache_invalidator::settings::{Mode, Settings};
 use common::*;
 
 /// Users invalidated in one statement, as an app's `SELECT invalidate_user(id) FROM …` does.
@@ -25,7 +25,18 @@ const DRAIN_BOUND: Duration = Duration::from_secs(60);
 const UNRELATED_REPORT: u32 = 999_999;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_user_invalidations_do_not_hold_an_unrelated_change_back() {
+async fn bulk_user_invalidations_do_not_hold_an_unrelated_change_back_in_sweep_mode() {
+    bulk_user_invalidations(Mode::Sweep).await;
+}
+
+/// Index mode answers these patterns from its index: one in-memory walk per window over the
+/// report keys, each key looked up by segment as in the sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_user_invalidations_do_not_hold_an_unrelated_change_back_in_index_mode() {
+    bulk_user_invalidations(Mode::Index).await;
+}
+
+async fn bulk_user_invalidations(mode: Mode) {
     let space = KeySpace::new("users");
     let db = TestDb::with_reports("users", &space.rules()).await;
     let mut redis = redis_connection(&shared_redis_url()).await;
@@ -53,10 +64,14 @@ async fn bulk_user_invalidations_do_not_hold_an_unrelated_change_back() {
         set_keys(&mut redis, chunk).await;
     }
 
-    let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
-    // The sweep is what this measures; index mode answers these patterns from its index.
-    settings.mode = Mode::Sweep;
-    let daemon = Daemon::start(settings);
+    let settings = test_settings(&db.url, &shared_redis_url(), space.rules());
+    let daemon = match mode {
+        Mode::Index => Daemon::start_indexed(settings).await,
+        _ => Daemon::start(Settings {
+            mode: Mode::Sweep,
+            ..settings
+        }),
+    };
 
     let client = db.client().await;
     client
@@ -100,7 +115,7 @@ async fn bulk_user_invalidations_do_not_hold_an_unrelated_change_back() {
         left.len(),
         expected.len()
     );
-    eprintln!("unrelated change cleared {unrelated_took:?} after its commit");
+    eprintln!("{mode} mode: unrelated change cleared {unrelated_took:?} after its commit");
 
     let mut cleanup = redis::pipe();
     for key in &left {
