@@ -644,7 +644,9 @@ impl Sources<'_> {
     }
 
     /// One setting: the command line's value, else the environment's, else the file's, each
-    /// parsed with `parse`; an invalid value names where it came from. `None`: the default.
+    /// parsed with `parse`; an invalid value names where it came from. `None`: the default. The
+    /// file's value is checked even when a flag or the environment overrides it: a file that
+    /// would break the next start without the override is wrong now.
     fn setting<T>(
         &self,
         given: Option<T>,
@@ -652,6 +654,7 @@ impl Sources<'_> {
         env_name: &str,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Result<Option<T>, SettingsError> {
+        let from_file = self.file_setting(key, &parse)?;
         if given.is_some() {
             return Ok(given);
         }
@@ -663,6 +666,15 @@ impl Sources<'_> {
                     message,
                 });
         }
+        Ok(from_file)
+    }
+
+    /// The config file's value of `key`, parsed.
+    fn file_setting<T>(
+        &self,
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, SettingsError> {
         let Some(value) = self.file.values.get(key) else {
             return Ok(None);
         };
