@@ -3,9 +3,11 @@
 //! The path of one change, module by module: Postgres triggers ([`schema`]) record each committed
 //! change in an outbox and notify; the worker ([`worker`]) is woken, claims the change
 //! ([`outbox`], over connections from [`postgres`]), turns it into key patterns ([`rules`]), and
-//! clears them together with every other pending change in one sweep of Redis ([`sweep`], with the
-//! compiled [`matcher`], over connections from [`keyspace`]); once Redis and its replicas
-//! ([`replicas`]) confirmed the deletes, it deletes the outbox rows.
+//! hands them to the [`finder`], which looks their keys up in the [`index`] that Redis' tracking
+//! announcements keep ([`tracking`]), or clears them together with every other pending change in
+//! one sweep of Redis ([`sweep`], with the compiled [`matcher`]), over connections from
+//! [`keyspace`]; once Redis and its replicas ([`replicas`]) confirmed the deletes, it deletes the
+//! outbox rows.
 //! [`ops`] holds the operator's other subcommands, [`telemetry`] logs, metrics and health.
 
 #![forbid(unsafe_code)]

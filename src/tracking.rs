@@ -1,7 +1,7 @@
 //! The Redis side of index mode: one tracking connection per primary, whose announcements keep
-//! that node's part of the [index](crate::index) equal to what the node holds.
+//! that node's part of the index ([`crate::index`]) equal to what the node holds.
 //!
-//! A [`Tracker`] opens a RESP3 connection, turns on `CLIENT TRACKING on BCAST PREFIX …` for the
+//! A `Tracker` opens a RESP3 connection, turns on `CLIENT TRACKING on BCAST PREFIX …` for the
 //! rules' literal prefixes, and from then on every announcement the connection reads is applied
 //! to the node's part as it is read (before any reply that follows it on the connection resolves,
 //! which is what makes a `PING` on this connection a barrier). Its task then seeds the part with

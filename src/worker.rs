@@ -1,12 +1,15 @@
-//! The daemon's loop: wake → claim → render a window → sweep → ack, until shutdown.
+//! The daemon's loop: wake → claim → render a window → find and delete its keys → ack, until
+//! shutdown.
 //!
 //! A listener task holds the `LISTEN` connection (reconnecting forever) and wakes the loop on every
-//! notification and after every reconnect. The loop claims what is pending into a window, adds its
-//! patterns to the rolling sweep, steps the sweep reply by reply, and acknowledges each window once
-//! Redis confirmed its deletes. The Postgres round trips (claims, acknowledgements) run alongside
-//! the Redis steps, not between them. While a sweep runs, new changes keep being claimed and join
-//! it, so a burst costs about one pass. A failed Redis step gives every claimed row back to the
-//! outbox; nothing is acknowledged that Redis did not confirm.
+//! notification and after every reconnect. The loop claims what is pending into a window, hands
+//! its patterns to the [`Finder`] (the index or the rolling sweep), steps the finder reply by
+//! reply, and acknowledges each window once Redis confirmed its deletes. The Postgres round trips
+//! (claims, acknowledgements) run alongside the Redis steps, not between them. While a sweep runs,
+//! new changes keep being claimed and join it, so a burst costs about one pass. A failed Redis
+//! step gives every claimed row back to the outbox; nothing is acknowledged that Redis did not
+//! confirm. When to claim (`ClaimPacing`) and when to stop (`StopDeadline`) are small types
+//! of their own, on tokio's clock.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
