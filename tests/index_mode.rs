@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use cache_invalidator::settings::Mode;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -404,22 +403,6 @@ async fn index_and_sweep_delete_exactly_the_same_keys() {
             "seed {seed}: the changes deleted everything"
         );
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let response = String::from_utf8_lossy(&response);
-    Some(response.split_once("\r\n\r\n")?.1.to_owned())
-}
-
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
 }
 
 #[tokio::test]

@@ -172,3 +172,92 @@ async fn a_second_pass_coinciding_with_a_busy_window_adds_no_sweep() {
     assert_eq!(refill_deleted, 1, "the stale refill is counted apart");
     assert!(!exists(&mut connection, ":1:report:2:1:stale").await);
 }
+
+/// Passes the worker (sweep mode, its own process) made while 200 row changes a second arrived for
+/// `seconds` on a 2,000-key keyspace, with the refill guard at `guard`.
+async fn passes_under_load(guard: &str, seconds: u64) -> f64 {
+    const KEYS: i32 = 2_000;
+    const CHANGES_PER_SECOND: u64 = 200;
+    let redis_server = PrivateRedis::start();
+    let space = KeySpace::new("guard_passes");
+    let db = TestDb::with_reports("guard_passes", &space.rules()).await;
+    let client = db.client().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO auth_user (id) VALUES (1);
+             INSERT INTO reports_report (id, title, author_id)
+                 SELECT g, 't', 1 FROM generate_series(1, {KEYS}) g;"
+        ))
+        .await
+        .expect("seed");
+    let mut redis = redis_connection(&redis_server.url()).await;
+    let keys: Vec<String> = (1..=KEYS)
+        .map(|id| space.key(&format!("report:{id}:1:h")))
+        .collect();
+    set_keys(&mut redis, &keys).await;
+    let rules = tempfile::NamedTempFile::new().expect("rules file");
+    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
+    let mut command = daemon_command(&[
+        "run",
+        "--mode",
+        "sweep",
+        "--refill-guard",
+        guard,
+        "--metrics-addr",
+        &addr.to_string(),
+    ]);
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", redis_server.url())
+        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let _daemon = LoggedChild::spawn(command, log.path().to_owned());
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            db.outbox_rows().await == 0 && http_get(addr, "/metrics").await.is_some()
+        })
+        .await,
+        "the daemon did not start"
+    );
+    let passes = || async {
+        let body = http_get(addr, "/metrics").await.unwrap_or_default();
+        sample(&body, "cache_invalidator_sweeps_total").unwrap_or(0.0)
+    };
+    let before = passes().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(1_000 / CHANGES_PER_SECOND));
+    for n in 0..seconds * CHANGES_PER_SECOND {
+        tick.tick().await;
+        let id = 1 + (n as i32 * 7919) % KEYS;
+        client
+            .execute(
+                "UPDATE reports_report SET title = 'u' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("update");
+    }
+    let drained = wait_until(Duration::from_secs(30), || async {
+        db.outbox_rows().await == 0
+    })
+    .await;
+    assert!(drained, "the outbox did not drain");
+    // The last guard passes run after the outbox drained: they count too.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    passes().await - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_changes_the_sweep_mode_guard_rides_along_with_passes_that_run_anyway() {
+    const SECONDS: u64 = 4;
+    let without = passes_under_load("0", SECONDS).await;
+    let with = passes_under_load("500ms", SECONDS).await;
+    println!("passes under load: {with} with the refill guard, {without} without");
+    assert!(without > 0.0, "no pass was counted");
+    assert!(
+        with <= without * 1.25 + 2.0,
+        "the guard added passes: {with} with it, {without} without"
+    );
+}

@@ -938,3 +938,22 @@ pub async fn send_signal(child: &tokio::process::Child, name: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -s {name} failed");
 }
+
+/// `GET path` on the daemon's metrics listener: the body, or `None` while it does not answer.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8_lossy(&response);
+    Some(response.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// The value of one series (`name` or `name{label="value"}`) in Prometheus text.
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
