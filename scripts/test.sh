@@ -5,6 +5,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The servers scripts/ensure-services.sh found or started (target/services.env), unless the caller
+# chose some with TEST_DATABASE_URL / TEST_REDIS_URL; without either, the tests' defaults
+# (127.0.0.1:5432 and 127.0.0.1:6379).
+services_env=${CARGO_TARGET_DIR:-target}/services.env
+if [ -z "${TEST_DATABASE_URL:-}${TEST_REDIS_URL:-}" ] && [ -f "$services_env" ]; then
+  # shellcheck source=/dev/null
+  . "$services_env"
+  export TEST_DATABASE_URL TEST_REDIS_URL
+fi
+printf 'test.sh: postgres %s, redis %s\n' "${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres (default)}" \
+  "${TEST_REDIS_URL:-redis://127.0.0.1:6379/0 (default)}"
+
 # --locked everywhere: CI must build the dependency versions that Cargo.lock records, and fail
 # loudly if Cargo.toml changed without the lock file being updated and committed.
 cargo build --all-targets --locked
