@@ -18,6 +18,8 @@
 # Redis is never flushed. When programs are missing it installs them with apt-get (root only; else
 # it says what to run). openssl is installed too (the TLS tests generate certificates with it).
 #
+# `scripts/ensure-services.sh --stop` stops the private servers (and only those).
+#
 # Settings (environment): ENSURE_PG_HOST/ENSURE_PG_PORT and ENSURE_REDIS_HOST/ENSURE_REDIS_PORT
 # (where to look first, default 127.0.0.1:5432 and 127.0.0.1:6379); ENSURE_PRIVATE_PG_PORT and
 # ENSURE_PRIVATE_REDIS_PORT (the private servers' ports, default 55432 and 56379).
@@ -278,6 +280,28 @@ ensure_tmp_reachable() {
     fi
   fi
 }
+
+# `--stop`: stop the private servers this script started (the others are not its to stop).
+stop_private() {
+  local dir pg_ctl
+  dir=$(pg_private_dir)
+  if [ -f "$dir/data/postmaster.pid" ] && pg_ctl=$(pg_program pg_ctl); then
+    say "postgres: stopping the private cluster in $dir/data"
+    as_pg_owner "$pg_ctl" -D "$dir/data" -w stop -m fast >/dev/null
+  fi
+  local pidfile=$services_dir/redis/redis.pid
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    say "redis: stopping the private server (pid $(cat "$pidfile"))"
+    kill "$(cat "$pidfile")"
+  fi
+  rm -f "$services_env"
+}
+
+case ${1:-} in
+  '') ;;
+  --stop) stop_private; exit 0 ;;
+  *) die "unknown argument $1 (usage: $0 [--stop])" ;;
+esac
 
 pg_url=
 redis_url=
