@@ -51,6 +51,10 @@ pub mod names {
     pub const INDEX_REBUILDS: &str = "cache_invalidator_index_rebuilds_total";
     /// Not in the contract table, an addition: 1, labelled with the version and the git commit.
     pub const BUILD_INFO: &str = "cache_invalidator_build_info";
+    /// Not in the contract table, an addition: 1 while the worker's connection to `side`
+    /// (`postgres`: its LISTEN connection; `redis`: its own connection and the probe's PING) is
+    /// up, 0 while it waits for that server. What `/healthz` knows, for alerting rules.
+    pub const CONNECTED: &str = "cache_invalidator_connected";
 }
 
 /// The crate version, as `--version` and the build-info gauge show it.
@@ -158,10 +162,17 @@ impl Health {
 
     pub fn set_postgres(&self, up: bool) {
         self.postgres_up.store(up, Ordering::Relaxed);
+        metrics::gauge!(names::CONNECTED, "side" => "postgres").set(f64::from(u8::from(up)));
     }
 
     pub fn set_redis(&self, up: bool) {
         self.redis_up.store(up, Ordering::Relaxed);
+        self.record_redis();
+    }
+
+    fn record_redis(&self) {
+        metrics::gauge!(names::CONNECTED, "side" => "redis")
+            .set(f64::from(u8::from(self.redis_up())));
     }
 
     /// Result of the periodic PING: an idle worker notices a dead Redis only at its next sweep,
@@ -169,6 +180,7 @@ impl Health {
     /// [`Health::redis_answers_again`].
     pub fn set_redis_answers(&self, answers: bool) {
         let answered_before = self.redis_answers.swap(answers, Ordering::Relaxed);
+        self.record_redis();
         if answers && !answered_before {
             // `notify_one` keeps the wake-up for a worker that is between two waits (in the middle
             // of a connection attempt): at worst it retries once more than it needed to.
@@ -464,6 +476,10 @@ fn describe_metrics() {
         names::BUILD_INFO,
         "Always 1; the labels say which version and git commit is running"
     );
+    describe_gauge!(
+        names::CONNECTED,
+        "1 while the worker is connected to side (postgres, redis), 0 while it waits for it"
+    );
 }
 
 /// Makes the counters appear at 0 before their first event, so dashboards and `rate()` see a
@@ -472,6 +488,8 @@ fn describe_metrics() {
 pub fn register_zeroes<'a>(tables: impl IntoIterator<Item = &'a str>) {
     for side in ["postgres", "redis"] {
         metrics::counter!(names::RECONNECTS, "side" => side).increment(0);
+        // Not connected until the worker says so: a server down at start shows as 0, not as a gap.
+        metrics::gauge!(names::CONNECTED, "side" => side).set(0.0);
     }
     for result in ["applied", "rejected"] {
         metrics::counter!(names::RULES_RELOADS, "result" => result).increment(0);

@@ -9,10 +9,12 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The watchdog interval the tests announce: 2 s, so pings are due at least every second.
 const WATCHDOG_USEC: &str = "2000000";
@@ -116,17 +118,27 @@ impl NotifySocket {
 }
 
 /// `cache-invalidator run` as systemd would start it with `WatchdogSec=2s`, with the default rules
-/// under `space`'s key prefix.
+/// under `space`'s key prefix, serving `/metrics` and `/healthz` on `metrics`.
 fn start_daemon(
     database_url: &str,
     redis_url: &str,
     space: &KeySpace,
     notify: &NotifySocket,
+    metrics: SocketAddr,
 ) -> LoggedChild {
     let rules = notify.dir.path().join("rules.toml");
     std::fs::write(&rules, default_rules_toml(&space.key_prefix())).expect("write rules");
     let rules = rules.to_str().expect("utf-8 path");
-    let mut command = daemon_command(&["run", "--refill-guard", "0", "--rules", rules]);
+    let metrics = metrics.to_string();
+    let mut command = daemon_command(&[
+        "run",
+        "--refill-guard",
+        "0",
+        "--rules",
+        rules,
+        "--metrics-addr",
+        &metrics,
+    ]);
     command.envs([
         ("DATABASE_URL", database_url),
         ("REDIS_URL", redis_url),
@@ -179,7 +191,8 @@ async fn watchdog_keeps_pinging_while_redis_is_down() {
     let space = KeySpace::new("sd_redis_down");
     let db = TestDb::with_reports("sd_redis_down", &space.rules()).await;
     let notify = NotifySocket::bind();
-    let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify);
+    let metrics = metrics_addr();
+    let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify, metrics);
     let ready = notify.received.wait_for("READY=1", PATIENCE).await;
     assert!(
         wait_until(PATIENCE, || async {
@@ -205,6 +218,19 @@ async fn watchdog_keeps_pinging_while_redis_is_down() {
         .await
         .expect("write");
     assert_pings_through_outage(&mut daemon, &notify, "redis", went_down).await;
+    // What an operator's probe and Prometheus read.
+    let (status, body) = http_get(metrics, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("redis down"), "{body}");
+    let (_, scrape) = http_get(metrics, "/metrics").await;
+    assert!(
+        scrape.contains("cache_invalidator_connected{side=\"redis\"} 0"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("cache_invalidator_connected{side=\"postgres\"} 1"),
+        "{scrape}"
+    );
     assert_eq!(
         db.outbox_rows().await,
         1,
@@ -220,7 +246,13 @@ async fn watchdog_keeps_pinging_while_postgres_is_down() {
     let space = KeySpace::new("sd_pg_down");
     let db = TestDb::with_reports_on(&postgres.url(), "sd_pg_down", &space.rules()).await;
     let notify = NotifySocket::bind();
-    let mut daemon = start_daemon(&db.url, &shared_redis_url(), &space, &notify);
+    let mut daemon = start_daemon(
+        &db.url,
+        &shared_redis_url(),
+        &space,
+        &notify,
+        metrics_addr(),
+    );
     let ready = notify.received.wait_for("READY=1", PATIENCE).await;
     assert!(
         wait_until(PATIENCE, || async {
@@ -279,7 +311,13 @@ async fn ready_while_redis_is_down_then_backlog_cleared_soon_after_it_answers() 
     redis_server.stop();
     let notify = NotifySocket::bind();
     let started = Instant::now();
-    let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify);
+    let mut daemon = start_daemon(
+        &db.url,
+        &redis_server.url(),
+        &space,
+        &notify,
+        metrics_addr(),
+    );
     // READY=1 comes while Redis is down and the whole backlog waits.
     notify.received.wait_for("READY=1", PATIENCE).await;
     assert_eq!(
@@ -363,4 +401,34 @@ fn retry_in_ms(line: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+fn metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// `GET path` over HTTP/1.0: the status code and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
