@@ -171,6 +171,7 @@ async fn assert_pings_through_outage(
         "the daemon exited while {server} was down"
     );
     let gap = notify.received.longest_ping_gap(went_down, until);
+    eprintln!("{server} down for {OUTAGE:?}: longest gap between WATCHDOG=1 pings {gap:?}");
     assert!(
         gap <= MAX_PING_GAP,
         "{server} down for {OUTAGE:?}: a gap of {gap:?} without WATCHDOG=1 (at most {MAX_PING_GAP:?} \
