@@ -7,13 +7,6 @@ use std::path::Path;
 
 use cache_invalidator::telemetry::names;
 
-/// Metrics of index mode (DESIGN.md, "Finding the keys"): exported by the index-mode worker.
-const INDEX_MODE_METRICS: [&str; 3] = [
-    "cache_invalidator_mode",
-    "cache_invalidator_index_keys",
-    "cache_invalidator_index_rebuilds_total",
-];
-
 fn exported() -> BTreeSet<String> {
     let histograms = [names::SWEEP_DURATION, names::COMMIT_TO_DELETE];
     let mut all: BTreeSet<String> = [
@@ -27,9 +20,11 @@ fn exported() -> BTreeSet<String> {
         names::RECONNECTS,
         names::RULES_RELOADS,
         names::CONNECTED,
+        names::MODE,
+        names::INDEX_KEYS,
+        names::INDEX_REBUILDS,
     ]
     .into_iter()
-    .chain(INDEX_MODE_METRICS)
     .map(str::to_owned)
     .collect();
     for histogram in histograms {
