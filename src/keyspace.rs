@@ -335,6 +335,7 @@ impl RedisTarget {
                     ca,
                     redacted,
                     command_timeout,
+                    replica_policy: ReplicaPolicy::default(),
                 });
             }
             "redis" | "rediss" => (false, scheme),
