@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# Make sure the servers the integration tests and the quickstart talk to are up:
-#   - PostgreSQL on 127.0.0.1:5432, user postgres, trust auth (tests connect without a password)
-#   - Redis on 127.0.0.1:6379
-#   - openssl (the TLS tests generate throwaway certificates with it)
+# Find (or start) the PostgreSQL and Redis that the integration tests and the quickstart use, and
+# write their URLs to target/services.env for scripts/test.sh, scripts/quickstart.sh and .ci/run:
 #
-# Why a script and not "it's already there": CI and developer machines are usually handed over with
-# both servers running, but a fresh machine may have neither, and there is no systemd (PID 1) or
-# Docker engine to lean on. So we install from Debian's packages and start the servers by hand.
+#   TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres   (a superuser, no password)
+#   TEST_REDIS_URL=redis://127.0.0.1:6379/0
 #
-# Idempotent: a second run finds everything up and changes nothing. One line per action taken.
-# Not root and something missing: say what to run, exit 1 (we cannot install or start it ourselves).
+# Order, for each server:
+#   1. TEST_DATABASE_URL / TEST_REDIS_URL already set: used as they are (checked, never changed).
+#   2. A server on the usual local port (5432 / 6379) that accepts the connection as it is
+#      (Postgres: user postgres without a password): used as it is.
+#   3. Otherwise a private server of this project's own, in target/services/ on a port of its own
+#      (55432 / 56379): initdb + pg_ctl (as the postgres OS user when run as root), redis-server.
+#      A second run finds it running and reuses it.
+#
+# It never changes the configuration or authentication of a server it did not create: a server
+# that refuses the passwordless login is left alone and a private one is started next to it.
+# Redis is never flushed. When programs are missing it installs them with apt-get (root only; else
+# it says what to run). openssl is installed too (the TLS tests generate certificates with it).
+#
+# `scripts/ensure-services.sh --stop` stops the private servers (and only those).
+#
+# Settings (environment): ENSURE_PG_HOST/ENSURE_PG_PORT and ENSURE_REDIS_HOST/ENSURE_REDIS_PORT
+# (where to look first, default 127.0.0.1:5432 and 127.0.0.1:6379); ENSURE_PRIVATE_PG_PORT and
+# ENSURE_PRIVATE_REDIS_PORT (the private servers' ports, default 55432 and 56379).
 set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
 
-PG_HOST=127.0.0.1
-PG_PORT=5432
-REDIS_HOST=127.0.0.1
-REDIS_PORT=6379
+PG_HOST=${ENSURE_PG_HOST:-127.0.0.1}
+PG_PORT=${ENSURE_PG_PORT:-5432}
+REDIS_HOST=${ENSURE_REDIS_HOST:-127.0.0.1}
+REDIS_PORT=${ENSURE_REDIS_PORT:-6379}
+# Ports of the private servers: unusual ones, so they do not collide with a system's own servers.
+PRIVATE_PG_PORT=${ENSURE_PRIVATE_PG_PORT:-55432}
+PRIVATE_REDIS_PORT=${ENSURE_PRIVATE_REDIS_PORT:-56379}
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+services_dir=$target_dir/services
+services_env=$target_dir/services.env
 # How long a freshly started server gets to accept connections. Postgres needs a few seconds after a
 # crash (recovery); 30 s is generous on a 2-core machine and still fails fast enough to read the log.
 READY_TIMEOUT_S=30
@@ -25,8 +46,6 @@ die() { printf 'ensure-services: error: %s\n' "$*" >&2; exit 1; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
-# Root is needed for every fix below (apt-get, pg_ctlcluster as another user, /var/lib/redis...).
-# Without it, tell the person exactly what to run instead of half-doing it.
 need_root() {
   is_root || die "$1 (not root: run this script with sudo, or run: $2)"
 }
@@ -41,6 +60,8 @@ apt_install() {
     apt_updated=1
   fi
   say "installing $*"
+  # policy-rc.d-less containers: the packages' own servers may start; they are not used unless
+  # they accept the connection as they are (step 2 above).
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
@@ -68,117 +89,115 @@ wait_until() {
 # PostgreSQL
 # ---------------------------------------------------------------------------------------------
 
-pg_ready() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
-
-# Connect the way the tests do: as postgres, over TCP, with no password available from anywhere
-# (a PGPASSWORD or ~/.pgpass would hide a non-trust pg_hba that CI's clean environment would hit).
-pg_trust_works() {
-  timeout 10 env -u PGPASSWORD PGPASSFILE=/dev/null PGCONNECT_TIMEOUT=5 \
-    psql -w -X -q -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1
-}
-
-# The Debian cluster ("VERSION NAME") configured for our port, if any. pg_lsclusters columns:
-# Ver Cluster Port Status Owner Datadir Logfile.
-pg_cluster_on_port() {
-  pg_lsclusters -h 2>/dev/null | awk -v port="$PG_PORT" '$3 == port { print $1, $2; exit }'
-}
-
-pg_cluster_online() {
-  pg_lsclusters -h 2>/dev/null | awk -v v="$1" -v c="$2" '$1 == v && $2 == c && $4 ~ /^online/ { found = 1 } END { exit !found }'
-}
-
-pg_logfile() {
-  pg_lsclusters -h 2>/dev/null | awk -v v="$1" -v c="$2" '$1 == v && $2 == c { print $7 }'
-}
-
-# Put trust lines for local connections at the top of pg_hba.conf (the first matching line wins, so
-# this overrides the peer/scram defaults without deleting anyone's other rules). Marked, so running
-# twice adds nothing. Only ever called for a cluster we installed/created, or one whose auth already
-# refuses the passwordless postgres login the tests depend on.
-pg_trust_local() {
-  local ver=$1 name=$2
-  local hba="/etc/postgresql/$ver/$name/pg_hba.conf"
-  local marker='# cache-invalidator: trust local connections (scripts/ensure-services.sh)'
-  [ -f "$hba" ] || die "no $hba: cannot set trust auth for cluster $ver/$name"
-  if grep -qF "$marker" "$hba"; then
+# A server program: on PATH, else in the newest Debian server package (kept off PATH by Debian).
+pg_program() {
+  if command -v "$1" >/dev/null 2>&1; then
+    command -v "$1"
     return 0
   fi
-  say "setting trust auth for local, 127.0.0.1 and ::1 in $hba (backup: $hba.orig)"
-  cp -p "$hba" "$hba.orig"
-  {
-    printf '%s\n' "$marker"
-    printf 'local   all   all                 trust\n'
-    printf 'host    all   all   127.0.0.1/32  trust\n'
-    printf 'host    all   all   ::1/128       trust\n'
-    printf '# cache-invalidator: end\n\n'
-    cat "$hba.orig"
-  } >"$hba"
-  chown --reference="$hba.orig" "$hba"
-  chmod --reference="$hba.orig" "$hba"
+  local dir
+  dir=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$dir" ] && [ -x "/usr/lib/postgresql/$dir/bin/$1" ]; then
+    printf '%s\n' "/usr/lib/postgresql/$dir/bin/$1"
+    return 0
+  fi
+  return 1
+}
+
+# Connect the way the tests do: over TCP, with no password available from anywhere (a PGPASSWORD
+# or ~/.pgpass would hide an auth the tests' clean environment would hit). $1: a connection URL.
+pg_accepts() {
+  timeout 10 env -u PGPASSWORD PGPASSFILE=/dev/null PGCONNECT_TIMEOUT=5 \
+    psql -w -X -q -d "$1" -Atc 'select 1' >/dev/null 2>&1
+}
+
+# The private cluster runs as the postgres OS user when this script runs as root (initdb refuses
+# root), so its directory must be reachable by that user: under a repository in /root it is not,
+# and then a directory under /var/tmp named after the repository's path is used instead.
+pg_private_dir() {
+  local dir=$services_dir/pg
+  if is_root; then
+    mkdir -p "$services_dir"
+    if ! runuser -u postgres -- test -x "$services_dir" 2>/dev/null; then
+      dir=/var/tmp/cache-invalidator-pg-$(printf '%s' "$repo" | md5sum | cut -c1-12)
+    fi
+  fi
+  printf '%s\n' "$dir"
+}
+
+as_pg_owner() {
+  if is_root; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+start_private_postgres() {
+  local dir data log url initdb pg_ctl
+  dir=$(pg_private_dir)
+  data=$dir/data
+  log=$dir/server.log
+  url="postgres://postgres@127.0.0.1:$PRIVATE_PG_PORT/postgres"
+  if pg_accepts "$url"; then
+    if [ -f "$data/postmaster.pid" ]; then
+      say "postgres: private cluster already running on 127.0.0.1:$PRIVATE_PG_PORT ($data)"
+      pg_url=$url
+      return 0
+    fi
+    die "something else accepts postgres connections on port $PRIVATE_PG_PORT: set ENSURE_PRIVATE_PG_PORT to a free port"
+  fi
+  initdb=$(pg_program initdb) && pg_ctl=$(pg_program pg_ctl) || {
+    apt_install postgresql
+    initdb=$(pg_program initdb) && pg_ctl=$(pg_program pg_ctl) || die "postgresql installed, but no initdb/pg_ctl found"
+  }
+  command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+  if is_root; then
+    id postgres >/dev/null 2>&1 || die "no postgres OS user to run the private cluster as (install the postgresql package)"
+    mkdir -p "$dir"
+    chown postgres: "$dir"
+  else
+    mkdir -p "$dir"
+  fi
+  if [ ! -f "$data/PG_VERSION" ]; then
+    say "postgres: creating a private cluster in $data (trust auth, listening on 127.0.0.1 only)"
+    # Trust is safe here only because this cluster is ours alone: loopback only, a port of its own,
+    # throwaway data.
+    as_pg_owner "$initdb" -D "$data" --auth=trust -U postgres --no-sync >"$dir/initdb.log" 2>&1 ||
+      { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+  fi
+  say "postgres: starting the private cluster on 127.0.0.1:$PRIVATE_PG_PORT (log: $log)"
+  # Durability off: test and demo data only. The socket goes into the cluster's own directory.
+  as_pg_owner "$pg_ctl" -D "$data" -l "$log" -w -t "$READY_TIMEOUT_S" start \
+    -o "-p $PRIVATE_PG_PORT -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200" \
+    >/dev/null || { tail -n 20 "$log" >&2 2>/dev/null; die "the private postgres did not start"; }
+  wait_until "private postgres on 127.0.0.1:$PRIVATE_PG_PORT" "$log" pg_accepts "$url"
+  pg_url=$url
 }
 
 ensure_postgres() {
-  local created=0 cluster ver name
-
-  if command -v pg_isready >/dev/null 2>&1 && pg_ready; then
-    if pg_trust_works; then
-      say "postgres: already running on $PG_HOST:$PG_PORT"
-      return 0
-    fi
-  else
-    # Not answering: install what is missing, make sure a cluster exists for our port, start it.
-    if ! command -v pg_ctlcluster >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-      apt_install postgresql postgresql-contrib
-      # Debian's postinst creates the "main" cluster with peer/scram auth: that one is ours to set.
-      created=1
-    fi
-
-    cluster=$(pg_cluster_on_port)
-    if [ -z "$cluster" ]; then
-      # The newest installed server version (directory names like 15, 16).
-      ver=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
-      need_root "no PostgreSQL cluster on port $PG_PORT" "sudo pg_createcluster --port $PG_PORT $ver main"
-      say "creating cluster $ver/main on port $PG_PORT"
-      pg_createcluster --port "$PG_PORT" "$ver" main >/dev/null
-      created=1
-      cluster="$ver main"
-    fi
-    read -r ver name <<<"$cluster"
-
-    if [ "$created" -eq 1 ]; then
-      pg_trust_local "$ver" "$name"
-    fi
-
-    if ! pg_cluster_online "$ver" "$name"; then
-      need_root "PostgreSQL cluster $ver/$name is down" \
-        "sudo pg_ctlcluster --skip-systemctl-redirect $ver $name start"
-      say "starting postgres cluster $ver/$name"
-      # --skip-systemctl-redirect: there is no systemd as PID 1 here, start the server directly.
-      pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start
-    elif [ "$created" -eq 1 ]; then
-      # apt's postinst may have started it already, with the old pg_hba: make it re-read the file.
-      say "reloading postgres cluster $ver/$name"
-      pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" reload
-    fi
-    wait_until "postgres on $PG_HOST:$PG_PORT" "$(pg_logfile "$ver" "$name")" pg_ready
-    if pg_trust_works; then
-      say "postgres: ready on $PG_HOST:$PG_PORT"
-      return 0
-    fi
+  if ! command -v psql >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1; then
+    apt_install postgresql-client
   fi
-
-  # Running, but the passwordless login as postgres is refused: an existing cluster whose auth is
-  # not what the tests expect. Only now do we touch its pg_hba.
-  cluster=$(pg_cluster_on_port)
-  [ -n "$cluster" ] || die "postgres on $PG_HOST:$PG_PORT refuses user postgres without a password, and it is not a local Debian cluster this script can configure"
-  read -r ver name <<<"$cluster"
-  need_root "postgres on $PG_HOST:$PG_PORT refuses user postgres without a password" \
-    "add 'host all all 127.0.0.1/32 trust' at the top of /etc/postgresql/$ver/$name/pg_hba.conf and reload"
-  pg_trust_local "$ver" "$name"
-  say "reloading postgres cluster $ver/$name"
-  pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" reload
-  wait_until "passwordless login as postgres on $PG_HOST:$PG_PORT" "$(pg_logfile "$ver" "$name")" pg_trust_works
-  say "postgres: ready on $PG_HOST:$PG_PORT"
+  if [ -n "${TEST_DATABASE_URL:-}" ]; then
+    pg_accepts "$TEST_DATABASE_URL" ||
+      die "TEST_DATABASE_URL is set but that server does not accept the connection without a password"
+    say "postgres: using TEST_DATABASE_URL as it is"
+    pg_url=$TEST_DATABASE_URL
+    return 0
+  fi
+  local usual="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
+  if pg_accepts "$usual"; then
+    say "postgres: using the server on $PG_HOST:$PG_PORT as it is"
+    pg_url=$usual
+    return 0
+  fi
+  if pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then
+    say "postgres: the server on $PG_HOST:$PG_PORT refuses user postgres without a password; left as it is, using a private one"
+  else
+    say "postgres: nothing answers on $PG_HOST:$PG_PORT; using a private one"
+  fi
+  start_private_postgres
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -187,43 +206,60 @@ ensure_postgres() {
 
 # timeout: redis-cli has no connect/read timeout of its own and waits forever on a port held by
 # something that accepts but never answers.
-redis_ready() { [ "$(timeout 3 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+redis_answers() { [ "$(timeout 3 redis-cli -u "$1" ping 2>/dev/null)" = PONG ]; }
 
-ensure_redis() {
-  if command -v redis-cli >/dev/null 2>&1 && redis_ready; then
-    say "redis: already running on $REDIS_HOST:$REDIS_PORT"
-    return 0
-  fi
-  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-    apt_install redis-server
-    # The package's init script may have started its own server on 6379 (bind 127.0.0.1 -::1):
-    # that serves the tests just as well, don't start a second one.
-    if redis_ready; then
-      say "redis: ready on $REDIS_HOST:$REDIS_PORT (started by the package)"
+start_private_redis() {
+  local dir=$services_dir/redis url="redis://127.0.0.1:$PRIVATE_REDIS_PORT/0"
+  if redis_answers "$url"; then
+    if [ -f "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then
+      say "redis: private server already running on 127.0.0.1:$PRIVATE_REDIS_PORT"
+      redis_url=$url
       return 0
     fi
+    die "another Redis answers on port $PRIVATE_REDIS_PORT: set ENSURE_PRIVATE_REDIS_PORT to a free port"
   fi
-  need_root "Redis is not running on $REDIS_HOST:$REDIS_PORT" \
-    "sudo mkdir -p /var/lib/redis /var/log/redis && sudo redis-server --daemonize yes --bind 127.0.0.1 -::1 --port $REDIS_PORT --save '' --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
-  mkdir -p /var/lib/redis /var/log/redis
-  say "starting redis-server on $REDIS_HOST:$REDIS_PORT"
-  # No persistence (--save "", --appendonly no): test data is throwaway and snapshots would only
-  # add latency spikes to the sweep measurements. "-::1": listen on IPv6 loopback if it exists.
-  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
-    --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
-  wait_until "redis on $REDIS_HOST:$REDIS_PORT" /var/log/redis/ci.log redis_ready
-  say "redis: ready on $REDIS_HOST:$REDIS_PORT"
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  mkdir -p "$dir"
+  say "redis: starting a private server on 127.0.0.1:$PRIVATE_REDIS_PORT (log: $dir/redis.log)"
+  # No persistence: test data is throwaway, and snapshots would only add latency spikes to the
+  # sweep measurements. Loopback only.
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$PRIVATE_REDIS_PORT" --save "" \
+    --appendonly no --dir "$dir" --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+  wait_until "private redis on 127.0.0.1:$PRIVATE_REDIS_PORT" "$dir/redis.log" redis_answers "$url"
+  redis_url=$url
+}
+
+ensure_redis() {
+  # redis-server too: the fault tests start private servers of their own.
+  if ! command -v redis-cli >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+  fi
+  if [ -n "${TEST_REDIS_URL:-}" ]; then
+    redis_answers "$TEST_REDIS_URL" || die "TEST_REDIS_URL is set but that server does not answer PING"
+    say "redis: using TEST_REDIS_URL as it is"
+    redis_url=$TEST_REDIS_URL
+    return 0
+  fi
+  local usual="redis://$REDIS_HOST:$REDIS_PORT/0"
+  if redis_answers "$usual"; then
+    say "redis: using the server on $REDIS_HOST:$REDIS_PORT as it is"
+    redis_url=$usual
+    return 0
+  fi
+  say "redis: nothing answers PING on $REDIS_HOST:$REDIS_PORT; using a private one"
+  start_private_redis
 }
 
 # ---------------------------------------------------------------------------------------------
 # Tools and directories the tests use
 # ---------------------------------------------------------------------------------------------
 
-ensure_openssl() {
-  if command -v openssl >/dev/null 2>&1; then
-    return 0
-  fi
-  apt_install openssl
+ensure_tools() {
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+  # The fault and TLS tests start private Postgres clusters of their own.
+  pg_program initdb >/dev/null || apt_install postgresql
+  # promtool checks and unit-tests the shipped alerting rules (deploy/prometheus).
+  command -v promtool >/dev/null 2>&1 || apt_install prometheus
 }
 
 # TLS tests write certificates to a temp dir and point the postgres server at them, so the postgres
@@ -245,7 +281,43 @@ ensure_tmp_reachable() {
   fi
 }
 
+# `--stop`: stop the private servers this script started (the others are not its to stop).
+stop_private() {
+  local dir pg_ctl
+  dir=$(pg_private_dir)
+  if [ -f "$dir/data/postmaster.pid" ] && pg_ctl=$(pg_program pg_ctl); then
+    say "postgres: stopping the private cluster in $dir/data"
+    as_pg_owner "$pg_ctl" -D "$dir/data" -w stop -m fast >/dev/null
+  fi
+  local pidfile=$services_dir/redis/redis.pid
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    say "redis: stopping the private server (pid $(cat "$pidfile"))"
+    kill "$(cat "$pidfile")"
+  fi
+  rm -f "$services_env"
+}
+
+case ${1:-} in
+  '') ;;
+  --stop) stop_private; exit 0 ;;
+  *) die "unknown argument $1 (usage: $0 [--stop])" ;;
+esac
+
+pg_url=
+redis_url=
 ensure_postgres
 ensure_redis
-ensure_openssl
+ensure_tools
 ensure_tmp_reachable
+
+mkdir -p "$target_dir"
+# 0600: a TEST_DATABASE_URL given by the caller may hold a password.
+(
+  umask 077
+  {
+    printf '# Written by scripts/ensure-services.sh: the servers the tests and the quickstart use.\n'
+    printf 'TEST_DATABASE_URL=%q\n' "$pg_url"
+    printf 'TEST_REDIS_URL=%q\n' "$redis_url"
+  } >"$services_env"
+)
+say "servers written to $services_env"

@@ -14,8 +14,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DB=cache_invalidator_demo
-export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB"
-export REDIS_URL="redis://127.0.0.1:6379/0"
 BIN="${CARGO_TARGET_DIR:-target}/release/cache-invalidator"
 LOG_DIR="${CARGO_TARGET_DIR:-target}/quickstart"
 LOG="$LOG_DIR/daemon.log"
@@ -28,8 +26,11 @@ STOP_TIMEOUT_S=15
 section() { printf '\n=== %s ===\n' "$*"; }
 fail() { printf '\nquickstart: FAILED: %s\n' "$*" >&2; exit 1; }
 
-psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres -d "$DB" "$@"; }
-rcli() { redis-cli -h 127.0.0.1 -p 6379 -n 0 "$@"; }
+# Set once the servers are known (step 1): the admin URL, the demo database's URL, Redis' URL.
+ADMIN_URL=
+psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" "$@"; }
+psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" "$@"; }
+rcli() { redis-cli -u "$REDIS_URL" "$@"; }
 
 # Logical django-redis keys (KEY_PREFIX='', VERSION=1 -> ":1:" in front).
 # Each of these is named by a default rule for one of the writes below.
@@ -78,8 +79,18 @@ stop_daemon() {
 # Whatever happens (a failed step, Ctrl-C), don't leave a daemon running behind us.
 trap 'stop_daemon || true' EXIT
 
-section "1/8 services (Postgres 127.0.0.1:5432, Redis 127.0.0.1:6379)"
+section "1/8 services (Postgres and Redis: the running ones if they accept us, else private ones)"
 scripts/ensure-services.sh
+# shellcheck source=/dev/null
+. "${CARGO_TARGET_DIR:-target}/services.env"
+ADMIN_URL=$TEST_DATABASE_URL
+# The demo database on the same server: the admin URL with its database name replaced.
+[[ $ADMIN_URL =~ ^(postgres(ql)?://[^/?]*)(/[^?]*)?(\?.*)?$ ]] ||
+  fail "cannot read the database URL ensure-services.sh chose"
+export DATABASE_URL="${BASH_REMATCH[1]}/$DB${BASH_REMATCH[4]}"
+export REDIS_URL=$TEST_REDIS_URL
+# Not printed: a URL the caller gave may hold a password.
+echo "demo database $DB on the servers listed in ${CARGO_TARGET_DIR:-target}/services.env"
 
 section "2/8 build (cargo build --release)"
 cargo build --release
@@ -87,7 +98,7 @@ cargo build --release
 
 section "3/8 demo database $DB"
 # WITH (FORCE) also ends connections left over from an interrupted earlier run.
-psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres -d postgres \
+psql_admin \
   -c "SET client_min_messages = warning" \
   -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
   -c "CREATE DATABASE $DB"
@@ -162,7 +173,7 @@ fi
 
 section "7/8 writes made with psql (no ORM involved)"
 # -e echoes each statement, and without -q psql prints what it did ("UPDATE 1").
-psql -X -e -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres -d "$DB" <<'SQL'
+psql -X -e -v ON_ERROR_STOP=1 -d "$DATABASE_URL" <<'SQL'
 -- raw SQL update of one report
 UPDATE reports_report SET title = 'Q1 summary (final)', updated_at = now() WHERE id = 1;
 -- owner change: the old student's (2) and the new student's (3) lists must both go

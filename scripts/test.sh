@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
 # The project's whole test gate, in the order that fails fastest on a typical mistake:
-# compile everything (tests, benches, examples too), then formatting, then lints, then the tests.
+# compile everything (tests, benches, examples too), then formatting, then lints, then the alerting
+# rules (promtool), then the tests.
 # CI runs exactly this (through .ci/run, which first starts Postgres and Redis); so can you.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# The servers scripts/ensure-services.sh found or started (target/services.env), unless the caller
+# chose some with TEST_DATABASE_URL / TEST_REDIS_URL; without either, the tests' defaults
+# (127.0.0.1:5432 and 127.0.0.1:6379).
+services_env=${CARGO_TARGET_DIR:-target}/services.env
+if [ -z "${TEST_DATABASE_URL:-}${TEST_REDIS_URL:-}" ] && [ -f "$services_env" ]; then
+  # shellcheck source=/dev/null
+  . "$services_env"
+  export TEST_DATABASE_URL TEST_REDIS_URL
+fi
+printf 'test.sh: postgres %s, redis %s\n' "${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres (default)}" \
+  "${TEST_REDIS_URL:-redis://127.0.0.1:6379/0 (default)}"
 
 # --locked everywhere: CI must build the dependency versions that Cargo.lock records, and fail
 # loudly if Cargo.toml changed without the lock file being updated and committed.
 cargo build --all-targets --locked
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The alerting rules that ship (deploy/prometheus): valid, and their unit tests pass.
+command -v promtool >/dev/null 2>&1 ||
+  { echo "test.sh: promtool not found: run scripts/ensure-services.sh (it installs Debian's prometheus package) or apt-get install prometheus" >&2; exit 1; }
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
 # Integration tests share one Postgres and one Redis; they isolate themselves with their own
 # databases and key prefixes, so they may run in parallel. 4 threads keeps a 2-core machine busy
 # while waiting on I/O without piling up timeouts.

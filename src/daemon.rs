@@ -1,5 +1,6 @@
 //! The process around the worker: signals (SIGTERM/SIGINT stop, SIGHUP reloads the rules), the
-//! shared health state with its Redis probe, and the metrics listener.
+//! shared health state with its Redis probe (which also wakes a worker waiting to reconnect once
+//! Redis answers again), systemd's status line, and the metrics listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,15 +34,16 @@ pub enum DaemonError {
 /// `cache-invalidator run`: the worker until SIGTERM or SIGINT.
 pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
     // The worker pings systemd's watchdog from its loop, which idles up to one poll interval:
-    // polling at least twice per watchdog interval keeps a healthy idle worker from being killed.
-    if let Some(watchdog) = telemetry::Systemd::from_env().watchdog_interval() {
-        if settings.poll_interval > watchdog / 2 {
+    // an idle loop must come round at least once per ping period (a quarter of the watchdog
+    // interval). With the unit's WatchdogSec=30s that is 7.5 s, above the 5 s default: no change.
+    if let Some(period) = telemetry::Systemd::from_env().ping_period() {
+        if settings.poll_interval > period {
             info!(
                 poll_interval_ms = settings.poll_interval.as_millis() as u64,
-                watchdog_ms = watchdog.as_millis() as u64,
-                "poll interval lowered to half the systemd watchdog interval"
+                watchdog_ping_ms = period.as_millis() as u64,
+                "poll interval lowered to the systemd watchdog's ping period"
             );
-            settings.poll_interval = watchdog / 2;
+            settings.poll_interval = period;
         }
     }
     let shutdown = CancellationToken::new();
@@ -100,9 +102,11 @@ pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
             shutdown.clone(),
         ))
     });
+    let status = tokio::spawn(telemetry::report_status(health.clone(), shutdown.clone()));
     let result = worker::run_with_rules(settings, rules_rx, health, shutdown.clone()).await;
     shutdown.cancel();
     let _ = signals.await;
+    let _ = status.await;
     if let Some(probe) = probe {
         let _ = probe.await;
     }

@@ -1,5 +1,6 @@
-//! Connecting to the Redis that holds the cache: one server (`redis://`, `rediss://`) or every
-//! primary of a Redis Cluster (`redis+cluster://host:port,host:port`, `rediss+cluster://…`).
+//! Connecting to the Redis that holds the cache: one server (`redis://`, `rediss://`, or a Unix
+//! socket: `unix:///path`, `redis+unix:///path`) or every primary of a Redis Cluster
+//! (`redis+cluster://host:port,host:port`, `rediss+cluster://…`).
 //!
 //! A sweep must see every key, and `SCAN` walks one node's keyspace, so in a cluster the worker
 //! keeps one plain connection per primary (discovered with `CLUSTER NODES`, rediscovered after any
@@ -316,16 +317,34 @@ impl RedisTarget {
             None => None,
         };
         let text = url.expose();
-        let (scheme, rest) = text
-            .split_once("://")
-            .ok_or_else(|| invalid("expected redis://, rediss:// or redis+cluster://".into()))?;
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| {
+            invalid("expected redis://, rediss://, redis+cluster:// or unix://".into())
+        })?;
         let (cluster, plain_scheme) = match scheme {
+            // A Unix socket: `unix:///run/redis/redis.sock?db=0&user=…&pass=…` (the redis
+            // crate's syntax; `redis+unix://` is the same). One server, never TLS.
+            "unix" | "redis+unix" => {
+                let info = text
+                    .into_connection_info()
+                    .map_err(|e| invalid(e.to_string()))?;
+                let client = open_client(info, None).map_err(|e| invalid(e.to_string()))?;
+                return Ok(RedisTarget {
+                    seeds: vec![client],
+                    known: Arc::default(),
+                    cluster: false,
+                    ca,
+                    redacted,
+                    command_timeout,
+                    replica_policy: ReplicaPolicy::default(),
+                });
+            }
             "redis" | "rediss" => (false, scheme),
             "redis+cluster" => (true, "redis"),
             "rediss+cluster" => (true, "rediss"),
             other => {
                 return Err(invalid(format!(
-                    "scheme {other}:// (expected redis, rediss, redis+cluster or rediss+cluster)"
+                    "scheme {other}:// (expected redis, rediss, redis+cluster, rediss+cluster, \
+                     unix or redis+unix)"
                 )))
             }
         };
@@ -735,6 +754,33 @@ mod tests {
 
     const ON: &str = "# Cluster\r\ncluster_enabled:1\r\n";
     const OFF: &str = "# Cluster\r\ncluster_enabled:0\r\n";
+
+    #[test]
+    fn unix_socket_urls_name_one_server_and_hide_the_password() {
+        for url in [
+            "unix:///run/redis/redis.sock",
+            "redis+unix:///run/redis/redis.sock?db=2&pass=s3cret",
+        ] {
+            let target = RedisTarget::parse(&SecretUrl::new(url), None, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(!target.is_cluster());
+            assert_eq!(
+                node_name(target.seeds[0].get_connection_info().addr()),
+                "/run/redis/redis.sock"
+            );
+            assert!(
+                !target.redacted().contains("s3cret"),
+                "{}",
+                target.redacted()
+            );
+        }
+        let error = RedisTarget::parse(
+            &SecretUrl::new("unix://relative.sock"),
+            None,
+            Duration::from_secs(1),
+        );
+        assert!(error.is_err(), "a socket path must be absolute");
+    }
 
     #[test]
     fn the_cursor_order_follows_the_server_and_its_mode() {

@@ -1,16 +1,17 @@
 //! What the daemon tells its operators: log setup (text or JSON lines), the metric names of the
 //! contract, the health state behind `/healthz`, the HTTP listener serving `/metrics` and
-//! `/healthz`, and systemd's readiness and watchdog messages.
+//! `/healthz`, and systemd's readiness, status and watchdog messages.
 //!
 //! The worker records metrics with the `metrics` macros wherever the event happens; they go
 //! nowhere until [`serve_metrics`] installs the Prometheus recorder (once per process), so a daemon
 //! without `--metrics-addr` pays nothing for them.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -20,7 +21,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -48,6 +51,10 @@ pub mod names {
     pub const INDEX_REBUILDS: &str = "cache_invalidator_index_rebuilds_total";
     /// Not in the contract table, an addition: 1, labelled with the version and the git commit.
     pub const BUILD_INFO: &str = "cache_invalidator_build_info";
+    /// Not in the contract table, an addition: 1 while the worker's connection to `side`
+    /// (`postgres`: its LISTEN connection; `redis`: its own connection and the probe's PING) is
+    /// up, 0 while it waits for that server. What `/healthz` knows, for alerting rules.
+    pub const CONNECTED: &str = "cache_invalidator_connected";
 }
 
 /// The crate version, as `--version` and the build-info gauge show it.
@@ -87,7 +94,7 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Shared state that `/healthz`, `status` and the watchdog look at.
+/// Shared state that `/healthz` and systemd's `STATUS=` line look at.
 #[derive(Debug)]
 pub struct Health {
     postgres_up: AtomicBool,
@@ -95,6 +102,9 @@ pub struct Health {
     redis_up: AtomicBool,
     /// The last periodic PING (see `daemon`); true where no probe runs, e.g. in-process tests.
     redis_answers: AtomicBool,
+    /// Woken when the probe sees Redis answer again after it had stopped: a worker waiting out a
+    /// reconnect backoff that grew during a long outage retries at once instead.
+    redis_back: Notify,
     backlog_rows: AtomicU64,
     /// Oldest pending change's age in milliseconds.
     oldest_age_ms: AtomicU64,
@@ -114,6 +124,7 @@ impl Health {
             postgres_up: AtomicBool::new(false),
             redis_up: AtomicBool::new(false),
             redis_answers: AtomicBool::new(true),
+            redis_back: Notify::new(),
             backlog_rows: AtomicU64::new(0),
             oldest_age_ms: AtomicU64::new(0),
             max_backlog_age,
@@ -151,16 +162,35 @@ impl Health {
 
     pub fn set_postgres(&self, up: bool) {
         self.postgres_up.store(up, Ordering::Relaxed);
+        metrics::gauge!(names::CONNECTED, "side" => "postgres").set(f64::from(u8::from(up)));
     }
 
     pub fn set_redis(&self, up: bool) {
         self.redis_up.store(up, Ordering::Relaxed);
+        self.record_redis();
+    }
+
+    fn record_redis(&self) {
+        metrics::gauge!(names::CONNECTED, "side" => "redis")
+            .set(f64::from(u8::from(self.redis_up())));
     }
 
     /// Result of the periodic PING: an idle worker notices a dead Redis only at its next sweep,
-    /// the probe within seconds.
+    /// the probe within seconds. The first answer after a failed PING wakes
+    /// [`Health::redis_answers_again`].
     pub fn set_redis_answers(&self, answers: bool) {
-        self.redis_answers.store(answers, Ordering::Relaxed);
+        let answered_before = self.redis_answers.swap(answers, Ordering::Relaxed);
+        self.record_redis();
+        if answers && !answered_before {
+            // `notify_one` keeps the wake-up for a worker that is between two waits (in the middle
+            // of a connection attempt): at worst it retries once more than it needed to.
+            self.redis_back.notify_one();
+        }
+    }
+
+    /// Resolves when the probe sees Redis answer again after it had stopped answering.
+    pub async fn redis_answers_again(&self) {
+        self.redis_back.notified().await;
     }
 
     pub fn set_backlog(&self, rows: i64, oldest_age_seconds: f64) {
@@ -210,9 +240,59 @@ impl Health {
             self.mode(),
         )
     }
+
+    /// systemd's `STATUS=` line: what the daemon waits for, if anything, then [`Health::describe`].
+    pub fn status_line(&self) -> String {
+        let waiting_for: Vec<&str> = [
+            (!self.postgres_up()).then_some("postgres"),
+            (!self.redis_up()).then_some("redis"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if waiting_for.is_empty() {
+            format!("invalidating: {}", self.describe())
+        } else {
+            format!(
+                "waiting for {}: {}",
+                waiting_for.join(" and "),
+                self.describe()
+            )
+        }
+    }
 }
 
-/// systemd's notification protocol; every call is a no-op when `NOTIFY_SOCKET` is not set.
+/// How often systemd's `STATUS=` line is brought up to date (sent only when it changed).
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Keeps systemd's `STATUS=` line (`systemctl status`) saying what the servers do, until
+/// `shutdown`. Returns at once when the daemon does not run under a service manager.
+pub async fn report_status(health: Arc<Health>, shutdown: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut last = String::new();
+    let mut ticker = tokio::time::interval(STATUS_REFRESH);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let line = health.status_line();
+        if line != last {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+            last = line;
+        }
+    }
+}
+
+/// systemd's notification protocol as the worker's loop speaks it; every call is a no-op when
+/// `NOTIFY_SOCKET` is not set.
+///
+/// The watchdog answers one question: is the loop alive? So `WATCHDOG=1` goes out whenever the
+/// loop comes round, whatever Postgres and Redis do: waiting a server out is the daemon's job, a
+/// stuck loop the watchdog's. The loop therefore never waits longer than [`Systemd::ping_period`]
+/// without calling [`Systemd::tick`], or waits through [`Systemd::alive_while`].
 pub struct Systemd {
     watchdog: Option<Duration>,
     last_ping: Option<Instant>,
@@ -235,15 +315,24 @@ impl Systemd {
         self.watchdog
     }
 
-    /// READY=1, once: LISTEN is up and the first drain finished.
+    /// How often the loop pings: a quarter of the watchdog interval. systemd asks for a ping at
+    /// least every half interval; pinging twice as often keeps that promise even when a wake-up
+    /// comes just before a ping is due and the next one a whole period later.
+    pub fn ping_period(&self) -> Option<Duration> {
+        self.watchdog.map(ping_period)
+    }
+
+    /// READY=1, once: the configuration is loaded and the loop runs. Not later: a backlog to
+    /// drain or a server that is down at boot is the loop's work, and systemd would time the start
+    /// out (90 s by default) and restart the daemon over and over.
     pub fn ready(&mut self) {
         if !self.ready_sent {
             self.ready_sent = true;
             let _ = sd_notify::notify(&[
                 sd_notify::NotifyState::Ready,
-                sd_notify::NotifyState::Status("listening; outbox drained"),
+                sd_notify::NotifyState::Status("running: connecting to postgres and redis"),
             ]);
-            tracing::info!("ready: listening and the outbox is drained");
+            tracing::info!("ready: configuration loaded, the loop runs");
         }
     }
 
@@ -251,20 +340,40 @@ impl Systemd {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
 
-    /// Called from the main loop: pings the watchdog at half its interval, only while healthy,
-    /// so a worker stuck or cut off from its servers is restarted by systemd.
-    pub fn tick(&mut self, healthy: bool) {
-        let Some(interval) = self.watchdog else {
+    /// Called each time round the loop: pings the watchdog when a ping is due. Health does not
+    /// matter here (see the type's documentation).
+    pub fn tick(&mut self) {
+        let Some(period) = self.ping_period() else {
             return;
         };
-        let due = self
-            .last_ping
-            .is_none_or(|last| last.elapsed() >= interval / 2);
-        if healthy && due {
-            self.last_ping = Some(Instant::now());
+        let now = Instant::now();
+        if self.last_ping.is_none_or(|last| now - last >= period) {
+            self.last_ping = Some(now);
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
     }
+
+    /// Runs `work` — a wait the loop knows to be bounded, such as a reconnect backoff or a
+    /// connection attempt with its timeout — and keeps the watchdog pinged meanwhile: the loop is
+    /// alive, it only waits for a server.
+    pub async fn alive_while<F: Future>(&mut self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        loop {
+            self.tick();
+            let next_ping = match (self.last_ping, self.ping_period()) {
+                (Some(last), Some(period)) => last + period,
+                _ => return work.await,
+            };
+            tokio::select! {
+                output = &mut work => return output,
+                _ = tokio::time::sleep_until(next_ping) => {}
+            }
+        }
+    }
+}
+
+fn ping_period(watchdog: Duration) -> Duration {
+    watchdog / 4
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +476,10 @@ fn describe_metrics() {
         names::BUILD_INFO,
         "Always 1; the labels say which version and git commit is running"
     );
+    describe_gauge!(
+        names::CONNECTED,
+        "1 while the worker is connected to side (postgres, redis), 0 while it waits for it"
+    );
 }
 
 /// Makes the counters appear at 0 before their first event, so dashboards and `rate()` see a
@@ -375,6 +488,8 @@ fn describe_metrics() {
 pub fn register_zeroes<'a>(tables: impl IntoIterator<Item = &'a str>) {
     for side in ["postgres", "redis"] {
         metrics::counter!(names::RECONNECTS, "side" => side).increment(0);
+        // Not connected until the worker says so: a server down at start shows as 0, not as a gap.
+        metrics::gauge!(names::CONNECTED, "side" => side).set(0.0);
     }
     for result in ["applied", "rejected"] {
         metrics::counter!(names::RULES_RELOADS, "result" => result).increment(0);
@@ -547,6 +662,44 @@ mod tests {
         health.set_backlog(3, 61.0);
         assert!(!health.is_healthy());
         assert!(health.describe().contains("backlog 3 rows"));
+    }
+
+    #[test]
+    fn status_line_says_what_the_daemon_waits_for() {
+        let health = Health::new(Duration::from_secs(60));
+        assert!(health
+            .status_line()
+            .starts_with("waiting for postgres and redis: "));
+        health.set_postgres(true);
+        health.set_redis(true);
+        assert!(health
+            .status_line()
+            .starts_with("invalidating: postgres up"));
+        health.set_redis_answers(false);
+        assert!(health.status_line().starts_with("waiting for redis: "));
+    }
+
+    #[tokio::test]
+    async fn redis_answering_again_wakes_a_waiting_worker_once() {
+        let health = Health::new(Duration::from_secs(60));
+        let woken = || futures::FutureExt::now_or_never(health.redis_answers_again()).is_some();
+        // Still answering: no wake-up.
+        health.set_redis_answers(true);
+        assert!(!woken());
+        health.set_redis_answers(false);
+        assert!(!woken());
+        health.set_redis_answers(true);
+        assert!(woken(), "the first answer after a failure wakes the worker");
+        health.set_redis_answers(true);
+        assert!(!woken(), "later answers do not");
+    }
+
+    #[test]
+    fn watchdog_ping_period_is_a_quarter_of_the_interval() {
+        assert_eq!(
+            ping_period(Duration::from_secs(30)),
+            Duration::from_millis(7500)
+        );
     }
 
     #[test]

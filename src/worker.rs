@@ -294,8 +294,12 @@ impl Worker {
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), RunError> {
         let mut claims = ClaimPacing::new(self.poll_interval);
         let mut stop = StopDeadline::default();
+        // Configuration loaded, loop running: a backlog or a server that is down is the loop's
+        // work, not a reason to keep systemd waiting.
+        self.systemd.ready();
         loop {
-            self.systemd.tick(self.health.is_healthy());
+            // Whatever the servers do: the watchdog watches the loop, not them.
+            self.systemd.tick();
             self.report_mode();
             let now = TokioInstant::now();
             if shutdown.is_cancelled() && stop.begin(now) {
@@ -353,8 +357,6 @@ impl Worker {
                         claims.claimed(TokioInstant::now(), claim.full);
                         if !claim.rows.is_empty() {
                             self.start_window(claim);
-                        } else if self.jobs.is_empty() && self.finished.is_empty() {
-                            self.systemd.ready();
                         }
                     }
                     Some(Err(error)) if error.is_permanent() => return Err(error.into()),
@@ -503,14 +505,17 @@ impl Worker {
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
     async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
         if let Some(at) = self.redis_retry_at.take() {
+            let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
             tokio::select! {
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                _ = self.systemd.alive_while(backoff) => {}
+                // The probe saw Redis answer again: no reason to wait out the backoff.
+                _ = self.health.redis_answers_again() => {}
                 _ = shutdown.cancelled() => return Ok(false),
             }
         }
         let mut delays = reconnect_delays();
         loop {
-            match self.redis.connect().await {
+            match self.systemd.alive_while(self.redis.connect()).await {
                 Ok(nodes) => {
                     info!(
                         nodes = nodes.len(),
@@ -528,7 +533,10 @@ impl Worker {
                     let delay = delays.next().unwrap_or(RECONNECT_MAX);
                     warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis connection failed");
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.systemd.alive_while(tokio::time::sleep(delay)) => {}
+                        // The probe saw Redis answer again: retry now, not after a backoff that
+                        // grew during a long outage.
+                        _ = self.health.redis_answers_again() => {}
                         // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
                         _ = shutdown.cancelled() => return Ok(false),
                     }

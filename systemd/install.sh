@@ -45,21 +45,37 @@ fi
 # Run `install` with exactly the settings the service will get: the env file read the way
 # systemd's EnvironmentFile= reads it (KEY=value, # comments, one pair of quotes stripped, no shell
 # expansion, so a '$' in a password stays a '$'), as the service user.
-env_args=()
+#
+# The values reach the program through its environment, never its command line: `export` is a shell
+# builtin (no process, nothing in `ps`), and runuser passes the environment on. A process's
+# environment is readable only by its own user and root (/proc/PID/environ is mode 0400), its
+# command line by everyone.
+settings=()
 while IFS= read -r line || [ -n "$line" ]; do
   line=${line#"${line%%[![:space:]]*}"}
   case $line in '' | '#'* | ';'*) continue ;; esac
-  [[ $line == *=* ]] || die "$env_file: not KEY=value: $line"
+  [[ $line == *=* ]] || die "$env_file: a line is not KEY=value (its text is not shown: it may hold a password)"
   key=${line%%=*}
+  key=${key%"${key##*[![:space:]]}"}
+  [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "$env_file: '$key' is not a variable name"
   value=${line#*=}
   value=${value#"${value%%[![:space:]]*}"}
   value=${value%"${value##*[![:space:]]}"}
   case $value in \"*\" | \'*\') value=${value:1:${#value}-2} ;; esac
-  env_args+=("${key%"${key##*[![:space:]]}"}=$value")
+  settings+=("$key=$value")
 done <"$env_file"
 
 say "running cache-invalidator install (schema, outbox, triggers)"
-if ! runuser -u "$user" -- env "${env_args[@]}" /usr/local/bin/cache-invalidator install; then
+if ! (
+  # Only the env file's settings: none of the caller's own DATABASE_URL, CACHE_INVALIDATOR_*, …
+  while IFS= read -r name; do
+    unset "$name"
+  done < <(compgen -e | grep -E '^(DATABASE_URL|REDIS_URL|CACHE_INVALIDATOR_.*|RUST_LOG|PG.*)$' || true)
+  for setting in "${settings[@]}"; do
+    export "$setting"
+  done
+  exec runuser -u "$user" -- /usr/local/bin/cache-invalidator install
+); then
   die "cache-invalidator install failed: check DATABASE_URL in $env_file (the user must be allowed to create the schema and triggers), then run this script again"
 fi
 
