@@ -391,10 +391,11 @@ impl Daemon {
         daemon
     }
 
-    /// Waits until every node's part of the index is seeded (30 s at most).
+    /// Waits until every node's part of the index is seeded (a minute at most: a seed is one
+    /// `SCAN` of the server, which other suites may be filling at the same time).
     pub async fn wait_index_complete(&self) {
         let health = self.health.clone();
-        let complete = wait_until(Duration::from_secs(30), || {
+        let complete = wait_until(Duration::from_secs(60), || {
             let health = health.clone();
             async move { health.mode() == "index (complete)" }
         })
