@@ -561,7 +561,9 @@ impl Worker {
             .tracking
             .take()
             .unwrap_or_else(|| Tracking::new(prefixes, self.index_max_keys, self.redis_timeout));
-        match tracking.attach(nodes).await {
+        // Connecting and turning tracking on may take a connect timeout per node: the watchdog
+        // must not see a stuck loop in it.
+        match self.systemd.alive_while(tracking.attach(nodes)).await {
             Ok(()) => {
                 info!(
                     keys = tracking.keys(),
