@@ -181,16 +181,13 @@ impl Finder {
             let swept = self.sweeper.add_window(&patterns, false)?;
             debug!(window = id, index = self.has_index(), "window swept");
             self.swept.insert(swept, (id, patterns));
-            // Guard passes already due ride along with this window.
-            self.start_guards_due_by(Some(Instant::now()));
         }
         Some(id)
     }
 
     /// The sweep-mode refill guard of a window the sweep finished: its patterns are swept again
-    /// once the guard has run out, riding along with the next window that the sweep takes anyway
-    /// (the two join the pass at the same point, so the guard adds no pass); if none comes within
-    /// half the guard, it starts alone.
+    /// once the guard has run out. Due guards start as one window, which joins the pass in
+    /// progress: under steady changes the sweep runs anyway and the guard rides along with it.
     fn guard_by_sweeping(&mut self, patterns: Vec<PatternSpec>) {
         if !self.refill_guard.is_zero() {
             self.guard_passes
@@ -198,30 +195,20 @@ impl Finder {
         }
     }
 
-    /// How long a due guard pass waits for a window to ride along with.
-    fn guard_ride_wait(&self) -> Duration {
-        self.refill_guard / 2
-    }
-
-    /// When the next sweep-mode guard pass must start even without a window to ride along.
+    /// When the next sweep-mode guard pass falls due.
     pub fn next_guard_due(&self) -> Option<Instant> {
-        let wait = self.guard_ride_wait();
-        self.guard_passes.front().map(|(due, _)| *due + wait)
+        self.guard_passes.front().map(|(due, _)| *due)
     }
 
-    /// Starts the sweep-mode guard passes that waited their longest for a window to ride along.
+    /// Starts the sweep-mode guard passes that have fallen due, as one window.
     pub fn start_due_guards(&mut self) {
-        let latest = Instant::now().checked_sub(self.guard_ride_wait());
-        self.start_guards_due_by(latest);
-    }
-
-    /// Starts every guard pass due by `by` (at once, as one window).
-    fn start_guards_due_by(&mut self, by: Option<Instant>) {
-        let Some(by) = by else {
-            return;
-        };
+        let now = Instant::now();
         let mut patterns = Vec::new();
-        while self.guard_passes.front().is_some_and(|(due, _)| *due <= by) {
+        while self
+            .guard_passes
+            .front()
+            .is_some_and(|(due, _)| *due <= now)
+        {
             if let Some((_, due_patterns)) = self.guard_passes.pop_front() {
                 patterns.extend(due_patterns);
             }
