@@ -21,7 +21,9 @@ use crate::probe::{GetProbe, Phase};
 use crate::stats::{median, median_ratio, Rng};
 
 /// How often the bench looks at the outbox while waiting: the resolution of the latency measures.
-const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// One millisecond: index mode clears a change in a few milliseconds, and a coarser poll would
+/// add most of its own period to those figures (a poll is one indexed `SELECT`, ~0.1 ms).
+const DRAIN_POLL: Duration = Duration::from_millis(1);
 /// A drain slower than this means the worker is stuck: the bench stops instead of waiting forever.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connections committing the burst: enough that commits are not serialised on one round trip.
@@ -185,12 +187,15 @@ pub struct Outcome {
 
 /// Commits `changes` (spread over connections, each an autocommit UPDATE) while the worker runs,
 /// measures last commit → outbox empty, and checks the keys: all must-go keys gone, nothing else.
+/// With `pace`, each connection commits one change per `pace` (a steady rate); without, as fast
+/// as Postgres takes them.
 pub async fn committed_changes(
     clients: &[Client],
     poller: &Client,
     redis: &Nodes,
     layout: &Layout,
     changes: Vec<Planned>,
+    pace: Option<Duration>,
 ) -> Outcome {
     let mut must_go = HashSet::new();
     for planned in &changes {
@@ -207,7 +212,11 @@ pub async fn committed_changes(
         .iter()
         .zip(clients)
         .map(|(share, client)| async move {
+            let mut ticks = pace.map(tokio::time::interval);
             for sql in share {
+                if let Some(ticks) = ticks.as_mut() {
+                    ticks.tick().await;
+                }
                 client.batch_execute(sql).await.expect("commit a change");
             }
             Instant::now()
@@ -252,7 +261,31 @@ pub async fn burst(
         clients.push(crate::scratch::connect(db_url).await);
     }
     let changes = (0..count).map(|_| rows.plan(10)).collect();
-    committed_changes(&clients, poller, redis, layout, changes).await
+    committed_changes(&clients, poller, redis, layout, changes, None).await
+}
+
+/// `per_second` changes a second for `seconds`, 10 % of them owner changes, committed one at a
+/// time on one connection at a steady pace (an app saving as its users work).
+pub async fn steady(
+    client: &Client,
+    poller: &Client,
+    redis: &Nodes,
+    rows: &mut Rows,
+    layout: &Layout,
+    per_second: u32,
+    seconds: u32,
+) -> Outcome {
+    let changes = (0..per_second * seconds).map(|_| rows.plan(10)).collect();
+    let pace = Duration::from_secs(1) / per_second.max(1);
+    committed_changes(
+        std::slice::from_ref(client),
+        poller,
+        redis,
+        layout,
+        changes,
+        Some(pace),
+    )
+    .await
 }
 
 /// One change on an idle worker, `repeats` times; the median latency.
@@ -280,6 +313,7 @@ pub async fn idle_change(
             redis,
             layout,
             vec![rows.plan(0)],
+            None,
         )
         .await;
         if let Some(probe) = probe {
