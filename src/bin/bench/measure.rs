@@ -21,6 +21,12 @@ use crate::probe::{GetProbe, Phase};
 use crate::stats::{median, median_ratio, Rng};
 
 /// How often the bench looks at the outbox while waiting: the resolution of the latency measures.
+/// Every millisecond for the first [`FINE_POLL_FOR`]: index mode clears a change in a few
+/// milliseconds, and a coarser poll would add most of its own period to those figures. Then
+/// every 5 ms, as before index mode: a sweep takes hundreds of milliseconds, and a thousand
+/// queries a second would load the machine under the app's `GET`s the bench times meanwhile.
+const FINE_POLL: Duration = Duration::from_millis(1);
+const FINE_POLL_FOR: Duration = Duration::from_millis(50);
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 /// A drain slower than this means the worker is stuck: the bench stops instead of waiting forever.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -153,7 +159,8 @@ impl Rows {
 
 /// Waits until the outbox is empty; returns when that was first seen.
 pub async fn wait_drained(client: &Client) -> Instant {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let started = Instant::now();
+    let deadline = started + DRAIN_TIMEOUT;
     loop {
         let pending: bool = client
             .query_one(
@@ -170,7 +177,12 @@ pub async fn wait_drained(client: &Client) -> Instant {
             Instant::now() < deadline,
             "the worker did not drain the outbox within {DRAIN_TIMEOUT:?}"
         );
-        tokio::time::sleep(DRAIN_POLL).await;
+        tokio::time::sleep(if started.elapsed() < FINE_POLL_FOR {
+            FINE_POLL
+        } else {
+            DRAIN_POLL
+        })
+        .await;
     }
 }
 
@@ -185,12 +197,15 @@ pub struct Outcome {
 
 /// Commits `changes` (spread over connections, each an autocommit UPDATE) while the worker runs,
 /// measures last commit → outbox empty, and checks the keys: all must-go keys gone, nothing else.
+/// With `pace`, each connection commits one change per `pace` (a steady rate); without, as fast
+/// as Postgres takes them.
 pub async fn committed_changes(
     clients: &[Client],
     poller: &Client,
     redis: &Nodes,
     layout: &Layout,
     changes: Vec<Planned>,
+    pace: Option<Duration>,
 ) -> Outcome {
     let mut must_go = HashSet::new();
     for planned in &changes {
@@ -207,7 +222,11 @@ pub async fn committed_changes(
         .iter()
         .zip(clients)
         .map(|(share, client)| async move {
+            let mut ticks = pace.map(tokio::time::interval);
             for sql in share {
+                if let Some(ticks) = ticks.as_mut() {
+                    ticks.tick().await;
+                }
                 client.batch_execute(sql).await.expect("commit a change");
             }
             Instant::now()
@@ -252,7 +271,31 @@ pub async fn burst(
         clients.push(crate::scratch::connect(db_url).await);
     }
     let changes = (0..count).map(|_| rows.plan(10)).collect();
-    committed_changes(&clients, poller, redis, layout, changes).await
+    committed_changes(&clients, poller, redis, layout, changes, None).await
+}
+
+/// `per_second` changes a second for `seconds`, 10 % of them owner changes, committed one at a
+/// time on one connection at a steady pace (an app saving as its users work).
+pub async fn steady(
+    client: &Client,
+    poller: &Client,
+    redis: &Nodes,
+    rows: &mut Rows,
+    layout: &Layout,
+    per_second: u32,
+    seconds: u32,
+) -> Outcome {
+    let changes = (0..per_second * seconds).map(|_| rows.plan(10)).collect();
+    let pace = Duration::from_secs(1) / per_second.max(1);
+    committed_changes(
+        std::slice::from_ref(client),
+        poller,
+        redis,
+        layout,
+        changes,
+        Some(pace),
+    )
+    .await
 }
 
 /// One change on an idle worker, `repeats` times; the median latency.
@@ -280,6 +323,7 @@ pub async fn idle_change(
             redis,
             layout,
             vec![rows.plan(0)],
+            None,
         )
         .await;
         if let Some(probe) = probe {

@@ -67,6 +67,9 @@ impl Router {
     }
 }
 
+/// Longest the bench waits for one reply (or pipeline) of its private Redis.
+const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A connection to every primary and the router between them.
 #[derive(Clone)]
 pub struct Nodes {
@@ -77,12 +80,16 @@ pub struct Nodes {
 impl Nodes {
     /// Connects to `urls` (one per primary, in the router's order).
     pub async fn connect(urls: &[String], router: Router) -> Nodes {
+        // The client's default response timeout (half a second) fails a fill pipeline of
+        // thousands of `SET`s on a busy machine; a stuck private server is still caught.
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
         let mut connections = Vec::new();
         for url in urls {
             connections.push(
                 redis::Client::open(url.as_str())
                     .expect("a private redis URL")
-                    .get_multiplexed_async_connection()
+                    .get_multiplexed_async_connection_with_config(&config)
                     .await
                     .unwrap_or_else(|e| panic!("connect to {url}: {e}")),
             );

@@ -1,5 +1,5 @@
 //! Sustained load: a separate load process (this binary in `load` mode) commits row changes at a
-//! fixed rate while the real daemon runs as its own process (`cache-invalidator run`); the bench
+//! fixed rate while the real daemon runs as its own process (`cache-invalidator run --mode …`); the bench
 //! samples the outbox's oldest pending change every 100 ms and the daemon's resident memory from
 //! `/proc/<pid>/status`.
 
@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cache_invalidator::settings::Mode;
 use tokio_postgres::Client;
 
 use crate::keyspace::{Layout, KINDS};
@@ -16,6 +17,12 @@ use crate::stats::{percentile, Rng};
 
 /// How often the backlog age and the daemon's memory are sampled (the issue's 100 ms).
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// What `/healthz` says once every node's part of the index is seeded.
+pub const INDEX_COMPLETE: &str = "index (complete)";
+/// A seed slower than this means the daemon is stuck (a 5M-key seed takes seconds).
+pub const INDEX_COMPLETE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often `/healthz` is asked whether the index is complete: the resolution of that figure.
+pub const INDEX_COMPLETE_POLL: Duration = Duration::from_millis(5);
 
 /// What the load process does: `rows_per_second` row changes, as UPDATE statements of
 /// `rows_per_statement` random rows each, from `connections` connections, for `seconds`.
@@ -122,12 +129,20 @@ fn histogram_sum_count(scrape: &str, name: &str) -> Option<(f64, u64)> {
     Some((value("_sum")?, value("_count")? as u64))
 }
 
-/// One plain HTTP/1.0 GET of the daemon's `/metrics`.
-fn scrape(port: u16) -> Option<String> {
+/// The value of an unlabelled gauge or counter `name` in a scrape.
+pub fn metric_value(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// One plain HTTP/1.0 GET of the daemon's `path` (`/metrics`, `/healthz`); the whole response.
+fn scrape(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .ok()?;
     let mut body = String::new();
     stream.read_to_string(&mut body).ok()?;
@@ -206,12 +221,119 @@ fn core_share(before: Option<Duration>, after: Option<Duration>, wall: Duration)
     Some((after?.saturating_sub(before?)).as_secs_f64() / wall.as_secs_f64().max(1e-9))
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The daemon binary running as its own process, as an operator runs it, with its metrics
+/// listener on a free port.
+pub struct DaemonProcess {
+    child: std::process::Child,
+    pub pid: u32,
+    pub metrics_port: u16,
+}
+
+impl DaemonProcess {
+    /// Starts `cache-invalidator run --mode <mode>`; its log goes to `log`. Returns at once: see
+    /// [`DaemonProcess::wait_listening`].
+    pub fn spawn(
+        worker: &Path,
+        db_url: &str,
+        redis: &PrivateRedis,
+        mode: Mode,
+        log: &Path,
+    ) -> Self {
+        let log_file = std::fs::File::create(log).expect("the worker's log file");
+        let metrics_port = crate::scratch::free_port();
+        let child = Command::new(worker)
+            .arg("run")
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--mode", &mode.to_string()])
+            .env("DATABASE_URL", db_url)
+            .env("REDIS_URL", redis.daemon_url())
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start cache-invalidator run");
+        DaemonProcess {
+            pid: child.id(),
+            child,
+            metrics_port,
+        }
+    }
+
+    /// Waits until the daemon's LISTEN connection is up.
+    pub async fn wait_listening(&self, poller: &Client, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let listening: bool = poller
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                     AND application_name LIKE $1)",
+                    &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
+                )
+                .await
+                .expect("look for the worker")
+                .get(0);
+            if listening {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not start: see {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `/healthz` says the index is complete (`--mode index`).
+    pub async fn wait_index_complete(&self, log: &Path) {
+        let deadline = Instant::now() + INDEX_COMPLETE_TIMEOUT;
+        while !self
+            .scrape("/healthz")
+            .is_some_and(|health| health.contains(INDEX_COMPLETE))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon's index was not complete within {INDEX_COMPLETE_TIMEOUT:?}: see {}",
+                log.display()
+            );
+            tokio::time::sleep(INDEX_COMPLETE_POLL).await;
+        }
+    }
+
+    /// One scrape of the daemon's `/metrics` or `/healthz`.
+    pub fn scrape(&self, path: &str) -> Option<String> {
+        scrape(self.metrics_port, path)
+    }
+
+    /// SIGTERM, as systemd would stop it; it exits 0 after the batch in flight.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the sustained measure runs: the daemon's mode and the load it is given.
+pub struct Plan {
+    pub mode: Mode,
+    pub seconds: u64,
+    /// The load's target; the table reports the rate achieved.
+    pub rows_per_second: u32,
+    pub rows_per_statement: u32,
+    /// Connections the load process commits on.
+    pub connections: u32,
 }
 
 pub async fn run(
@@ -220,50 +342,20 @@ pub async fn run(
     redis: &PrivateRedis,
     poller: &Client,
     layout: &Layout,
-    seconds: u64,
+    plan: &Plan,
     log: &Path,
 ) -> Sustained {
-    let log_file = std::fs::File::create(log).expect("the worker's log file");
-    let metrics_port = crate::scratch::free_port();
-    let mut daemon = Command::new(worker)
-        .arg("run")
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .env("DATABASE_URL", db_url)
-        .env("REDIS_URL", redis.daemon_url())
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("start cache-invalidator run");
-    let pid = daemon.id();
-    // Started once its LISTEN connection is up.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let listening: bool = poller
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name LIKE $1)",
-                &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
-            )
-            .await
-            .expect("look for the worker")
-            .get(0);
-        if listening {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not start: see {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let daemon = DaemonProcess::spawn(worker, db_url, redis, plan.mode, log);
+    let pid = daemon.pid;
+    let metrics_port = daemon.metrics_port;
+    daemon.wait_listening(poller, log).await;
+    if plan.mode == Mode::Index {
+        // The load measures the index at work, not the sweep that clears changes while it seeds.
+        daemon.wait_index_complete(log).await;
     }
     let rss_idle_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     let sweep_histogram = cache_invalidator::telemetry::names::SWEEP_DURATION;
-    let passes_before = scrape(metrics_port)
+    let passes_before = scrape(metrics_port, "/metrics")
         .and_then(|text| histogram_sum_count(&text, sweep_histogram))
         .unwrap_or((0.0, 0));
 
@@ -272,15 +364,13 @@ pub async fn run(
     let (daemon_cpu_before, redis_cpu_before) = (cpu_time(pid), redis_cpu());
     let load_started = Instant::now();
 
-    let rows_per_statement = 10;
-    // Aimed a little above the issue's 5,000/s: pacing loses a few ticks, and the table reports
-    // the rate achieved.
-    let rows_per_second = 5_500;
+    let rows_per_statement = plan.rows_per_statement;
     let load = tokio::process::Command::new(std::env::current_exe().expect("the bench's path"))
         .args(["load", "--database-url", db_url])
-        .args(["--seconds", &seconds.to_string()])
-        .args(["--rows-per-second", &rows_per_second.to_string()])
+        .args(["--seconds", &plan.seconds.to_string()])
+        .args(["--rows-per-second", &plan.rows_per_second.to_string()])
         .args(["--rows-per-statement", &rows_per_statement.to_string()])
+        .args(["--connections", &plan.connections.to_string()])
         .args(["--reports", &layout.reports.to_string()])
         .args(["--users", &layout.users.to_string()])
         .stdout(Stdio::piped())
@@ -323,16 +413,12 @@ pub async fn run(
         ),
         _ => panic!("unexpected load report {report:?}"),
     };
-    let passes_during = scrape(metrics_port)
+    let passes_during = scrape(metrics_port, "/metrics")
         .and_then(|text| histogram_sum_count(&text, sweep_histogram))
         .map(|(sum, count)| (sum - passes_before.0, count.saturating_sub(passes_before.1)));
     let drained = wait_drained(poller).await;
     let hwm_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
-    // SIGTERM, as systemd would stop it; it exits 0 after the batch in flight.
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = daemon.wait();
+    daemon.stop();
     Sustained {
         seconds: elapsed,
         rows_per_second: rows / elapsed.max(0.001),
