@@ -211,15 +211,18 @@ pub struct Shared {
     /// Set once the bound was passed: the index is gone until the daemon restarts.
     pub over_limit: AtomicBool,
     pub guards: Mutex<Guards>,
+    /// Told when a part's state changes (seeded, lost, over the bound).
+    pub on_change: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
-    pub fn new(max_keys: usize) -> Shared {
+    pub fn new(max_keys: usize, on_change: Arc<tokio::sync::Notify>) -> Shared {
         Shared {
             max_keys,
             total_keys: AtomicUsize::new(0),
             over_limit: AtomicBool::new(false),
             guards: Mutex::new(Guards::default()),
+            on_change,
         }
     }
 
@@ -449,7 +452,7 @@ mod tests {
 
     #[test]
     fn a_check_answered_after_a_new_announcement_does_not_remove_the_key() {
-        let shared = Shared::new(100);
+        let shared = Shared::new(100, Default::default());
         let mut index = NodeIndex {
             alive: true,
             ..NodeIndex::default()
@@ -471,7 +474,7 @@ mod tests {
 
     #[test]
     fn guarded_patterns_catch_announced_keys_until_they_run_out() {
-        let shared = Shared::new(100);
+        let shared = Shared::new(100, Default::default());
         lock(&shared.guards).add(
             &[spec(":1:report:5:*")],
             Instant::now() + std::time::Duration::from_secs(60),

@@ -82,10 +82,18 @@ pub struct Tracking {
 }
 
 impl Tracking {
-    pub fn new(prefixes: Vec<Vec<u8>>, max_keys: usize, command_timeout: Duration) -> Tracking {
+    /// `on_change` is notified when a part completes its seed, loses its tracking, or the index
+    /// passes its bound: the worker then updates what `/healthz`, `status` and the metrics say
+    /// without waiting for its next poll.
+    pub fn new(
+        prefixes: Vec<Vec<u8>>,
+        max_keys: usize,
+        command_timeout: Duration,
+        on_change: Arc<Notify>,
+    ) -> Tracking {
         Tracking {
             prefixes: prefixes.into(),
-            shared: Arc::new(Shared::new(max_keys)),
+            shared: Arc::new(Shared::new(max_keys, on_change)),
             trackers: Vec::new(),
             command_timeout,
         }
@@ -380,12 +388,14 @@ impl Link {
                     // announcements would go on filling the part.
                     lock(&self.index).tracking_lost(&self.shared.total_keys);
                     index::record_size(&self.shared);
+                    self.shared.on_change.notify_one();
                     return;
                 }
                 Ended::Lost(why) => {
                     warn!(node = %self.name, reason = %why, "index: tracking connection lost; sweeping until the index is seeded again");
                     lock(&self.index).tracking_lost(&self.shared.total_keys);
                     index::record_size(&self.shared);
+                    self.shared.on_change.notify_one();
                     reason = SeedReason::ConnectionLost;
                 }
             }
@@ -485,6 +495,7 @@ impl Link {
                             if next == 0 {
                                 cursor = None;
                                 part.seed_finished();
+                                self.shared.on_change.notify_one();
                                 info!(node = %self.name, keys = part.len(), duration_ms = started.elapsed().as_millis() as u64, "index: complete");
                             } else {
                                 cursor = Some(next);

@@ -557,10 +557,14 @@ impl Worker {
             return Ok(None);
         }
         let prefixes = self.rules.borrow().tracking_prefixes();
-        let mut tracking = self
-            .tracking
-            .take()
-            .unwrap_or_else(|| Tracking::new(prefixes, self.index_max_keys, self.redis_timeout));
+        let mut tracking = self.tracking.take().unwrap_or_else(|| {
+            Tracking::new(
+                prefixes,
+                self.index_max_keys,
+                self.redis_timeout,
+                self.wake.clone(),
+            )
+        });
         // Connecting and turning tracking on may take a connect timeout per node: the watchdog
         // must not see a stuck loop in it.
         match self.systemd.alive_while(tracking.attach(nodes)).await {

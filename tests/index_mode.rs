@@ -93,6 +93,7 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
         space.rules().tracking_prefixes(),
         1_000_000,
         Duration::from_secs(5),
+        Default::default(),
     );
     tracking.attach(&nodes).await.expect("tracking");
     assert!(
