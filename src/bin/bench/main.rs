@@ -180,8 +180,10 @@ async fn main() {
         );
     }
     if runs(Measures::Users) {
-        let bulk = users::measure(&cli.database_url, &rules, cli.cluster).await;
-        lines.extend(users_lines(&bulk));
+        for mode in [FindMode::Sweep, FindMode::Index] {
+            let bulk = users::measure(&cli.database_url, &rules, cli.cluster, mode).await;
+            lines.extend(users_lines(&bulk));
+        }
     }
     if cli.cluster {
         println!(
@@ -640,8 +642,9 @@ fn users_lines(bulk: &users::BulkUsers) -> Vec<Line> {
         Line {
             measure: format!(
                 "users: an unrelated `invalidate_report` committed 0.5 s after `SELECT \
-                 invalidate_user(g) FROM generate_series(1, {})` (sweep mode): commit → keys gone",
-                thousands(users::USERS_INVALIDATED.into())
+                 invalidate_user(g) FROM generate_series(1, {})` ({} mode): commit → keys gone",
+                thousands(users::USERS_INVALIDATED.into()),
+                bulk.mode
             ),
             keys: keys.clone(),
             value: show(bulk.unrelated),
@@ -651,8 +654,9 @@ fn users_lines(bulk: &users::BulkUsers) -> Vec<Line> {
         },
         Line {
             measure: format!(
-                "users: the {} user invalidations, commit → outbox drained",
-                thousands(users::USERS_INVALIDATED.into())
+                "users: the {} user invalidations ({} mode), commit → outbox drained",
+                thousands(users::USERS_INVALIDATED.into()),
+                bulk.mode
             ),
             keys,
             value: format!(

@@ -2,8 +2,8 @@
 //! …` over 6,000 users on a keyspace of 200,000 report keys, and an unrelated `invalidate_report`
 //! committed half a second later. A user's patterns (`:1:report:*:{U}:*`) put a `*` before the
 //! user; tried one by one on every scanned key they once held the unrelated change back for
-//! 8.5–17.7 s and took two minutes to drain. The worker runs in sweep mode: what is measured is
-//! the sweep's matcher.
+//! 8.5–17.7 s and took two minutes to drain. The measure runs once per mode: in sweep mode it
+//! measures the sweep's matcher, in index mode the index's one in-memory walk per window.
 //!
 //! Keys are `:1:report:{r}:{u}:{h}` for reports `1..=REPORTS`, [`VIEWERS`] users each, out of
 //! [`USERS_WITH_KEYS`]; the unrelated report's viewers are all past the invalidated users. The
@@ -11,10 +11,14 @@
 //! nothing else (`DBSIZE`).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::{Connections, Mode, SecretUrl, Settings};
+use cache_invalidator::telemetry::Health;
+use cache_invalidator::worker::run_with_rules;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::keyspace::Layout;
@@ -47,6 +51,8 @@ const SCRATCH_LAYOUT_KEYS: u64 = 1_000;
 
 /// What the measure saw.
 pub struct BulkUsers {
+    /// The mode the worker ran in.
+    pub mode: Mode,
     /// One `SCAN MATCH :1:report:12345:* COUNT 1000` pass over this keyspace (median of 3).
     pub reference: Duration,
     /// The unrelated change's commit → its keys gone.
@@ -83,7 +89,7 @@ fn keyspace() -> Vec<(u32, String)> {
     keys
 }
 
-pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool) -> BulkUsers {
+pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool, mode: Mode) -> BulkUsers {
     let redis_server = if cluster {
         PrivateRedis::start_cluster(crate::CLUSTER_PRIMARIES)
     } else {
@@ -132,17 +138,31 @@ pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool) -> BulkUse
         redis_ca_file: None,
     });
     settings.refill_guard = Duration::ZERO;
-    settings.mode = Mode::Sweep;
+    settings.mode = mode;
     let token = CancellationToken::new();
     let daemon_token = token.clone();
+    let health = Arc::new(Health::new(Duration::MAX));
+    let daemon_health = health.clone();
     // On a one-thread runtime of its own, as the `cache-invalidator` binary runs it.
     let daemon = std::thread::spawn(move || {
+        let (_rules_tx, rules) = watch::channel(Arc::new(settings.rules.clone()));
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("the daemon's runtime")
-            .block_on(cache_invalidator::run(settings, daemon_token))
+            .block_on(run_with_rules(settings, rules, daemon_health, daemon_token))
     });
+    if mode == Mode::Index {
+        // What is measured is the index at work, not the sweep that clears changes while it seeds.
+        let seeded = Instant::now();
+        while health.mode() != "index (complete)" {
+            assert!(
+                seeded.elapsed() < Duration::from_secs(120),
+                "the index did not complete"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     // The worker is connected and idle once it has cleared a change of nothing.
     client
         .batch_execute("SELECT cache_invalidator.invalidate_report(0)")
@@ -187,6 +207,7 @@ pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool) -> BulkUse
     drop(poller);
     db.drop().await;
     BulkUsers {
+        mode,
         reference,
         unrelated: unrelated_took,
         drained,
