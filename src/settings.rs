@@ -371,8 +371,8 @@ pub struct Given {
     pub replica_wait_timeout: Option<Duration>,
 }
 
-/// The environment variable of each setting (contract: DESIGN.md, "Command line"). `cli.rs`
-/// declares its flags with these names, so the two cannot drift apart.
+/// The environment variable of each setting (names operators' scripts rely on: README,
+/// "Configuration"). `cli.rs` declares its flags with these names, so the two cannot drift apart.
 pub mod env_names {
     pub const DATABASE_URL: &str = "DATABASE_URL";
     pub const REDIS_URL: &str = "REDIS_URL";

@@ -44,7 +44,8 @@ pub mod names {
     pub const RECONNECTS: &str = "cache_invalidator_reconnects_total";
     /// Not in the contract table, an addition: SIGHUP reloads by `result` (`applied`, `rejected`).
     pub const RULES_RELOADS: &str = "cache_invalidator_rules_reloads_total";
-    /// Index mode (contract: DESIGN.md, "Finding the keys"): 1 for the mode in use, by `mode`.
+    /// Index mode (names operators' scripts rely on: README, "Finding the keys"): 1 for the mode
+    /// in use, by `mode`.
     pub const MODE: &str = "cache_invalidator_mode";
     pub const INDEX_KEYS: &str = "cache_invalidator_index_keys";
     /// Seeds of the index, by `reason` (`start`, `connection_lost`, `failover`, `flush`, …).
