@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use redis::aio::MultiplexedConnection;
@@ -570,12 +569,7 @@ fn seed_glob(prefixes: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn reconnect_delays() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(RECONNECT_MIN)
-        .with_max_delay(RECONNECT_MAX)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::worker::backoff(RECONNECT_MIN, RECONNECT_MAX)
 }
 
 #[cfg(test)]

@@ -88,9 +88,15 @@ pub enum RunError {
 }
 
 fn reconnect_delays() -> ExponentialBackoff {
+    backoff(RECONNECT_MIN, RECONNECT_MAX)
+}
+
+/// Retry delays from `min` to `max`: exponential with jitter, never giving up while the daemon
+/// runs (shared with the index's tracking connections, which retry on shorter delays).
+pub(crate) fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(RECONNECT_MIN)
-        .with_max_delay(RECONNECT_MAX)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
