@@ -263,6 +263,27 @@ fn verify_against(expected: &ShardView, cluster_nodes: &str) -> Result<(), Strin
     Ok(())
 }
 
+/// The plain URLs of the seeds a Redis URL lists after its scheme (`rest`): cluster URLs list
+/// `user:pass@h1:p1,h2:p2/db`, and each host becomes `plain_scheme://user:pass@host/db`.
+pub fn seed_urls(plain_scheme: &str, rest: &str) -> Vec<String> {
+    let (userinfo, hosts_and_path) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let (hosts, path) = match hosts_and_path.find(['/', '?']) {
+        Some(index) => hosts_and_path.split_at(index),
+        None => (hosts_and_path, ""),
+    };
+    hosts
+        .split(',')
+        .filter(|host| !host.is_empty())
+        .map(|host| match userinfo {
+            Some(userinfo) => format!("{plain_scheme}://{userinfo}@{host}{path}"),
+            None => format!("{plain_scheme}://{host}{path}"),
+        })
+        .collect()
+}
+
 /// Where the cache lives, parsed once from the URL.
 #[derive(Clone)]
 pub struct RedisTarget {
@@ -348,23 +369,9 @@ impl RedisTarget {
                 )))
             }
         };
-        // Cluster URLs list seeds: user:pass@h1:p1,h2:p2/db. Each seed becomes a plain URL.
-        let (userinfo, hosts_and_path) = match rest.rfind('@') {
-            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-            None => (None, rest),
-        };
-        let (hosts, path) = match hosts_and_path.find(['/', '?']) {
-            Some(index) => hosts_and_path.split_at(index),
-            None => (hosts_and_path, ""),
-        };
-        let seeds = hosts
-            .split(',')
-            .filter(|host| !host.is_empty())
-            .map(|host| {
-                let seed_url = match userinfo {
-                    Some(userinfo) => format!("{plain_scheme}://{userinfo}@{host}{path}"),
-                    None => format!("{plain_scheme}://{host}{path}"),
-                };
+        let seeds = seed_urls(plain_scheme, rest)
+            .into_iter()
+            .map(|seed_url| {
                 let info = seed_url
                     .as_str()
                     .into_connection_info()

@@ -111,24 +111,9 @@ fn redacted_redis(text: &str) -> Option<String> {
             return Some(format!("{scheme}://{}{query}", path.display()));
         }
     };
-    let (userinfo, hosts_and_path) = match rest.rfind('@') {
-        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-        None => (None, rest),
-    };
-    let (hosts, path) = match hosts_and_path.find(['/', '?']) {
-        Some(index) => hosts_and_path.split_at(index),
-        None => (hosts_and_path, ""),
-    };
-    let infos = hosts
-        .split(',')
-        .filter(|host| !host.is_empty())
-        .map(|host| {
-            let seed = match userinfo {
-                Some(userinfo) => format!("{plain_scheme}://{userinfo}@{host}{path}"),
-                None => format!("{plain_scheme}://{host}{path}"),
-            };
-            seed.as_str().into_connection_info().ok()
-        })
+    let infos = crate::keyspace::seed_urls(plain_scheme, rest)
+        .into_iter()
+        .map(|seed| seed.as_str().into_connection_info().ok())
         .collect::<Option<Vec<_>>>()?;
     let first = infos.first()?.redis_settings();
     let mut out = format!("{scheme}://");
