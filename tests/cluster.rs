@@ -552,19 +552,59 @@ async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
     db.drop().await;
 }
 
+/// A cluster of three primaries with one replica each (one such cluster at a time), `reports`
+/// report rows, and the keys of the `changed` reports (must go) and of the `kept` ones (decoys)
+/// written, spread over every primary and replicated.
+struct Replicated {
+    cluster: Cluster,
+    space: KeySpace,
+    db: TestDb,
+    must_go: Vec<String>,
+    decoys: Vec<String>,
+    /// Declared last: released after the cluster is gone.
+    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Replicated {
+    async fn start(
+        tag: &str,
+        reports: i32,
+        changed: std::ops::RangeInclusive<i32>,
+        kept: std::ops::RangeInclusive<i32>,
+    ) -> Replicated {
+        let one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
+        let cluster = Cluster::start(3, 1).await;
+        let space = KeySpace::new(tag);
+        let db = TestDb::with_reports(tag, &space.rules()).await;
+        seed_reports(&db, reports).await;
+        let (must_go, decoys) = report_keys(&space, changed, kept, 1000);
+        cluster
+            .set_keys(&[must_go.clone(), decoys.clone()].concat())
+            .await;
+        assert_spread(&cluster, &space, &must_go, &decoys).await;
+        cluster.wait_for_replication().await;
+        Replicated {
+            cluster,
+            space,
+            db,
+            must_go,
+            decoys,
+            _one_at_a_time: one_at_a_time,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
-    let _one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
-    let mut cluster = Cluster::start(3, 1).await;
-    let space = KeySpace::new("failover");
-    let db = TestDb::with_reports("failover", &space.rules()).await;
-    seed_reports(&db, 800).await;
-    let (must_go, decoys) = report_keys(&space, 1..=600, 601..=800, 1000);
-    cluster
-        .set_keys(&[must_go.clone(), decoys.clone()].concat())
-        .await;
-    assert_spread(&cluster, &space, &must_go, &decoys).await;
-    cluster.wait_for_replication().await;
+    // The guard first: bindings drop in reverse order, so it is released after the cluster.
+    let Replicated {
+        _one_at_a_time,
+        mut cluster,
+        space,
+        db,
+        must_go,
+        decoys,
+    } = Replicated::start("failover", 800, 1..=600, 601..=800).await;
 
     // The only seed is the primary about to die: the worker must find the cluster again through
     // the nodes it discovered.
@@ -622,17 +662,15 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invalidation() {
-    let _one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
-    let mut cluster = Cluster::start(3, 1).await;
-    let space = KeySpace::new("idx_failover");
-    let db = TestDb::with_reports("idx_failover", &space.rules()).await;
-    seed_reports(&db, 600).await;
-    let (must_go, decoys) = report_keys(&space, 1..=200, 401..=600, 1000);
-    cluster
-        .set_keys(&[must_go.clone(), decoys.clone()].concat())
-        .await;
-    assert_spread(&cluster, &space, &must_go, &decoys).await;
-    cluster.wait_for_replication().await;
+    // The guard first: bindings drop in reverse order, so it is released after the cluster.
+    let Replicated {
+        _one_at_a_time,
+        mut cluster,
+        space,
+        db,
+        must_go,
+        decoys,
+    } = Replicated::start("idx_failover", 600, 1..=200, 401..=600).await;
     let daemon = Daemon::start_indexed(test_settings(
         &db.url,
         &Cluster::url(&cluster.primaries().await),
