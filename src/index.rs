@@ -18,11 +18,11 @@
 //! - While a node's part is being seeded, or its tracking connection is lost, the index is not
 //!   complete and changes are swept instead ([`crate::finder`]).
 //!
-//! Memory is bounded by `--index-max-keys`: past it the index is dropped for good (until the
-//! daemon restarts) and the worker sweeps.
+//! Key names are packed into small sorted byte blocks ([`store`]): about a dozen bytes per key on
+//! top of its name. Memory is bounded by `--index-max-keys`: past it the index is dropped for good
+//! (until the daemon restarts) and the worker sweeps.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::ops::Bound;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -33,6 +33,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::matcher::{Glob, Matcher, PatternId};
 use crate::sweep::PatternSpec;
 use crate::telemetry::names;
+
+mod store;
+
+use store::KeyStore;
 
 /// Keys whose existence is checked in one pipeline: a few hundred microseconds of Redis time.
 pub const VERIFY_BATCH: usize = 1_000;
@@ -48,7 +52,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One primary's part of the index, shared by its tracking task and the lookups.
 #[derive(Default)]
 pub struct NodeIndex {
-    keys: BTreeSet<Box<[u8]>>,
+    keys: KeyStore,
     /// Announced keys whose existence has not been checked since.
     to_verify: FxHashSet<Box<[u8]>>,
     /// Keys whose `EXISTS` is in flight, and whether they were announced again since it was sent
@@ -82,8 +86,7 @@ impl NodeIndex {
     }
 
     fn insert(&mut self, key: &[u8], total: &AtomicUsize) {
-        if !self.keys.contains(key) {
-            self.keys.insert(key.into());
+        if self.keys.insert(key) {
             total.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -97,7 +100,7 @@ impl NodeIndex {
     /// Forgets every key (a new seed, a lost connection, a dropped index).
     pub fn clear(&mut self, total: &AtomicUsize) {
         total.fetch_sub(self.keys.len(), Ordering::Relaxed);
-        self.keys = BTreeSet::new();
+        self.keys = KeyStore::default();
         self.to_verify = FxHashSet::default();
         self.verifying = FxHashMap::default();
         self.guard_unlinks = Vec::new();
@@ -133,9 +136,7 @@ impl NodeIndex {
 
     /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran.
     pub fn seeded(&mut self, key: &[u8], total: &AtomicUsize) {
-        // Nearly every seeded key is new: one walk down the tree (the insert) rather than
-        // [`NodeIndex::insert`]'s two. Those walks' key comparisons were ~75 % of a seed's CPU.
-        if self.keys.insert(key.into()) {
+        if self.keys.insert(key) {
             total.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -323,10 +324,8 @@ pub fn lookup(nodes: &[Arc<Mutex<NodeIndex>>], patterns: &[PatternSpec]) -> Opti
                         keys.push((key.into(), *index));
                     }
                 }
-            } else if let Some(key) = node.keys.get(literal.as_slice()) {
-                if seen.insert(key) {
-                    keys.push((key.clone(), *index));
-                }
+            } else if node.keys.contains(literal) && seen.insert(literal) {
+                keys.push((literal.as_slice().into(), *index));
             }
         }
         for prefix in &walk {
@@ -358,9 +357,8 @@ fn prefix_or_exact(glob: &Glob) -> Option<(Vec<u8>, bool)> {
 }
 
 /// The keys of `keys` that start with `prefix`, in order.
-fn under<'a>(keys: &'a BTreeSet<Box<[u8]>>, prefix: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
-    keys.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
-        .map(|key| &**key)
+fn under<'a>(keys: &'a KeyStore, prefix: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+    keys.from(prefix)
         .take_while(move |key| key.starts_with(prefix))
 }
 
