@@ -8,7 +8,8 @@
 //!   tracking connections, the window's keys are looked up in memory and removed with pipelined
 //!   `UNLINK`s, one request per node (which in a cluster also re-checks the node's slots, as the
 //!   sweep does), then, where the node has replicas, a `WAIT` for them ([`crate::replicas`]):
-//!   milliseconds, whatever the size of the keyspace;
+//!   milliseconds, whatever the size of the keyspace. The index is told which keys are being
+//!   deleted and what each `UNLINK` removed, so it can drop them without checking each;
 //! - **by the sweep** ([`Sweeper`]): in sweep mode, while the index is incomplete (start, a lost
 //!   tracking connection), for a pattern outside the tracked prefixes, or when a barrier fails.
 //!
@@ -72,6 +73,9 @@ enum IndexReply {
         node: usize,
         labels: Vec<Arc<str>>,
         result: Result<(Vec<u64>, Option<String>), redis::RedisError>,
+        /// Keys of the `UNLINK`s whose reply counted every key deleted, and the others.
+        deleted: Vec<Box<[u8]>>,
+        unsure: Vec<Box<[u8]>>,
     },
 }
 
@@ -305,7 +309,12 @@ impl Finder {
                 node,
                 labels,
                 result,
+                deleted,
+                unsure,
             } => {
+                if let Some(tracking) = self.tracking.as_ref() {
+                    tracking.unlinked(node, deleted, &unsure);
+                }
                 let name = || self.nodes[node].name.clone();
                 let (counts, cluster_nodes) = result.map_err(|source| SweepError {
                     node: name(),
@@ -482,6 +491,10 @@ impl Finder {
             return;
         }
         for request in requests {
+            if let Some(tracking) = self.tracking.as_ref() {
+                let keys = request.groups.iter().flat_map(|group| &group.keys);
+                tracking.deleting(request.node, keys.map(|key| &**key));
+            }
             let connection = self.nodes[request.node].connection.clone();
             self.in_flight.push(unlink(id, request, connection).boxed());
         }
@@ -570,10 +583,30 @@ async fn unlink(
         Ok((counts, cluster_nodes))
     }
     .await;
+    // Sorted by what each UNLINK's count says: a key of one that removed every key it named was
+    // deleted by it; of any other (or all, on an error), it is not known which were.
+    let counts = result
+        .as_ref()
+        .map_or(&[][..], |(counts, _)| counts.as_slice());
+    let (mut deleted, mut unsure) = (Vec::new(), Vec::new());
+    let mut command = 0;
+    for KeyGroup { mut keys, .. } in request.groups {
+        while !keys.is_empty() {
+            let rest = keys.split_off(keys.len().min(sweep::UNLINK_CHUNK));
+            match counts.get(command) {
+                Some(&count) if count == keys.len() as u64 => deleted.extend(keys),
+                _ => unsure.extend(keys),
+            }
+            keys = rest;
+            command += 1;
+        }
+    }
     IndexReply::Unlinked {
         window,
         node: request.node,
         labels,
         result,
+        deleted,
+        unsure,
     }
 }

@@ -11,6 +11,14 @@
 //!   key gone removes it, and only if no announcement of that key arrived since the check was
 //!   sent. So the index may briefly hold a key Redis no longer has (an `UNLINK` of it is a
 //!   no-op), but never lacks one Redis has.
+//! - A key the daemon deletes itself (a change's keys, `UNLINK`ed on its own connection) is
+//!   not checked: its announcements are counted from before the `UNLINK` is sent. Redis queues a
+//!   write's announcement before it replies to the writer, so once the `UNLINK` reply says the
+//!   key was deleted and a reply on the tracking connection to a later command is back, our
+//!   deletion's announcement has been counted, and any later write's comes after it. A key
+//!   announced exactly once then leaves the index: it is gone, and not written since. Any other
+//!   count (a write just before or after ours) and the key is checked as any other. This halves
+//!   Redis' work per cleared key (no `EXISTS` after each `UNLINK`).
 //! - A lookup waits for a barrier first: a `PING` on each tracking connection. Redis queues an
 //!   announcement before the reply to any command it reads after the write, and the connection
 //!   hands announcements to the index as it reads them, so once the `PONG` is back every key
@@ -60,6 +68,11 @@ pub struct NodeIndex {
     verifying: FxHashMap<Box<[u8]>, bool>,
     /// Keys a refill guard asked to delete as they were announced.
     guard_unlinks: Vec<Box<[u8]>>,
+    /// Keys the daemon's own `UNLINK`s are deleting (see [`NodeIndex::deleting`]).
+    own_deletes: FxHashMap<Box<[u8]>, OwnDelete>,
+    /// Own deletes whose `UNLINK` reply said they were deleted, to settle once a reply on the
+    /// tracking connection shows their announcements have arrived.
+    deleted: Vec<Box<[u8]>>,
     /// The seed finished on the current tracking connection, and that connection is alive.
     complete: bool,
     /// The tracking connection is up (announcements are flowing).
@@ -104,6 +117,8 @@ impl NodeIndex {
         self.to_verify = FxHashSet::default();
         self.verifying = FxHashMap::default();
         self.guard_unlinks = Vec::new();
+        self.own_deletes = FxHashMap::default();
+        self.deleted = Vec::new();
         self.complete = false;
     }
 
@@ -113,6 +128,28 @@ impl NodeIndex {
             return;
         }
         self.insert(key, &shared.total_keys);
+        if let Some(own) = self.own_deletes.get_mut(key) {
+            // Counted instead of checked: if ours is the only announcement, the key is gone
+            // without asking Redis ([`NodeIndex::settle_deleted`]).
+            own.announcements = own.announcements.saturating_add(1);
+            // A refill written after our deletion is announced after it: the first announcement
+            // alone needs no guard (nor the matcher's time).
+            if own.announcements > 1 && !own.guarded {
+                own.guarded = lock(&shared.guards).covers(key);
+            }
+            if let Some(announced_again) = self.verifying.get_mut(key) {
+                *announced_again = true;
+            }
+            return;
+        }
+        self.check_later(key);
+        if lock(&shared.guards).covers(key) {
+            self.guard_unlinks.push(key.into());
+        }
+    }
+
+    /// Queues an `EXISTS` of `key`, or marks the one in flight stale.
+    fn check_later(&mut self, key: &[u8]) {
         match self.verifying.get_mut(key) {
             Some(announced_again) => *announced_again = true,
             None => {
@@ -121,8 +158,78 @@ impl NodeIndex {
                 }
             }
         }
-        if lock(&shared.guards).covers(key) {
-            self.guard_unlinks.push(key.into());
+    }
+
+    /// The daemon is about to `UNLINK` these keys on its own connection. Each announcement of
+    /// them is counted from now on rather than checked with `EXISTS`, the deletion's own
+    /// announcement among them: Redis announces a write on the tracking connection before it
+    /// replies to the writer (what makes the `PING` barrier work), and a later write's
+    /// announcement comes after that. So once the `UNLINK` reply says a key was deleted and a
+    /// later reply on the tracking connection is back, a key announced exactly once since was
+    /// deleted by us and not written since: it leaves the index without a check. Any other
+    /// count (a write just before or after ours) falls back to the check.
+    pub fn deleting<'a>(&mut self, keys: impl IntoIterator<Item = &'a [u8]>) {
+        if !self.alive {
+            return;
+        }
+        for key in keys {
+            if !self.own_deletes.contains_key(key) {
+                self.own_deletes.insert(key.into(), OwnDelete::default());
+            }
+        }
+    }
+
+    /// The reply to the `UNLINK`s of [`NodeIndex::deleting`]: `deleted` keys were all removed by
+    /// it (their settling waits for a reply on the tracking connection); for `unsure` ones (an
+    /// `UNLINK` of several keys removed fewer) their announcements are checked as any other.
+    pub fn unlinked(&mut self, deleted: Vec<Box<[u8]>>, unsure: &[Box<[u8]>]) {
+        for key in unsure {
+            if let Some(own) = self.own_deletes.remove(key) {
+                self.give_up_own(key, own);
+            }
+        }
+        self.deleted.extend(deleted);
+    }
+
+    /// Own deletes to settle once the next reply on the tracking connection is back.
+    pub fn take_deleted(&mut self) -> Vec<Box<[u8]>> {
+        std::mem::take(&mut self.deleted)
+    }
+
+    /// Settles own deletes taken with [`NodeIndex::take_deleted`] before a command was sent on
+    /// the tracking connection, now that its reply is back: every announcement of their deletion
+    /// has been applied.
+    pub fn settle_deleted(&mut self, keys: &[Box<[u8]>], total: &AtomicUsize) {
+        for key in keys {
+            let Some(own) = self.own_deletes.remove(key) else {
+                continue;
+            };
+            if own.announcements == 1 && !self.verifying.contains_key(key) {
+                self.to_verify.remove(key);
+                self.remove(key, total);
+            } else {
+                self.give_up_own(key, own);
+            }
+        }
+    }
+
+    /// The worker that sent the `UNLINK`s of the own deletes in progress is gone (it
+    /// reconnects): their replies will not come, so each is handled as any announced key.
+    pub fn abandon_own_deletes(&mut self) {
+        self.deleted = Vec::new();
+        for (key, own) in std::mem::take(&mut self.own_deletes) {
+            self.give_up_own(&key, own);
+        }
+    }
+
+    /// An own delete that cannot be settled by its count: its announcements are handled as any
+    /// other (checked, and deleted again under a refill guard).
+    fn give_up_own(&mut self, key: &[u8], own: OwnDelete) {
+        if own.announcements > 0 {
+            self.check_later(key);
+            if own.guarded {
+                self.guard_unlinks.push(key.into());
+            }
         }
     }
 
@@ -176,8 +283,8 @@ impl NodeIndex {
         std::mem::take(&mut self.guard_unlinks)
     }
 
-    pub fn has_work(&self) -> bool {
-        !self.to_verify.is_empty() || !self.guard_unlinks.is_empty()
+    pub fn has_guard_unlinks(&self) -> bool {
+        !self.guard_unlinks.is_empty()
     }
 
     /// The tracking connection is up on a fresh seed: announcements count from now on.
@@ -203,6 +310,14 @@ impl NodeIndex {
     pub fn tracking_connection(&self) -> Option<MultiplexedConnection> {
         self.connection.clone()
     }
+}
+
+/// Announcements of a key the daemon is deleting, counted until its deletion settles.
+#[derive(Default)]
+struct OwnDelete {
+    announcements: u32,
+    /// One of them came under a refill guard's pattern.
+    guarded: bool,
 }
 
 /// State shared by every node's part: the memory bound and the refill guard.
@@ -468,6 +583,70 @@ mod tests {
         index.verified(b":1:k", false, &shared.total_keys);
         assert_eq!(index.len(), 0);
         assert_eq!(shared.total_keys.load(Ordering::Relaxed), 0);
+    }
+
+    fn alive_part(keys: &[&str], shared: &Shared) -> NodeIndex {
+        let mut index = NodeIndex {
+            alive: true,
+            ..NodeIndex::default()
+        };
+        for key in keys {
+            index.seeded(key.as_bytes(), &shared.total_keys);
+        }
+        index
+    }
+
+    #[test]
+    fn an_own_delete_announced_once_leaves_the_index_without_a_check() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a", ":1:b", ":1:c"], &shared);
+        let keys: Vec<Box<[u8]>> = [":1:a", ":1:b", ":1:c"]
+            .iter()
+            .map(|key| key.as_bytes().into())
+            .collect();
+        index.deleting(keys.iter().map(|key| &**key));
+        // :1:a: our deletion only. :1:b: written again after it. :1:c: not known deleted.
+        index.announced(b":1:a", &shared);
+        index.announced(b":1:b", &shared);
+        index.announced(b":1:b", &shared);
+        index.announced(b":1:c", &shared);
+        assert!(index.take_to_verify().is_empty(), "counted, not checked");
+        index.unlinked(keys[..2].to_vec(), &keys[2..]);
+        let deleted = index.take_deleted();
+        index.settle_deleted(&deleted, &shared.total_keys);
+        assert!(!index.keys.contains(b":1:a"));
+        assert!(index.keys.contains(b":1:b") && index.keys.contains(b":1:c"));
+        let mut checked: Vec<Box<[u8]>> = index.take_to_verify();
+        checked.sort();
+        assert_eq!(checked, keys[1..].to_vec(), "the others are checked");
+        assert_eq!(shared.total_keys.load(Ordering::Relaxed), 2);
+        assert!(index.own_deletes.is_empty());
+    }
+
+    #[test]
+    fn an_own_delete_under_a_guard_is_deleted_again_only_if_written_again() {
+        let shared = Shared::new(100, Default::default());
+        lock(&shared.guards).add(
+            &[spec(":1:report:5:*")],
+            Instant::now() + std::time::Duration::from_secs(60),
+        );
+        let keys: Vec<Box<[u8]>> = vec![
+            b":1:report:5:a".as_slice().into(),
+            b":1:report:5:b".as_slice().into(),
+        ];
+        let mut index = alive_part(&[":1:report:5:a", ":1:report:5:b"], &shared);
+        index.deleting(keys.iter().map(|key| &**key));
+        index.announced(b":1:report:5:a", &shared);
+        index.announced(b":1:report:5:b", &shared);
+        index.announced(b":1:report:5:b", &shared);
+        assert!(
+            index.take_guard_unlinks().is_empty(),
+            "decided when settled"
+        );
+        index.unlinked(keys.clone(), &[]);
+        let deleted = index.take_deleted();
+        index.settle_deleted(&deleted, &shared.total_keys);
+        assert_eq!(index.take_guard_unlinks(), keys[1..].to_vec());
     }
 
     #[test]

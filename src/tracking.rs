@@ -5,8 +5,9 @@
 //! rules' literal prefixes, and from then on every announcement the connection reads is applied
 //! to the node's part as it is read (before any reply that follows it on the connection resolves,
 //! which is what makes a `PING` on this connection a barrier). Its task then seeds the part with
-//! one `SCAN` and checks the existence of announced keys in batches — both on the same
-//! connection, one pipeline at a time, so their answers apply in the order Redis ran them. If the
+//! one `SCAN`, checks the existence of announced keys in batches (gathered for a few
+//! milliseconds) and settles the worker's own deletes ([`NodeIndex::deleting`]) — all on the
+//! same connection, one pipeline at a time, so their answers apply in the order Redis ran them. If the
 //! connection is lost, the part is cleared, and the task reconnects and seeds again: that node's
 //! part only.
 //!
@@ -36,6 +37,9 @@ use crate::telemetry::names;
 pub const SEED_SCAN_COUNT: usize = 1_000;
 /// An idle tracker still looks at its state this often (a lost connection, the memory bound).
 const IDLE_RECHECK: Duration = Duration::from_millis(500);
+/// How long an idle tracker gathers announcements after the first before checking them: a
+/// window's deletes arrive together, and one pipeline costs Redis far less than one per key.
+const GATHER: Duration = Duration::from_millis(5);
 /// Reconnect delays of a tracking connection. Short: while it is down the worker sweeps, which
 /// costs a pass per window.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -116,7 +120,9 @@ impl Tracking {
                     && lock(&tracker.index).is_alive()
             });
             if let Some(position) = kept {
-                trackers.push(old.swap_remove(position));
+                let tracker = old.swap_remove(position);
+                lock(&tracker.index).abandon_own_deletes();
+                trackers.push(tracker);
                 continue;
             }
             let reason = match old.iter().any(|tracker| tracker.name == node.name) {
@@ -205,6 +211,25 @@ impl Tracking {
         .boxed()
     }
 
+    /// The worker is about to `UNLINK` these keys of node `node` (an index into the nodes given
+    /// to [`Tracking::attach`]): see [`NodeIndex::deleting`].
+    pub fn deleting<'a>(&self, node: usize, keys: impl IntoIterator<Item = &'a [u8]>) {
+        if let Some(tracker) = self.trackers.get(node) {
+            lock(&tracker.index).deleting(keys);
+        }
+    }
+
+    /// The reply to the worker's `UNLINK`s of [`Tracking::deleting`]: see [`NodeIndex::unlinked`].
+    pub fn unlinked(&self, node: usize, deleted: Vec<Box<[u8]>>, unsure: &[Box<[u8]>]) {
+        if let Some(tracker) = self.trackers.get(node) {
+            let settle = !deleted.is_empty();
+            lock(&tracker.index).unlinked(deleted, unsure);
+            if settle {
+                tracker.wake.notify_one();
+            }
+        }
+    }
+
     /// Deletes keys announced under `patterns` until `until` (the refill guard in index mode).
     pub fn guard(&self, patterns: &[PatternSpec], until: Instant) {
         lock(&self.shared.guards).add(patterns, until);
@@ -224,6 +249,8 @@ struct Tracker {
     name: String,
     shard: Option<ShardView>,
     index: Arc<Mutex<NodeIndex>>,
+    /// Wakes its task (own deletes to settle).
+    wake: Arc<Notify>,
     stop: CancellationToken,
 }
 
@@ -245,7 +272,7 @@ impl Tracker {
             prefixes: prefixes.clone(),
             index: index.clone(),
             shared: shared.clone(),
-            wake,
+            wake: wake.clone(),
             command_timeout,
         };
         // A refusal ends index mode; a connection that failed is retried by the task (the part is
@@ -264,6 +291,7 @@ impl Tracker {
             name: node.name.clone(),
             shard: node.shard.clone(),
             index,
+            wake,
             stop,
         })
     }
@@ -401,8 +429,8 @@ impl Link {
         }
     }
 
-    /// The seed `SCAN`, existence checks of announced keys and the refill guard's deletes, one
-    /// pipeline at a time on the tracking connection.
+    /// The seed `SCAN`, existence checks of announced keys, the refill guard's deletes and the
+    /// settling of the daemon's own deletes, one pipeline at a time on the tracking connection.
     async fn maintain(
         &self,
         connection: &mut MultiplexedConnection,
@@ -415,36 +443,25 @@ impl Link {
             if self.shared.over_limit.load(Ordering::Relaxed) {
                 return Ended::OverLimit;
             }
-            let (verify, unlinks) = {
+            let work = {
                 let mut part = lock(&self.index);
                 if !part.is_alive() {
                     return Ended::Lost("the connection closed".to_owned());
                 }
-                (part.take_to_verify(), part.take_guard_unlinks())
+                Work {
+                    verify: part.take_to_verify(),
+                    unlinks: part.take_guard_unlinks(),
+                    deleted: part.take_deleted(),
+                    cursor,
+                }
             };
-            if verify.is_empty() && unlinks.is_empty() && cursor.is_none() {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(IDLE_RECHECK) => {}
-                    _ = stop.cancelled() => return Ended::Stopped,
+            if work.is_empty() {
+                if self.idle(stop).await {
+                    return Ended::Stopped;
                 }
                 continue;
             }
-            let mut pipe = redis::pipe();
-            for key in &verify {
-                pipe.cmd("EXISTS").arg(&**key);
-            }
-            // One key per UNLINK: a cluster node refuses multi-key commands across slots.
-            for key in &unlinks {
-                pipe.cmd("UNLINK").arg(&**key);
-            }
-            if let Some(at) = cursor {
-                pipe.cmd("SCAN").arg(at);
-                if seed_glob != b"*" {
-                    pipe.arg("MATCH").arg(seed_glob.as_slice());
-                }
-                pipe.arg("COUNT").arg(SEED_SCAN_COUNT);
-            }
+            let pipe = work.pipeline(&seed_glob);
             let replies: Vec<Value> = tokio::select! {
                 replies = pipe.query_async(connection) => match replies {
                     Ok(replies) => replies,
@@ -455,54 +472,13 @@ impl Link {
                 },
                 _ = stop.cancelled() => return Ended::Stopped,
             };
-            let mut replies = replies.into_iter();
-            {
-                let mut part = lock(&self.index);
-                for key in &verify {
-                    let exists = replies
-                        .next()
-                        .and_then(|reply| redis::from_redis_value::<i64>(reply).ok())
-                        .map(|count| count > 0);
-                    match exists {
-                        Some(exists) => part.verified(key, exists, &self.shared.total_keys),
-                        // Unreadable: keep the key (a stale entry costs an UNLINK, a missing one
-                        // a stale page) and check it again.
-                        None => part.verified(key, true, &self.shared.total_keys),
-                    }
-                }
-                let mut refills = 0u64;
-                for _ in &unlinks {
-                    if let Some(Ok(removed)) = replies.next().map(redis::from_redis_value::<u64>) {
-                        refills += removed;
-                    }
-                }
-                if refills > 0 {
-                    metrics::counter!(names::REFILL_KEYS_DELETED).increment(refills);
-                    info!(node = %self.name, keys = refills, "refill guard removed keys written back after their invalidation");
-                }
-                if cursor.is_some() {
-                    let scanned = replies
-                        .next()
-                        .map(redis::from_redis_value::<(u64, Vec<Vec<u8>>)>);
-                    match scanned {
-                        Some(Ok((next, keys))) => {
-                            for key in keys {
-                                if self.prefixes.iter().any(|p| key.starts_with(p)) {
-                                    part.seeded(&key, &self.shared.total_keys);
-                                }
-                            }
-                            if next == 0 {
-                                cursor = None;
-                                part.seed_finished();
-                                self.shared.on_change.notify_one();
-                                info!(node = %self.name, keys = part.len(), duration_ms = started.elapsed().as_millis() as u64, "index: complete");
-                            } else {
-                                cursor = Some(next);
-                            }
-                        }
-                        _ => return Ended::Lost("unreadable SCAN reply".to_owned()),
-                    }
-                }
+            match self.apply(&work, replies) {
+                Ok(next) => cursor = next,
+                Err(why) => return Ended::Lost(why.to_owned()),
+            }
+            if cursor.is_none() && work.cursor.is_some() {
+                self.shared.on_change.notify_one();
+                info!(node = %self.name, keys = lock(&self.index).len(), duration_ms = started.elapsed().as_millis() as u64, "index: complete");
             }
             if self.shared.past_the_bound() {
                 self.shared.over_limit.store(true, Ordering::Relaxed);
@@ -510,6 +486,114 @@ impl Link {
             }
             index::record_size(&self.shared);
         }
+    }
+
+    /// Waits for work (an announcement, an own delete to settle) or a recheck; true when
+    /// stopped. Announcements come in bursts (a window's deletes, the app's writes): gathered
+    /// for a moment after the first, they are checked in one pipeline, not one each.
+    async fn idle(&self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(IDLE_RECHECK) => return false,
+            _ = stop.cancelled() => return true,
+        }
+        if lock(&self.index).has_guard_unlinks() {
+            // A refill is deleted as soon as it is announced.
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GATHER) => false,
+            _ = stop.cancelled() => true,
+        }
+    }
+
+    /// Applies the replies of `work`'s pipeline to the part; the seed's next cursor (`None` once
+    /// it is finished).
+    fn apply(&self, work: &Work, replies: Vec<Value>) -> Result<Option<u64>, &'static str> {
+        let mut replies = replies.into_iter();
+        let mut part = lock(&self.index);
+        for key in &work.verify {
+            let exists = replies
+                .next()
+                .and_then(|reply| redis::from_redis_value::<i64>(reply).ok())
+                .map(|count| count > 0);
+            // Unreadable: keep the key (a stale entry costs an UNLINK, a missing one a stale
+            // page) and check it again.
+            part.verified(key, exists.unwrap_or(true), &self.shared.total_keys);
+        }
+        let mut refills = 0u64;
+        for _ in &work.unlinks {
+            if let Some(Ok(removed)) = replies.next().map(redis::from_redis_value::<u64>) {
+                refills += removed;
+            }
+        }
+        if refills > 0 {
+            metrics::counter!(names::REFILL_KEYS_DELETED).increment(refills);
+            info!(node = %self.name, keys = refills, "refill guard removed keys written back after their invalidation");
+        }
+        // Whatever the pipeline held, its replies are behind every announcement queued before
+        // it was sent: the own deletes taken then can be settled.
+        part.settle_deleted(&work.deleted, &self.shared.total_keys);
+        if work.cursor.is_none() {
+            return Ok(None);
+        }
+        let scanned = replies
+            .next()
+            .map(redis::from_redis_value::<(u64, Vec<Vec<u8>>)>);
+        let Some(Ok((next, keys))) = scanned else {
+            return Err("unreadable SCAN reply");
+        };
+        for key in keys {
+            if self.prefixes.iter().any(|p| key.starts_with(p)) {
+                part.seeded(&key, &self.shared.total_keys);
+            }
+        }
+        if next != 0 {
+            return Ok(Some(next));
+        }
+        part.seed_finished();
+        Ok(None)
+    }
+}
+
+/// One pipeline's work on the tracking connection.
+struct Work {
+    verify: Vec<Box<[u8]>>,
+    unlinks: Vec<Box<[u8]>>,
+    deleted: Vec<Box<[u8]>>,
+    /// The seed's cursor, while it runs.
+    cursor: Option<u64>,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.verify.is_empty()
+            && self.unlinks.is_empty()
+            && self.deleted.is_empty()
+            && self.cursor.is_none()
+    }
+
+    fn pipeline(&self, seed_glob: &[u8]) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for key in &self.verify {
+            pipe.cmd("EXISTS").arg(&**key);
+        }
+        // One key per UNLINK: a cluster node refuses multi-key commands across slots.
+        for key in &self.unlinks {
+            pipe.cmd("UNLINK").arg(&**key);
+        }
+        if let Some(at) = self.cursor {
+            pipe.cmd("SCAN").arg(at);
+            if seed_glob != b"*" {
+                pipe.arg("MATCH").arg(seed_glob);
+            }
+            pipe.arg("COUNT").arg(SEED_SCAN_COUNT);
+        }
+        if self.verify.is_empty() && self.unlinks.is_empty() && self.cursor.is_none() {
+            // Only own deletes to settle: any reply will do as the barrier.
+            pipe.cmd("PING");
+        }
+        pipe
     }
 }
 

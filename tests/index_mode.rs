@@ -72,6 +72,59 @@ async fn keys_set_just_before_their_change_commits_are_always_cleared() {
     db.drop().await;
 }
 
+/// The daemon takes a key it deleted out of the index without an `EXISTS` when its own deletion
+/// was the only write of the key announced around its `UNLINK`. An app writing the key again
+/// right after that `UNLINK` (before, around or after the delete settles: 0–7 ms later) must
+/// leave it indexed: the next change clears it.
+#[tokio::test]
+async fn keys_written_again_right_after_the_daemons_unlink_stay_indexed() {
+    const ROUNDS: i32 = 100;
+    let private = PrivateRedis::start();
+    let space = KeySpace::new("idx_rewrite");
+    let db = TestDb::with_reports("idx_rewrite", &space.rules()).await;
+    let client = db.client().await;
+    insert_reports(&client, 1..=ROUNDS).await;
+    let mut redis = redis_connection(&private.url()).await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
+    let change = |id: i32| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    "UPDATE reports_report SET title = title || '.' WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .expect("update");
+        }
+    };
+    for id in 1..=ROUNDS {
+        let key = space.key(&format!("report:{id}:2:h"));
+        set_keys(&mut redis, std::slice::from_ref(&key)).await;
+        // Watches for the daemon's UNLINK and writes the key again right after it.
+        let writer = tokio::spawn({
+            let (url, key) = (private.url(), key.clone());
+            async move {
+                let mut redis = redis_connection(&url).await;
+                while exists(&mut redis, &key).await {}
+                tokio::time::sleep(Duration::from_millis((id % 8) as u64)).await;
+                set_keys(&mut redis, std::slice::from_ref(&key)).await;
+            }
+        });
+        change(id).await;
+        tokio::time::timeout(PATIENCE, writer)
+            .await
+            .expect("the daemon deletes the key")
+            .expect("writer");
+        assert!(wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await);
+        change(id).await;
+        assert_gone_within(&mut redis, std::slice::from_ref(&key), PATIENCE).await;
+    }
+    assert_eq!(daemon.health.mode(), "index (complete)");
+    daemon.stop().await;
+    db.drop().await;
+}
+
 /// The barrier itself, without Postgres in between: a key whose `SET` returned is found by a
 /// lookup made right after the barrier, every time. On loopback Redis' announcement usually
 /// arrives before the writer's reply anyway (it is queued first), so the count of keys found
