@@ -30,16 +30,56 @@ async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInc
         .expect("reports");
 }
 
+/// A private Redis and a scratch database with reports `1..=reports`, for the daemon in index
+/// mode: each test's own keys, rows and server.
+struct Scene {
+    private: PrivateRedis,
+    space: KeySpace,
+    db: TestDb,
+    client: tokio_postgres::Client,
+    redis: redis::aio::MultiplexedConnection,
+}
+
+impl Scene {
+    async fn new(name: &str, reports: i32) -> Scene {
+        let private = PrivateRedis::start();
+        let space = KeySpace::new(name);
+        let db = TestDb::with_reports(name, &space.rules()).await;
+        let client = db.client().await;
+        insert_reports(&client, 1..=reports).await;
+        let redis = redis_connection(&private.url()).await;
+        Scene {
+            private,
+            space,
+            db,
+            client,
+            redis,
+        }
+    }
+
+    /// The daemon in index mode, seeded.
+    async fn indexed_daemon(&self) -> Daemon {
+        Daemon::start_indexed(test_settings(
+            &self.db.url,
+            &self.private.url(),
+            self.space.rules(),
+        ))
+        .await
+    }
+}
+
 #[tokio::test]
 async fn keys_set_just_before_their_change_commits_are_always_cleared() {
     const ROUNDS: i32 = 300;
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_race");
-    let db = TestDb::with_reports("idx_race", &space.rules()).await;
-    let mut client = db.client().await;
-    insert_reports(&client, 1..=ROUNDS).await;
-    let mut redis = patient_connection(&private.url()).await;
-    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
+    let scene = Scene::new("idx_race", ROUNDS).await;
+    let daemon = scene.indexed_daemon().await;
+    let Scene {
+        space,
+        db,
+        mut client,
+        mut redis,
+        ..
+    } = scene;
 
     let mut written = Vec::new();
     let mut decoys = Vec::new();
@@ -79,13 +119,15 @@ async fn keys_set_just_before_their_change_commits_are_always_cleared() {
 #[tokio::test]
 async fn keys_written_again_right_after_the_daemons_unlink_stay_indexed() {
     const ROUNDS: i32 = 100;
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_rewrite");
-    let db = TestDb::with_reports("idx_rewrite", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=ROUNDS).await;
-    let mut redis = redis_connection(&private.url()).await;
-    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
+    let scene = Scene::new("idx_rewrite", ROUNDS).await;
+    let daemon = scene.indexed_daemon().await;
+    let Scene {
+        private,
+        space,
+        db,
+        client,
+        mut redis,
+    } = scene;
     let change = |id: i32| {
         let client = &client;
         async move {
@@ -234,13 +276,15 @@ async fn change_and_check(
 
 #[tokio::test]
 async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_kill");
-    let db = TestDb::with_reports("idx_kill", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=200).await;
-    let mut redis = redis_connection(&private.url()).await;
-    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
+    let scene = Scene::new("idx_kill", 200).await;
+    let daemon = scene.indexed_daemon().await;
+    let Scene {
+        private,
+        space,
+        db,
+        client,
+        mut redis,
+    } = scene;
     change_and_check(&client, &mut redis, &space, 1..=20).await;
 
     // Killed mid-stream: keys written and changes committed around the kill.
