@@ -37,9 +37,11 @@ use crate::telemetry::names;
 pub const SEED_SCAN_COUNT: usize = 1_000;
 /// An idle tracker still looks at its state this often (a lost connection, the memory bound).
 const IDLE_RECHECK: Duration = Duration::from_millis(500);
-/// How long an idle tracker gathers announcements after the first before checking them: a
-/// window's deletes arrive together, and one pipeline costs Redis far less than one per key.
-const GATHER: Duration = Duration::from_millis(5);
+/// How long an idle tracker gathers announcements after the first before checking them: one
+/// pipeline costs Redis and the daemon far less than one per key or per window. A key's check
+/// (or its own delete's settling) only decides when a stale entry leaves the index; refill
+/// guard deletes do not wait.
+const GATHER: Duration = Duration::from_millis(20);
 /// Reconnect delays of a tracking connection. Short: while it is down the worker sweeps, which
 /// costs a pass per window.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
