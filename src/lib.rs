@@ -30,5 +30,6 @@ pub mod telemetry;
 pub mod tracking;
 pub mod worker;
 
+pub use daemon::run;
+pub use ops::execute;
 pub use settings::Settings;
-pub use worker::run;
