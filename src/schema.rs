@@ -107,35 +107,34 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.dead_letters (
 
 -- Transactional requests from the app: they go through the outbox, so they happen only if the
 -- calling transaction commits.
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_user(user_id text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
-    VALUES ({user}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('user_id', user_id)));
-    PERFORM pg_notify('{CHANNEL}', '');
-END
-$fn$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_user(user_id bigint) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT {SCHEMA}.invalidate_user(user_id::text) $fn$;
+{user_function}
 
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_report(report_id text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
-    VALUES ({report}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('report_id', report_id)));
-    PERFORM pg_notify('{CHANNEL}', '');
-END
-$fn$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_report(report_id bigint) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT {SCHEMA}.invalidate_report(report_id::text) $fn$;
+{report_function}
 GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {SCHEMA}.invalidate_user(text), {SCHEMA}.invalidate_user(bigint),
     {SCHEMA}.invalidate_report(text), {SCHEMA}.invalidate_report(bigint) TO PUBLIC;
 "#,
-        user = quote_literal(MANUAL_USER_TABLE),
-        report = quote_literal(MANUAL_REPORT_TABLE),
+        user_function = manual_request_sql("invalidate_user", "user_id", MANUAL_USER_TABLE),
+        report_function = manual_request_sql("invalidate_report", "report_id", MANUAL_REPORT_TABLE),
+    )
+}
+
+/// `{SCHEMA}.<function>(<argument> text|bigint)`: the app's request to clear what one user or
+/// report names, recorded in the outbox as an `INVALIDATE` row of pseudo-table `table`.
+fn manual_request_sql(function: &str, argument: &str, table: &str) -> String {
+    format!(
+        r#"CREATE OR REPLACE FUNCTION {SCHEMA}.{function}({argument} text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
+    VALUES ({table}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('{argument}', {argument})));
+    PERFORM pg_notify('{CHANNEL}', '');
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.{function}({argument} bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$ SELECT {SCHEMA}.{function}({argument}::text) $fn$;"#,
+        table = quote_literal(table),
     )
 }
 
