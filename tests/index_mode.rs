@@ -30,14 +30,31 @@ async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInc
         .expect("reports");
 }
 
+/// `report:{id}:{user}:h` for each of `ids`: how user `user`'s view of those reports is cached.
+fn report_keys(space: &KeySpace, ids: impl Iterator<Item = i32>, user: u32) -> Vec<String> {
+    ids.map(|id| space.key(&format!("report:{id}:{user}:h")))
+        .collect()
+}
+
+/// What most tests here start from: a Redis of their own (the index is per server, and some
+/// tests kill its clients or restart it), a key space, and a database whose reports 1 to `reports`
+/// exist with a client of it.
+async fn private_setup(
+    tag: &str,
+    reports: i32,
+) -> (PrivateRedis, KeySpace, TestDb, tokio_postgres::Client) {
+    let private = PrivateRedis::start();
+    let space = KeySpace::new(tag);
+    let db = TestDb::with_reports(tag, &space.rules()).await;
+    let client = db.client().await;
+    insert_reports(&client, 1..=reports).await;
+    (private, space, db, client)
+}
+
 #[tokio::test]
 async fn keys_set_just_before_their_change_commits_are_always_cleared() {
     const ROUNDS: i32 = 300;
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_race");
-    let db = TestDb::with_reports("idx_race", &space.rules()).await;
-    let mut client = db.client().await;
-    insert_reports(&client, 1..=ROUNDS).await;
+    let (private, space, db, mut client) = private_setup("idx_race", ROUNDS).await;
     let mut redis = patient_connection(&private.url()).await;
     let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
 
@@ -156,14 +173,8 @@ async fn change_and_check(
     space: &KeySpace,
     ids: std::ops::RangeInclusive<i32>,
 ) {
-    let keys: Vec<String> = ids
-        .clone()
-        .map(|id| space.key(&format!("report:{id}:2:h")))
-        .collect();
-    let decoys: Vec<String> = ids
-        .clone()
-        .map(|id| space.key(&format!("report:{}:2:h", id + 100_000)))
-        .collect();
+    let keys = report_keys(space, ids.clone(), 2);
+    let decoys = report_keys(space, ids.clone().map(|id| id + 100_000), 2);
     set_keys(redis, &keys).await;
     set_keys(redis, &decoys).await;
     for id in ids {
@@ -181,11 +192,7 @@ async fn change_and_check(
 
 #[tokio::test]
 async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_kill");
-    let db = TestDb::with_reports("idx_kill", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=200).await;
+    let (private, space, db, client) = private_setup("idx_kill", 200).await;
     let mut redis = redis_connection(&private.url()).await;
     let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     change_and_check(&client, &mut redis, &space, 1..=20).await;
@@ -196,9 +203,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
         .expect("the daemon's tracking connection");
     let writer = {
         let url = private.url();
-        let space_keys: Vec<String> = (21..=100)
-            .map(|id| space.key(&format!("report:{id}:2:h")))
-            .collect();
+        let space_keys = report_keys(&space, 21..=100, 2);
         tokio::spawn(async move {
             let mut redis = redis_connection(&url).await;
             for key in space_keys {
@@ -221,9 +226,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
         )
         .await
         .expect("update");
-    let written: Vec<String> = (21..=100)
-        .map(|id| space.key(&format!("report:{id}:2:h")))
-        .collect();
+    let written = report_keys(&space, 21..=100, 2);
     assert_gone_within(&mut redis, &written, PATIENCE).await;
 
     // Tracked again, on a new connection, and seeded again.
@@ -239,11 +242,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
 
 #[tokio::test]
 async fn after_redis_restarts_the_index_is_seeded_again() {
-    let mut private = PrivateRedis::start();
-    let space = KeySpace::new("idx_restart");
-    let db = TestDb::with_reports("idx_restart", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=100).await;
+    let (mut private, space, db, client) = private_setup("idx_restart", 100).await;
     let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     {
         let mut redis = redis_connection(&private.url()).await;
@@ -261,15 +260,9 @@ async fn after_redis_restarts_the_index_is_seeded_again() {
 
 #[tokio::test]
 async fn past_the_memory_bound_the_index_is_dropped_and_changes_are_swept() {
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_bound");
-    let db = TestDb::with_reports("idx_bound", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=50).await;
+    let (private, space, db, client) = private_setup("idx_bound", 50).await;
     let mut redis = redis_connection(&private.url()).await;
-    let filler: Vec<String> = (0..500)
-        .map(|n| space.key(&format!("report:{}:3:h", 1_000 + n)))
-        .collect();
+    let filler = report_keys(&space, 1_000..1_500, 3);
     set_keys(&mut redis, &filler).await;
     let mut settings = test_settings(&db.url, &private.url(), space.rules());
     settings.index_max_keys = 100;
@@ -406,27 +399,45 @@ async fn index_and_sweep_delete_exactly_the_same_keys() {
     }
 }
 
+/// A free address for a child daemon's metrics listener.
+fn metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// The built-in rules under `space`'s key prefix, in a file for a child daemon to read (deleted
+/// when dropped: keep it while the child runs).
+fn rules_file(space: &KeySpace) -> tempfile::NamedTempFile {
+    let rules = tempfile::NamedTempFile::new().expect("rules file");
+    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
+    rules
+}
+
+/// `cache-invalidator run ARGS` as a child process against `database_url` and `redis_url`, with
+/// the rules in `rules`.
+fn run_command(
+    args: &[&str],
+    database_url: &str,
+    redis_url: &str,
+    rules: &tempfile::NamedTempFile,
+) -> tokio::process::Command {
+    let mut command = daemon_command(&[&["run"], args].concat());
+    command
+        .env("DATABASE_URL", database_url)
+        .env("REDIS_URL", redis_url)
+        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    command
+}
+
 #[tokio::test]
 async fn expired_keys_leave_the_index() {
-    const KEYS: usize = 100_000;
+    const KEYS: i32 = 100_000;
     let private = PrivateRedis::start();
     let space = KeySpace::new("idx_ttl");
     let db = TestDb::with_reports("idx_ttl", &space.rules()).await;
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let rules = tempfile::NamedTempFile::new().expect("rules file");
-    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
-    let mut command = daemon_command(&[
-        "run",
-        "--mode",
-        "index",
-        "--metrics-addr",
-        &addr.to_string(),
-    ]);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", private.url())
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let addr = metrics_addr();
+    let rules = rules_file(&space);
+    let args = ["--mode", "index", "--metrics-addr", &addr.to_string()];
+    let command = run_command(&args, &db.url, &private.url(), &rules);
     let log = tempfile::NamedTempFile::new().expect("log file");
     let _daemon = LoggedChild::spawn(command, log.path().to_owned());
     let index_keys = || async {
@@ -443,9 +454,7 @@ async fn expired_keys_leave_the_index() {
         "index not complete"
     );
     let mut redis = redis_connection(&private.url()).await;
-    let keys: Vec<String> = (0..KEYS)
-        .map(|n| space.key(&format!("report:{n}:1:h")))
-        .collect();
+    let keys = report_keys(&space, 0..KEYS, 1);
     // Written first and given their 2 s TTL once all are in the index: writing 100k keys can take
     // longer than 2 s, and then the first would expire before the last is written.
     for chunk in keys.chunks(1_000) {
@@ -503,14 +512,9 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
     let space = KeySpace::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;
-    let rules = tempfile::NamedTempFile::new().expect("rules file");
-    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
+    let rules = rules_file(&space);
 
-    let mut command = daemon_command(&["run", "--mode", "index"]);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", &url)
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let mut command = run_command(&["--mode", "index"], &db.url, &url, &rules);
     let output = tokio::time::timeout(PATIENCE, command.output())
         .await
         .expect("--mode index exits")
@@ -520,14 +524,9 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
     assert!(text.contains("CLIENT TRACKING"), "{text}");
     assert!(!text.contains("s3cret-pw"), "{text}");
 
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let mut command =
-        daemon_command(&["run", "--mode", "auto", "--metrics-addr", &addr.to_string()]);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", &url)
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
+    let addr = metrics_addr();
+    let args = ["--mode", "auto", "--metrics-addr", &addr.to_string()];
+    let command = run_command(&args, &db.url, &url, &rules);
     let log = tempfile::NamedTempFile::new().expect("log file");
     let daemon = LoggedChild::spawn(command, log.path().to_owned());
     let client = db.client().await;
