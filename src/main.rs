@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 /// One thread: the daemon's work is a chain of replies, which crossed threads on a multi-threaded
-/// runtime, costing more CPU for no better latency (docs/performance.md, "One thread").
+/// runtime, costing more CPU for no better latency (docs/design.md, "One thread").
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {

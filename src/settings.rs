@@ -727,8 +727,8 @@ fn whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
-/// Default delay of the second pass: above the app's slowest report request we measured (see the
-/// README, "No stale refills"), well under the shortest TTL.
+/// Default delay of the second pass: above the app's slowest report request we measured (see
+/// docs/guarantees.md, "No stale refills"), well under the shortest TTL.
 pub const DEFAULT_REFILL_GUARD: Duration = Duration::from_secs(2);
 /// A lost notification costs at most this much latency.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
