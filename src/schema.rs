@@ -345,16 +345,7 @@ fn stale_cleanup_sql(rules: &RuleSet) -> String {
 DECLARE
     stale record;
 BEGIN
-    FOR stale IN
-        SELECT t.tgname, t.tgrelid::regclass AS tbl
-        FROM pg_trigger t
-        JOIN pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'
-          AND p.proname <> ALL (ARRAY[{functions}]::text[])
-    LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', stale.tgname, stale.tbl);
-    END LOOP;
+{drop_triggers}
     FOR stale IN
         SELECT p.oid::regprocedure AS fn
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -366,7 +357,31 @@ BEGIN
 END
 $cleanup$;
 "#,
-        functions = functions.join(", ")
+        functions = functions.join(", "),
+        drop_triggers = drop_triggers_sql(
+            "stale",
+            &format!(
+                "\n          AND p.proname <> ALL (ARRAY[{}]::text[])",
+                functions.join(", ")
+            )
+        ),
+    )
+}
+
+/// A PL/pgSQL loop dropping the daemon's triggers (those whose name starts with the trigger prefix
+/// and whose function is in the daemon's schema) that also pass `filter`, with loop variable
+/// `var`.
+fn drop_triggers_sql(var: &str, filter: &str) -> String {
+    format!(
+        r#"    FOR {var} IN
+        SELECT t.tgname, t.tgrelid::regclass AS tbl
+        FROM pg_trigger t
+        JOIN pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'{filter}
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', {var}.tgname, {var}.tbl);
+    END LOOP;"#
     )
 }
 
@@ -407,22 +422,15 @@ DO $uninstall$
 DECLARE
     installed record;
 BEGIN
-    FOR installed IN
-        SELECT t.tgname, t.tgrelid::regclass AS tbl
-        FROM pg_trigger t
-        JOIN pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'
-    LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', installed.tgname, installed.tbl);
-    END LOOP;
+{drop_triggers}
 END
 $uninstall$;
 
 DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;
 
 COMMIT;
-"#
+"#,
+        drop_triggers = drop_triggers_sql("installed", ""),
     )
 }
 
