@@ -8,19 +8,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 
-/// How long any awaited effect may take before a test gives up (a bound, not a measurement). A
-/// failover alone takes about two node timeouts.
-const PATIENCE: Duration = Duration::from_secs(60);
 /// Clusters with replicas (six servers, a failover) are started one at a time: two at once on a
-/// 2-core machine kept each other from settling within [`PATIENCE`].
+/// 2-core machine kept each other from settling within [`LONG_PATIENCE`].
 static ONE_REPLICATED_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Short, so a failover completes in a few seconds; long enough that a busy 2-core machine does
 /// not trigger one by itself.
@@ -49,44 +45,25 @@ impl Cluster {
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
             let port = free_port();
+            let mut args = cluster_node_args(port, dir.path(), NODE_TIMEOUT_MS);
+            // A replica takes over however long it was cut off: the test kills primaries on purpose.
+            args.extend([
+                "--cluster-replica-validity-factor".to_owned(),
+                "0".to_owned(),
+            ]);
             nodes.push(ClusterNode {
                 port,
-                child: Some(spawn_cluster_node(port, dir.path())),
+                child: Some(spawn_redis_server(port, dir.path(), &args)),
             });
         }
         let cluster = Cluster { nodes, _dir: dir };
         for node in &cluster.nodes {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "node {} did not start",
-                    node.port
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_port(node.port, Duration::from_secs(10));
         }
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port))
-            .collect();
-        let output = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run redis-cli --cluster create");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        create_cluster(&cluster.ports(), replicas);
         let ports = cluster.ports();
         let replica_count = primaries * replicas;
-        let settled = wait_until(PATIENCE, || {
+        let settled = wait_until(LONG_PATIENCE, || {
             let ports = ports.clone();
             async move {
                 for port in ports {
@@ -115,12 +92,6 @@ impl Cluster {
             .filter(|node| node.child.is_some())
             .map(|node| node.port)
             .collect()
-    }
-
-    /// `redis+cluster://` naming `seeds`.
-    fn url(seeds: &[u16]) -> String {
-        let hosts: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+cluster://{}", hosts.join(","))
     }
 
     /// The primaries serving slots, as a live node sees them now.
@@ -190,7 +161,7 @@ impl Cluster {
     /// loses nothing that was written before.
     async fn wait_for_replication(&self) {
         let primaries = self.primaries().await;
-        let replicated = wait_until(PATIENCE, || {
+        let replicated = wait_until(LONG_PATIENCE, || {
             let primaries = primaries.clone();
             async move {
                 for port in primaries {
@@ -267,27 +238,6 @@ impl Drop for Cluster {
             self.kill(port);
         }
     }
-}
-
-fn spawn_cluster_node(port: u16, dir: &Path) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--cluster-enabled", "yes"])
-        // The bus port is the client port + 10000 unless set: that may be taken or out of range.
-        .args(["--cluster-port", &free_port().to_string()])
-        .args([
-            "--cluster-config-file",
-            &dir.join(format!("nodes-{port}.conf")).display().to_string(),
-        ])
-        .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
-        // A replica takes over however long it was cut off: the test kills primaries on purpose.
-        .args(["--cluster-replica-validity-factor", "0"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--dir", &dir.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start redis-server (is it installed?)")
 }
 
 async fn node_connection(port: u16) -> MultiplexedConnection {
@@ -441,6 +391,26 @@ fn report_keys(
     (must_go, decoys)
 }
 
+/// A database of `reports` seeded reports under a key space of its own for `tag`, and the keys of
+/// [`report_keys`] written to `cluster`: returns both and the keys (must go, decoys).
+async fn written(
+    cluster: &Cluster,
+    tag: &str,
+    reports: i32,
+    changed: std::ops::RangeInclusive<i32>,
+    kept: std::ops::RangeInclusive<i32>,
+    filler: usize,
+) -> (KeySpace, TestDb, Vec<String>, Vec<String>) {
+    let space = KeySpace::new(tag);
+    let db = TestDb::with_reports(tag, &space.rules()).await;
+    seed_reports(&db, reports).await;
+    let (must_go, decoys) = report_keys(&space, changed, kept, filler);
+    cluster
+        .set_keys(&[must_go.clone(), decoys.clone()].concat())
+        .await;
+    (space, db, must_go, decoys)
+}
+
 /// Asserts, node by node, that no key of `must_go` is left and every decoy is still there.
 fn assert_swept(by_node: &BTreeMap<u16, BTreeSet<String>>, must_go: &[String], decoys: &[String]) {
     let mut present = BTreeSet::new();
@@ -486,17 +456,20 @@ async fn assert_spread(cluster: &Cluster, space: &KeySpace, must_go: &[String], 
     );
 }
 
-async fn wait_for_empty_outbox(db: &TestDb) {
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "the outbox never emptied: {} row(s) left",
-        db.outbox_rows().await
-    );
+/// Waits until the outbox is empty, then reads the keys under `space` on each primary. The outbox
+/// is empty only once Redis confirmed every delete: nothing is left to wait for.
+async fn once_acknowledged(
+    cluster: &Cluster,
+    space: &KeySpace,
+    db: &TestDb,
+) -> BTreeMap<u16, BTreeSet<String>> {
+    db.wait_for_empty_outbox(LONG_PATIENCE).await;
+    cluster.keys_by_primary(&space.namespace).await
 }
 
 /// Waits until no node holds a key of `must_go`.
 async fn wait_until_swept(cluster: &Cluster, space: &KeySpace, must_go: &[String]) {
-    let swept = wait_until(PATIENCE, || async {
+    let swept = wait_until(LONG_PATIENCE, || async {
         let by_node = cluster.keys_by_primary(&space.namespace).await;
         must_go
             .iter()
@@ -512,18 +485,13 @@ async fn wait_until_swept(cluster: &Cluster, space: &KeySpace, must_go: &[String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
     let cluster = Cluster::start(3, 0).await;
-    let space = KeySpace::new("cluster");
-    let db = TestDb::with_reports("cluster", &space.rules()).await;
-    seed_reports(&db, 200).await;
-    let (must_go, decoys) = report_keys(&space, 1..=100, 101..=200, 3000);
-    cluster
-        .set_keys(&[must_go.clone(), decoys.clone()].concat())
-        .await;
+    let (space, db, must_go, decoys) =
+        written(&cluster, "cluster", 200, 1..=100, 101..=200, 3000).await;
     assert_spread(&cluster, &space, &must_go, &decoys).await;
 
     let daemon = Daemon::start(test_settings(
         &db.url,
-        &Cluster::url(&cluster.ports()),
+        &cluster_url(&cluster.ports()),
         space.rules(),
     ));
     let client = db.client().await;
@@ -541,10 +509,8 @@ async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
             .await
             .expect("update");
     }
-    wait_for_empty_outbox(&db).await;
-    // The outbox is empty only once Redis confirmed every delete: nothing is left to wait for.
     assert_swept(
-        &cluster.keys_by_primary(&space.namespace).await,
+        &once_acknowledged(&cluster, &space, &db).await,
         &must_go,
         &decoys,
     );
@@ -574,13 +540,8 @@ impl Replicated {
     ) -> Replicated {
         let one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
         let cluster = Cluster::start(3, 1).await;
-        let space = KeySpace::new(tag);
-        let db = TestDb::with_reports(tag, &space.rules()).await;
-        seed_reports(&db, reports).await;
-        let (must_go, decoys) = report_keys(&space, changed, kept, 1000);
-        cluster
-            .set_keys(&[must_go.clone(), decoys.clone()].concat())
-            .await;
+        let (space, db, must_go, decoys) =
+            written(&cluster, tag, reports, changed, kept, 1000).await;
         assert_spread(&cluster, &space, &must_go, &decoys).await;
         cluster.wait_for_replication().await;
         Replicated {
@@ -611,7 +572,7 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
     let victim = cluster.primaries().await[0];
     let daemon = Daemon::start(test_settings(
         &db.url,
-        &Cluster::url(&[victim]),
+        &cluster_url(&[victim]),
         space.rules(),
     ));
     let client = db.client().await;
@@ -636,7 +597,7 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
     // Once the worker acknowledged part of the burst, it has discovered the cluster and is busy.
     let first_half_rows = 300;
     assert!(
-        wait_until(PATIENCE, || async {
+        wait_until(LONG_PATIENCE, || async {
             db.outbox_rows().await < first_half_rows
         })
         .await,
@@ -646,14 +607,13 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
     burst(301..=600).await;
 
     // A replica takes the dead primary's slots; the worker rediscovers and sweeps it.
-    let promoted = wait_until(PATIENCE, || async {
+    let promoted = wait_until(LONG_PATIENCE, || async {
         let primaries = cluster.primaries().await;
         primaries.len() == 3 && !primaries.contains(&victim)
     })
     .await;
     assert!(promoted, "no replica was promoted");
-    wait_for_empty_outbox(&db).await;
-    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert!(!by_node.contains_key(&victim));
     assert_swept(&by_node, &must_go, &decoys);
     daemon.stop().await;
@@ -673,18 +633,18 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
     } = Replicated::start("idx_failover", 600, 1..=200, 401..=600).await;
     let daemon = Daemon::start_indexed(test_settings(
         &db.url,
-        &Cluster::url(&cluster.primaries().await),
+        &cluster_url(&cluster.primaries().await),
         space.rules(),
     ))
     .await;
     let client = db.client().await;
     // The seed rows' changes first, then changes answered from the index.
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(LONG_PATIENCE).await;
     client
         .batch_execute("UPDATE reports_report SET title = 'a' WHERE id BETWEEN 1 AND 100")
         .await
         .expect("update");
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(LONG_PATIENCE).await;
 
     let victim = cluster.primaries().await[0];
     cluster.kill(victim);
@@ -692,14 +652,13 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
         .batch_execute("UPDATE reports_report SET title = 'b' WHERE id BETWEEN 101 AND 200")
         .await
         .expect("update during the failover");
-    let promoted = wait_until(PATIENCE, || async {
+    let promoted = wait_until(LONG_PATIENCE, || async {
         let primaries = cluster.primaries().await;
         primaries.len() == 3 && !primaries.contains(&victim)
     })
     .await;
     assert!(promoted, "no replica was promoted");
-    wait_for_empty_outbox(&db).await;
-    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert_swept(&by_node, &must_go, &decoys);
 
     // The promoted primary's part is seeded; keys written to it now are found by lookups.
@@ -712,8 +671,7 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
         .batch_execute("UPDATE reports_report SET title = 'c' WHERE id BETWEEN 201 AND 300")
         .await
         .expect("update after the failover");
-    wait_for_empty_outbox(&db).await;
-    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert_swept(&by_node, &again, &[decoys, kept].concat());
     daemon.stop().await;
     db.drop().await;
@@ -722,13 +680,7 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     let cluster = Cluster::start(3, 0).await;
-    let space = KeySpace::new("migration");
-    let db = TestDb::with_reports("migration", &space.rules()).await;
-    seed_reports(&db, 20).await;
-    let (must_go, decoys) = report_keys(&space, 1..=1, 2..=20, 300);
-    cluster
-        .set_keys(&[must_go.clone(), decoys.clone()].concat())
-        .await;
+    let (space, db, must_go, decoys) = written(&cluster, "migration", 20, 1..=1, 2..=20, 300).await;
 
     // The slot of one must-go key starts moving to another primary.
     let primaries = cluster.primaries().await;
@@ -747,7 +699,7 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
 
     let daemon = Daemon::start(test_settings(
         &db.url,
-        &Cluster::url(&cluster.ports()),
+        &cluster_url(&cluster.ports()),
         space.rules(),
     ));
     db.client()
@@ -761,9 +713,8 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     assert_eq!(db.outbox_rows().await, 1);
 
     cluster.finish_migration(slot, from, to).await;
-    wait_for_empty_outbox(&db).await;
     assert_swept(
-        &cluster.keys_by_primary(&space.namespace).await,
+        &once_acknowledged(&cluster, &space, &db).await,
         &must_go,
         &decoys,
     );
@@ -805,7 +756,7 @@ async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_c
     } else {
         CursorOrder::ReversedBuckets
     };
-    let url = SecretUrl::new(Cluster::url(&cluster.ports()));
+    let url = SecretUrl::new(cluster_url(&cluster.ports()));
     let nodes = RedisTarget::parse(&url, None, Duration::from_secs(5))
         .expect("a valid cluster URL")
         .connect()

@@ -3,7 +3,7 @@
 //!
 //! Each scenario starts the daemon, commits changes, injects the fault, commits more changes during
 //! and after it, and then checks that every key a committed change names is gone within
-//! [`PATIENCE`] of recovery, that the decoys next to them are still there, and that the outbox is
+//! `PATIENCE` (the bound) of recovery, that the decoys next to them are still there, and that the outbox is
 //! empty. Servers a test breaks are its own (`PrivateRedis`, `PrivatePostgres`); the shared ones are
 //! only used through a test's own database and key prefix.
 //!
@@ -14,16 +14,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Output};
+use std::process::Output;
 use std::time::Duration;
 
+use cache_invalidator::settings::Settings;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
-/// How long keys may take to go after recovery (the bound), and any awaited effect.
-const PATIENCE: Duration = Duration::from_secs(30);
 /// A poll interval no test outlives: only notifications (and the drain after each LISTEN
 /// reconnect) make the worker look at the outbox, so a listener that did not come back would leave
 /// later changes pending.
@@ -73,13 +71,75 @@ async fn pause_redis(connection: &mut MultiplexedConnection, millis: u64, mode: 
         .expect("CLIENT PAUSE");
 }
 
-/// A database of the test's own with `pgrowlocks`, which shows the rows a claim holds.
-async fn prepare_db(db: &TestDb) {
+/// What a fault test breaks: a database of its own (with `pgrowlocks`, which shows the rows a
+/// claim holds) under its own key space, and a private Redis with a patient connection to it.
+async fn scenario(tag: &str) -> (KeySpace, TestDb, PrivateRedis, MultiplexedConnection) {
+    scenario_on(&admin_database_url(), tag).await
+}
+
+/// [`scenario`] with the database on the server `admin_url` points at.
+async fn scenario_on(
+    admin_url: &str,
+    tag: &str,
+) -> (KeySpace, TestDb, PrivateRedis, MultiplexedConnection) {
+    let space = KeySpace::new(tag);
+    let db = TestDb::with_reports_on(admin_url, tag, &space.rules()).await;
     db.client()
         .await
         .batch_execute("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
         .await
         .expect("create extension pgrowlocks");
+    let redis_server = PrivateRedis::start();
+    let redis = patient_connection(&redis_server.url()).await;
+    (space, db, redis_server, redis)
+}
+
+/// Settings for a daemon that looks at the outbox only when notified ([`NO_POLL`]) and waits out
+/// a Redis pause rather than failing (its Redis timeout is longer than the pause).
+fn notified_only(db: &TestDb, redis_server: &PrivateRedis, space: &KeySpace) -> Settings {
+    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
+    settings.poll_interval = NO_POLL;
+    settings.redis_timeout = PATIENCE;
+    settings
+}
+
+/// Writes the keys of changes 101 to 104 (by authors 1 to 4): those that must go, and their
+/// decoys, which are returned.
+async fn set_change_keys(redis: &mut MultiplexedConnection, space: &KeySpace) -> Vec<String> {
+    let mut all_decoys = Vec::new();
+    for (id, author) in [(101, 1), (102, 2), (103, 3), (104, 4)] {
+        set_keys(redis, &must_go(space, id, author)).await;
+        set_keys(redis, &decoys(space, id, author)).await;
+        all_decoys.extend(decoys(space, id, author));
+    }
+    all_decoys
+}
+
+/// Commits report `id` by `author` and waits until its keys are gone.
+async fn commit_and_clear(
+    db: &TestDb,
+    redis: &mut MultiplexedConnection,
+    space: &KeySpace,
+    id: i64,
+    author: i64,
+) {
+    commit_report(&db.client().await, id, author).await;
+    assert_gone_within(redis, &must_go(space, id, author), PATIENCE).await;
+}
+
+/// After a fault: the keys of changes 102 and 103 (committed around it) go, and so do those of
+/// 104 (committed after); the outbox empties and every decoy stays.
+async fn assert_recovered(
+    db: &TestDb,
+    redis: &mut MultiplexedConnection,
+    space: &KeySpace,
+    decoys: &[String],
+) {
+    let recovered = [must_go(space, 102, 2), must_go(space, 103, 3)].concat();
+    assert_gone_within(redis, &recovered, PATIENCE).await;
+    commit_and_clear(db, redis, space, 104, 4).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
+    assert_kept(redis, decoys).await;
 }
 
 /// Outbox rows locked right now, i.e. claimed by a worker and not yet acknowledged.
@@ -102,15 +162,6 @@ async fn wait_for_claim(db: &TestDb) {
     );
 }
 
-async fn wait_for_empty_outbox(db: &TestDb) {
-    let empty = wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await;
-    assert!(
-        empty,
-        "{} outbox rows still pending",
-        db.outbox_rows().await
-    );
-}
-
 /// Terminates every backend of the daemon in the test's database (the LISTEN connection and the
 /// claim connections); returns how many.
 async fn terminate_daemon_backends(client: &Client) -> i64 {
@@ -127,27 +178,12 @@ async fn terminate_daemon_backends(client: &Client) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
-    let space = KeySpace::new("fault_kill_backend");
-    let db = TestDb::with_reports("fault_kill_backend", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
-    settings.poll_interval = NO_POLL;
-    // Longer than the pause: the sweep waits for Redis rather than failing.
-    settings.redis_timeout = PATIENCE;
-    let daemon = Daemon::start(settings);
+    let (space, db, redis_server, mut redis) = scenario("fault_kill_backend").await;
+    let daemon = Daemon::start(notified_only(&db, &redis_server, &space));
     let client = db.client().await;
-    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
-    let mut all_decoys = Vec::new();
-    for (id, author) in changes {
-        set_keys(&mut redis, &must_go(&space, id, author)).await;
-        set_keys(&mut redis, &decoys(&space, id, author)).await;
-        all_decoys.extend(decoys(&space, id, author));
-    }
+    let all_decoys = set_change_keys(&mut redis, &space).await;
 
-    commit_report(&client, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     // The fault hits while 102 is claimed and its sweep waits for Redis.
     pause_redis(&mut redis, PAUSE_MS, "WRITE").await;
@@ -160,12 +196,7 @@ async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
     );
     commit_report(&client, 103, 3).await;
 
-    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
-    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    commit_report(&client, 104, 4).await;
-    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    assert_kept(&mut redis, &all_decoys).await;
+    assert_recovered(&db, &mut redis, &space, &all_decoys).await;
     daemon.stop().await;
     db.drop().await;
 }
@@ -173,25 +204,11 @@ async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_loses_no_claimed_or_later_change() {
     let pg = PrivatePostgres::start();
-    let space = KeySpace::new("fault_pg_restart");
-    let db = TestDb::with_reports_on(&pg.url(), "fault_pg_restart", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
-    settings.poll_interval = NO_POLL;
-    settings.redis_timeout = PATIENCE;
-    let daemon = Daemon::start(settings);
-    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
-    let mut all_decoys = Vec::new();
-    for (id, author) in changes {
-        set_keys(&mut redis, &must_go(&space, id, author)).await;
-        set_keys(&mut redis, &decoys(&space, id, author)).await;
-        all_decoys.extend(decoys(&space, id, author));
-    }
+    let (space, db, redis_server, mut redis) = scenario_on(&pg.url(), "fault_pg_restart").await;
+    let daemon = Daemon::start(notified_only(&db, &redis_server, &space));
+    let all_decoys = set_change_keys(&mut redis, &space).await;
 
-    commit_report(&db.client().await, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     pause_redis(&mut redis, PAUSE_MS, "WRITE").await;
     commit_report(&db.client().await, 102, 2).await;
@@ -200,12 +217,7 @@ async fn a_postgres_restart_loses_no_claimed_or_later_change() {
     // Right after the restart: the worker may not be listening again yet.
     commit_report(&db.client().await, 103, 3).await;
 
-    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
-    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    commit_report(&db.client().await, 104, 4).await;
-    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    assert_kept(&mut redis, &all_decoys).await;
+    assert_recovered(&db, &mut redis, &space, &all_decoys).await;
     daemon.stop().await;
     db.drop().await;
 }
@@ -216,10 +228,7 @@ async fn a_postgres_restart_loses_no_claimed_or_later_change() {
 /// join a pass midway; every key they name must still go, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
-    let space = KeySpace::new("fault_no_info");
-    let db = TestDb::with_reports("fault_no_info", &space.rules()).await;
-    let redis_server = PrivateRedis::start();
-    let mut admin = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut admin) = scenario("fault_no_info").await;
     let () = redis::cmd("ACL")
         .arg(&[
             "SETUSER",
@@ -269,7 +278,7 @@ async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
         commit_report(&client, id, id % 7 + 1).await;
     }
     assert_gone_within(&mut admin, &all_must_go, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_kept(&mut admin, &all_decoys).await;
     assert_kept(&mut admin, &filler).await;
     daemon.stop().await;
@@ -299,16 +308,12 @@ async fn reconnect_when_loaded(url: &str) -> MultiplexedConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_committed_while_redis_is_down_are_cleared_after_it_returns() {
-    let space = KeySpace::new("fault_redis_restart");
-    let db = TestDb::with_reports("fault_redis_restart", &space.rules()).await;
-    let mut redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, mut redis_server, mut redis) = scenario("fault_redis_restart").await;
     let daemon = Daemon::start(test_settings(&db.url, &redis_server.url(), space.rules()));
     let client = db.client().await;
 
     set_keys(&mut redis, &must_go(&space, 101, 1)).await;
-    commit_report(&client, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     // The restarted server loads this snapshot, so the keys of the change committed during the
     // outage are there the moment it accepts connections: only a change kept in the outbox
@@ -329,7 +334,7 @@ async fn changes_committed_while_redis_is_down_are_cleared_after_it_returns() {
     commit_report(&client, 103, 3).await;
     let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
     assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     // The outage decoys prove the snapshot was loaded (and so were the keys that had to go).
     assert_kept(
         &mut redis,
@@ -354,24 +359,14 @@ async fn connections_received(connection: &mut MultiplexedConnection) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
-    let space = KeySpace::new("fault_redis_pause");
-    let db = TestDb::with_reports("fault_redis_pause", &space.rules()).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_redis_pause").await;
     let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
     settings.redis_timeout = Duration::from_secs(1);
     let daemon = Daemon::start(settings);
     let client = db.client().await;
-    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
-    let mut all_decoys = Vec::new();
-    for (id, author) in changes {
-        set_keys(&mut redis, &must_go(&space, id, author)).await;
-        set_keys(&mut redis, &decoys(&space, id, author)).await;
-        all_decoys.extend(decoys(&space, id, author));
-    }
+    let all_decoys = set_change_keys(&mut redis, &space).await;
 
-    commit_report(&client, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     let before = connections_received(&mut redis).await;
     // Four times the command timeout: the worker's sweep must give up and try again.
@@ -379,12 +374,7 @@ async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
     commit_report(&client, 102, 2).await;
     commit_report(&client, 103, 3).await;
     // This connection's first command waits until the pause ends.
-    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
-    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    commit_report(&client, 104, 4).await;
-    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    assert_kept(&mut redis, &all_decoys).await;
+    assert_recovered(&db, &mut redis, &space, &all_decoys).await;
     // Only the worker connects besides this connection: a new connection is its retry.
     let after = connections_received(&mut redis).await;
     assert!(
@@ -397,11 +387,7 @@ async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
-    let space = KeySpace::new("fault_stop_hung");
-    let db = TestDb::with_reports("fault_stop_hung", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_stop_hung").await;
     let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
     // The hung UNLINK would outlast the stop bound on its own.
     settings.redis_timeout = PATIENCE;
@@ -432,87 +418,15 @@ async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
         .expect("CLIENT UNPAUSE");
     let daemon = Daemon::start(settings);
     assert_gone_within(&mut redis, &keys, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_kept(&mut redis, &decoys(&space, 101, 1)).await;
     daemon.stop().await;
     db.drop().await;
 }
 
-fn command(args: &[&str], database_url: &str) -> tokio::process::Command {
-    let mut command = daemon_command(args);
-    command.env("DATABASE_URL", database_url);
-    command
-}
-
 /// A one-shot subcommand (`status`, `retry-dead-letters`) against `database_url`.
 async fn cli(args: &[&str], database_url: &str) -> Output {
-    match tokio::time::timeout(PATIENCE, command(args, database_url).output()).await {
-        Ok(output) => output.expect("run cache-invalidator"),
-        Err(_) => panic!("cache-invalidator {args:?} did not finish"),
-    }
-}
-
-/// The default rules under the test's key prefix, plus `extra` TOML, written to a file.
-fn write_rules(dir: &Path, space: &KeySpace, extra: &str) -> PathBuf {
-    let path = dir.join("rules.toml");
-    let text = default_rules_toml(&space.key_prefix());
-    std::fs::write(&path, format!("{text}\n{extra}")).expect("write rules");
-    path
-}
-
-/// `cache-invalidator run` as a child process, its log shown when the test fails.
-struct Process {
-    process: LoggedChild,
-}
-
-impl Process {
-    fn start(database_url: &str, redis_url: &str, rules: &Path, log: PathBuf) -> Process {
-        let mut command = command(&["run"], database_url);
-        command
-            .env("REDIS_URL", redis_url)
-            .env("CACHE_INVALIDATOR_RULES", rules)
-            .env("CACHE_INVALIDATOR_REFILL_GUARD", "0")
-            .env("CACHE_INVALIDATOR_POLL_INTERVAL", "500ms");
-        Process {
-            process: LoggedChild::spawn(command, log),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.process.id().expect("still running")
-    }
-
-    /// SIGKILL: no chance to give anything back.
-    async fn kill(&mut self) {
-        self.process.kill().await.expect("SIGKILL");
-    }
-
-    /// SIGTERM as an operator or systemd sends it; the exit status, within [`STOP_BOUND`].
-    async fn terminate(&mut self) -> ExitStatus {
-        send_signal(&self.process, "TERM").await;
-        match tokio::time::timeout(STOP_BOUND, self.process.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => panic!(
-                "no exit within {STOP_BOUND:?} of SIGTERM; log:\n{}",
-                self.log_text()
-            ),
-        }
-    }
-
-    /// Peak resident memory (VmHWM) in kB, from /proc.
-    fn peak_rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status")
-    }
-
-    fn log_text(&self) -> String {
-        self.process.log_text()
-    }
+    run_cli(args, &[("DATABASE_URL", database_url)]).await
 }
 
 /// Reports `ids` inserted one transaction each (authors 1..=50), as an app under load would.
@@ -611,36 +525,23 @@ async fn first_half_with_claims(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_sigkill_mid_burst_loses_nothing_after_a_restart() {
-    let space = KeySpace::new("fault_sigkill");
-    let db = TestDb::with_reports("fault_sigkill", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_sigkill").await;
     let keys = BurstKeys::new(&space);
     keys.set(&mut redis).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
+    let rules = RulesFile::default_for(&space, "");
 
-    let mut worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("first.log"),
-    );
+    let mut worker =
+        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
     let first_half = first_half_with_claims(&db, &mut redis).await;
     worker.kill().await;
     first_half.await.expect("first half");
     // The second half lands while no worker runs.
     burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
 
-    let _restarted = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("second.log"),
-    );
+    let _restarted =
+        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
     keys.assert_cleared(&mut redis, &space).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     db.drop().await;
 }
 
@@ -659,24 +560,15 @@ async fn workers_listening(db: &TestDb) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() {
-    let space = KeySpace::new("fault_sigterm");
-    let db = TestDb::with_reports("fault_sigterm", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_sigterm").await;
     let keys = BurstKeys::new(&space);
     keys.set(&mut redis).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
+    let rules = RulesFile::default_for(&space, "");
 
-    let mut worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("first.log"),
-    );
+    let mut worker =
+        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
     let first_half = first_half_with_claims(&db, &mut redis).await;
-    let status = worker.terminate().await;
+    let status = worker.stop_within(STOP_BOUND).await;
     assert!(
         status.success(),
         "exit after SIGTERM: {status}; log:\n{}",
@@ -692,14 +584,10 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
     assert!(text.contains("workers listening:  0"), "{text}");
     assert!(!text.contains("outbox backlog:     0 row(s)"), "{text}");
 
-    let restarted = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("second.log"),
-    );
+    let restarted =
+        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
     keys.assert_cleared(&mut redis, &space).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert!(
         wait_until(PATIENCE, || async { workers_listening(&db).await == 1 }).await,
         "the restarted worker never listened"
@@ -718,13 +606,13 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
     let space = KeySpace::new("fault_garbage");
     let db = TestDb::with_reports("fault_garbage", &space.rules()).await;
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go = vec![
-        space.key("report:12:1:h"),
-        space.key("report:15:2:h"),
-        space.key("reportlist:reports:1:h"),
-        space.key("reportlist:reports:2:h"),
-    ];
-    let archive = vec![space.key("archive:5:h")];
+    let must_go = space.keys(&[
+        "report:12:1:h",
+        "report:15:2:h",
+        "reportlist:reports:1:h",
+        "reportlist:reports:2:h",
+    ]);
+    let archive = space.keys(&["archive:5:h"]);
     let decoys = vec![
         space.key("report:13:1:h"),
         space.key("report:14:1:h"),
@@ -758,7 +646,7 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
         .expect("commit garbage");
 
     assert_gone_within(&mut redis, &must_go, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     let errors: Vec<(String, String)> = db
         .client()
         .await
@@ -792,14 +680,12 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
 
     // The rules gain the missing table; a retry clears its keys and the rest fail again.
     daemon.stop().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let fixed = write_rules(
-        dir.path(),
+    let fixed = RulesFile::default_for(
         &space,
         "[[rules]]\ntable = \"reports_archive\"\nkeys = [\"archive:{id}:*\"]\n",
     );
     let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
-    settings.rules = cache_invalidator::rules::RuleSet::load(&fixed).expect("fixed rules");
+    settings.rules = cache_invalidator::rules::RuleSet::load(&fixed.path).expect("fixed rules");
     let daemon = Daemon::start(settings);
     let retried = cli(&["retry-dead-letters"], &db.url).await;
     assert!(retried.status.success(), "{}", stdout(&retried));
@@ -831,10 +717,7 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     const AUTHORS: i64 = 100;
     /// Generous for a debug build; the figure is printed for the record.
     const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
-    let space = KeySpace::new("fault_bulk");
-    let db = TestDb::with_reports("fault_bulk", &space.rules()).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_bulk").await;
     let mut must_go: BTreeSet<String> = (1..=ROWS)
         .step_by(SAMPLE_STEP)
         .map(|id| space.key(&format!("report:{id}:7:h")))
@@ -849,14 +732,8 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
     let keys = BurstKeys { must_go, decoys };
     keys.set(&mut redis).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
-    let worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("worker.log"),
-    );
+    let rules = RulesFile::default_for(&space, "");
+    let worker = ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
 
     db.client()
         .await
@@ -869,7 +746,7 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
         .expect("bulk insert");
 
     keys.assert_cleared(&mut redis, &space).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     let peak = worker.peak_rss_kb();
     println!("peak RSS (VmHWM) of the worker after {ROWS} changed rows: {peak} kB");
     assert!(
@@ -892,10 +769,7 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
     const DRAIN_PATIENCE: Duration = Duration::from_secs(400);
     /// Generous for a debug build; the figure is printed for the record.
     const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
-    let space = KeySpace::new("fault_backlog");
-    let db = TestDb::with_reports("fault_backlog", &space.rules()).await;
-    let mut redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, mut redis_server, mut redis) = scenario("fault_backlog").await;
     let mut must_go: BTreeSet<String> = (1..=BACKLOG)
         .step_by(SAMPLE_STEP)
         .map(|id| space.key(&format!("report:{id}:7:h")))
@@ -916,14 +790,8 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
         .expect("SAVE");
     redis_server.stop();
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
-    let worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("worker.log"),
-    );
+    let rules = RulesFile::default_for(&space, "");
+    let worker = ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
     // A million single-row changes, as the triggers record them, committed during the outage.
     db.client()
         .await

@@ -4,13 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// What the worker's role gets (README, "Guarantees and failure modes").
 fn worker_grants(role: &str, database: &str) -> String {
@@ -92,14 +88,8 @@ async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
     );
 
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go = vec![
-        space.key("report:12:1:h"),
-        space.key("reportlist:reports:1:h"),
-    ];
-    let decoys = vec![
-        space.key("report:123:1:h"),
-        space.key("reportlist:reports:11:h"),
-    ];
+    let must_go = space.keys(&["report:12:1:h", "reportlist:reports:1:h"]);
+    let decoys = space.keys(&["report:123:1:h", "reportlist:reports:11:h"]);
     set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
     let daemon = Daemon::start(test_settings(
         &role_url(&role, &db.name),
@@ -248,7 +238,7 @@ async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
 
     // And the worker clears exactly those keys.
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go: Vec<String> = [
+    let must_go: Vec<String> = space.keys(&[
         "report:100:1:h",
         "report:101:1:h",
         "report:1:1:h",
@@ -259,10 +249,7 @@ async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
         "reportlist:reports:2:h",
         "reportlist:reports:3:h",
         "reportlist:reports:4:h",
-    ]
-    .iter()
-    .map(|logical| space.key(logical))
-    .collect();
+    ]);
     let decoys = vec![
         space.key("report:71:1:h"),
         space.key("report:102:1:h"),
@@ -272,11 +259,7 @@ async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
     set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
     let daemon = Daemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
     assert_gone_within(&mut redis, &must_go, PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "outbox not drained: {} rows",
-        db.outbox_rows().await
-    );
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_eq!(db.dead_letters().await, 0);
     assert_kept(&mut redis, &decoys).await;
     daemon.stop().await;

@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-
-const PATIENCE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_clears_keys_through_a_unix_socket() {
@@ -23,14 +19,8 @@ async fn the_daemon_clears_keys_through_a_unix_socket() {
     for (round, scheme) in ["unix", "redis+unix"].into_iter().enumerate() {
         let space = KeySpace::new("unix_socket");
         let db = TestDb::with_reports("unix_socket", &space.rules()).await;
-        let cleared = vec![
-            space.key("report:1:1:h"),
-            space.key("reportlist:reports:1:h"),
-        ];
-        let kept = vec![
-            space.key("report:2:1:h"),
-            space.key("reportlist:reports:2:h"),
-        ];
+        let cleared = space.keys(&["report:1:1:h", "reportlist:reports:1:h"]);
+        let kept = space.keys(&["report:2:1:h", "reportlist:reports:2:h"]);
         set_keys(&mut redis, &[cleared.clone(), kept.clone()].concat()).await;
 
         let url = format!("{scheme}://{socket_text}?db=0");
