@@ -35,12 +35,19 @@ struct Cluster {
     nodes: Vec<ClusterNode>,
     /// Holds each node's `nodes-<port>.conf` until the cluster is dropped.
     _dir: tempfile::TempDir,
+    /// A cluster with replicas holds [`ONE_REPLICATED_CLUSTER`]; declared last, so it is released
+    /// once the nodes are gone.
+    _one_at_a_time: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
 impl Cluster {
     /// `primaries` primaries with `replicas` replicas each, created with `redis-cli --cluster
     /// create`, returned once every node reports `cluster_state:ok` and sees every replica.
     async fn start(primaries: usize, replicas: usize) -> Cluster {
+        let one_at_a_time = match replicas {
+            0 => None,
+            _ => Some(ONE_REPLICATED_CLUSTER.lock().await),
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
@@ -56,7 +63,11 @@ impl Cluster {
                 child: Some(spawn_redis_server(port, dir.path(), &args)),
             });
         }
-        let cluster = Cluster { nodes, _dir: dir };
+        let cluster = Cluster {
+            nodes,
+            _dir: dir,
+            _one_at_a_time: one_at_a_time,
+        };
         for node in &cluster.nodes {
             wait_for_port(node.port, Duration::from_secs(10));
         }
@@ -509,63 +520,42 @@ async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
             .await
             .expect("update");
     }
-    assert_swept(
-        &once_acknowledged(&cluster, &space, &db).await,
-        &must_go,
-        &decoys,
-    );
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
+    assert_swept(&by_node, &must_go, &decoys);
     daemon.stop().await;
     db.drop().await;
 }
 
-/// A cluster of three primaries with one replica each (one such cluster at a time), `reports`
-/// report rows, and the keys of the `changed` reports (must go) and of the `kept` ones (decoys)
-/// written, spread over every primary and replicated.
-struct Replicated {
-    cluster: Cluster,
-    space: KeySpace,
-    db: TestDb,
-    must_go: Vec<String>,
-    decoys: Vec<String>,
-    /// Declared last: released after the cluster is gone.
-    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+/// A cluster of three primaries with one replica each, `reports` report rows, and the keys of the
+/// `changed` reports (must go) and of the `kept` ones (decoys) written, spread over every primary
+/// and replicated.
+async fn replicated(
+    tag: &str,
+    reports: i32,
+    changed: std::ops::RangeInclusive<i32>,
+    kept: std::ops::RangeInclusive<i32>,
+) -> (Cluster, KeySpace, TestDb, Vec<String>, Vec<String>) {
+    let cluster = Cluster::start(3, 1).await;
+    let (space, db, must_go, decoys) = written(&cluster, tag, reports, changed, kept, 1000).await;
+    assert_spread(&cluster, &space, &must_go, &decoys).await;
+    cluster.wait_for_replication().await;
+    (cluster, space, db, must_go, decoys)
 }
 
-impl Replicated {
-    async fn start(
-        tag: &str,
-        reports: i32,
-        changed: std::ops::RangeInclusive<i32>,
-        kept: std::ops::RangeInclusive<i32>,
-    ) -> Replicated {
-        let one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
-        let cluster = Cluster::start(3, 1).await;
-        let (space, db, must_go, decoys) =
-            written(&cluster, tag, reports, changed, kept, 1000).await;
-        assert_spread(&cluster, &space, &must_go, &decoys).await;
-        cluster.wait_for_replication().await;
-        Replicated {
-            cluster,
-            space,
-            db,
-            must_go,
-            decoys,
-            _one_at_a_time: one_at_a_time,
-        }
-    }
+/// Waits until a replica took the place of `victim`: three primaries again, none of them it.
+async fn wait_for_promotion(cluster: &Cluster, victim: u16) {
+    let promoted = wait_until(LONG_PATIENCE, || async {
+        let primaries = cluster.primaries().await;
+        primaries.len() == 3 && !primaries.contains(&victim)
+    })
+    .await;
+    assert!(promoted, "no replica was promoted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
-    // The guard first: bindings drop in reverse order, so it is released after the cluster.
-    let Replicated {
-        _one_at_a_time,
-        mut cluster,
-        space,
-        db,
-        must_go,
-        decoys,
-    } = Replicated::start("failover", 800, 1..=600, 601..=800).await;
+    let (mut cluster, space, db, must_go, decoys) =
+        replicated("failover", 800, 1..=600, 601..=800).await;
 
     // The only seed is the primary about to die: the worker must find the cluster again through
     // the nodes it discovered.
@@ -576,24 +566,8 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
         space.rules(),
     ));
     let client = db.client().await;
-    let burst = |ids: std::ops::RangeInclusive<i32>| {
-        let client = &client;
-        async move {
-            // Transactions of ten one-row statements: many outbox rows, many windows.
-            let ids: Vec<i32> = ids.collect();
-            for chunk in ids.chunks(10) {
-                let statements: String = chunk
-                    .iter()
-                    .map(|id| format!("UPDATE reports_report SET title = 'b' WHERE id = {id};"))
-                    .collect();
-                client
-                    .batch_execute(&format!("BEGIN; {statements} COMMIT;"))
-                    .await
-                    .expect("burst");
-            }
-        }
-    };
-    burst(1..=300).await;
+    // Transactions of ten one-row statements: many outbox rows, many windows.
+    retitle_in_transactions(&client, 1..=300, 10, "b").await;
     // Once the worker acknowledged part of the burst, it has discovered the cluster and is busy.
     let first_half_rows = 300;
     assert!(
@@ -604,15 +578,10 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
         "the worker never acknowledged anything"
     );
     cluster.kill(victim);
-    burst(301..=600).await;
+    retitle_in_transactions(&client, 301..=600, 10, "b").await;
 
     // A replica takes the dead primary's slots; the worker rediscovers and sweeps it.
-    let promoted = wait_until(LONG_PATIENCE, || async {
-        let primaries = cluster.primaries().await;
-        primaries.len() == 3 && !primaries.contains(&victim)
-    })
-    .await;
-    assert!(promoted, "no replica was promoted");
+    wait_for_promotion(&cluster, victim).await;
     let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert!(!by_node.contains_key(&victim));
     assert_swept(&by_node, &must_go, &decoys);
@@ -622,15 +591,8 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invalidation() {
-    // The guard first: bindings drop in reverse order, so it is released after the cluster.
-    let Replicated {
-        _one_at_a_time,
-        mut cluster,
-        space,
-        db,
-        must_go,
-        decoys,
-    } = Replicated::start("idx_failover", 600, 1..=200, 401..=600).await;
+    let (mut cluster, space, db, must_go, decoys) =
+        replicated("idx_failover", 600, 1..=200, 401..=600).await;
     let daemon = Daemon::start_indexed(test_settings(
         &db.url,
         &cluster_url(&cluster.primaries().await),
@@ -652,12 +614,7 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
         .batch_execute("UPDATE reports_report SET title = 'b' WHERE id BETWEEN 101 AND 200")
         .await
         .expect("update during the failover");
-    let promoted = wait_until(LONG_PATIENCE, || async {
-        let primaries = cluster.primaries().await;
-        primaries.len() == 3 && !primaries.contains(&victim)
-    })
-    .await;
-    assert!(promoted, "no replica was promoted");
+    wait_for_promotion(&cluster, victim).await;
     let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert_swept(&by_node, &must_go, &decoys);
 
@@ -713,11 +670,8 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     assert_eq!(db.outbox_rows().await, 1);
 
     cluster.finish_migration(slot, from, to).await;
-    assert_swept(
-        &once_acknowledged(&cluster, &space, &db).await,
-        &must_go,
-        &decoys,
-    );
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
+    assert_swept(&by_node, &must_go, &decoys);
     daemon.stop().await;
     db.drop().await;
 }

@@ -50,16 +50,6 @@ fn decoys(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
     ]
 }
 
-async fn commit_report(client: &Client, id: i64, author: i64) {
-    client
-        .batch_execute(&format!(
-            "INSERT INTO auth_user (id) VALUES ({author}) ON CONFLICT DO NOTHING;
-             INSERT INTO reports_report (id, author_id) VALUES ({id}, {author});"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("commit report {id}: {e}"));
-}
-
 /// `CLIENT PAUSE <ms> <mode>`: `WRITE` holds the sweep's UNLINKs, `ALL` every command.
 async fn pause_redis(connection: &mut MultiplexedConnection, millis: u64, mode: &str) {
     let () = redis::cmd("CLIENT")
@@ -501,13 +491,22 @@ impl BurstKeys {
     }
 }
 
-/// Starts a burst of the first half and returns its task once the worker holds claims in the
-/// middle of it. A short `CLIENT PAUSE WRITE` holds the first sweeps' UNLINKs, so the claims are
-/// certainly there to be seen (and to be hit by the fault).
-async fn first_half_with_claims(
+/// `cache-invalidator run` as a child process against the test's database and Redis, polling as
+/// often as an in-process daemon of the tests.
+fn fast_worker(db: &TestDb, redis_server: &PrivateRedis, rules: &RulesFile) -> ChildDaemon {
+    ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false)
+}
+
+/// Starts a worker and a burst of the first half; returns both once the worker holds claims in
+/// the middle of the burst. A short `CLIENT PAUSE WRITE` holds the first sweeps' UNLINKs, so the
+/// claims are certainly there to be seen (and to be hit by the fault).
+async fn worker_mid_burst(
     db: &TestDb,
+    redis_server: &PrivateRedis,
+    rules: &RulesFile,
     redis: &mut MultiplexedConnection,
-) -> tokio::task::JoinHandle<()> {
+) -> (ChildDaemon, tokio::task::JoinHandle<()>) {
+    let worker = fast_worker(db, redis_server, rules);
     pause_redis(redis, BURST_PAUSE_MS, "WRITE").await;
     db.client()
         .await
@@ -520,7 +519,7 @@ async fn first_half_with_claims(
         wait_until(PATIENCE, || async { claimed_rows(&client).await > 0 }).await,
         "the worker never claimed from the burst"
     );
-    task
+    (worker, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,17 +528,13 @@ async fn a_worker_killed_with_sigkill_mid_burst_loses_nothing_after_a_restart() 
     let keys = BurstKeys::new(&space);
     keys.set(&mut redis).await;
     let rules = RulesFile::default_for(&space, "");
-
-    let mut worker =
-        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
-    let first_half = first_half_with_claims(&db, &mut redis).await;
+    let (mut worker, first_half) = worker_mid_burst(&db, &redis_server, &rules, &mut redis).await;
     worker.kill().await;
     first_half.await.expect("first half");
     // The second half lands while no worker runs.
     burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
 
-    let _restarted =
-        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
+    let _restarted = fast_worker(&db, &redis_server, &rules);
     keys.assert_cleared(&mut redis, &space).await;
     db.wait_for_empty_outbox(PATIENCE).await;
     db.drop().await;
@@ -564,10 +559,7 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
     let keys = BurstKeys::new(&space);
     keys.set(&mut redis).await;
     let rules = RulesFile::default_for(&space, "");
-
-    let mut worker =
-        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
-    let first_half = first_half_with_claims(&db, &mut redis).await;
+    let (mut worker, first_half) = worker_mid_burst(&db, &redis_server, &rules, &mut redis).await;
     let status = worker.stop_within(STOP_BOUND).await;
     assert!(
         status.success(),
@@ -584,8 +576,7 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
     assert!(text.contains("workers listening:  0"), "{text}");
     assert!(!text.contains("outbox backlog:     0 row(s)"), "{text}");
 
-    let restarted =
-        ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
+    let restarted = fast_worker(&db, &redis_server, &rules);
     keys.assert_cleared(&mut redis, &space).await;
     db.wait_for_empty_outbox(PATIENCE).await;
     assert!(
@@ -733,7 +724,7 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     let keys = BurstKeys { must_go, decoys };
     keys.set(&mut redis).await;
     let rules = RulesFile::default_for(&space, "");
-    let worker = ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
+    let worker = fast_worker(&db, &redis_server, &rules);
 
     db.client()
         .await
@@ -791,7 +782,7 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
     redis_server.stop();
 
     let rules = RulesFile::default_for(&space, "");
-    let worker = ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false);
+    let worker = fast_worker(&db, &redis_server, &rules);
     // A million single-row changes, as the triggers record them, committed during the outage.
     db.client()
         .await

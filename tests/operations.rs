@@ -58,6 +58,14 @@ async fn insert_and_clear(
     assert_gone_within(redis, keys, PATIENCE).await;
 }
 
+/// A key space and a database for `tag`, and a rules file with the default rules under its prefix.
+async fn with_rules_file(tag: &str) -> (KeySpace, TestDb, RulesFile) {
+    let space = KeySpace::new(tag);
+    let db = TestDb::with_reports(tag, &space.rules()).await;
+    let rules_file = RulesFile::default_for(&space, "");
+    (space, db, rules_file)
+}
+
 fn lines_starting_with(text: &str, prefix: &str) -> BTreeSet<String> {
     text.lines()
         .filter(|line| line.starts_with(prefix))
@@ -67,9 +75,7 @@ fn lines_starting_with(text: &str, prefix: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
-    let space = KeySpace::new("metrics");
-    let db = TestDb::with_reports("metrics", &space.rules()).await;
-    let rules_file = RulesFile::default_for(&space, "");
+    let (space, db, rules_file) = with_rules_file("metrics").await;
     let rules = rules_file.path.as_path();
     let mut redis = redis_connection(&shared_redis_url()).await;
     let must_go: Vec<String> = space.keys(&[
@@ -199,9 +205,7 @@ fn logged_changes(log: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows() {
-    let space = KeySpace::new("counting");
-    let db = TestDb::with_reports("counting", &space.rules()).await;
-    let rules_file = RulesFile::default_for(&space, "");
+    let (_space, db, rules_file) = with_rules_file("counting").await;
     let rules = rules_file.path.as_path();
     let client = db.client().await;
     // The rows to update exist before the daemon starts; their INSERT is not what is counted.
@@ -504,9 +508,7 @@ async fn explain_prints_the_patterns_of_each_default_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_matching_rules_file_and_keeps_the_old_rules_otherwise() {
-    let space = KeySpace::new("sighup");
-    let db = TestDb::with_reports("sighup", &space.rules()).await;
-    let rules_file = RulesFile::default_for(&space, "");
+    let (space, db, rules_file) = with_rules_file("sighup").await;
     let rules = rules_file.path.as_path();
     let mut redis = redis_connection(&shared_redis_url()).await;
     let client = db.client().await;

@@ -25,14 +25,7 @@ async fn the_daemon_clears_keys_through_a_unix_socket() {
 
         let url = format!("{scheme}://{socket_text}?db=0");
         let daemon = Daemon::start(test_settings(&db.url, &url, space.rules()));
-        db.client()
-            .await
-            .batch_execute(
-                "INSERT INTO auth_user (id) VALUES (1), (2);
-                 INSERT INTO reports_report (id, author_id) VALUES (1, 1);",
-            )
-            .await
-            .expect("write");
+        commit_report(&db.client().await, 1, 1).await;
         assert_gone_within(&mut redis, &cleared, PATIENCE).await;
         assert!(
             wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,

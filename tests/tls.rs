@@ -44,13 +44,7 @@ async fn the_daemon_works_over_verified_tls_to_postgres_and_redis_and_reconnects
     settings.connections.redis_ca_file = Some(certs.ca_file());
     let daemon = Daemon::start(settings);
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO auth_user (id) VALUES (1), (2);
-             INSERT INTO reports_report (id, author_id) VALUES (12, 1);",
-        )
-        .await
-        .expect("insert");
+    commit_report(&client, 12, 1).await;
     assert_gone_within(&mut redis, &first, PATIENCE).await;
 
     // Every session of the daemon is encrypted (plain connections would be allowed: the test's
@@ -81,10 +75,7 @@ async fn the_daemon_works_over_verified_tls_to_postgres_and_redis_and_reconnects
         )
         .await
         .expect("terminate");
-    client
-        .batch_execute("INSERT INTO reports_report (id, author_id) VALUES (13, 2)")
-        .await
-        .expect("insert");
+    commit_report(&client, 13, 2).await;
     assert_gone_within(&mut redis, &second, PATIENCE).await;
     assert_kept(&mut redis, &decoys).await;
     db.wait_for_empty_outbox(PATIENCE).await;

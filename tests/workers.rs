@@ -107,17 +107,7 @@ impl Setup {
     /// Commits one-row UPDATEs of reports `ids`, [`STATEMENTS_PER_COMMIT`] per transaction.
     async fn change(&self, ids: std::ops::RangeInclusive<i32>) {
         let client = self.db.client().await;
-        let ids: Vec<i32> = ids.collect();
-        for chunk in ids.chunks(STATEMENTS_PER_COMMIT) {
-            let statements: String = chunk
-                .iter()
-                .map(|id| format!("UPDATE reports_report SET title = 'new' WHERE id = {id};"))
-                .collect();
-            client
-                .batch_execute(&format!("BEGIN; {statements} COMMIT;"))
-                .await
-                .expect("burst");
-        }
+        retitle_in_transactions(&client, ids, STATEMENTS_PER_COMMIT, "new").await;
     }
 
     /// Waits until the outbox is empty, then checks exactly the decoys are left in Redis.

@@ -141,6 +141,38 @@ impl TestDb {
     }
 }
 
+/// Commits report `id` by user `author` (created if missing), in a transaction of its own.
+pub async fn commit_report(client: &Client, id: i64, author: i64) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO auth_user (id) VALUES ({author}) ON CONFLICT DO NOTHING;
+             INSERT INTO reports_report (id, author_id) VALUES ({id}, {author});"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("commit report {id}: {e}"));
+}
+
+/// Commits one-row UPDATEs setting the title of reports `ids` to `title`, `per_commit` statements
+/// per transaction: an outbox row per statement, and many commits to wake the workers.
+pub async fn retitle_in_transactions(
+    client: &Client,
+    ids: std::ops::RangeInclusive<i32>,
+    per_commit: usize,
+    title: &str,
+) {
+    let ids: Vec<i32> = ids.collect();
+    for chunk in ids.chunks(per_commit) {
+        let statements: String = chunk
+            .iter()
+            .map(|id| format!("UPDATE reports_report SET title = '{title}' WHERE id = {id};"))
+            .collect();
+        client
+            .batch_execute(&format!("BEGIN; {statements} COMMIT;"))
+            .await
+            .expect("burst");
+    }
+}
+
 /// `url` (a Postgres URL) with `application_name=name`, to tell one client's sessions apart.
 pub fn with_application_name(url: &str, name: &str) -> String {
     let mut url = url::Url::parse(url).expect("database url");
