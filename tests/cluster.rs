@@ -348,23 +348,6 @@ async fn key_slot(port: u16, key: &str) -> u16 {
         .expect("CLUSTER KEYSLOT")
 }
 
-/// The reports of a test: `reports` rows, ids 1..=reports, report `id` written by user
-/// `1 + (id - 1) / 10` (ten reports per author). The outbox rows of this setup are removed so
-/// only the test's own changes are pending.
-async fn seed_reports(db: &TestDb, reports: i32) {
-    let client = db.client().await;
-    client
-        .batch_execute(&format!(
-            "INSERT INTO auth_user (id) SELECT g FROM generate_series(1, {users}) g;
-             INSERT INTO reports_report (id, author_id)
-                 SELECT g, 1 + (g - 1) / 10 FROM generate_series(1, {reports}) g;
-             DELETE FROM cache_invalidator.outbox;",
-            users = (reports + 9) / 10,
-        ))
-        .await
-        .expect("seed reports");
-}
-
 /// The keys of the reports `changed` (which must go) and of the others (which must stay), in
 /// the django-redis layout under `space`, with `filler` unrelated keys among the decoys so each
 /// node's pass takes several `SCAN` steps.
@@ -412,9 +395,8 @@ async fn written(
     kept: std::ops::RangeInclusive<i32>,
     filler: usize,
 ) -> (KeySpace, TestDb, Vec<String>, Vec<String>) {
-    let space = KeySpace::new(tag);
-    let db = TestDb::with_reports(tag, &space.rules()).await;
-    seed_reports(&db, reports).await;
+    let (space, db) = space_with_reports(tag).await;
+    db.seed_reports(reports).await;
     let (must_go, decoys) = report_keys(&space, changed, kept, filler);
     cluster
         .set_keys(&[must_go.clone(), decoys.clone()].concat())

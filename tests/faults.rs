@@ -134,14 +134,12 @@ async fn assert_recovered(
 
 /// Outbox rows locked right now, i.e. claimed by a worker and not yet acknowledged.
 async fn claimed_rows(client: &Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM pgrowlocks('cache_invalidator.outbox')",
-            &[],
-        )
-        .await
-        .expect("pgrowlocks")
-        .get(0)
+    count(
+        client,
+        "SELECT count(*) FROM pgrowlocks('cache_invalidator.outbox')",
+        &[],
+    )
+    .await
 }
 
 async fn wait_for_claim(db: &TestDb) {
@@ -155,15 +153,9 @@ async fn wait_for_claim(db: &TestDb) {
 /// Terminates every backend of the daemon in the test's database (the LISTEN connection and the
 /// claim connections); returns how many.
 async fn terminate_daemon_backends(client: &Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE 'cache-invalidator%'",
-            &[],
-        )
-        .await
-        .expect("terminate backends")
-        .get(0)
+    let sql = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+               WHERE datname = current_database() AND application_name LIKE 'cache-invalidator%'";
+    count(client, sql, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,9 +240,7 @@ async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
     let filler: Vec<String> = (0..30_000)
         .map(|i| space.key(&format!("fragment:{i}")))
         .collect();
-    for chunk in filler.chunks(5_000) {
-        set_keys(&mut admin, chunk).await;
-    }
+    set_keys(&mut admin, &filler).await;
     let ids = 301..=340;
     let mut all_must_go = Vec::new();
     let mut all_decoys = Vec::new();
@@ -445,6 +435,13 @@ const BURST: i64 = 2000;
 const BURST_PAUSE_MS: u64 = 3000;
 
 impl BurstKeys {
+    /// [`BurstKeys::new`], written to `redis`.
+    async fn written(space: &KeySpace, redis: &mut MultiplexedConnection) -> BurstKeys {
+        let keys = BurstKeys::new(space);
+        keys.set(redis).await;
+        keys
+    }
+
     fn new(space: &KeySpace) -> BurstKeys {
         let mut must_go: BTreeSet<String> = (1..=BURST)
             .map(|id| space.key(&format!("report:{id}:7:h")))
@@ -455,6 +452,32 @@ impl BurstKeys {
             .collect();
         decoys.extend((51..=60).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
         decoys.extend((1..=100).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
+        BurstKeys { must_go, decoys }
+    }
+
+    /// The keys of reports 1..=`rows` by `authors` authors: every `step`th report's key (and the
+    /// last one's) and every author's list must go; the 50 reports after the range, the author
+    /// after the last, and the first `other_version` reports under another cache VERSION stay.
+    fn sampled(
+        space: &KeySpace,
+        rows: i64,
+        step: usize,
+        authors: i64,
+        other_version: i64,
+    ) -> BurstKeys {
+        let mut must_go: BTreeSet<String> = (1..=rows)
+            .step_by(step)
+            .map(|id| space.key(&format!("report:{id}:7:h")))
+            .collect();
+        must_go.insert(space.key(&format!("report:{rows}:7:h")));
+        must_go.extend(
+            (1..=authors).map(|author| space.key(&format!("reportlist:reports:{author}:h"))),
+        );
+        let mut decoys: Vec<String> = (rows + 1..=rows + 50)
+            .map(|id| space.key(&format!("report:{id}:7:h")))
+            .collect();
+        decoys.extend((1..=other_version).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
+        decoys.push(space.key(&format!("reportlist:reports:{}:h", authors + 1)));
         BurstKeys { must_go, decoys }
     }
 
@@ -497,76 +520,80 @@ fn fast_worker(db: &TestDb, redis_server: &PrivateRedis, rules: &RulesFile) -> C
     ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false)
 }
 
-/// Starts a worker and a burst of the first half; returns both once the worker holds claims in
-/// the middle of the burst. A short `CLIENT PAUSE WRITE` holds the first sweeps' UNLINKs, so the
-/// claims are certainly there to be seen (and to be hit by the fault).
-async fn worker_mid_burst(
+/// A burst caught in the middle: its keys written, a worker started with `rules` and holding
+/// claims, and the task committing the first half.
+struct MidBurst {
+    keys: BurstKeys,
+    rules: RulesFile,
+    worker: ChildDaemon,
+    first_half: tokio::task::JoinHandle<()>,
+}
+
+/// Writes the burst's keys, starts a worker and a burst of the first half, and returns once the
+/// worker holds claims in the middle of it. A short `CLIENT PAUSE WRITE` holds the first sweeps'
+/// UNLINKs, so the claims are certainly there to be seen (and to be hit by the fault).
+async fn mid_burst(
     db: &TestDb,
     redis_server: &PrivateRedis,
-    rules: &RulesFile,
+    space: &KeySpace,
     redis: &mut MultiplexedConnection,
-) -> (ChildDaemon, tokio::task::JoinHandle<()>) {
-    let worker = fast_worker(db, redis_server, rules);
+) -> MidBurst {
+    let keys = BurstKeys::written(space, redis).await;
+    let rules = RulesFile::default_for(space, "");
+    let worker = fast_worker(db, redis_server, &rules);
     pause_redis(redis, BURST_PAUSE_MS, "WRITE").await;
     db.client()
         .await
         .batch_execute("INSERT INTO auth_user (id) SELECT generate_series(1, 50)")
         .await
         .expect("users");
-    let task = tokio::spawn(burst(db.url.clone(), 1..=BURST / 2));
+    let first_half = tokio::spawn(burst(db.url.clone(), 1..=BURST / 2));
     let client = db.client().await;
     assert!(
         wait_until(PATIENCE, || async { claimed_rows(&client).await > 0 }).await,
         "the worker never claimed from the burst"
     );
-    (worker, task)
+    MidBurst {
+        keys,
+        rules,
+        worker,
+        first_half,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_sigkill_mid_burst_loses_nothing_after_a_restart() {
     let (space, db, redis_server, mut redis) = scenario("fault_sigkill").await;
-    let keys = BurstKeys::new(&space);
-    keys.set(&mut redis).await;
-    let rules = RulesFile::default_for(&space, "");
-    let (mut worker, first_half) = worker_mid_burst(&db, &redis_server, &rules, &mut redis).await;
-    worker.kill().await;
-    first_half.await.expect("first half");
+    let mut mid = mid_burst(&db, &redis_server, &space, &mut redis).await;
+    mid.worker.kill().await;
+    mid.first_half.await.expect("first half");
     // The second half lands while no worker runs.
     burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
 
-    let _restarted = fast_worker(&db, &redis_server, &rules);
-    keys.assert_cleared(&mut redis, &space).await;
+    let _restarted = fast_worker(&db, &redis_server, &mid.rules);
+    mid.keys.assert_cleared(&mut redis, &space).await;
     db.wait_for_empty_outbox(PATIENCE).await;
     db.drop().await;
 }
 
 async fn workers_listening(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE $1",
-            &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get(0)
+    let sql = "SELECT count(*) FROM pg_stat_activity \
+               WHERE datname = current_database() AND application_name LIKE $1";
+    let like = cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE;
+    count(&db.client().await, sql, &[&like]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() {
     let (space, db, redis_server, mut redis) = scenario("fault_sigterm").await;
-    let keys = BurstKeys::new(&space);
-    keys.set(&mut redis).await;
-    let rules = RulesFile::default_for(&space, "");
-    let (mut worker, first_half) = worker_mid_burst(&db, &redis_server, &rules, &mut redis).await;
-    let status = worker.stop_within(STOP_BOUND).await;
+    let mut mid = mid_burst(&db, &redis_server, &space, &mut redis).await;
+    let status = mid.worker.stop_within(STOP_BOUND).await;
     assert!(
         status.success(),
         "exit after SIGTERM: {status}; log:\n{}",
-        worker.log_text()
+        mid.worker.log_text()
     );
-    first_half.await.expect("first half");
+    mid.first_half.await.expect("first half");
     burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
 
     // Nothing runs: `status` says so, and fails as a health probe.
@@ -576,8 +603,8 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
     assert!(text.contains("workers listening:  0"), "{text}");
     assert!(!text.contains("outbox backlog:     0 row(s)"), "{text}");
 
-    let restarted = fast_worker(&db, &redis_server, &rules);
-    keys.assert_cleared(&mut redis, &space).await;
+    let restarted = fast_worker(&db, &redis_server, &mid.rules);
+    mid.keys.assert_cleared(&mut redis, &space).await;
     db.wait_for_empty_outbox(PATIENCE).await;
     assert!(
         wait_until(PATIENCE, || async { workers_listening(&db).await == 1 }).await,
@@ -594,8 +621,7 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_fixed() {
-    let space = KeySpace::new("fault_garbage");
-    let db = TestDb::with_reports("fault_garbage", &space.rules()).await;
+    let (space, db) = space_with_reports("fault_garbage").await;
     let mut redis = redis_connection(&shared_redis_url()).await;
     let must_go = space.keys(&[
         "report:12:1:h",
@@ -638,18 +664,8 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
 
     assert_gone_within(&mut redis, &must_go, PATIENCE).await;
     db.wait_for_empty_outbox(PATIENCE).await;
-    let errors: Vec<(String, String)> = db
-        .client()
-        .await
-        .query(
-            "SELECT op, error FROM cache_invalidator.dead_letters ORDER BY outbox_id",
-            &[],
-        )
-        .await
-        .expect("dead letters")
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let sql = "SELECT op, error FROM cache_invalidator.dead_letters ORDER BY outbox_id";
+    let errors: Vec<(String, String)> = pairs(&db.client().await, sql).await;
     let expected = [
         "no rule for table \"reports_archive\"",
         "unknown operation \"MERGE\"",
@@ -700,28 +716,30 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
     db.drop().await;
 }
 
+/// Authors of the reports in the bounded-memory tests.
+const AUTHORS: i64 = 100;
+/// A worker's peak memory in the bounded-memory tests: generous for a debug build; the figure is
+/// printed for the record.
+const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
+
+/// Prints the worker's peak resident memory after `what` and checks it is under
+/// [`PEAK_RSS_LIMIT_KB`].
+fn assert_bounded_memory(worker: &ChildDaemon, what: &str) {
+    let peak = worker.peak_rss_kb();
+    println!("peak RSS (VmHWM) of the worker after {what}: {peak} kB");
+    assert!(
+        peak < PEAK_RSS_LIMIT_KB,
+        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     const ROWS: i64 = 200_000;
     /// Every 97th report's key is checked: enough to catch a lost batch anywhere in the range.
     const SAMPLE_STEP: usize = 97;
-    const AUTHORS: i64 = 100;
-    /// Generous for a debug build; the figure is printed for the record.
-    const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
     let (space, db, redis_server, mut redis) = scenario("fault_bulk").await;
-    let mut must_go: BTreeSet<String> = (1..=ROWS)
-        .step_by(SAMPLE_STEP)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    must_go.insert(space.key(&format!("report:{ROWS}:7:h")));
-    must_go
-        .extend((1..=AUTHORS).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
-    let mut decoys: Vec<String> = (ROWS + 1..=ROWS + 50)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    decoys.extend((1..=50).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
-    decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
-    let keys = BurstKeys { must_go, decoys };
+    let keys = BurstKeys::sampled(&space, ROWS, SAMPLE_STEP, AUTHORS, 50);
     keys.set(&mut redis).await;
     let rules = RulesFile::default_for(&space, "");
     let worker = fast_worker(&db, &redis_server, &rules);
@@ -738,12 +756,7 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
 
     keys.assert_cleared(&mut redis, &space).await;
     db.wait_for_empty_outbox(PATIENCE).await;
-    let peak = worker.peak_rss_kb();
-    println!("peak RSS (VmHWM) of the worker after {ROWS} changed rows: {peak} kB");
-    assert!(
-        peak < PEAK_RSS_LIMIT_KB,
-        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
-    );
+    assert_bounded_memory(&worker, &format!("{ROWS} changed rows"));
     drop(worker);
     db.drop().await;
 }
@@ -755,24 +768,10 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
     const BACKLOG: i64 = 1_000_000;
     /// Every 997th report's key is checked, plus the last: a lost batch anywhere shows.
     const SAMPLE_STEP: usize = 997;
-    const AUTHORS: i64 = 100;
     /// Draining a million rows takes about a minute in a debug build on two busy cores.
     const DRAIN_PATIENCE: Duration = Duration::from_secs(400);
-    /// Generous for a debug build; the figure is printed for the record.
-    const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
     let (space, db, mut redis_server, mut redis) = scenario("fault_backlog").await;
-    let mut must_go: BTreeSet<String> = (1..=BACKLOG)
-        .step_by(SAMPLE_STEP)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    must_go.insert(space.key(&format!("report:{BACKLOG}:7:h")));
-    must_go
-        .extend((1..=AUTHORS).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
-    let mut decoys: Vec<String> = (BACKLOG + 1..=BACKLOG + 50)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
-    let keys = BurstKeys { must_go, decoys };
+    let keys = BurstKeys::sampled(&space, BACKLOG, SAMPLE_STEP, AUTHORS, 0);
     keys.set(&mut redis).await;
     // The restarted server loads this snapshot: the keys are there the moment it answers.
     let () = redis::cmd("SAVE")
@@ -806,12 +805,7 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
     let drained = wait_until(DRAIN_PATIENCE, || async { db.outbox_rows().await == 0 }).await;
     assert!(drained, "{} outbox rows left", db.outbox_rows().await);
     keys.assert_cleared(&mut redis, &space).await;
-    let peak = worker.peak_rss_kb();
-    println!("peak RSS (VmHWM) of the worker after a {BACKLOG}-row backlog: {peak} kB");
-    assert!(
-        peak < PEAK_RSS_LIMIT_KB,
-        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
-    );
+    assert_bounded_memory(&worker, &format!("a {BACKLOG}-row backlog"));
     drop(worker);
     db.drop().await;
 }

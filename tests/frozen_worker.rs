@@ -54,8 +54,7 @@ async fn cleared(db: &TestDb, redis_url: &str, keys: &[String], within: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_loses_its_claim_and_another_worker_clears_the_change() {
-    let space = KeySpace::new("frozen");
-    let db = TestDb::with_reports("frozen", &space.rules()).await;
+    let (space, db) = space_with_reports("frozen").await;
     db.client()
         .await
         .batch_execute(

@@ -60,8 +60,7 @@ async fn insert_and_clear(
 
 /// A key space and a database for `tag`, and a rules file with the default rules under its prefix.
 async fn with_rules_file(tag: &str) -> (KeySpace, TestDb, RulesFile) {
-    let space = KeySpace::new(tag);
-    let db = TestDb::with_reports(tag, &space.rules()).await;
+    let (space, db) = space_with_reports(tag).await;
     let rules_file = RulesFile::default_for(&space, "");
     (space, db, rules_file)
 }
@@ -256,8 +255,7 @@ async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_fails_while_no_worker_listens_and_says_so() {
-    let space = KeySpace::new("status_exit");
-    let db = TestDb::with_reports("status_exit", &space.rules()).await;
+    let (_space, db) = space_with_reports("status_exit").await;
     let env = [
         ("DATABASE_URL", db.url.as_str()),
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -328,8 +326,7 @@ async fn healthz_turns_503_while_redis_is_down_and_200_once_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_the_tables_whose_installed_triggers_do_not_match_the_rules() {
-    let space = KeySpace::new("check");
-    let db = TestDb::with_reports("check", &space.rules()).await;
+    let (space, db) = space_with_reports("check").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let rules = dir.path().join("rules.toml");
     let rules_arg = rules.to_str().expect("utf-8 path").to_owned();
@@ -559,8 +556,7 @@ async fn sighup_applies_a_matching_rules_file_and_keeps_the_old_rules_otherwise(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_functions_clear_keys_only_when_the_calling_transaction_commits() {
-    let space = KeySpace::new("sqlfn");
-    let db = TestDb::with_reports("sqlfn", &space.rules()).await;
+    let (space, db) = space_with_reports("sqlfn").await;
     let mut redis = redis_connection(&shared_redis_url()).await;
     let rolled_back: Vec<String> = space.keys(&["report:1:7:a", "reportlist:reports:7:p"]);
     let committed: Vec<String> = space.keys(&[

@@ -17,8 +17,7 @@ async fn the_daemon_clears_keys_through_a_unix_socket() {
     let mut redis = redis_connection(&redis_server.url()).await;
 
     for (round, scheme) in ["unix", "redis+unix"].into_iter().enumerate() {
-        let space = KeySpace::new("unix_socket");
-        let db = TestDb::with_reports("unix_socket", &space.rules()).await;
+        let (space, db) = space_with_reports("unix_socket").await;
         let cleared = space.keys(&["report:1:1:h", "reportlist:reports:1:h"]);
         let kept = space.keys(&["report:2:1:h", "reportlist:reports:2:h"]);
         set_keys(&mut redis, &[cleared.clone(), kept.clone()].concat()).await;

@@ -184,8 +184,7 @@ async fn assert_pings_through_outage(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_keeps_pinging_while_redis_is_down() {
     let mut redis_server = PrivateRedis::start();
-    let space = KeySpace::new("sd_redis_down");
-    let db = TestDb::with_reports("sd_redis_down", &space.rules()).await;
+    let (space, db) = space_with_reports("sd_redis_down").await;
     let notify = NotifySocket::bind();
     let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify);
     notify.received.wait_for_ping_after_ready().await;
@@ -247,8 +246,7 @@ async fn ready_while_redis_is_down_then_backlog_cleared_soon_after_it_answers() 
     // test sees the daemon delete them rather than the restart losing them.
     let mut redis_server =
         PrivateRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let space = KeySpace::new("sd_recovery");
-    let db = TestDb::with_reports("sd_recovery", &space.rules()).await;
+    let (space, db) = space_with_reports("sd_recovery").await;
 
     const REPORTS: i64 = 40;
     let mut cleared = Vec::new();

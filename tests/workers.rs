@@ -50,21 +50,9 @@ struct Setup {
 
 impl Setup {
     async fn new(tag: &str) -> Setup {
-        let space = KeySpace::new(tag);
-        let db = TestDb::with_reports(tag, &space.rules()).await;
+        let (space, db) = space_with_reports(tag).await;
         // Ten reports per author; reports past the burst belong to authors of their own.
-        db.client()
-            .await
-            .batch_execute(&format!(
-                "INSERT INTO auth_user (id) SELECT g FROM generate_series(1, {users}) g;
-                 INSERT INTO reports_report (id, author_id)
-                     SELECT g, 1 + (g - 1) / 10 FROM generate_series(1, {reports}) g;
-                 DELETE FROM cache_invalidator.outbox;",
-                users = (BURST + 100) / 10,
-                reports = BURST + 100,
-            ))
-            .await
-            .expect("seed reports");
+        db.seed_reports(BURST + 100).await;
         let redis = PrivateRedis::start();
         let mut must_go = Vec::new();
         for id in 1..=BURST {
@@ -199,8 +187,7 @@ async fn a_worker_killed_halfway_leaves_its_claims_to_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_lists_each_connected_worker() {
-    let space = KeySpace::new("status");
-    let db = TestDb::with_reports("status", &space.rules()).await;
+    let (_space, db) = space_with_reports("status").await;
     let redis = PrivateRedis::start();
     let rules = RulesFile::new(cache_invalidator::rules::DEFAULT_RULES_TOML);
     let first = ChildDaemon::worker(&db.url, &redis.url(), &rules.path, &FAST_POLL, true);

@@ -5,10 +5,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cache_invalidator::rules::RuleSet;
+use tokio_postgres::types::{FromSqlOwned, ToSql};
 use tokio_postgres::Client;
 
 use super::certs::TestCerts;
-use super::servers::{connect, free_port, with_database, REPORT_TABLES_SQL};
+use super::redis::KeySpace;
+use super::servers::{connect, create_database, drop_database, free_port, REPORT_TABLES_SQL};
 use super::wait::wait_until;
 use super::{run_checked, unique};
 
@@ -33,13 +35,8 @@ impl TestDb {
     /// An empty database on the server `admin_url` points at.
     pub async fn empty_on(admin_url: &str, tag: &str) -> TestDb {
         let name = unique(&format!("ci_test_{tag}")).to_lowercase();
-        let admin = connect(admin_url).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create test database");
         TestDb {
-            url: with_database(admin_url, &name),
+            url: create_database(admin_url, &name).await,
             name,
             admin_url: admin_url.to_owned(),
         }
@@ -78,41 +75,40 @@ impl TestDb {
     }
 
     async fn rows_in(&self, table: &str) -> i64 {
-        self.client()
-            .await
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .await
-            .unwrap_or_else(|e| panic!("count {table}: {e}"))
-            .get(0)
+        let sql = format!("SELECT count(*) FROM {table}");
+        count(&self.client().await, &sql, &[]).await
     }
 
     pub async fn drop(self) {
-        let admin = connect(&self.admin_url).await;
-        admin
+        drop_database(&self.admin_url, &self.name).await;
+    }
+
+    /// `reports` report rows, ids 1..=reports, report `id` written by user `1 + (id - 1) / 10` (ten
+    /// reports per author). The outbox rows of this setup are removed so only the test's own
+    /// changes are pending.
+    pub async fn seed_reports(&self, reports: i32) {
+        self.client()
+            .await
             .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
+                "INSERT INTO auth_user (id) SELECT g FROM generate_series(1, {users}) g;
+                 INSERT INTO reports_report (id, author_id)
+                     SELECT g, 1 + (g - 1) / 10 FROM generate_series(1, {reports}) g;
+                 DELETE FROM cache_invalidator.outbox;",
+                users = (reports + 9) / 10,
             ))
             .await
-            .expect("drop test database");
+            .expect("seed reports");
     }
 
     /// Outbox rows locked right now by the sessions named `application_name`: a locked row's
     /// `xmax` is the locking transaction's id, which `pg_stat_activity.backend_xid` shows per
     /// session.
     pub async fn rows_held_by(&self, application_name: &str) -> i64 {
-        self.client()
-            .await
-            .query_one(
-                "SELECT count(*) FROM cache_invalidator.outbox WHERE xmax IN \
-                 (SELECT backend_xid FROM pg_stat_activity \
-                  WHERE datname = current_database() AND application_name = $1 \
-                  AND backend_xid IS NOT NULL)",
-                &[&application_name],
-            )
-            .await
-            .expect("rows held")
-            .get(0)
+        let sql = "SELECT count(*) FROM cache_invalidator.outbox WHERE xmax IN \
+                   (SELECT backend_xid FROM pg_stat_activity \
+                    WHERE datname = current_database() AND application_name = $1 \
+                    AND backend_xid IS NOT NULL)";
+        count(&self.client().await, sql, &[&application_name]).await
     }
 
     /// Waits until exactly `count` workers listen on this database; panics after `within`.
@@ -139,6 +135,38 @@ impl TestDb {
             self.outbox_rows().await
         );
     }
+}
+
+/// The single `count(*)` (or other bigint) that `sql` selects.
+pub async fn count(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> i64 {
+    client
+        .query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// The rows `sql` selects, as pairs of their first two columns.
+pub async fn pairs<A, B>(client: &Client, sql: &str) -> Vec<(A, B)>
+where
+    A: FromSqlOwned,
+    B: FromSqlOwned,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// A key space of its own for `tag`, and a database with the report tables and the triggers of
+/// the default rules under that key space's prefix.
+pub async fn space_with_reports(tag: &str) -> (KeySpace, TestDb) {
+    let space = KeySpace::new(tag);
+    let db = TestDb::with_reports(tag, &space.rules()).await;
+    (space, db)
 }
 
 /// Commits report `id` by user `author` (created if missing), in a transaction of its own.

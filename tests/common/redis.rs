@@ -88,12 +88,16 @@ pub async fn patient_connection(url: &str) -> MultiplexedConnection {
         .unwrap_or_else(|e| panic!("connect to redis {url}: {e}"))
 }
 
+/// Writes each of `keys` (value `cached`), pipelined 5,000 at a time: one pipeline of tens of
+/// thousands would hold a request and a reply that size in memory at once.
 pub async fn set_keys(connection: &mut MultiplexedConnection, keys: &[String]) {
-    let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.cmd("SET").arg(key).arg("cached").ignore();
+    for chunk in keys.chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("SET").arg(key).arg("cached").ignore();
+        }
+        let () = pipe.query_async(connection).await.expect("set keys");
     }
-    let () = pipe.query_async(connection).await.expect("set keys");
 }
 
 /// Keys starting with `prefix` (SCAN MATCH, so it works on a shared server).

@@ -42,6 +42,32 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Creates database `name` on the server `admin_url` points at, dropping one an earlier run left
+/// under that name first, and returns its URL.
+pub async fn create_database(admin_url: &str, name: &str) -> String {
+    let admin = connect(admin_url).await;
+    // Two statements: neither may run inside the transaction a multi-statement query would be.
+    for statement in [
+        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+        format!("CREATE DATABASE \"{name}\""),
+    ] {
+        admin
+            .batch_execute(&statement)
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+    }
+    with_database(admin_url, name)
+}
+
+/// Drops database `name` on the server `admin_url` points at, ending its sessions.
+pub async fn drop_database(admin_url: &str, name: &str) {
+    connect(admin_url)
+        .await
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .unwrap_or_else(|e| panic!("drop database {name}: {e}"));
+}
+
 /// `url` (a Postgres URL) pointing at database `database` instead.
 pub fn with_database(url: &str, database: &str) -> String {
     let mut parsed = url::Url::parse(url).expect("a valid Postgres URL");

@@ -18,8 +18,8 @@ use crate::nodes::{own_slot_ranges, Router};
 mod servers;
 
 use servers::{
-    cluster_node_args, cluster_url, create_cluster, spawn_redis_server, wait_for_port,
-    with_database, REPORT_TABLES_SQL,
+    cluster_node_args, cluster_url, create_cluster, create_database, drop_database,
+    spawn_redis_server, wait_for_port, REPORT_TABLES_SQL,
 };
 pub use servers::{connect, free_port};
 
@@ -165,18 +165,8 @@ impl ScratchDb {
     /// Creates the database with the report tables filled for `layout` and the triggers of `rules`.
     pub async fn create(admin_url: &str, layout: &Layout, rules: &RuleSet) -> ScratchDb {
         let name = format!("cache_invalidator_bench_{}", std::process::id());
-        let admin = connect(admin_url).await;
-        for statement in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            admin
-                .batch_execute(&statement)
-                .await
-                .expect("create the scratch database");
-        }
         let db = ScratchDb {
-            url: with_database(admin_url, &name),
+            url: create_database(admin_url, &name).await,
             name,
             admin_url: admin_url.to_owned(),
         };
@@ -229,13 +219,6 @@ impl ScratchDb {
     }
 
     pub async fn drop(self) {
-        connect(&self.admin_url)
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop the scratch database");
+        drop_database(&self.admin_url, &self.name).await;
     }
 }
