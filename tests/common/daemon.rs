@@ -176,7 +176,16 @@ pub type LoggedChild = ChildDaemon;
 
 impl ChildDaemon {
     /// Spawns `command` with stdout discarded and stderr written to `log`.
-    pub fn spawn(mut command: tokio::process::Command, log: PathBuf) -> ChildDaemon {
+    pub fn spawn(command: tokio::process::Command, log: PathBuf) -> ChildDaemon {
+        ChildDaemon::spawn_with(command, log, None, None)
+    }
+
+    fn spawn_with(
+        mut command: tokio::process::Command,
+        log: PathBuf,
+        metrics: Option<SocketAddr>,
+        dir: Option<tempfile::TempDir>,
+    ) -> ChildDaemon {
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = command
             .stdout(Stdio::null())
@@ -186,8 +195,8 @@ impl ChildDaemon {
         ChildDaemon {
             child,
             log,
-            metrics: None,
-            _dir: None,
+            metrics,
+            _dir: dir,
         }
     }
 
@@ -204,10 +213,8 @@ impl ChildDaemon {
         }
         let mut command = daemon_command(&full_args);
         command.envs(env.iter().copied());
-        let mut daemon = ChildDaemon::spawn(command, dir.path().join("daemon.log"));
-        daemon.metrics = metrics;
-        daemon._dir = Some(dir);
-        daemon
+        let log = dir.path().join("daemon.log");
+        ChildDaemon::spawn_with(command, log, metrics, Some(dir))
     }
 
     /// A worker: `run` against `database_url` and `redis_url` with the rules file `rules` and no
