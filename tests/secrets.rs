@@ -12,14 +12,11 @@ mod common;
 
 use std::fmt::Write as _;
 use std::process::{Output, Stdio};
-use std::time::Duration;
 
 use common::*;
 use proptest::prelude::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-/// How long any one command may take before the test gives up (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(30);
 /// Generated cases: each runs the eight subcommands at once, `run` until it has failed to reach
 /// both servers (a fraction of a second); 24 cases take about 15 s on two shared cores.
 const CASES: u32 = 24;

@@ -36,9 +36,7 @@ async fn a_window_still_clears_its_keys_after_one_sharing_its_entry_finished() {
     let filler: Vec<String> = (0..FILLER_KEYS)
         .map(|i| space.key(&format!("report:9{i}:1:h")))
         .collect();
-    for chunk in filler.chunks(5_000) {
-        set_keys(&mut redis, chunk).await;
-    }
+    set_keys(&mut redis, &filler).await;
 
     let target = RedisTarget::parse(&SecretUrl::new(server.url()), None, Duration::from_secs(5))
         .expect("url");
