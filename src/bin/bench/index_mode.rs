@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::keyspace::Layout;
+use crate::layout::Layout;
 use crate::measure::{self, Rows};
 use crate::nodes::Nodes;
 use crate::probe::{GetProbe, Phase};

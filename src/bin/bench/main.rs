@@ -23,7 +23,7 @@
 //! are left out there: they measure Postgres alone, and the single-server run has them.
 
 mod index_mode;
-mod keyspace;
+mod layout;
 mod measure;
 mod nodes;
 mod probe;
@@ -40,7 +40,7 @@ use cache_invalidator::settings::{Connections, Mode as FindMode, SecretUrl, Sett
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::keyspace::Layout;
+use crate::layout::Layout;
 use crate::probe::{GetProbe, Phase};
 use crate::stats::{percentile, show, thousands};
 
@@ -238,7 +238,7 @@ async fn measure_size(
     let router = redis_server.router();
     let redis = nodes::Nodes::connect(&redis_server.node_urls(), router.clone()).await;
     let fill_started = Instant::now();
-    let size = keyspace::fill(&redis, &layout).await;
+    let size = layout::fill(&redis, &layout).await;
     let keys_label = thousands(size);
     eprintln!(
         "[{keys_label} keys] filled the private redis (pid {:?}) in {}",

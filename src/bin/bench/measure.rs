@@ -15,7 +15,7 @@ use cache_invalidator::rules::RuleSet;
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
-use crate::keyspace::{Layout, RowChange, KINDS};
+use crate::layout::{Layout, RowChange, KINDS};
 use crate::nodes::Nodes;
 use crate::probe::{GetProbe, Phase};
 use crate::stats::{median, median_ratio, Rng};

@@ -1,6 +1,6 @@
 //! The app's view of the shared Redis: a thread issuing one `GET` at a time, as a request does,
 //! timing each. Latencies are kept per phase (idle, or a sweep running) so the bench can compare
-//! the p99s (DESIGN.md: a sweep must never monopolise Redis; goal ≤ 2× idle).
+//! the p99s (a sweep must never monopolise Redis: the table's `GET` target).
 //!
 //! A plain OS thread with a blocking connection, so the timings do not include waits for the
 //! bench's async runtime, which also runs the worker.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::keyspace::Layout;
+use crate::layout::Layout;
 use crate::nodes::Router;
 use crate::stats::Rng;
 

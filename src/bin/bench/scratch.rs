@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cache_invalidator::rules::RuleSet;
 use tokio_postgres::{Client, NoTls};
 
-use crate::keyspace::{Layout, KINDS, OWNER_FACTOR};
+use crate::layout::{Layout, KINDS, OWNER_FACTOR};
 use crate::nodes::{own_slot_ranges, Router};
 
 /// The four report tables of the Django app and the user table they cascade from (the same as

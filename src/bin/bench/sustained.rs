@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cache_invalidator::settings::Mode;
 use tokio_postgres::Client;
 
-use crate::keyspace::{Layout, KINDS};
+use crate::layout::{Layout, KINDS};
 use crate::measure::wait_drained;
 use crate::scratch::PrivateRedis;
 use crate::stats::{percentile, Rng};

@@ -21,7 +21,7 @@ use cache_invalidator::worker::run_with_rules;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::keyspace::Layout;
+use crate::layout::Layout;
 use crate::measure::{reference, wait_drained};
 use crate::nodes::Nodes;
 use crate::scratch::{PrivateRedis, ScratchDb};
