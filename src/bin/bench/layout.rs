@@ -230,9 +230,14 @@ impl RowChange {
 /// Fills Redis with the layout's keys, each on its primary; returns how many it holds afterwards
 /// (`DBSIZE` summed over the primaries).
 pub async fn fill(nodes: &Nodes, layout: &Layout) -> u64 {
+    fill_keys(nodes, layout.all_keys()).await
+}
+
+/// Fills Redis with `keys` (pipelined `SET`s, each on its key's primary); returns how many keys
+/// it holds afterwards.
+pub async fn fill_keys(nodes: &Nodes, mut keys: impl Iterator<Item = String>) -> u64 {
     let mut batches: Vec<Vec<String>> = vec![Vec::new(); nodes.len()];
     let mut in_flight = JoinSet::new();
-    let mut keys = layout.all_keys();
     loop {
         let key = keys.next();
         let done = key.is_none();

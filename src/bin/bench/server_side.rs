@@ -30,8 +30,8 @@ use crate::nodes::Nodes;
 
 /// `SCAN COUNT` of each script call. The daemon's own, so both sweeps walk the same chunks; and ten
 /// times that, which spreads the cost of building the prefix table over ten times as many keys at
-/// the price of calls that block Redis far longer than [`BLOCK_LIMIT_MICROS`]: measured to show whether
-/// Lua could win at all.
+/// the price of calls that block Redis far longer than [`BLOCK_LIMIT_MICROS`]: measured to show
+/// whether Lua could win at all.
 pub const LUA_SCAN_COUNTS: [usize; 2] = [SCAN_COUNT, 10 * SCAN_COUNT];
 /// Calls slower than this (Redis' own time, from its slow log) are counted: the daemon's bound on
 /// how long one command may block the app.
