@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cache_invalidator::rules::RuleSet;
 use tokio_postgres::Client;
 
-use crate::keyspace::{Layout, KINDS, OWNER_FACTOR};
+use crate::layout::{Layout, KINDS, OWNER_FACTOR};
 use crate::nodes::{own_slot_ranges, Router};
 
 // The integration tests' own file: one report schema and one way to start servers for both.
