@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -20,11 +19,9 @@ const SECONDS: u64 = 4;
 struct Side {
     db: TestDb,
     client: tokio_postgres::Client,
-    addr: SocketAddr,
+    daemon: ChildDaemon,
     _redis: PrivateRedis,
-    _daemon: LoggedChild,
-    _rules: tempfile::NamedTempFile,
-    _log: tempfile::NamedTempFile,
+    _rules: RulesFile,
 }
 
 impl Side {
@@ -45,37 +42,24 @@ impl Side {
             .map(|id| space.key(&format!("report:{id}:1:h")))
             .collect();
         set_keys(&mut redis_connection(&redis.url()).await, &keys).await;
-        let rules = tempfile::NamedTempFile::new().expect("rules file");
-        std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("address");
-        let mut command = daemon_command(&[
-            "run",
-            "--mode",
-            "sweep",
-            "--refill-guard",
-            refill_guard,
-            "--metrics-addr",
-            &addr.to_string(),
-        ]);
-        command
-            .env("DATABASE_URL", &db.url)
-            .env("REDIS_URL", redis.url())
-            .env("CACHE_INVALIDATOR_RULES", rules.path());
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let daemon = LoggedChild::spawn(command, log.path().to_owned());
+        let rules = RulesFile::default_for(&space, "");
+        let rules_path = rules.path.to_str().expect("utf-8 path");
+        let args = ["--rules", rules_path, "--mode", "sweep"];
+        let args = [&args[..], &["--refill-guard", refill_guard]].concat();
+        let env = [
+            ("DATABASE_URL", db.url.as_str()),
+            ("REDIS_URL", &redis.url()),
+        ];
+        let daemon = ChildDaemon::run(&args, &env, true);
         let side = Side {
             db,
             client,
-            addr,
+            daemon,
             _redis: redis,
-            _daemon: daemon,
             _rules: rules,
-            _log: log,
         };
         assert!(
-            wait_until(Duration::from_secs(60), || async {
+            wait_until(LONG_PATIENCE, || async {
                 side.db.outbox_rows().await == 0 && side.passes().await.is_some()
             })
             .await,
@@ -86,8 +70,9 @@ impl Side {
 
     /// `cache_invalidator_sweeps_total`: the passes the worker made so far.
     async fn passes(&self) -> Option<f64> {
-        let body = http_get(self.addr, "/metrics").await?;
-        sample(&body, "cache_invalidator_sweeps_total")
+        self.daemon
+            .metric_sum("cache_invalidator_sweeps_total")
+            .await
     }
 
     async fn change(&self, id: i32) {
@@ -119,10 +104,7 @@ async fn under_steady_changes_the_sweep_mode_guard_rides_along_with_passes_that_
     }
     for side in [&without, &with] {
         assert!(
-            wait_until(Duration::from_secs(60), || async {
-                side.db.outbox_rows().await == 0
-            })
-            .await,
+            wait_until(LONG_PATIENCE, || async { side.db.outbox_rows().await == 0 }).await,
             "the outbox did not drain"
         );
     }

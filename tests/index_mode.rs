@@ -7,13 +7,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use cache_invalidator::settings::Mode;
 use common::*;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i32>) {
     client
@@ -399,47 +396,16 @@ async fn index_and_sweep_delete_exactly_the_same_keys() {
     }
 }
 
-/// A free address for a child daemon's metrics listener.
-fn metrics_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-/// The built-in rules under `space`'s key prefix, in a file for a child daemon to read (deleted
-/// when dropped: keep it while the child runs).
-fn rules_file(space: &KeySpace) -> tempfile::NamedTempFile {
-    let rules = tempfile::NamedTempFile::new().expect("rules file");
-    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
-    rules
-}
-
-/// `cache-invalidator run ARGS` as a child process against `database_url` and `redis_url`, with
-/// the rules in `rules`.
-fn run_command(
-    args: &[&str],
-    database_url: &str,
-    redis_url: &str,
-    rules: &tempfile::NamedTempFile,
-) -> tokio::process::Command {
-    let mut command = daemon_command(&[&["run"], args].concat());
-    command
-        .env("DATABASE_URL", database_url)
-        .env("REDIS_URL", redis_url)
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
-    command
-}
-
 #[tokio::test]
 async fn expired_keys_leave_the_index() {
     const KEYS: i32 = 100_000;
     let private = PrivateRedis::start();
     let space = KeySpace::new("idx_ttl");
     let db = TestDb::with_reports("idx_ttl", &space.rules()).await;
-    let addr = metrics_addr();
-    let rules = rules_file(&space);
-    let args = ["--mode", "index", "--metrics-addr", &addr.to_string()];
-    let command = run_command(&args, &db.url, &private.url(), &rules);
-    let log = tempfile::NamedTempFile::new().expect("log file");
-    let _daemon = LoggedChild::spawn(command, log.path().to_owned());
+    let rules = RulesFile::default_for(&space, "");
+    let args = ["--mode", "index"];
+    let daemon = ChildDaemon::worker(&db.url, &private.url(), &rules.path, &args, true);
+    let addr = daemon.metrics_addr();
     let index_keys = || async {
         let body = http_get(addr, "/metrics").await?;
         sample(&body, "cache_invalidator_index_keys")
@@ -512,23 +478,20 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
     let space = KeySpace::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;
-    let rules = rules_file(&space);
-
-    let mut command = run_command(&["--mode", "index"], &db.url, &url, &rules);
-    let output = tokio::time::timeout(PATIENCE, command.output())
-        .await
-        .expect("--mode index exits")
-        .expect("run");
+    let rules = RulesFile::default_for(&space, "");
+    let rules_path = rules.path.to_str().expect("utf-8 path");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", url.as_str()),
+    ];
+    let output = run_cli(&["run", "--rules", rules_path, "--mode", "index"], &env).await;
     let text = stderr(&output);
     assert!(!output.status.success(), "{text}");
     assert!(text.contains("CLIENT TRACKING"), "{text}");
     assert!(!text.contains("s3cret-pw"), "{text}");
 
-    let addr = metrics_addr();
-    let args = ["--mode", "auto", "--metrics-addr", &addr.to_string()];
-    let command = run_command(&args, &db.url, &url, &rules);
-    let log = tempfile::NamedTempFile::new().expect("log file");
-    let daemon = LoggedChild::spawn(command, log.path().to_owned());
+    let daemon = ChildDaemon::worker(&db.url, &url, &rules.path, &["--mode", "auto"], true);
+    let addr = daemon.metrics_addr();
     let client = db.client().await;
     insert_reports(&client, 1..=10).await;
     let mut redis = redis_connection(&private.url()).await;

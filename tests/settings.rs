@@ -7,22 +7,8 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
 use common::*;
-
-/// How long any one command may take before a test gives up (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Runs a one-shot subcommand to completion with `env` on top of a clean environment.
-async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = daemon_command(args);
-    command.envs(env.iter().copied());
-    match tokio::time::timeout(PATIENCE, command.output()).await {
-        Ok(output) => output.expect("run cache-invalidator"),
-        Err(_) => panic!("cache-invalidator {args:?} did not finish within {PATIENCE:?}"),
-    }
-}
 
 fn write_config(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
