@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::keyspace::{KeyspaceError, Node, RedisTarget};
+use crate::redis_nodes::{Node, NodeError, RedisTarget};
 use crate::rules::RuleSet;
 use crate::schema;
 use crate::settings::{RulesSource, Settings};
@@ -157,7 +157,7 @@ async fn probe_redis(
     }
 }
 
-async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(), KeyspaceError> {
+async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(), NodeError> {
     if nodes.is_none() {
         *nodes = Some(target.connect().await?);
     }
@@ -165,7 +165,7 @@ async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(),
         redis::cmd("PING")
             .query_async::<String>(&mut node.connection)
             .await
-            .map_err(|source| KeyspaceError::Redis {
+            .map_err(|source| NodeError::Redis {
                 node: node.name.clone(),
                 source,
             })?;

@@ -27,7 +27,7 @@ use redis::cluster_routing::Slot;
 use tracing::{debug, info, warn};
 
 use crate::index;
-use crate::keyspace::Node;
+use crate::redis_nodes::Node;
 use crate::replicas::{confirm_replicas, Confirmation, ReplicaError};
 use crate::sweep::{self, FinishedWindow, PatternSpec, StepReport, SweepError, Sweeper};
 use crate::tracking::Tracking;

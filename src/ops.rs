@@ -10,9 +10,9 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Command;
-use crate::keyspace::{KeyspaceError, RedisTarget};
 use crate::outbox;
 use crate::postgres::{ConnectError, PgTarget};
+use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::{self, SchemaError, CHANNEL, SCHEMA};
 use crate::settings::{Settings, APPLICATION_NAME};
@@ -25,7 +25,7 @@ pub enum OpsError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error(transparent)]
-    Keyspace(#[from] KeyspaceError),
+    Keyspace(#[from] NodeError),
     #[error(transparent)]
     Sweep(#[from] crate::sweep::SweepError),
     #[error("postgres: {}", crate::postgres::describe(.0))]
@@ -199,7 +199,7 @@ async fn redis_check(settings: &Settings) -> Result<(RedisTarget, usize), OpsErr
         redis::cmd("PING")
             .query_async::<String>(&mut connection)
             .await
-            .map_err(|source| KeyspaceError::Redis {
+            .map_err(|source| NodeError::Redis {
                 node: node.name.clone(),
                 source,
             })?;

@@ -6,7 +6,7 @@
 //! cost of N pending changes is about one pass, not N. A `SCAN` cursor is a bucket index in reverse
 //! bit order (in cluster mode from Redis 7.4 on, after a slot number); turned into a position that
 //! only grows during a pass, even across a rehash, it is what "gone round to that point" compares
-//! ([`CursorOrder`](crate::keyspace::CursorOrder)). Where a server's order is unknown, a window
+//! ([`CursorOrder`](crate::redis_nodes::CursorOrder)). Where a server's order is unknown, a window
 //! joining mid-pass waits for the next whole pass.
 //!
 //! Where the cursor is one reversed bucket index, a node's range of positions is split into
@@ -42,8 +42,8 @@ use futures::FutureExt;
 use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::Slot;
 
-use crate::keyspace::{CursorOrder, Node};
 use crate::matcher::{Matcher, PatternId};
+use crate::redis_nodes::{CursorOrder, Node};
 use crate::replicas::connected_replicas;
 
 /// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
@@ -980,7 +980,7 @@ async fn run_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyspace::CursorOrder;
+    use crate::redis_nodes::CursorOrder;
 
     const BUCKETS: CursorOrder = CursorOrder::ReversedBuckets;
     const PER_SLOT: CursorOrder = CursorOrder::SlotThenReversedBuckets;

@@ -352,7 +352,7 @@ async fn key_slot(port: u16, key: &str) -> u16 {
 /// the django-redis layout under `space`, with `filler` unrelated keys among the decoys so each
 /// node's pass takes several `SCAN` steps.
 fn report_keys(
-    space: &KeySpace,
+    space: &KeyPrefix,
     changed: std::ops::RangeInclusive<i32>,
     kept: std::ops::RangeInclusive<i32>,
     filler: usize,
@@ -394,7 +394,7 @@ async fn written(
     changed: std::ops::RangeInclusive<i32>,
     kept: std::ops::RangeInclusive<i32>,
     filler: usize,
-) -> (KeySpace, TestDb, Vec<String>, Vec<String>) {
+) -> (KeyPrefix, TestDb, Vec<String>, Vec<String>) {
     let (space, db) = space_with_reports(tag).await;
     db.seed_reports(reports).await;
     let (must_go, decoys) = report_keys(&space, changed, kept, filler);
@@ -431,7 +431,7 @@ fn assert_swept(by_node: &BTreeMap<u16, BTreeSet<String>>, must_go: &[String], d
 
 /// Before the daemon starts: every primary holds keys of both kinds, so "gone everywhere" and
 /// "kept everywhere" are about every node.
-async fn assert_spread(cluster: &Cluster, space: &KeySpace, must_go: &[String], decoys: &[String]) {
+async fn assert_spread(cluster: &Cluster, space: &KeyPrefix, must_go: &[String], decoys: &[String]) {
     let by_node = cluster.keys_by_primary(&space.namespace).await;
     assert_eq!(by_node.len(), 3, "three primaries");
     for (port, keys) in &by_node {
@@ -453,7 +453,7 @@ async fn assert_spread(cluster: &Cluster, space: &KeySpace, must_go: &[String], 
 /// is empty only once Redis confirmed every delete: nothing is left to wait for.
 async fn once_acknowledged(
     cluster: &Cluster,
-    space: &KeySpace,
+    space: &KeyPrefix,
     db: &TestDb,
 ) -> BTreeMap<u16, BTreeSet<String>> {
     db.wait_for_empty_outbox(LONG_PATIENCE).await;
@@ -461,7 +461,7 @@ async fn once_acknowledged(
 }
 
 /// Waits until no node holds a key of `must_go`.
-async fn wait_until_swept(cluster: &Cluster, space: &KeySpace, must_go: &[String]) {
+async fn wait_until_swept(cluster: &Cluster, space: &KeyPrefix, must_go: &[String]) {
     let swept = wait_until(LONG_PATIENCE, || async {
         let by_node = cluster.keys_by_primary(&space.namespace).await;
         must_go
@@ -516,7 +516,7 @@ async fn replicated(
     reports: i32,
     changed: std::ops::RangeInclusive<i32>,
     kept: std::ops::RangeInclusive<i32>,
-) -> (Cluster, KeySpace, TestDb, Vec<String>, Vec<String>) {
+) -> (Cluster, KeyPrefix, TestDb, Vec<String>, Vec<String>) {
     let cluster = Cluster::start(3, 1).await;
     let (space, db, must_go, decoys) = written(&cluster, tag, reports, changed, kept, 1000).await;
     assert_spread(&cluster, &space, &must_go, &decoys).await;
@@ -660,7 +660,7 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_cursor_order() {
-    use cache_invalidator::keyspace::{CursorOrder, KeyspaceError, RedisTarget};
+    use cache_invalidator::redis_nodes::{CursorOrder, NodeError, RedisTarget};
     use cache_invalidator::settings::SecretUrl;
     let cluster = Cluster::start(3, 0).await;
     let port = cluster.ports()[0];
@@ -670,7 +670,7 @@ async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_c
     let plain = SecretUrl::new(format!("redis://127.0.0.1:{port}"));
     let target = RedisTarget::parse(&plain, None, Duration::from_secs(5)).expect("a valid URL");
     match target.connect().await {
-        Err(error @ KeyspaceError::ClusterNode { .. }) => {
+        Err(error @ NodeError::ClusterNode { .. }) => {
             assert!(error.is_permanent());
             assert!(
                 error.to_string().contains("redis+cluster://"),

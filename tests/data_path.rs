@@ -40,7 +40,7 @@ enum Write<'a> {
 /// One test's database, key space and connections, and the keys it wrote (unlinked at the end so
 /// the shared Redis does not collect leftovers).
 struct World {
-    space: KeySpace,
+    space: KeyPrefix,
     db: TestDb,
     rules: RuleSet,
     client: Client,
@@ -51,7 +51,7 @@ struct World {
 impl World {
     /// The report tables with the default rules under this test's key prefix.
     async fn reports(tag: &str) -> World {
-        let space = KeySpace::new(tag);
+        let space = KeyPrefix::new(tag);
         let rules = space.rules();
         let db = TestDb::with_reports(tag, &rules).await;
         World::assemble(space, db, rules).await
@@ -59,7 +59,7 @@ impl World {
 
     /// `tables_sql` with `rules_toml` (rules only: the test's key prefix is put in front) installed.
     async fn custom(tag: &str, tables_sql: &str, rules_toml: &str) -> World {
-        let space = KeySpace::new(tag);
+        let space = KeyPrefix::new(tag);
         let rules = custom_rules(&space, rules_toml);
         let db = TestDb::empty(tag).await;
         let client = db.client().await;
@@ -73,7 +73,7 @@ impl World {
         World::assemble(space, db, rules).await
     }
 
-    async fn assemble(space: KeySpace, db: TestDb, rules: RuleSet) -> World {
+    async fn assemble(space: KeyPrefix, db: TestDb, rules: RuleSet) -> World {
         World {
             client: db.client().await,
             redis: redis_connection(&shared_redis_url()).await,
@@ -248,7 +248,7 @@ impl World {
     }
 }
 
-fn custom_rules(space: &KeySpace, rules_toml: &str) -> RuleSet {
+fn custom_rules(space: &KeyPrefix, rules_toml: &str) -> RuleSet {
     let text = format!("key_prefix = \"{}\"\n{rules_toml}", space.key_prefix());
     RuleSet::from_toml(&text, "test rules").expect("valid rules")
 }
@@ -505,7 +505,7 @@ impl ReportTable {
 
     /// The keys a change of row `id` owned by `owners` clears: its detail as two users see it, and
     /// each owner's list.
-    fn keys_of(&self, space: &KeySpace, id: i32, owners: &[i32]) -> Vec<String> {
+    fn keys_of(&self, space: &KeyPrefix, id: i32, owners: &[i32]) -> Vec<String> {
         let mut keys = vec![
             space.key(&format!("{}:{id}:1:h1", self.detail)),
             space.key(&format!("{}:{id}:77:h2", self.detail)),
@@ -517,7 +517,7 @@ impl ReportTable {
     }
 
     /// Keys that look like those of row `id` and its owners but that no rule names for them.
-    fn decoys_of(&self, space: &KeySpace, id: i32, owners: &[i32]) -> Vec<String> {
+    fn decoys_of(&self, space: &KeyPrefix, id: i32, owners: &[i32]) -> Vec<String> {
         let mut keys = vec![
             // Shares the id's digits: `report:12:*` must not touch `report:123:…`.
             space.key(&format!("{}:{id}3:1:h", self.detail)),
@@ -961,7 +961,7 @@ async fn install_names_the_table_and_column_a_rule_gets_wrong() {
         .batch_execute("CREATE TABLE tags (id serial PRIMARY KEY, name text, title text);")
         .await
         .expect("create table");
-    let space = KeySpace::new("badrule");
+    let space = KeyPrefix::new("badrule");
     // (table, the name the error must give, the rule's lines after its table)
     let misspelt_watch = "keys = [\"tag:{name}:*\"]\nwatch = [\"titel\"]";
     let failures = [

@@ -32,7 +32,7 @@ const PAUSE_MS: u64 = 5000;
 const STOP_BOUND: Duration = Duration::from_secs(10);
 
 /// Keys an INSERT of report `id` by `author` must clear.
-fn must_go(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
+fn must_go(space: &KeyPrefix, id: i64, author: i64) -> Vec<String> {
     vec![
         space.key(&format!("report:{id}:{author}:h")),
         space.key(&format!("report:{id}:99:h")),
@@ -41,7 +41,7 @@ fn must_go(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
 }
 
 /// Keys next to those that nothing in these tests may clear.
-fn decoys(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
+fn decoys(space: &KeyPrefix, id: i64, author: i64) -> Vec<String> {
     vec![
         space.key(&format!("report:{id}0:{author}:h")),
         space.key_v2(&format!("report:{id}:{author}:h")),
@@ -63,7 +63,7 @@ async fn pause_redis(connection: &mut MultiplexedConnection, millis: u64, mode: 
 
 /// What a fault test breaks: a database of its own (with `pgrowlocks`, which shows the rows a
 /// claim holds) under its own key space, and a private Redis with a patient connection to it.
-async fn scenario(tag: &str) -> (KeySpace, TestDb, PrivateRedis, MultiplexedConnection) {
+async fn scenario(tag: &str) -> (KeyPrefix, TestDb, PrivateRedis, MultiplexedConnection) {
     scenario_on(&admin_database_url(), tag).await
 }
 
@@ -71,8 +71,8 @@ async fn scenario(tag: &str) -> (KeySpace, TestDb, PrivateRedis, MultiplexedConn
 async fn scenario_on(
     admin_url: &str,
     tag: &str,
-) -> (KeySpace, TestDb, PrivateRedis, MultiplexedConnection) {
-    let space = KeySpace::new(tag);
+) -> (KeyPrefix, TestDb, PrivateRedis, MultiplexedConnection) {
+    let space = KeyPrefix::new(tag);
     let db = TestDb::with_reports_on(admin_url, tag, &space.rules()).await;
     db.client()
         .await
@@ -86,7 +86,7 @@ async fn scenario_on(
 
 /// Settings for a daemon that looks at the outbox only when notified ([`NO_POLL`]) and waits out
 /// a Redis pause rather than failing (its Redis timeout is longer than the pause).
-fn notified_only(db: &TestDb, redis_server: &PrivateRedis, space: &KeySpace) -> Settings {
+fn notified_only(db: &TestDb, redis_server: &PrivateRedis, space: &KeyPrefix) -> Settings {
     let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
     settings.poll_interval = NO_POLL;
     settings.redis_timeout = PATIENCE;
@@ -95,7 +95,7 @@ fn notified_only(db: &TestDb, redis_server: &PrivateRedis, space: &KeySpace) -> 
 
 /// Writes the keys of changes 101 to 104 (by authors 1 to 4): those that must go, and their
 /// decoys, which are returned.
-async fn set_change_keys(redis: &mut MultiplexedConnection, space: &KeySpace) -> Vec<String> {
+async fn set_change_keys(redis: &mut MultiplexedConnection, space: &KeyPrefix) -> Vec<String> {
     let mut all_decoys = Vec::new();
     for (id, author) in [(101, 1), (102, 2), (103, 3), (104, 4)] {
         set_keys(redis, &must_go(space, id, author)).await;
@@ -109,7 +109,7 @@ async fn set_change_keys(redis: &mut MultiplexedConnection, space: &KeySpace) ->
 async fn commit_and_clear(
     db: &TestDb,
     redis: &mut MultiplexedConnection,
-    space: &KeySpace,
+    space: &KeyPrefix,
     id: i64,
     author: i64,
 ) {
@@ -122,7 +122,7 @@ async fn commit_and_clear(
 async fn assert_recovered(
     db: &TestDb,
     redis: &mut MultiplexedConnection,
-    space: &KeySpace,
+    space: &KeyPrefix,
     decoys: &[String],
 ) {
     let recovered = [must_go(space, 102, 2), must_go(space, 103, 3)].concat();
@@ -436,13 +436,13 @@ const BURST_PAUSE_MS: u64 = 3000;
 
 impl BurstKeys {
     /// [`BurstKeys::new`], written to `redis`.
-    async fn written(space: &KeySpace, redis: &mut MultiplexedConnection) -> BurstKeys {
+    async fn written(space: &KeyPrefix, redis: &mut MultiplexedConnection) -> BurstKeys {
         let keys = BurstKeys::new(space);
         keys.set(redis).await;
         keys
     }
 
-    fn new(space: &KeySpace) -> BurstKeys {
+    fn new(space: &KeyPrefix) -> BurstKeys {
         let mut must_go: BTreeSet<String> = (1..=BURST)
             .map(|id| space.key(&format!("report:{id}:7:h")))
             .collect();
@@ -459,7 +459,7 @@ impl BurstKeys {
     /// last one's) and every author's list must go; the 50 reports after the range, the author
     /// after the last, and the first `other_version` reports under another cache VERSION stay.
     fn sampled(
-        space: &KeySpace,
+        space: &KeyPrefix,
         rows: i64,
         step: usize,
         authors: i64,
@@ -488,7 +488,7 @@ impl BurstKeys {
     }
 
     /// Waits until no must-go key is left, then checks every decoy is.
-    async fn assert_cleared(&self, redis: &mut MultiplexedConnection, space: &KeySpace) {
+    async fn assert_cleared(&self, redis: &mut MultiplexedConnection, space: &KeyPrefix) {
         let prefix = format!("{}:", space.namespace);
         let must_go = &self.must_go;
         let cleared = wait_until(PATIENCE, || {
@@ -535,7 +535,7 @@ struct MidBurst {
 async fn mid_burst(
     db: &TestDb,
     redis_server: &PrivateRedis,
-    space: &KeySpace,
+    space: &KeyPrefix,
     redis: &mut MultiplexedConnection,
 ) -> MidBurst {
     let keys = BurstKeys::written(space, redis).await;

@@ -27,7 +27,7 @@ struct Side {
 impl Side {
     async fn start(tag: &str, refill_guard: &str) -> Side {
         let redis = PrivateRedis::start();
-        let space = KeySpace::new(tag);
+        let space = KeyPrefix::new(tag);
         let db = TestDb::with_reports(tag, &space.rules()).await;
         let client = db.client().await;
         client

@@ -28,7 +28,7 @@ async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInc
 }
 
 /// `report:{id}:{user}:h` for each of `ids`: how user `user`'s view of those reports is cached.
-fn report_keys(space: &KeySpace, ids: impl Iterator<Item = i32>, user: u32) -> Vec<String> {
+fn report_keys(space: &KeyPrefix, ids: impl Iterator<Item = i32>, user: u32) -> Vec<String> {
     ids.map(|id| space.key(&format!("report:{id}:{user}:h")))
         .collect()
 }
@@ -39,9 +39,9 @@ fn report_keys(space: &KeySpace, ids: impl Iterator<Item = i32>, user: u32) -> V
 async fn private_setup(
     tag: &str,
     reports: i32,
-) -> (PrivateRedis, KeySpace, TestDb, tokio_postgres::Client) {
+) -> (PrivateRedis, KeyPrefix, TestDb, tokio_postgres::Client) {
     let private = PrivateRedis::start();
-    let space = KeySpace::new(tag);
+    let space = KeyPrefix::new(tag);
     let db = TestDb::with_reports(tag, &space.rules()).await;
     let client = db.client().await;
     insert_reports(&client, 1..=reports).await;
@@ -95,8 +95,8 @@ async fn keys_set_just_before_their_change_commits_are_always_cleared() {
 async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     const ROUNDS: usize = 200;
     let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_barrier");
-    let target = cache_invalidator::keyspace::RedisTarget::parse(
+    let space = KeyPrefix::new("idx_barrier");
+    let target = cache_invalidator::redis_nodes::RedisTarget::parse(
         &cache_invalidator::settings::SecretUrl::new(private.url()),
         None,
         Duration::from_secs(5),
@@ -167,7 +167,7 @@ async fn tracking_client_id(redis: &mut redis::aio::MultiplexedConnection) -> Op
 async fn change_and_check(
     client: &tokio_postgres::Client,
     redis: &mut redis::aio::MultiplexedConnection,
-    space: &KeySpace,
+    space: &KeyPrefix,
     ids: std::ops::RangeInclusive<i32>,
 ) {
     let keys = report_keys(space, ids.clone(), 2);
@@ -337,7 +337,7 @@ fn logical_keys() -> Vec<String> {
 /// Runs `statements` against a fresh database and keyspace with the daemon in `mode`; returns the
 /// logical keys left.
 async fn survivors(mode: Mode, statements: &[String]) -> std::collections::BTreeSet<String> {
-    let space = KeySpace::new(&format!("idx_diff_{mode}"));
+    let space = KeyPrefix::new(&format!("idx_diff_{mode}"));
     let db = TestDb::with_reports("idx_diff", &space.rules()).await;
     let client = db.client().await;
     client
@@ -400,7 +400,7 @@ async fn index_and_sweep_delete_exactly_the_same_keys() {
 async fn expired_keys_leave_the_index() {
     const KEYS: i32 = 100_000;
     let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_ttl");
+    let space = KeyPrefix::new("idx_ttl");
     let db = TestDb::with_reports("idx_ttl", &space.rules()).await;
     let rules = RulesFile::default_for(&space, "");
     let args = ["--mode", "index"];
@@ -476,7 +476,7 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
         .await
         .expect("acl setuser");
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
-    let space = KeySpace::new("idx_refuse");
+    let space = KeyPrefix::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;
     let rules = RulesFile::default_for(&space, "");
     let rules_path = rules.path.to_str().expect("utf-8 path");
@@ -513,7 +513,7 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
 
 #[tokio::test]
 async fn status_and_healthz_say_the_mode_and_whether_the_index_is_complete() {
-    let space = KeySpace::new("idx_status");
+    let space = KeyPrefix::new("idx_status");
     let db = TestDb::with_reports("idx_status", &space.rules()).await;
     let daemon =
         Daemon::start_indexed(test_settings(&db.url, &shared_redis_url(), space.rules())).await;

@@ -59,7 +59,7 @@ async fn insert_and_clear(
 }
 
 /// A key space and a database for `tag`, and a rules file with the default rules under its prefix.
-async fn with_rules_file(tag: &str) -> (KeySpace, TestDb, RulesFile) {
+async fn with_rules_file(tag: &str) -> (KeyPrefix, TestDb, RulesFile) {
     let (space, db) = space_with_reports(tag).await;
     let rules_file = RulesFile::default_for(&space, "");
     (space, db, rules_file)
@@ -379,7 +379,7 @@ async fn check_names_the_tables_whose_installed_triggers_do_not_match_the_rules(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_dry_run_deletes_nothing_and_lists_exactly_what_the_real_run_deletes() {
-    let space = KeySpace::new("manual");
+    let space = KeyPrefix::new("manual");
     let rules_file = RulesFile::default_for(&space, "");
     let rules = rules_file.path.as_path();
     let rules_arg = rules.to_str().expect("utf-8 path");

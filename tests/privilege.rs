@@ -53,7 +53,7 @@ async fn assert_denied(client: &Client, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
-    let space = KeySpace::new("privilege");
+    let space = KeyPrefix::new("privilege");
     // Installed by the owner (the test's superuser).
     let db = TestDb::with_reports("privilege", &space.rules()).await;
     let role = unique("ci_worker").to_lowercase();

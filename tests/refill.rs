@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_invalidator::keyspace::RedisTarget;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper};
 use common::*;
@@ -32,7 +32,7 @@ async fn cleared_after(
 /// back (what a request that read before the commit does). Returns whether the stale entry is
 /// still there once a later change has been processed after the guard delay.
 async fn stale_refill_survives(guard: Duration) -> bool {
-    let space = KeySpace::new("refill");
+    let space = KeyPrefix::new("refill");
     let db = TestDb::with_reports("refill", &space.rules()).await;
     let mut redis = redis_connection(&shared_redis_url()).await;
     let client = db.client().await;

@@ -51,7 +51,7 @@ async fn change(db: &TestDb, id: i32) {
         .expect("change a report");
 }
 
-async fn seeded_db(tag: &str, space: &KeySpace) -> TestDb {
+async fn seeded_db(tag: &str, space: &KeyPrefix) -> TestDb {
     let db = TestDb::with_reports(tag, &space.rules()).await;
     db.client()
         .await
@@ -67,7 +67,7 @@ async fn seeded_db(tag: &str, space: &KeySpace) -> TestDb {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
-    let space = KeySpace::new("replica");
+    let space = KeyPrefix::new("replica");
     let db = seeded_db("replica", &space).await;
     let primary = PrivateRedis::start();
     let replica = PrivateRedis::replica_of(primary.port);
@@ -128,7 +128,7 @@ async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_replicas_nothing_waits() {
-    let space = KeySpace::new("noreplica");
+    let space = KeyPrefix::new("noreplica");
     let db = seeded_db("noreplica", &space).await;
     let redis = PrivateRedis::start();
     let mut connection = redis_connection(&redis.url()).await;

@@ -133,7 +133,7 @@ impl NotifySocket {
 fn start_daemon(
     database_url: &str,
     redis_url: &str,
-    space: &KeySpace,
+    space: &KeyPrefix,
     notify: &NotifySocket,
 ) -> ChildDaemon {
     let rules = notify.dir.path().join("rules.toml");
@@ -227,7 +227,7 @@ async fn watchdog_keeps_pinging_while_redis_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_keeps_pinging_while_postgres_is_down() {
     let postgres = PrivatePostgres::start();
-    let space = KeySpace::new("sd_pg_down");
+    let space = KeyPrefix::new("sd_pg_down");
     let db = TestDb::with_reports_on(&postgres.url(), "sd_pg_down", &space.rules()).await;
     let notify = NotifySocket::bind();
     let mut daemon = start_daemon(&db.url, &shared_redis_url(), &space, &notify);

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use cache_invalidator::keyspace::RedisTarget;
 use cache_invalidator::postgres::PgTarget;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::settings::SecretUrl;
 use common::*;
 
@@ -24,7 +24,7 @@ async fn the_daemon_works_over_verified_tls_to_postgres_and_redis_and_reconnects
     let certs = TestCerts::generate();
     let pg = PrivatePostgres::start_tls(&certs);
     let redis_server = PrivateRedis::start_tls(&certs);
-    let space = KeySpace::new("tls");
+    let space = KeyPrefix::new("tls");
     let db = TestDb::with_reports_on(&pg.url(), "tls", &space.rules()).await;
     let mut redis = tls_redis_connection(&redis_server.tls_url(), &certs.ca_pem()).await;
     let first = space.keys(&["report:12:1:h", "reportlist:reports:1:h"]);

@@ -41,7 +41,7 @@ async fn stop(mut worker: ChildDaemon) {
 /// A test's database, private Redis, keys and rules file: `BURST` reports whose keys must go
 /// when they change, and decoys that must stay.
 struct Setup {
-    space: KeySpace,
+    space: KeyPrefix,
     db: TestDb,
     redis: PrivateRedis,
     rules: RulesFile,

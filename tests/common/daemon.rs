@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{default_rules_toml, KeySpace};
+use super::redis::{default_rules_toml, KeyPrefix};
 use super::servers::free_port;
 use super::wait::{wait_until, PATIENCE};
 
@@ -152,7 +152,7 @@ impl RulesFile {
     }
 
     /// The default rules under `space`'s key prefix, then `extra` TOML.
-    pub fn default_for(space: &KeySpace, extra: &str) -> RulesFile {
+    pub fn default_for(space: &KeyPrefix, extra: &str) -> RulesFile {
         RulesFile::new(&format!(
             "{}\n{extra}",
             default_rules_toml(&space.key_prefix())

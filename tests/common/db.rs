@@ -9,7 +9,7 @@ use tokio_postgres::types::{FromSqlOwned, ToSql};
 use tokio_postgres::Client;
 
 use super::certs::TestCerts;
-use super::redis::KeySpace;
+use super::redis::KeyPrefix;
 use super::servers::{connect, create_database, drop_database, free_port, REPORT_TABLES_SQL};
 use super::wait::wait_until;
 use super::{run_checked, unique};
@@ -163,8 +163,8 @@ where
 
 /// A key space of its own for `tag`, and a database with the report tables and the triggers of
 /// the default rules under that key space's prefix.
-pub async fn space_with_reports(tag: &str) -> (KeySpace, TestDb) {
-    let space = KeySpace::new(tag);
+pub async fn space_with_reports(tag: &str) -> (KeyPrefix, TestDb) {
+    let space = KeyPrefix::new(tag);
     let db = TestDb::with_reports(tag, &space.rules()).await;
     (space, db)
 }

@@ -32,14 +32,14 @@ pub fn rules_with_prefix(key_prefix: &str) -> RuleSet {
 }
 
 /// A key prefix in the django-redis shape (`<prefix>:1:`) unique to one test.
-pub struct KeySpace {
+pub struct KeyPrefix {
     /// e.g. `t_123_4_5678`: keys are `t_123_4_5678:1:report:…`.
     pub namespace: String,
 }
 
-impl KeySpace {
-    pub fn new(tag: &str) -> KeySpace {
-        KeySpace {
+impl KeyPrefix {
+    pub fn new(tag: &str) -> KeyPrefix {
+        KeyPrefix {
             namespace: unique(tag),
         }
     }

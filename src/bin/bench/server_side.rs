@@ -18,8 +18,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use cache_invalidator::keyspace::RedisTarget;
 use cache_invalidator::matcher::MatcherBuilder;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
