@@ -431,7 +431,12 @@ fn assert_swept(by_node: &BTreeMap<u16, BTreeSet<String>>, must_go: &[String], d
 
 /// Before the daemon starts: every primary holds keys of both kinds, so "gone everywhere" and
 /// "kept everywhere" are about every node.
-async fn assert_spread(cluster: &Cluster, space: &KeyPrefix, must_go: &[String], decoys: &[String]) {
+async fn assert_spread(
+    cluster: &Cluster,
+    space: &KeyPrefix,
+    must_go: &[String],
+    decoys: &[String],
+) {
     let by_node = cluster.keys_by_primary(&space.namespace).await;
     assert_eq!(by_node.len(), 3, "three primaries");
     for (port, keys) in &by_node {

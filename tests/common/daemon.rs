@@ -175,7 +175,8 @@ pub struct ChildDaemon {
 pub type LoggedChild = ChildDaemon;
 
 impl ChildDaemon {
-    /// Spawns `command` with stdout discarded and stderr written to `log`.
+    /// Spawns `command` with stdout and stderr written to `log` (the daemon logs to stderr; what it
+    /// prints to stdout lands there too, for the tests that look for secrets).
     pub fn spawn(command: tokio::process::Command, log: PathBuf) -> ChildDaemon {
         ChildDaemon::spawn_with(command, log, None, None)
     }
@@ -187,8 +188,9 @@ impl ChildDaemon {
         dir: Option<tempfile::TempDir>,
     ) -> ChildDaemon {
         let log_file = std::fs::File::create(&log).expect("log file");
+        let stdout = log_file.try_clone().expect("log file");
         let child = command
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log_file)
             .spawn()
             .expect("start cache-invalidator");
