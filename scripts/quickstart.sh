@@ -20,7 +20,7 @@ LOG="$LOG_DIR/daemon.log"
 # How long the daemon gets to clear the keys. It reacts to NOTIFY within milliseconds; 10 s leaves
 # room for a slow first connection without letting a broken build hang the script.
 CLEAR_TIMEOUT_S=10
-# How long SIGTERM may take: the daemon finishes the batch in flight, then exits 0 (DESIGN.md).
+# How long SIGTERM may take: the daemon finishes the batch in flight, then exits 0.
 STOP_TIMEOUT_S=15
 
 section() { printf '\n=== %s ===\n' "$*"; }
@@ -78,6 +78,37 @@ stop_daemon() {
 }
 # Whatever happens (a failed step, Ctrl-C), don't leave a daemon running behind us.
 trap 'stop_daemon || true' EXIT
+
+# Rust first, before anything is installed or started: an older rustc (Debian 12 packages 1.63)
+# would otherwise fail minutes into the build on some dependency's newer syntax, naming neither
+# version. The minimum is Cargo.toml's `rust-version`, read from there so it is written once.
+version_at_least() { # FOUND REQUIRED: dotted numbers; a suffix such as "-nightly" is ignored
+  local -a have want
+  local i h w
+  IFS=. read -r -a have <<<"${1%%-*}"
+  IFS=. read -r -a want <<<"$2"
+  for i in 0 1 2; do
+    h=${have[i]:-0} w=${want[i]:-0}
+    [[ $h =~ ^[0-9]+$ && $w =~ ^[0-9]+$ ]] || return 1
+    ((10#$h > 10#$w)) && return 0
+    ((10#$h < 10#$w)) && return 1
+  done
+  return 0
+}
+RUST_REQUIRED=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' Cargo.toml)
+[ -n "$RUST_REQUIRED" ] || fail "no rust-version found in Cargo.toml"
+RUSTUP_HINT="install or update Rust with rustup: https://rustup.rs (Debian 12's packaged rustc, 1.63, is too old)"
+if ! command -v rustc >/dev/null 2>&1 || ! command -v cargo >/dev/null 2>&1; then
+  fail "Rust $RUST_REQUIRED or newer is required, but rustc or cargo was not found on PATH; $RUSTUP_HINT"
+fi
+# `rustc --version` prints "rustc 1.88.0 (6b00bc388 2025-06-23)"; it fails when rustup has no
+# default toolchain, which must not end the script without a word (set -e).
+rust_found=$(rustc --version 2>/dev/null | awk '{ print $2 }') || rust_found=
+[ -n "$rust_found" ] ||
+  fail "Rust $RUST_REQUIRED or newer is required, but \`rustc --version\` failed ($(command -v rustc)); $RUSTUP_HINT"
+version_at_least "$rust_found" "$RUST_REQUIRED" ||
+  fail "Rust $RUST_REQUIRED or newer is required, found rustc $rust_found ($(command -v rustc)); $RUSTUP_HINT"
+echo "rustc $rust_found (Cargo.toml asks for $RUST_REQUIRED or newer)"
 
 section "1/8 services (Postgres and Redis: the running ones if they accept us, else private ones)"
 scripts/ensure-services.sh

@@ -1,5 +1,5 @@
-//! The process around the worker: signals (SIGTERM/SIGINT stop, SIGHUP reloads the rules), the
-//! shared health state with its Redis probe (which also wakes a worker waiting to reconnect once
+//! The running daemon around the worker ([`run`]): SIGHUP reloads the rules, the shared health
+//! state with its Redis probe (which also wakes a worker waiting to reconnect once
 //! Redis answers again), systemd's status line, and the metrics listener.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::keyspace::{KeyspaceError, Node, RedisTarget};
+use crate::redis_nodes::{Node, NodeError, RedisTarget};
 use crate::rules::RuleSet;
 use crate::schema;
 use crate::settings::{RulesSource, Settings};
@@ -31,8 +31,10 @@ pub enum DaemonError {
     Metrics(#[from] crate::telemetry::MetricsError),
 }
 
-/// `cache-invalidator run`: the worker until SIGTERM or SIGINT.
-pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
+/// `cache-invalidator run`: the worker, the metrics listener, the Redis probe, systemd's status
+/// line and SIGHUP's rules reload, until `shutdown` is cancelled (the binary cancels it on SIGTERM
+/// or SIGINT); then the batch in flight is finished and everything stops.
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
     // The worker pings systemd's watchdog from its loop, which idles up to one poll interval:
     // an idle loop must come round at least once per ping period (a quarter of the watchdog
     // interval). With the unit's WatchdogSec=30s that is 7.5 s, above the 5 s default: no change.
@@ -46,12 +48,11 @@ pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
             settings.poll_interval = period;
         }
     }
-    let shutdown = CancellationToken::new();
+    // The daemon's own tasks stop on a child token: ending them must not cancel the caller's.
+    let shutdown = shutdown.child_token();
     let health = Arc::new(Health::new(settings.max_backlog_age));
     let (rules_tx, rules_rx) = watch::channel(Arc::new(settings.rules.clone()));
 
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let signals = {
         let shutdown = shutdown.clone();
@@ -59,18 +60,14 @@ pub async fn run_daemon(mut settings: Settings) -> Result<(), DaemonError> {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = terminate.recv() => { info!("SIGTERM received"); break }
-                    _ = interrupt.recv() => { info!("SIGINT received"); break }
                     // A reload may wait up to Postgres' connect timeout: a stop request wins.
                     _ = hangup.recv() => tokio::select! {
                         _ = reload_rules(&settings, &rules_tx) => {}
-                        _ = terminate.recv() => { info!("SIGTERM received; reload abandoned"); break }
-                        _ = interrupt.recv() => { info!("SIGINT received; reload abandoned"); break }
+                        _ = shutdown.cancelled() => { info!("stopping; reload abandoned"); return }
                     },
                     _ = shutdown.cancelled() => return,
                 }
             }
-            shutdown.cancel();
         })
     };
     // Bound before the worker starts: a port in use fails the start with a clear message. (After
@@ -160,7 +157,7 @@ async fn probe_redis(
     }
 }
 
-async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(), KeyspaceError> {
+async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(), NodeError> {
     if nodes.is_none() {
         *nodes = Some(target.connect().await?);
     }
@@ -168,7 +165,7 @@ async fn ping(target: &RedisTarget, nodes: &mut Option<Vec<Node>>) -> Result<(),
         redis::cmd("PING")
             .query_async::<String>(&mut node.connection)
             .await
-            .map_err(|source| KeyspaceError::Redis {
+            .map_err(|source| NodeError::Redis {
                 node: node.name.clone(),
                 source,
             })?;

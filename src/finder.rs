@@ -28,7 +28,7 @@ use redis::cluster_routing::Slot;
 use tracing::{debug, info, warn};
 
 use crate::index;
-use crate::keyspace::Node;
+use crate::redis_nodes::Node;
 use crate::replicas::{confirm_replicas, Confirmation, ReplicaError};
 use crate::sweep::{self, FinishedWindow, PatternSpec, StepReport, SweepError, Sweeper};
 use crate::tracking::Tracking;
@@ -185,13 +185,17 @@ impl Finder {
             let swept = self.sweeper.add_window(&patterns, false)?;
             debug!(window = id, index = self.has_index(), "window swept");
             self.swept.insert(swept, (id, patterns));
+            // Guards already due join at the same point of the pass as this window: the pass it
+            // needs anyway serves them too.
+            self.start_guards_due_by(Instant::now());
         }
         Some(id)
     }
 
     /// The sweep-mode refill guard of a window the sweep finished: its patterns are swept again
-    /// once the guard has run out. Due guards start as one window, which joins the pass in
-    /// progress: under steady changes the sweep runs anyway and the guard rides along with it.
+    /// once the guard has run out. A due guard waits a little for a window the sweep takes anyway
+    /// and joins the pass at the same point ([`Finder::add_window`]), so under steady changes it
+    /// adds no pass; without one it starts alone after [`Finder::guard_ride_wait`].
     fn guard_by_sweeping(&mut self, patterns: Vec<PatternSpec>) {
         if !self.refill_guard.is_zero() {
             self.guard_passes
@@ -199,20 +203,36 @@ impl Finder {
         }
     }
 
-    /// When the next sweep-mode guard pass falls due.
-    pub fn next_guard_due(&self) -> Option<Instant> {
-        self.guard_passes.front().map(|(due, _)| *due)
+    /// How long a due guard waits for a window to ride along with. A late guard only deletes
+    /// fills made in the wait (a cache miss each), so a quarter of the guard, at most 250 ms,
+    /// keeps both that and the stale window short.
+    fn guard_ride_wait(&self) -> Duration {
+        (self.refill_guard / 4).min(Duration::from_millis(250))
     }
 
-    /// Starts the sweep-mode guard passes that have fallen due, as one window.
+    /// When the next sweep-mode guard pass must start even without a window to ride along.
+    pub fn next_guard_due(&self) -> Option<Instant> {
+        let wait = self.guard_ride_wait();
+        self.guard_passes.front().map(|(due, _)| *due + wait)
+    }
+
+    /// Starts the sweep-mode guard passes once the first has waited its longest for a window to
+    /// ride along with: it and every other guard due by now, as one window.
     pub fn start_due_guards(&mut self) {
         let now = Instant::now();
-        let mut patterns = Vec::new();
-        while self
+        let waited_enough = self
             .guard_passes
             .front()
-            .is_some_and(|(due, _)| *due <= now)
-        {
+            .is_some_and(|(due, _)| *due + self.guard_ride_wait() <= now);
+        if waited_enough {
+            self.start_guards_due_by(now);
+        }
+    }
+
+    /// Starts every guard pass due by `by`, as one window joining the pass in progress.
+    fn start_guards_due_by(&mut self, by: Instant) {
+        let mut patterns = Vec::new();
+        while self.guard_passes.front().is_some_and(|(due, _)| *due <= by) {
             if let Some((_, due_patterns)) = self.guard_passes.pop_front() {
                 patterns.extend(due_patterns);
             }

@@ -6,7 +6,7 @@
 //! hands them to the [`finder`], which looks their keys up in the [`index`] that Redis' tracking
 //! announcements keep ([`tracking`]), or clears them together with every other pending change in
 //! one sweep of Redis ([`sweep`], with the compiled [`matcher`]), over connections from
-//! [`keyspace`]; once Redis and its replicas ([`replicas`]) confirmed the deletes, it deletes the
+//! [`redis_nodes`]; once Redis and its replicas ([`replicas`]) confirmed the deletes, it deletes the
 //! outbox rows.
 //! [`ops`] holds the operator's other subcommands, [`telemetry`] logs, metrics and health.
 
@@ -16,11 +16,11 @@ pub mod cli;
 pub mod daemon;
 pub mod finder;
 pub mod index;
-pub mod keyspace;
 pub mod matcher;
 pub mod ops;
 pub mod outbox;
 pub mod postgres;
+pub mod redis_nodes;
 pub mod replicas;
 pub mod rules;
 pub mod schema;
@@ -30,5 +30,6 @@ pub mod telemetry;
 pub mod tracking;
 pub mod worker;
 
+pub use daemon::run;
+pub use ops::execute;
 pub use settings::Settings;
-pub use worker::run;

@@ -1,20 +1,22 @@
-//! The operator's subcommands besides `run`: install, uninstall, check, status, invalidate,
-//! explain and retry-dead-letters. Each prints what it did for a person and returns whether it
-//! succeeded, which `main` turns into the exit code.
+//! The subcommands: [`execute`] runs one (`run` is the daemon, [`crate::daemon::run`]); the
+//! operator's others are here: install, uninstall, check, status, invalidate, explain and
+//! retry-dead-letters. Each prints what it did for a person and returns whether it succeeded,
+//! which `main` turns into the exit code.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
-use crate::keyspace::{KeyspaceError, RedisTarget};
-use crate::matcher::MatcherBuilder;
+use crate::cli::Command;
 use crate::outbox;
 use crate::postgres::{ConnectError, PgTarget};
+use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::{self, SchemaError, CHANNEL, SCHEMA};
 use crate::settings::{Settings, APPLICATION_NAME};
-use crate::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
+use crate::sweep::{PatternSpec, Sweeper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -23,13 +25,53 @@ pub enum OpsError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error(transparent)]
-    Keyspace(#[from] KeyspaceError),
+    Keyspace(#[from] NodeError),
     #[error(transparent)]
     Sweep(#[from] crate::sweep::SweepError),
     #[error("postgres: {}", crate::postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Input(String),
+}
+
+/// Runs one subcommand; `Ok(false)` is a clean "no" (a failed check, an unhealthy status).
+/// `shutdown` stops `run`; the other subcommands are short and end on their own.
+pub async fn execute(
+    command: Command,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<bool> {
+    match command {
+        Command::Run(_) => crate::daemon::run(settings, shutdown).await?,
+        Command::Install => println!("{}", install(&settings).await?),
+        Command::Uninstall => println!("{}", uninstall(&settings).await?),
+        Command::Sql { uninstall: false } => print!("{}", schema::install_sql(&settings.rules)),
+        Command::Sql { uninstall: true } => print!("{}", schema::uninstall_sql()),
+        Command::Check => {
+            let (ok, report) = check(&settings).await;
+            print!("{report}");
+            return Ok(ok);
+        }
+        Command::Status { max_age } => {
+            let max_age = max_age.unwrap_or(settings.max_backlog_age);
+            let (healthy, report) = status(&settings, max_age).await?;
+            print!("{report}");
+            return Ok(healthy);
+        }
+        Command::Invalidate(args) => {
+            let patterns = match (&args.user, &args.report) {
+                (Some(user), _) => settings.rules.user_patterns(user),
+                (None, Some(report)) => settings.rules.report_patterns(report),
+                (None, None) => anyhow::bail!("invalidate needs --user or --report"),
+            };
+            print!("{}", invalidate(&settings, patterns, args.dry_run).await?);
+        }
+        Command::Explain { table, row } => print!("{}", explain(&settings.rules, &table, &row)?),
+        Command::RetryDeadLetters { id } => {
+            println!("{}", retry_dead_letters(&settings, &id).await?)
+        }
+    }
+    Ok(true)
 }
 
 /// One line for an error and its causes, each cause added only when the message so far does not
@@ -157,7 +199,7 @@ async fn redis_check(settings: &Settings) -> Result<(RedisTarget, usize), OpsErr
         redis::cmd("PING")
             .query_async::<String>(&mut connection)
             .await
-            .map_err(|source| KeyspaceError::Redis {
+            .map_err(|source| NodeError::Redis {
                 node: node.name.clone(),
                 source,
             })?;
@@ -288,19 +330,10 @@ pub async fn invalidate(
     for pattern in &patterns {
         let _ = writeln!(out, "pattern: {pattern}");
     }
-    if dry_run {
-        let keys = matching_keys(&nodes, &patterns).await?;
-        for key in &keys {
-            let _ = writeln!(out, "{key}");
-        }
-        let _ = writeln!(
-            out,
-            "{} key(s) would be deleted (dry run: nothing deleted)",
-            keys.len()
-        );
-        return Ok(out);
-    }
-    let mut sweeper = Sweeper::new(nodes);
+    let mut sweeper = match dry_run {
+        true => Sweeper::listing(nodes),
+        false => Sweeper::new(nodes),
+    };
     let label: std::sync::Arc<str> = std::sync::Arc::from("manual");
     let specs: Vec<PatternSpec> = patterns
         .iter()
@@ -309,57 +342,27 @@ pub async fn invalidate(
             label: label.clone(),
         })
         .collect();
-    let mut deleted = 0;
+    let (mut deleted, mut listed) = (0, BTreeSet::new());
     if sweeper.add_window(&specs, false).is_some() {
         while sweeper.is_busy() {
             let report = sweeper.step().await?;
             deleted += report.deleted.values().sum::<u64>();
+            listed.extend(report.listed);
         }
+    }
+    if dry_run {
+        for key in &listed {
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(key));
+        }
+        let _ = writeln!(
+            out,
+            "{} key(s) would be deleted (dry run: nothing deleted)",
+            listed.len()
+        );
+        return Ok(out);
     }
     let _ = writeln!(out, "{deleted} key(s) deleted");
     Ok(out)
-}
-
-/// Every key on `nodes` matching one of `patterns`, sorted.
-pub async fn matching_keys(
-    nodes: &[crate::keyspace::Node],
-    patterns: &BTreeSet<String>,
-) -> Result<Vec<String>, OpsError> {
-    let mut builder = MatcherBuilder::default();
-    for pattern in patterns {
-        builder.add(pattern);
-    }
-    let matcher = builder.build();
-    let mut keys = Vec::new();
-    for node in nodes {
-        let mut connection = node.connection.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut connection)
-                .await
-                .map_err(|source| KeyspaceError::Redis {
-                    node: node.name.clone(),
-                    source,
-                })?;
-            keys.extend(
-                batch
-                    .into_iter()
-                    .filter(|key| matcher.find(key).is_some())
-                    .map(|key| String::from_utf8_lossy(&key).into_owned()),
-            );
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-    }
-    keys.sort();
-    keys.dedup();
-    Ok(keys)
 }
 
 /// `explain`: the patterns a change to `row` of `table` clears (as an INSERT, DELETE or one side

@@ -277,22 +277,30 @@ impl PgTarget {
         if !verify {
             return Ok(builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+                .with_custom_certificate_verifier(Arc::new(LibpqVerifier {
+                    chain: None,
+                    provider,
+                }))
                 .with_no_client_auth());
         }
-        let webpki =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| ConnectError::RootCert {
-                    path: self.root_cert.clone().unwrap_or_default(),
-                    message: e.to_string(),
-                })?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| ConnectError::RootCert {
+            path: self.root_cert.clone().unwrap_or_default(),
+            message: e.to_string(),
+        })?;
         if self.tls == TlsMode::VerifyFull {
             return Ok(builder.with_webpki_verifier(webpki).with_no_client_auth());
         }
         Ok(builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
+            .with_custom_certificate_verifier(Arc::new(LibpqVerifier {
+                chain: Some(webpki),
+                provider,
+            }))
             .with_no_client_auth())
     }
 
@@ -642,61 +650,17 @@ where
     })
 }
 
-/// `sslmode=prefer`/`require` without a root certificate: encrypt, trust any certificate (libpq's
-/// documented behaviour for these modes).
+/// The certificate checks libpq's modes ask for short of `verify-full`: `prefer`/`require`
+/// without a root certificate encrypt and trust any certificate (`chain: None`); `verify-ca`
+/// checks that the chain leads to the root certificate, but not the host name. Signatures are
+/// checked either way, with the provider's algorithms.
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct LibpqVerifier {
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-/// `sslmode=verify-ca`: the chain must lead to the root certificate; the host name is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for LibpqVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -705,10 +669,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
             | Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForNameContext { .. },
@@ -723,7 +687,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -732,17 +697,28 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message of a connection string that must not parse.
+    fn parse_error(url: &SecretUrl) -> String {
+        match PgTarget::parse(url, "test") {
+            Ok(_) => panic!("{} parsed", url.redacted()),
+            Err(error) => error.to_string(),
+        }
+    }
 
     #[test]
     fn libpq_ssl_options_are_understood_and_errors_are_redacted() {
@@ -756,9 +732,7 @@ mod tests {
             "postgres://u:***@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem"
         );
         let bad = SecretUrl::new("postgres://u:pw@db/x?sslmode=sometimes");
-        let message = PgTarget::parse(&bad, "test")
-            .expect_err("bad mode")
-            .to_string();
+        let message = parse_error(&bad);
         assert!(message.contains("sslmode must be"), "{message}");
         assert!(!message.contains("pw"), "{message}");
     }
@@ -776,15 +750,11 @@ mod tests {
             "host=db port=5433 user=app password=*** dbname=reports sslmode=verify-ca"
         );
         let unquoted = SecretUrl::new("host=db password=Se cret9=x");
-        let message = PgTarget::parse(&unquoted, "test")
-            .expect_err("unknown key")
-            .to_string();
+        let message = parse_error(&unquoted);
         assert!(message.starts_with("DATABASE_URL is neither"), "{message}");
         assert!(!message.contains("cret9"), "{message}");
         let open = SecretUrl::new("host=db password='Secret9");
-        let message = PgTarget::parse(&open, "test")
-            .expect_err("open quote")
-            .to_string();
+        let message = parse_error(&open);
         assert!(
             message.contains("no closing quote") && !message.contains("Secret9"),
             "{message}"

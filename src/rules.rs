@@ -725,6 +725,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The patterns a `TRUNCATE` of `table` clears, in order.
+    fn truncated(rules: &RuleSet, table: &str) -> Vec<String> {
+        let change = Change {
+            table,
+            operation: "TRUNCATE",
+            rows: None,
+        };
+        let patterns = rules.expand(&change).expect("renders").patterns;
+        patterns.into_iter().collect()
+    }
+
+    fn strings(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|item| item.to_string()).collect()
+    }
+
     fn expand(rules: &RuleSet, table: &str, op: &str, rows: Value) -> BTreeSet<String> {
         let change = Change {
             table,
@@ -759,15 +774,14 @@ mod tests {
             "UPDATE",
             json!([{"id": 7, "author_id": 1}, {"id": 7, "author_id": 2}]),
         );
-        let expected: BTreeSet<String> = [
-            ":1:report:7:*",
-            ":1:reportlist:reports:1:*",
-            ":1:reportlist:reports:2:*",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect();
-        assert_eq!(patterns, expected);
+        assert_eq!(
+            patterns,
+            strings(&[
+                ":1:report:7:*",
+                ":1:reportlist:reports:1:*",
+                ":1:reportlist:reports:2:*",
+            ])
+        );
     }
 
     #[test]
@@ -833,16 +847,15 @@ mod tests {
             "DELETE",
             json!({"id": [3, 4], "student_id": [null, 5], "teacher_id": [6, null]}),
         );
-        let expected: BTreeSet<String> = [
-            ":1:studentreport:3:*",
-            ":1:studentreport:4:*",
-            ":1:reportlist:student-reports:5:*",
-            ":1:reportlist:student-reports:6:*",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect();
-        assert_eq!(patterns, expected);
+        assert_eq!(
+            patterns,
+            strings(&[
+                ":1:studentreport:3:*",
+                ":1:studentreport:4:*",
+                ":1:reportlist:student-reports:5:*",
+                ":1:reportlist:student-reports:6:*",
+            ])
+        );
     }
 
     #[test]
@@ -899,14 +912,8 @@ mod tests {
     #[test]
     fn truncate_clears_each_namespace() {
         let rules = RuleSet::builtin();
-        let change = Change {
-            table: "reports_report",
-            operation: "TRUNCATE",
-            rows: None,
-        };
-        let patterns = rules.expand(&change).expect("renders").patterns;
         assert_eq!(
-            patterns.into_iter().collect::<Vec<_>>(),
+            truncated(&rules, "reports_report"),
             [":1:report:*", ":1:reportlist:reports:*"]
         );
         // A template that starts with a value has no namespace: clear what it can name, not the
@@ -916,16 +923,7 @@ mod tests {
             "test",
         )
         .expect("valid");
-        let change = Change {
-            table: "pages",
-            operation: "TRUNCATE",
-            rows: None,
-        };
-        let patterns = rules.expand(&change).expect("renders").patterns;
-        assert_eq!(
-            patterns.into_iter().collect::<Vec<_>>(),
-            [":1:**", ":1:*:page:*"]
-        );
+        assert_eq!(truncated(&rules, "pages"), [":1:**", ":1:*:page:*"]);
     }
 
     #[test]

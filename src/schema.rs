@@ -107,35 +107,34 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.dead_letters (
 
 -- Transactional requests from the app: they go through the outbox, so they happen only if the
 -- calling transaction commits.
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_user(user_id text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
-    VALUES ({user}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('user_id', user_id)));
-    PERFORM pg_notify('{CHANNEL}', '');
-END
-$fn$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_user(user_id bigint) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT {SCHEMA}.invalidate_user(user_id::text) $fn$;
+{user_function}
 
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_report(report_id text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
-    VALUES ({report}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('report_id', report_id)));
-    PERFORM pg_notify('{CHANNEL}', '');
-END
-$fn$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.invalidate_report(report_id bigint) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT {SCHEMA}.invalidate_report(report_id::text) $fn$;
+{report_function}
 GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
 GRANT EXECUTE ON FUNCTION {SCHEMA}.invalidate_user(text), {SCHEMA}.invalidate_user(bigint),
     {SCHEMA}.invalidate_report(text), {SCHEMA}.invalidate_report(bigint) TO PUBLIC;
 "#,
-        user = quote_literal(MANUAL_USER_TABLE),
-        report = quote_literal(MANUAL_REPORT_TABLE),
+        user_function = manual_request_sql("invalidate_user", "user_id", MANUAL_USER_TABLE),
+        report_function = manual_request_sql("invalidate_report", "report_id", MANUAL_REPORT_TABLE),
+    )
+}
+
+/// `{SCHEMA}.<function>(<argument> text|bigint)`: the app's request to clear what one user or
+/// report names, recorded in the outbox as an `INVALIDATE` row of pseudo-table `table`.
+fn manual_request_sql(function: &str, argument: &str, table: &str) -> String {
+    format!(
+        r#"CREATE OR REPLACE FUNCTION {SCHEMA}.{function}({argument} text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO {SCHEMA}.outbox (table_name, op, rows)
+    VALUES ({table}, 'INVALIDATE', jsonb_build_array(jsonb_build_object('{argument}', {argument})));
+    PERFORM pg_notify('{CHANNEL}', '');
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.{function}({argument} bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$ SELECT {SCHEMA}.{function}({argument}::text) $fn$;"#,
+        table = quote_literal(table),
     )
 }
 
@@ -346,16 +345,7 @@ fn stale_cleanup_sql(rules: &RuleSet) -> String {
 DECLARE
     stale record;
 BEGIN
-    FOR stale IN
-        SELECT t.tgname, t.tgrelid::regclass AS tbl
-        FROM pg_trigger t
-        JOIN pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'
-          AND p.proname <> ALL (ARRAY[{functions}]::text[])
-    LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', stale.tgname, stale.tbl);
-    END LOOP;
+{drop_triggers}
     FOR stale IN
         SELECT p.oid::regprocedure AS fn
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -367,7 +357,31 @@ BEGIN
 END
 $cleanup$;
 "#,
-        functions = functions.join(", ")
+        functions = functions.join(", "),
+        drop_triggers = drop_triggers_sql(
+            "stale",
+            &format!(
+                "\n          AND p.proname <> ALL (ARRAY[{}]::text[])",
+                functions.join(", ")
+            )
+        ),
+    )
+}
+
+/// A PL/pgSQL loop dropping the daemon's triggers (those whose name starts with the trigger prefix
+/// and whose function is in the daemon's schema) that also pass `filter`, with loop variable
+/// `var`.
+fn drop_triggers_sql(var: &str, filter: &str) -> String {
+    format!(
+        r#"    FOR {var} IN
+        SELECT t.tgname, t.tgrelid::regclass AS tbl
+        FROM pg_trigger t
+        JOIN pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'{filter}
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', {var}.tgname, {var}.tbl);
+    END LOOP;"#
     )
 }
 
@@ -408,22 +422,15 @@ DO $uninstall$
 DECLARE
     installed record;
 BEGIN
-    FOR installed IN
-        SELECT t.tgname, t.tgrelid::regclass AS tbl
-        FROM pg_trigger t
-        JOIN pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname = '{SCHEMA}' AND t.tgname LIKE '{TRIGGER_PREFIX}%'
-    LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', installed.tgname, installed.tbl);
-    END LOOP;
+{drop_triggers}
 END
 $uninstall$;
 
 DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;
 
 COMMIT;
-"#
+"#,
+        drop_triggers = drop_triggers_sql("installed", ""),
     )
 }
 

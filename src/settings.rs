@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
-use crate::keyspace::{KeyspaceError, RedisTarget};
 use crate::postgres::{ConnectError, PgTarget};
+use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{RuleSet, RulesError};
 
 /// What a connection string that does not parse is shown as: it cannot be redacted, so it is not
@@ -111,7 +111,7 @@ fn redacted_redis(text: &str) -> Option<String> {
             return Some(format!("{scheme}://{}{query}", path.display()));
         }
     };
-    let infos = crate::keyspace::seed_urls(plain_scheme, rest)
+    let infos = crate::redis_nodes::seed_urls(plain_scheme, rest)
         .into_iter()
         .map(|seed| seed.as_str().into_connection_info().ok())
         .collect::<Option<Vec<_>>>()?;
@@ -324,7 +324,7 @@ impl Settings {
     }
 
     /// The Redis server or cluster holding the cache, with its CA file and command timeout.
-    pub fn redis_target(&self) -> Result<RedisTarget, KeyspaceError> {
+    pub fn redis_target(&self) -> Result<RedisTarget, NodeError> {
         RedisTarget::parse(
             &self.connections.redis_url,
             self.connections.redis_ca_file.as_deref(),
@@ -426,7 +426,7 @@ pub enum SettingsError {
     #[error(transparent)]
     Database(#[from] ConnectError),
     #[error(transparent)]
-    Redis(#[from] KeyspaceError),
+    Redis(#[from] NodeError),
 }
 
 /// The config file's values by key, checked against [`CONFIG_KEYS`].
@@ -727,8 +727,8 @@ fn whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
-/// Default delay of the second pass: above the app's slowest report request we measured (see the
-/// README, "No stale refills"), well under the shortest TTL.
+/// Default delay of the second pass: above the app's slowest report request we measured (see
+/// docs/guarantees.md, "No stale refills"), well under the shortest TTL.
 pub const DEFAULT_REFILL_GUARD: Duration = Duration::from_secs(2);
 /// A lost notification costs at most this much latency.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);

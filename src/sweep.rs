@@ -6,7 +6,7 @@
 //! cost of N pending changes is about one pass, not N. A `SCAN` cursor is a bucket index in reverse
 //! bit order (in cluster mode from Redis 7.4 on, after a slot number); turned into a position that
 //! only grows during a pass, even across a rehash, it is what "gone round to that point" compares
-//! ([`CursorOrder`](crate::keyspace::CursorOrder)). Where a server's order is unknown, a window
+//! ([`CursorOrder`](crate::redis_nodes::CursorOrder)). Where a server's order is unknown, a window
 //! joining mid-pass waits for the next whole pass.
 //!
 //! Where the cursor is one reversed bucket index, a node's range of positions is split into
@@ -42,8 +42,8 @@ use futures::FutureExt;
 use redis::aio::MultiplexedConnection;
 use redis::cluster_routing::Slot;
 
-use crate::keyspace::{CursorOrder, Node};
 use crate::matcher::{Matcher, PatternId};
+use crate::redis_nodes::{CursorOrder, Node};
 use crate::replicas::connected_replicas;
 
 /// Keys Redis examines per `SCAN` call. DESIGN.md's measurement: 1,000 keeps a call near 1 ms (the
@@ -105,6 +105,8 @@ pub struct StepReport {
     /// way round).
     pub pass_durations: Vec<std::time::Duration>,
     pub keys_scanned: u64,
+    /// Keys matched by a listing sweeper ([`Sweeper::listing`]), which deletes nothing.
+    pub listed: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -372,11 +374,22 @@ pub struct Sweeper {
     free_ids: Vec<PatternId>,
     windows: Vec<Window>,
     next_window: WindowId,
+    /// Report matches instead of deleting them (`invalidate --dry-run`).
+    listing: bool,
 }
 
 impl Sweeper {
     pub fn new(nodes: Vec<Node>) -> Sweeper {
         Sweeper::with_lanes(nodes, LANES)
+    }
+
+    /// A sweeper that deletes nothing: the keys its windows match come back in
+    /// [`StepReport::listed`], found by the same passes as the deletes would be.
+    pub fn listing(nodes: Vec<Node>) -> Sweeper {
+        Sweeper {
+            listing: true,
+            ..Sweeper::new(nodes)
+        }
     }
 
     /// A sweeper with `lanes` lanes per node where the cursor order allows (1: one cursor per
@@ -399,6 +412,7 @@ impl Sweeper {
             free_ids: Vec::new(),
             windows: Vec::new(),
             next_window: 1,
+            listing: false,
         }
     }
 
@@ -615,26 +629,11 @@ impl Sweeper {
             plan,
             outcome,
         } = reply;
-        let node = &self.nodes[self.lanes[index].node];
-        let fail = |source| SweepError {
-            node: node.name.clone(),
-            source,
-        };
         let node_index = self.lanes[index].node;
         if plan.wait.is_some() {
             self.replica_waits[node_index].in_flight = false;
         }
-        let outcome = outcome.map_err(fail)?;
-        if let Some(text) = &outcome.cluster_nodes {
-            node.verify_shard(text).map_err(|detail| {
-                fail(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "cluster topology changed during the sweep",
-                    detail,
-                )))
-            })?;
-        }
-        let order = node.cursor_order;
+        let mut outcome = self.checked(node_index, outcome)?;
         for (group, count) in &outcome.unlinked {
             let group = &plan.groups[*group];
             if group.refill {
@@ -643,77 +642,11 @@ impl Sweeper {
                 *report.deleted.entry(group.label.clone()).or_default() += count;
             }
         }
-        let policy = node.replica_policy;
-        let node_name = node.name.clone();
-        if let Some(connected) = outcome.connected_replicas {
-            self.nodes[node_index].replicas = Some(connected);
+        let (required, replicated) = self.book_replicas(node_index, &plan, &outcome);
+        self.confirm_lane(index, &plan, required, replicated);
+        if let Some((next_cursor, keys)) = outcome.scanned.take() {
+            self.book_scan(index, next_cursor, keys, report);
         }
-        let required = policy.required(self.nodes[node_index].replicas);
-        let replicated = match (plan.wait, outcome.replicas_acked) {
-            (Some(_), Some(acked)) => Some(acked >= required),
-            _ => None,
-        };
-        let waits = &mut self.replica_waits[node_index];
-        match replicated {
-            Some(false) if !waits.behind => {
-                waits.behind = true;
-                tracing::warn!(node = %node_name, acked = outcome.replicas_acked.unwrap_or(0), required, wait_ms = policy.wait_millis(), "replicas did not confirm the deletes in time: the changes stay in the outbox until they do");
-            }
-            Some(true) if waits.behind => {
-                waits.behind = false;
-                tracing::info!(node = %node_name, required, "replicas confirm the deletes again");
-            }
-            _ => {}
-        }
-        let lane = &mut self.lanes[index];
-        lane.in_flight = false;
-        lane.scan_in_flight = false;
-        // This request carried the UNLINKs of everything matched up to the reply before it, so
-        // windows that were done scanning this lane then have their deletes confirmed here.
-        for window in &mut self.windows {
-            let progress = &mut window.progress[index];
-            if progress.done {
-                progress.confirmed = true;
-                // Nothing to wait for: no replica asked for, as counted right after the deletes.
-                if required == 0 {
-                    progress.replicated = true;
-                }
-            }
-        }
-        if replicated == Some(true) {
-            for &(window_id, lane) in &plan.covers {
-                if let Some(window) = self.windows.iter_mut().find(|w| w.id == window_id) {
-                    window.progress[lane].replicated = true;
-                }
-            }
-        }
-
-        if let Some((next_cursor, keys)) = outcome.scanned {
-            report.keys_scanned += keys.len() as u64;
-            for key in keys {
-                if let Some(pattern_id) = self.matcher.find(&key) {
-                    if let Some(state) = self.patterns[pattern_id as usize].as_mut() {
-                        state.matched += 1;
-                        let refill_only = state.first_pass_refs == 0;
-                        lane.pending.push((key, state.label.clone(), refill_only));
-                    }
-                }
-            }
-            // Once per reply, not per window: hundreds of windows can share a pass.
-            let moved = lane.move_to(next_cursor, order, Instant::now());
-            if let (Some(took), true) = (moved.round_took, lane.times_passes) {
-                report.pass_durations.push(took);
-            }
-            let lane = &self.lanes[index];
-            for window in &mut self.windows {
-                window.progress[index].advance(moved.round_ended, moved.position, lane);
-            }
-            if moved.round_ended && lane.times_passes {
-                // A pass ended: a good moment to let Redis filter by a longer shared prefix.
-                self.matcher.recompute_positions();
-            }
-        }
-
         let finished_ids: Vec<WindowId> = self
             .windows
             .iter()
@@ -731,6 +664,135 @@ impl Sweeper {
             }
         }
         Ok(())
+    }
+
+    /// A node's reply, or the error that fails the sweep: Redis' own, or a cluster topology that
+    /// no longer matches the slots this node was swept for.
+    fn checked(
+        &self,
+        node_index: usize,
+        outcome: Result<PlanOutcome, redis::RedisError>,
+    ) -> Result<PlanOutcome, SweepError> {
+        let node = &self.nodes[node_index];
+        let fail = |source| SweepError {
+            node: node.name.clone(),
+            source,
+        };
+        let outcome = outcome.map_err(fail)?;
+        if let Some(text) = &outcome.cluster_nodes {
+            node.verify_shard(text).map_err(|detail| {
+                fail(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "cluster topology changed during the sweep",
+                    detail,
+                )))
+            })?;
+        }
+        Ok(outcome)
+    }
+
+    /// Books the replicas a reply counted and whether its `WAIT` was answered by enough of them
+    /// (`None`: no `WAIT` in this request); returns how many are required and that answer.
+    fn book_replicas(
+        &mut self,
+        node_index: usize,
+        plan: &NodePlan,
+        outcome: &PlanOutcome,
+    ) -> (u32, Option<bool>) {
+        let node = &mut self.nodes[node_index];
+        if let Some(connected) = outcome.connected_replicas {
+            node.replicas = Some(connected);
+        }
+        let policy = node.replica_policy;
+        let required = policy.required(node.replicas);
+        let replicated = match (plan.wait, outcome.replicas_acked) {
+            (Some(_), Some(acked)) => Some(acked >= required),
+            _ => None,
+        };
+        let waits = &mut self.replica_waits[node_index];
+        match replicated {
+            Some(false) if !waits.behind => {
+                waits.behind = true;
+                tracing::warn!(node = %node.name, acked = outcome.replicas_acked.unwrap_or(0), required, wait_ms = policy.wait_millis(), "replicas did not confirm the deletes in time: the changes stay in the outbox until they do");
+            }
+            Some(true) if waits.behind => {
+                waits.behind = false;
+                tracing::info!(node = %node.name, required, "replicas confirm the deletes again");
+            }
+            _ => {}
+        }
+        (required, replicated)
+    }
+
+    /// This request carried the `UNLINK`s of everything matched up to the reply before it, so
+    /// windows that were done scanning the lane then have their deletes confirmed now (and
+    /// replicated, where its `WAIT` was answered or no replica is required).
+    fn confirm_lane(
+        &mut self,
+        index: usize,
+        plan: &NodePlan,
+        required: u32,
+        replicated: Option<bool>,
+    ) {
+        let lane = &mut self.lanes[index];
+        lane.in_flight = false;
+        lane.scan_in_flight = false;
+        for window in &mut self.windows {
+            let progress = &mut window.progress[index];
+            if progress.done {
+                progress.confirmed = true;
+                if required == 0 {
+                    progress.replicated = true;
+                }
+            }
+        }
+        if replicated == Some(true) {
+            for &(window_id, lane) in &plan.covers {
+                if let Some(window) = self.windows.iter_mut().find(|w| w.id == window_id) {
+                    window.progress[lane].replicated = true;
+                }
+            }
+        }
+    }
+
+    /// A `SCAN` reply: its matches wait for the lane's next `UNLINK` (or, listing, are reported),
+    /// and every window's progress moves with the cursor.
+    fn book_scan(
+        &mut self,
+        index: usize,
+        next_cursor: u64,
+        keys: Vec<Vec<u8>>,
+        report: &mut StepReport,
+    ) {
+        let order = self.nodes[self.lanes[index].node].cursor_order;
+        let lane = &mut self.lanes[index];
+        report.keys_scanned += keys.len() as u64;
+        for key in keys {
+            if let Some(pattern_id) = self.matcher.find(&key) {
+                if let Some(state) = self.patterns[pattern_id as usize].as_mut() {
+                    state.matched += 1;
+                    if self.listing {
+                        report.listed.push(key);
+                    } else {
+                        let refill_only = state.first_pass_refs == 0;
+                        lane.pending.push((key, state.label.clone(), refill_only));
+                    }
+                }
+            }
+        }
+        // Once per reply, not per window: hundreds of windows can share a pass.
+        let moved = lane.move_to(next_cursor, order, Instant::now());
+        if let (Some(took), true) = (moved.round_took, lane.times_passes) {
+            report.pass_durations.push(took);
+        }
+        let lane = &self.lanes[index];
+        for window in &mut self.windows {
+            window.progress[index].advance(moved.round_ended, moved.position, lane);
+        }
+        if moved.round_ended && lane.times_passes {
+            // A pass ended: a good moment to let Redis filter by a longer shared prefix.
+            self.matcher.recompute_positions();
+        }
     }
 
     fn finish_window(&mut self, id: WindowId) -> Option<FinishedWindow> {
@@ -918,7 +980,7 @@ async fn run_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyspace::CursorOrder;
+    use crate::redis_nodes::CursorOrder;
 
     const BUCKETS: CursorOrder = CursorOrder::ReversedBuckets;
     const PER_SLOT: CursorOrder = CursorOrder::SlotThenReversedBuckets;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::index::{self, lock, NodeIndex, Shared};
-use crate::keyspace::{Node, ShardView};
+use crate::redis_nodes::{Node, ShardView};
 use crate::sweep::PatternSpec;
 use crate::telemetry::names;
 

@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::finder::{Finder, WindowId};
-use crate::keyspace::{KeyspaceError, RedisTarget};
 use crate::outbox::{self, Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
 use crate::postgres::{describe, ConnectError, PgTarget};
+use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::CHANNEL;
 use crate::settings::Mode;
@@ -79,7 +79,7 @@ pub enum RunError {
     #[error(transparent)]
     Postgres(#[from] ConnectError),
     #[error(transparent)]
-    Redis(#[from] KeyspaceError),
+    Redis(#[from] NodeError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     /// `--mode index` on a server that cannot announce keys.
@@ -556,7 +556,7 @@ impl Worker {
     /// once; with `--mode index` it is an error.
     async fn track(
         &mut self,
-        nodes: &[crate::keyspace::Node],
+        nodes: &[crate::redis_nodes::Node],
     ) -> Result<Option<Tracking>, RunError> {
         if self.mode == Mode::Sweep || self.index_dropped {
             self.set_mode_gauge(false);

@@ -8,19 +8,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 
-/// How long any awaited effect may take before a test gives up (a bound, not a measurement). A
-/// failover alone takes about two node timeouts.
-const PATIENCE: Duration = Duration::from_secs(60);
 /// Clusters with replicas (six servers, a failover) are started one at a time: two at once on a
-/// 2-core machine kept each other from settling within [`PATIENCE`].
+/// 2-core machine kept each other from settling within [`LONG_PATIENCE`].
 static ONE_REPLICATED_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Short, so a failover completes in a few seconds; long enough that a busy 2-core machine does
 /// not trigger one by itself.
@@ -39,54 +35,46 @@ struct Cluster {
     nodes: Vec<ClusterNode>,
     /// Holds each node's `nodes-<port>.conf` until the cluster is dropped.
     _dir: tempfile::TempDir,
+    /// A cluster with replicas holds [`ONE_REPLICATED_CLUSTER`]; declared last, so it is released
+    /// once the nodes are gone.
+    _one_at_a_time: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
 impl Cluster {
     /// `primaries` primaries with `replicas` replicas each, created with `redis-cli --cluster
     /// create`, returned once every node reports `cluster_state:ok` and sees every replica.
     async fn start(primaries: usize, replicas: usize) -> Cluster {
+        let one_at_a_time = match replicas {
+            0 => None,
+            _ => Some(ONE_REPLICATED_CLUSTER.lock().await),
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
             let port = free_port();
+            let mut args = cluster_node_args(port, dir.path(), NODE_TIMEOUT_MS);
+            // A replica takes over however long it was cut off: the test kills primaries on purpose.
+            args.extend([
+                "--cluster-replica-validity-factor".to_owned(),
+                "0".to_owned(),
+            ]);
             nodes.push(ClusterNode {
                 port,
-                child: Some(spawn_cluster_node(port, dir.path())),
+                child: Some(spawn_redis_server(port, dir.path(), &args)),
             });
         }
-        let cluster = Cluster { nodes, _dir: dir };
+        let cluster = Cluster {
+            nodes,
+            _dir: dir,
+            _one_at_a_time: one_at_a_time,
+        };
         for node in &cluster.nodes {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "node {} did not start",
-                    node.port
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_port(node.port, Duration::from_secs(10));
         }
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port))
-            .collect();
-        let output = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run redis-cli --cluster create");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        create_cluster(&cluster.ports(), replicas);
         let ports = cluster.ports();
         let replica_count = primaries * replicas;
-        let settled = wait_until(PATIENCE, || {
+        let settled = wait_until(LONG_PATIENCE, || {
             let ports = ports.clone();
             async move {
                 for port in ports {
@@ -115,12 +103,6 @@ impl Cluster {
             .filter(|node| node.child.is_some())
             .map(|node| node.port)
             .collect()
-    }
-
-    /// `redis+cluster://` naming `seeds`.
-    fn url(seeds: &[u16]) -> String {
-        let hosts: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+cluster://{}", hosts.join(","))
     }
 
     /// The primaries serving slots, as a live node sees them now.
@@ -190,7 +172,7 @@ impl Cluster {
     /// loses nothing that was written before.
     async fn wait_for_replication(&self) {
         let primaries = self.primaries().await;
-        let replicated = wait_until(PATIENCE, || {
+        let replicated = wait_until(LONG_PATIENCE, || {
             let primaries = primaries.clone();
             async move {
                 for port in primaries {
@@ -267,27 +249,6 @@ impl Drop for Cluster {
             self.kill(port);
         }
     }
-}
-
-fn spawn_cluster_node(port: u16, dir: &Path) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--cluster-enabled", "yes"])
-        // The bus port is the client port + 10000 unless set: that may be taken or out of range.
-        .args(["--cluster-port", &free_port().to_string()])
-        .args([
-            "--cluster-config-file",
-            &dir.join(format!("nodes-{port}.conf")).display().to_string(),
-        ])
-        .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
-        // A replica takes over however long it was cut off: the test kills primaries on purpose.
-        .args(["--cluster-replica-validity-factor", "0"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--dir", &dir.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start redis-server (is it installed?)")
 }
 
 async fn node_connection(port: u16) -> MultiplexedConnection {
@@ -387,28 +348,11 @@ async fn key_slot(port: u16, key: &str) -> u16 {
         .expect("CLUSTER KEYSLOT")
 }
 
-/// The reports of a test: `reports` rows, ids 1..=reports, report `id` written by user
-/// `1 + (id - 1) / 10` (ten reports per author). The outbox rows of this setup are removed so
-/// only the test's own changes are pending.
-async fn seed_reports(db: &TestDb, reports: i32) {
-    let client = db.client().await;
-    client
-        .batch_execute(&format!(
-            "INSERT INTO auth_user (id) SELECT g FROM generate_series(1, {users}) g;
-             INSERT INTO reports_report (id, author_id)
-                 SELECT g, 1 + (g - 1) / 10 FROM generate_series(1, {reports}) g;
-             DELETE FROM cache_invalidator.outbox;",
-            users = (reports + 9) / 10,
-        ))
-        .await
-        .expect("seed reports");
-}
-
 /// The keys of the reports `changed` (which must go) and of the others (which must stay), in
 /// the django-redis layout under `space`, with `filler` unrelated keys among the decoys so each
 /// node's pass takes several `SCAN` steps.
 fn report_keys(
-    space: &KeySpace,
+    space: &KeyPrefix,
     changed: std::ops::RangeInclusive<i32>,
     kept: std::ops::RangeInclusive<i32>,
     filler: usize,
@@ -441,6 +385,25 @@ fn report_keys(
     (must_go, decoys)
 }
 
+/// A database of `reports` seeded reports under a key space of its own for `tag`, and the keys of
+/// [`report_keys`] written to `cluster`: returns both and the keys (must go, decoys).
+async fn written(
+    cluster: &Cluster,
+    tag: &str,
+    reports: i32,
+    changed: std::ops::RangeInclusive<i32>,
+    kept: std::ops::RangeInclusive<i32>,
+    filler: usize,
+) -> (KeyPrefix, TestDb, Vec<String>, Vec<String>) {
+    let (space, db) = space_with_reports(tag).await;
+    db.seed_reports(reports).await;
+    let (must_go, decoys) = report_keys(&space, changed, kept, filler);
+    cluster
+        .set_keys(&[must_go.clone(), decoys.clone()].concat())
+        .await;
+    (space, db, must_go, decoys)
+}
+
 /// Asserts, node by node, that no key of `must_go` is left and every decoy is still there.
 fn assert_swept(by_node: &BTreeMap<u16, BTreeSet<String>>, must_go: &[String], decoys: &[String]) {
     let mut present = BTreeSet::new();
@@ -468,7 +431,12 @@ fn assert_swept(by_node: &BTreeMap<u16, BTreeSet<String>>, must_go: &[String], d
 
 /// Before the daemon starts: every primary holds keys of both kinds, so "gone everywhere" and
 /// "kept everywhere" are about every node.
-async fn assert_spread(cluster: &Cluster, space: &KeySpace, must_go: &[String], decoys: &[String]) {
+async fn assert_spread(
+    cluster: &Cluster,
+    space: &KeyPrefix,
+    must_go: &[String],
+    decoys: &[String],
+) {
     let by_node = cluster.keys_by_primary(&space.namespace).await;
     assert_eq!(by_node.len(), 3, "three primaries");
     for (port, keys) in &by_node {
@@ -486,17 +454,20 @@ async fn assert_spread(cluster: &Cluster, space: &KeySpace, must_go: &[String], 
     );
 }
 
-async fn wait_for_empty_outbox(db: &TestDb) {
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "the outbox never emptied: {} row(s) left",
-        db.outbox_rows().await
-    );
+/// Waits until the outbox is empty, then reads the keys under `space` on each primary. The outbox
+/// is empty only once Redis confirmed every delete: nothing is left to wait for.
+async fn once_acknowledged(
+    cluster: &Cluster,
+    space: &KeyPrefix,
+    db: &TestDb,
+) -> BTreeMap<u16, BTreeSet<String>> {
+    db.wait_for_empty_outbox(LONG_PATIENCE).await;
+    cluster.keys_by_primary(&space.namespace).await
 }
 
 /// Waits until no node holds a key of `must_go`.
-async fn wait_until_swept(cluster: &Cluster, space: &KeySpace, must_go: &[String]) {
-    let swept = wait_until(PATIENCE, || async {
+async fn wait_until_swept(cluster: &Cluster, space: &KeyPrefix, must_go: &[String]) {
+    let swept = wait_until(LONG_PATIENCE, || async {
         let by_node = cluster.keys_by_primary(&space.namespace).await;
         must_go
             .iter()
@@ -512,18 +483,13 @@ async fn wait_until_swept(cluster: &Cluster, space: &KeySpace, must_go: &[String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
     let cluster = Cluster::start(3, 0).await;
-    let space = KeySpace::new("cluster");
-    let db = TestDb::with_reports("cluster", &space.rules()).await;
-    seed_reports(&db, 200).await;
-    let (must_go, decoys) = report_keys(&space, 1..=100, 101..=200, 3000);
-    cluster
-        .set_keys(&[must_go.clone(), decoys.clone()].concat())
-        .await;
+    let (space, db, must_go, decoys) =
+        written(&cluster, "cluster", 200, 1..=100, 101..=200, 3000).await;
     assert_spread(&cluster, &space, &must_go, &decoys).await;
 
     let daemon = Daemon::start(test_settings(
         &db.url,
-        &Cluster::url(&cluster.ports()),
+        &cluster_url(&cluster.ports()),
         space.rules(),
     ));
     let client = db.client().await;
@@ -541,119 +507,69 @@ async fn every_primary_is_swept_and_decoys_stay_on_every_node() {
             .await
             .expect("update");
     }
-    wait_for_empty_outbox(&db).await;
-    // The outbox is empty only once Redis confirmed every delete: nothing is left to wait for.
-    assert_swept(
-        &cluster.keys_by_primary(&space.namespace).await,
-        &must_go,
-        &decoys,
-    );
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
+    assert_swept(&by_node, &must_go, &decoys);
     daemon.stop().await;
     db.drop().await;
 }
 
-/// A cluster of three primaries with one replica each (one such cluster at a time), `reports`
-/// report rows, and the keys of the `changed` reports (must go) and of the `kept` ones (decoys)
-/// written, spread over every primary and replicated.
-struct Replicated {
-    cluster: Cluster,
-    space: KeySpace,
-    db: TestDb,
-    must_go: Vec<String>,
-    decoys: Vec<String>,
-    /// Declared last: released after the cluster is gone.
-    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+/// A cluster of three primaries with one replica each, `reports` report rows, and the keys of the
+/// `changed` reports (must go) and of the `kept` ones (decoys) written, spread over every primary
+/// and replicated.
+async fn replicated(
+    tag: &str,
+    reports: i32,
+    changed: std::ops::RangeInclusive<i32>,
+    kept: std::ops::RangeInclusive<i32>,
+) -> (Cluster, KeyPrefix, TestDb, Vec<String>, Vec<String>) {
+    let cluster = Cluster::start(3, 1).await;
+    let (space, db, must_go, decoys) = written(&cluster, tag, reports, changed, kept, 1000).await;
+    assert_spread(&cluster, &space, &must_go, &decoys).await;
+    cluster.wait_for_replication().await;
+    (cluster, space, db, must_go, decoys)
 }
 
-impl Replicated {
-    async fn start(
-        tag: &str,
-        reports: i32,
-        changed: std::ops::RangeInclusive<i32>,
-        kept: std::ops::RangeInclusive<i32>,
-    ) -> Replicated {
-        let one_at_a_time = ONE_REPLICATED_CLUSTER.lock().await;
-        let cluster = Cluster::start(3, 1).await;
-        let space = KeySpace::new(tag);
-        let db = TestDb::with_reports(tag, &space.rules()).await;
-        seed_reports(&db, reports).await;
-        let (must_go, decoys) = report_keys(&space, changed, kept, 1000);
-        cluster
-            .set_keys(&[must_go.clone(), decoys.clone()].concat())
-            .await;
-        assert_spread(&cluster, &space, &must_go, &decoys).await;
-        cluster.wait_for_replication().await;
-        Replicated {
-            cluster,
-            space,
-            db,
-            must_go,
-            decoys,
-            _one_at_a_time: one_at_a_time,
-        }
-    }
+/// Waits until a replica took the place of `victim`: three primaries again, none of them it.
+async fn wait_for_promotion(cluster: &Cluster, victim: u16) {
+    let promoted = wait_until(LONG_PATIENCE, || async {
+        let primaries = cluster.primaries().await;
+        primaries.len() == 3 && !primaries.contains(&victim)
+    })
+    .await;
+    assert!(promoted, "no replica was promoted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
-    // The guard first: bindings drop in reverse order, so it is released after the cluster.
-    let Replicated {
-        _one_at_a_time,
-        mut cluster,
-        space,
-        db,
-        must_go,
-        decoys,
-    } = Replicated::start("failover", 800, 1..=600, 601..=800).await;
+    let (mut cluster, space, db, must_go, decoys) =
+        replicated("failover", 800, 1..=600, 601..=800).await;
 
     // The only seed is the primary about to die: the worker must find the cluster again through
     // the nodes it discovered.
     let victim = cluster.primaries().await[0];
     let daemon = Daemon::start(test_settings(
         &db.url,
-        &Cluster::url(&[victim]),
+        &cluster_url(&[victim]),
         space.rules(),
     ));
     let client = db.client().await;
-    let burst = |ids: std::ops::RangeInclusive<i32>| {
-        let client = &client;
-        async move {
-            // Transactions of ten one-row statements: many outbox rows, many windows.
-            let ids: Vec<i32> = ids.collect();
-            for chunk in ids.chunks(10) {
-                let statements: String = chunk
-                    .iter()
-                    .map(|id| format!("UPDATE reports_report SET title = 'b' WHERE id = {id};"))
-                    .collect();
-                client
-                    .batch_execute(&format!("BEGIN; {statements} COMMIT;"))
-                    .await
-                    .expect("burst");
-            }
-        }
-    };
-    burst(1..=300).await;
+    // Transactions of ten one-row statements: many outbox rows, many windows.
+    retitle_in_transactions(&client, 1..=300, 10, "b").await;
     // Once the worker acknowledged part of the burst, it has discovered the cluster and is busy.
     let first_half_rows = 300;
     assert!(
-        wait_until(PATIENCE, || async {
+        wait_until(LONG_PATIENCE, || async {
             db.outbox_rows().await < first_half_rows
         })
         .await,
         "the worker never acknowledged anything"
     );
     cluster.kill(victim);
-    burst(301..=600).await;
+    retitle_in_transactions(&client, 301..=600, 10, "b").await;
 
     // A replica takes the dead primary's slots; the worker rediscovers and sweeps it.
-    let promoted = wait_until(PATIENCE, || async {
-        let primaries = cluster.primaries().await;
-        primaries.len() == 3 && !primaries.contains(&victim)
-    })
-    .await;
-    assert!(promoted, "no replica was promoted");
-    wait_for_empty_outbox(&db).await;
-    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    wait_for_promotion(&cluster, victim).await;
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert!(!by_node.contains_key(&victim));
     assert_swept(&by_node, &must_go, &decoys);
     daemon.stop().await;
@@ -662,29 +578,22 @@ async fn a_primary_failing_over_during_a_burst_loses_no_invalidation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invalidation() {
-    // The guard first: bindings drop in reverse order, so it is released after the cluster.
-    let Replicated {
-        _one_at_a_time,
-        mut cluster,
-        space,
-        db,
-        must_go,
-        decoys,
-    } = Replicated::start("idx_failover", 600, 1..=200, 401..=600).await;
+    let (mut cluster, space, db, must_go, decoys) =
+        replicated("idx_failover", 600, 1..=200, 401..=600).await;
     let daemon = Daemon::start_indexed(test_settings(
         &db.url,
-        &Cluster::url(&cluster.primaries().await),
+        &cluster_url(&cluster.primaries().await),
         space.rules(),
     ))
     .await;
     let client = db.client().await;
     // The seed rows' changes first, then changes answered from the index.
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(LONG_PATIENCE).await;
     client
         .batch_execute("UPDATE reports_report SET title = 'a' WHERE id BETWEEN 1 AND 100")
         .await
         .expect("update");
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(LONG_PATIENCE).await;
 
     let victim = cluster.primaries().await[0];
     cluster.kill(victim);
@@ -692,14 +601,8 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
         .batch_execute("UPDATE reports_report SET title = 'b' WHERE id BETWEEN 101 AND 200")
         .await
         .expect("update during the failover");
-    let promoted = wait_until(PATIENCE, || async {
-        let primaries = cluster.primaries().await;
-        primaries.len() == 3 && !primaries.contains(&victim)
-    })
-    .await;
-    assert!(promoted, "no replica was promoted");
-    wait_for_empty_outbox(&db).await;
-    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    wait_for_promotion(&cluster, victim).await;
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert_swept(&by_node, &must_go, &decoys);
 
     // The promoted primary's part is seeded; keys written to it now are found by lookups.
@@ -712,8 +615,7 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
         .batch_execute("UPDATE reports_report SET title = 'c' WHERE id BETWEEN 201 AND 300")
         .await
         .expect("update after the failover");
-    wait_for_empty_outbox(&db).await;
-    let by_node = cluster.keys_by_primary(&space.namespace).await;
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
     assert_swept(&by_node, &again, &[decoys, kept].concat());
     daemon.stop().await;
     db.drop().await;
@@ -722,13 +624,7 @@ async fn in_index_mode_a_failover_seeds_the_promoted_primary_and_loses_no_invali
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     let cluster = Cluster::start(3, 0).await;
-    let space = KeySpace::new("migration");
-    let db = TestDb::with_reports("migration", &space.rules()).await;
-    seed_reports(&db, 20).await;
-    let (must_go, decoys) = report_keys(&space, 1..=1, 2..=20, 300);
-    cluster
-        .set_keys(&[must_go.clone(), decoys.clone()].concat())
-        .await;
+    let (space, db, must_go, decoys) = written(&cluster, "migration", 20, 1..=1, 2..=20, 300).await;
 
     // The slot of one must-go key starts moving to another primary.
     let primaries = cluster.primaries().await;
@@ -747,7 +643,7 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
 
     let daemon = Daemon::start(test_settings(
         &db.url,
-        &Cluster::url(&cluster.ports()),
+        &cluster_url(&cluster.ports()),
         space.rules(),
     ));
     db.client()
@@ -761,19 +657,15 @@ async fn a_slot_migration_holds_the_acknowledgement_until_it_ends() {
     assert_eq!(db.outbox_rows().await, 1);
 
     cluster.finish_migration(slot, from, to).await;
-    wait_for_empty_outbox(&db).await;
-    assert_swept(
-        &cluster.keys_by_primary(&space.namespace).await,
-        &must_go,
-        &decoys,
-    );
+    let by_node = once_acknowledged(&cluster, &space, &db).await;
+    assert_swept(&by_node, &must_go, &decoys);
     daemon.stop().await;
     db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_cursor_order() {
-    use cache_invalidator::keyspace::{CursorOrder, KeyspaceError, RedisTarget};
+    use cache_invalidator::redis_nodes::{CursorOrder, NodeError, RedisTarget};
     use cache_invalidator::settings::SecretUrl;
     let cluster = Cluster::start(3, 0).await;
     let port = cluster.ports()[0];
@@ -783,7 +675,7 @@ async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_c
     let plain = SecretUrl::new(format!("redis://127.0.0.1:{port}"));
     let target = RedisTarget::parse(&plain, None, Duration::from_secs(5)).expect("a valid URL");
     match target.connect().await {
-        Err(error @ KeyspaceError::ClusterNode { .. }) => {
+        Err(error @ NodeError::ClusterNode { .. }) => {
             assert!(error.is_permanent());
             assert!(
                 error.to_string().contains("redis+cluster://"),
@@ -805,7 +697,7 @@ async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_c
     } else {
         CursorOrder::ReversedBuckets
     };
-    let url = SecretUrl::new(Cluster::url(&cluster.ports()));
+    let url = SecretUrl::new(cluster_url(&cluster.ports()));
     let nodes = RedisTarget::parse(&url, None, Duration::from_secs(5))
         .expect("a valid cluster URL")
         .connect()

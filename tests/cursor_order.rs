@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use cache_invalidator::keyspace::{CursorOrder, RedisTarget};
+use cache_invalidator::redis_nodes::{CursorOrder, RedisTarget};
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, LANES};
 use common::*;
@@ -15,7 +15,7 @@ const KEYS_PER_REPORT: usize = 300;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_an_unknown_cursor_order_gets_one_lane_that_clears_everything() {
-    let space = KeySpace::new("order");
+    let space = KeyPrefix::new("order");
     let mut redis = redis_connection(&shared_redis_url()).await;
     let doomed: Vec<String> = (0..KEYS_PER_REPORT)
         .map(|i| space.key(&format!("report:5:{i}:h")))

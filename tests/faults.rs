@@ -3,7 +3,7 @@
 //!
 //! Each scenario starts the daemon, commits changes, injects the fault, commits more changes during
 //! and after it, and then checks that every key a committed change names is gone within
-//! [`PATIENCE`] of recovery, that the decoys next to them are still there, and that the outbox is
+//! `PATIENCE` (the issue's bound) of recovery, that the decoys next to them are still there, and that the outbox is
 //! empty. Servers a test breaks are its own (`PrivateRedis`, `PrivatePostgres`); the shared ones are
 //! only used through a test's own database and key prefix.
 //!
@@ -14,16 +14,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Output};
+use std::process::Output;
 use std::time::Duration;
 
+use cache_invalidator::settings::Settings;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
-/// How long keys may take to go after recovery (the issue's bound), and any awaited effect.
-const PATIENCE: Duration = Duration::from_secs(30);
 /// A poll interval no test outlives: only notifications (and the drain after each LISTEN
 /// reconnect) make the worker look at the outbox, so a listener that did not come back would leave
 /// later changes pending.
@@ -34,7 +32,7 @@ const PAUSE_MS: u64 = 5000;
 const STOP_BOUND: Duration = Duration::from_secs(10);
 
 /// Keys an INSERT of report `id` by `author` must clear.
-fn must_go(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
+fn must_go(space: &KeyPrefix, id: i64, author: i64) -> Vec<String> {
     vec![
         space.key(&format!("report:{id}:{author}:h")),
         space.key(&format!("report:{id}:99:h")),
@@ -43,23 +41,13 @@ fn must_go(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
 }
 
 /// Keys next to those that nothing in these tests may clear.
-fn decoys(space: &KeySpace, id: i64, author: i64) -> Vec<String> {
+fn decoys(space: &KeyPrefix, id: i64, author: i64) -> Vec<String> {
     vec![
         space.key(&format!("report:{id}0:{author}:h")),
         space.key_v2(&format!("report:{id}:{author}:h")),
         space.key(&format!("reportlist:reports:{author}0:h")),
         space.key(&format!("cache_stats:{author}")),
     ]
-}
-
-async fn commit_report(client: &Client, id: i64, author: i64) {
-    client
-        .batch_execute(&format!(
-            "INSERT INTO auth_user (id) VALUES ({author}) ON CONFLICT DO NOTHING;
-             INSERT INTO reports_report (id, author_id) VALUES ({id}, {author});"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("commit report {id}: {e}"));
 }
 
 /// `CLIENT PAUSE <ms> <mode>`: `WRITE` holds the sweep's UNLINKs, `ALL` every command.
@@ -73,25 +61,85 @@ async fn pause_redis(connection: &mut MultiplexedConnection, millis: u64, mode: 
         .expect("CLIENT PAUSE");
 }
 
-/// A database of the test's own with `pgrowlocks`, which shows the rows a claim holds.
-async fn prepare_db(db: &TestDb) {
+/// What a fault test breaks: a database of its own (with `pgrowlocks`, which shows the rows a
+/// claim holds) under its own key space, and a private Redis with a patient connection to it.
+async fn scenario(tag: &str) -> (KeyPrefix, TestDb, PrivateRedis, MultiplexedConnection) {
+    scenario_on(&admin_database_url(), tag).await
+}
+
+/// [`scenario`] with the database on the server `admin_url` points at.
+async fn scenario_on(
+    admin_url: &str,
+    tag: &str,
+) -> (KeyPrefix, TestDb, PrivateRedis, MultiplexedConnection) {
+    let space = KeyPrefix::new(tag);
+    let db = TestDb::with_reports_on(admin_url, tag, &space.rules()).await;
     db.client()
         .await
         .batch_execute("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
         .await
         .expect("create extension pgrowlocks");
+    let redis_server = PrivateRedis::start();
+    let redis = patient_connection(&redis_server.url()).await;
+    (space, db, redis_server, redis)
+}
+
+/// Settings for a daemon that looks at the outbox only when notified ([`NO_POLL`]) and waits out
+/// a Redis pause rather than failing (its Redis timeout is longer than the pause).
+fn notified_only(db: &TestDb, redis_server: &PrivateRedis, space: &KeyPrefix) -> Settings {
+    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
+    settings.poll_interval = NO_POLL;
+    settings.redis_timeout = PATIENCE;
+    settings
+}
+
+/// Writes the keys of changes 101 to 104 (by authors 1 to 4): those that must go, and their
+/// decoys, which are returned.
+async fn set_change_keys(redis: &mut MultiplexedConnection, space: &KeyPrefix) -> Vec<String> {
+    let mut all_decoys = Vec::new();
+    for (id, author) in [(101, 1), (102, 2), (103, 3), (104, 4)] {
+        set_keys(redis, &must_go(space, id, author)).await;
+        set_keys(redis, &decoys(space, id, author)).await;
+        all_decoys.extend(decoys(space, id, author));
+    }
+    all_decoys
+}
+
+/// Commits report `id` by `author` and waits until its keys are gone.
+async fn commit_and_clear(
+    db: &TestDb,
+    redis: &mut MultiplexedConnection,
+    space: &KeyPrefix,
+    id: i64,
+    author: i64,
+) {
+    commit_report(&db.client().await, id, author).await;
+    assert_gone_within(redis, &must_go(space, id, author), PATIENCE).await;
+}
+
+/// After a fault: the keys of changes 102 and 103 (committed around it) go, and so do those of
+/// 104 (committed after); the outbox empties and every decoy stays.
+async fn assert_recovered(
+    db: &TestDb,
+    redis: &mut MultiplexedConnection,
+    space: &KeyPrefix,
+    decoys: &[String],
+) {
+    let recovered = [must_go(space, 102, 2), must_go(space, 103, 3)].concat();
+    assert_gone_within(redis, &recovered, PATIENCE).await;
+    commit_and_clear(db, redis, space, 104, 4).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
+    assert_kept(redis, decoys).await;
 }
 
 /// Outbox rows locked right now, i.e. claimed by a worker and not yet acknowledged.
 async fn claimed_rows(client: &Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM pgrowlocks('cache_invalidator.outbox')",
-            &[],
-        )
-        .await
-        .expect("pgrowlocks")
-        .get(0)
+    count(
+        client,
+        "SELECT count(*) FROM pgrowlocks('cache_invalidator.outbox')",
+        &[],
+    )
+    .await
 }
 
 async fn wait_for_claim(db: &TestDb) {
@@ -102,52 +150,22 @@ async fn wait_for_claim(db: &TestDb) {
     );
 }
 
-async fn wait_for_empty_outbox(db: &TestDb) {
-    let empty = wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await;
-    assert!(
-        empty,
-        "{} outbox rows still pending",
-        db.outbox_rows().await
-    );
-}
-
 /// Terminates every backend of the daemon in the test's database (the LISTEN connection and the
 /// claim connections); returns how many.
 async fn terminate_daemon_backends(client: &Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE 'cache-invalidator%'",
-            &[],
-        )
-        .await
-        .expect("terminate backends")
-        .get(0)
+    let sql = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+               WHERE datname = current_database() AND application_name LIKE 'cache-invalidator%'";
+    count(client, sql, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
-    let space = KeySpace::new("fault_kill_backend");
-    let db = TestDb::with_reports("fault_kill_backend", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
-    settings.poll_interval = NO_POLL;
-    // Longer than the pause: the sweep waits for Redis rather than failing.
-    settings.redis_timeout = PATIENCE;
-    let daemon = Daemon::start(settings);
+    let (space, db, redis_server, mut redis) = scenario("fault_kill_backend").await;
+    let daemon = Daemon::start(notified_only(&db, &redis_server, &space));
     let client = db.client().await;
-    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
-    let mut all_decoys = Vec::new();
-    for (id, author) in changes {
-        set_keys(&mut redis, &must_go(&space, id, author)).await;
-        set_keys(&mut redis, &decoys(&space, id, author)).await;
-        all_decoys.extend(decoys(&space, id, author));
-    }
+    let all_decoys = set_change_keys(&mut redis, &space).await;
 
-    commit_report(&client, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     // The fault hits while 102 is claimed and its sweep waits for Redis.
     pause_redis(&mut redis, PAUSE_MS, "WRITE").await;
@@ -160,12 +178,7 @@ async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
     );
     commit_report(&client, 103, 3).await;
 
-    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
-    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    commit_report(&client, 104, 4).await;
-    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    assert_kept(&mut redis, &all_decoys).await;
+    assert_recovered(&db, &mut redis, &space, &all_decoys).await;
     daemon.stop().await;
     db.drop().await;
 }
@@ -173,25 +186,11 @@ async fn killed_postgres_backends_are_replaced_and_their_claims_swept_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_loses_no_claimed_or_later_change() {
     let pg = PrivatePostgres::start();
-    let space = KeySpace::new("fault_pg_restart");
-    let db = TestDb::with_reports_on(&pg.url(), "fault_pg_restart", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
-    settings.poll_interval = NO_POLL;
-    settings.redis_timeout = PATIENCE;
-    let daemon = Daemon::start(settings);
-    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
-    let mut all_decoys = Vec::new();
-    for (id, author) in changes {
-        set_keys(&mut redis, &must_go(&space, id, author)).await;
-        set_keys(&mut redis, &decoys(&space, id, author)).await;
-        all_decoys.extend(decoys(&space, id, author));
-    }
+    let (space, db, redis_server, mut redis) = scenario_on(&pg.url(), "fault_pg_restart").await;
+    let daemon = Daemon::start(notified_only(&db, &redis_server, &space));
+    let all_decoys = set_change_keys(&mut redis, &space).await;
 
-    commit_report(&db.client().await, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     pause_redis(&mut redis, PAUSE_MS, "WRITE").await;
     commit_report(&db.client().await, 102, 2).await;
@@ -200,12 +199,7 @@ async fn a_postgres_restart_loses_no_claimed_or_later_change() {
     // Right after the restart: the worker may not be listening again yet.
     commit_report(&db.client().await, 103, 3).await;
 
-    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
-    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    commit_report(&db.client().await, 104, 4).await;
-    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    assert_kept(&mut redis, &all_decoys).await;
+    assert_recovered(&db, &mut redis, &space, &all_decoys).await;
     daemon.stop().await;
     db.drop().await;
 }
@@ -216,10 +210,7 @@ async fn a_postgres_restart_loses_no_claimed_or_later_change() {
 /// join a pass midway; every key they name must still go, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
-    let space = KeySpace::new("fault_no_info");
-    let db = TestDb::with_reports("fault_no_info", &space.rules()).await;
-    let redis_server = PrivateRedis::start();
-    let mut admin = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut admin) = scenario("fault_no_info").await;
     let () = redis::cmd("ACL")
         .arg(&[
             "SETUSER",
@@ -249,9 +240,7 @@ async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
     let filler: Vec<String> = (0..30_000)
         .map(|i| space.key(&format!("fragment:{i}")))
         .collect();
-    for chunk in filler.chunks(5_000) {
-        set_keys(&mut admin, chunk).await;
-    }
+    set_keys(&mut admin, &filler).await;
     let ids = 301..=340;
     let mut all_must_go = Vec::new();
     let mut all_decoys = Vec::new();
@@ -269,7 +258,7 @@ async fn a_worker_whose_acl_refuses_info_still_clears_every_change() {
         commit_report(&client, id, id % 7 + 1).await;
     }
     assert_gone_within(&mut admin, &all_must_go, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_kept(&mut admin, &all_decoys).await;
     assert_kept(&mut admin, &filler).await;
     daemon.stop().await;
@@ -299,16 +288,12 @@ async fn reconnect_when_loaded(url: &str) -> MultiplexedConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_committed_while_redis_is_down_are_cleared_after_it_returns() {
-    let space = KeySpace::new("fault_redis_restart");
-    let db = TestDb::with_reports("fault_redis_restart", &space.rules()).await;
-    let mut redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, mut redis_server, mut redis) = scenario("fault_redis_restart").await;
     let daemon = Daemon::start(test_settings(&db.url, &redis_server.url(), space.rules()));
     let client = db.client().await;
 
     set_keys(&mut redis, &must_go(&space, 101, 1)).await;
-    commit_report(&client, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     // The restarted server loads this snapshot, so the keys of the change committed during the
     // outage are there the moment it accepts connections: only a change kept in the outbox
@@ -329,7 +314,7 @@ async fn changes_committed_while_redis_is_down_are_cleared_after_it_returns() {
     commit_report(&client, 103, 3).await;
     let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
     assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     // The outage decoys prove the snapshot was loaded (and so were the keys that had to go).
     assert_kept(
         &mut redis,
@@ -354,24 +339,14 @@ async fn connections_received(connection: &mut MultiplexedConnection) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
-    let space = KeySpace::new("fault_redis_pause");
-    let db = TestDb::with_reports("fault_redis_pause", &space.rules()).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_redis_pause").await;
     let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
     settings.redis_timeout = Duration::from_secs(1);
     let daemon = Daemon::start(settings);
     let client = db.client().await;
-    let changes = [(101, 1), (102, 2), (103, 3), (104, 4)];
-    let mut all_decoys = Vec::new();
-    for (id, author) in changes {
-        set_keys(&mut redis, &must_go(&space, id, author)).await;
-        set_keys(&mut redis, &decoys(&space, id, author)).await;
-        all_decoys.extend(decoys(&space, id, author));
-    }
+    let all_decoys = set_change_keys(&mut redis, &space).await;
 
-    commit_report(&client, 101, 1).await;
-    assert_gone_within(&mut redis, &must_go(&space, 101, 1), PATIENCE).await;
+    commit_and_clear(&db, &mut redis, &space, 101, 1).await;
 
     let before = connections_received(&mut redis).await;
     // Four times the command timeout: the worker's sweep must give up and try again.
@@ -379,12 +354,7 @@ async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
     commit_report(&client, 102, 2).await;
     commit_report(&client, 103, 3).await;
     // This connection's first command waits until the pause ends.
-    let recovered = [must_go(&space, 102, 2), must_go(&space, 103, 3)].concat();
-    assert_gone_within(&mut redis, &recovered, PATIENCE).await;
-    commit_report(&client, 104, 4).await;
-    assert_gone_within(&mut redis, &must_go(&space, 104, 4), PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    assert_kept(&mut redis, &all_decoys).await;
+    assert_recovered(&db, &mut redis, &space, &all_decoys).await;
     // Only the worker connects besides this connection: a new connection is its retry.
     let after = connections_received(&mut redis).await;
     assert!(
@@ -397,11 +367,7 @@ async fn a_redis_that_stops_answering_times_out_and_the_batch_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
-    let space = KeySpace::new("fault_stop_hung");
-    let db = TestDb::with_reports("fault_stop_hung", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
+    let (space, db, redis_server, mut redis) = scenario("fault_stop_hung").await;
     let mut settings = test_settings(&db.url, &redis_server.url(), space.rules());
     // The hung UNLINK would outlast the stop bound on its own.
     settings.redis_timeout = PATIENCE;
@@ -432,87 +398,15 @@ async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
         .expect("CLIENT UNPAUSE");
     let daemon = Daemon::start(settings);
     assert_gone_within(&mut redis, &keys, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_kept(&mut redis, &decoys(&space, 101, 1)).await;
     daemon.stop().await;
     db.drop().await;
 }
 
-fn command(args: &[&str], database_url: &str) -> tokio::process::Command {
-    let mut command = daemon_command(args);
-    command.env("DATABASE_URL", database_url);
-    command
-}
-
 /// A one-shot subcommand (`status`, `retry-dead-letters`) against `database_url`.
 async fn cli(args: &[&str], database_url: &str) -> Output {
-    match tokio::time::timeout(PATIENCE, command(args, database_url).output()).await {
-        Ok(output) => output.expect("run cache-invalidator"),
-        Err(_) => panic!("cache-invalidator {args:?} did not finish"),
-    }
-}
-
-/// The default rules under the test's key prefix, plus `extra` TOML, written to a file.
-fn write_rules(dir: &Path, space: &KeySpace, extra: &str) -> PathBuf {
-    let path = dir.join("rules.toml");
-    let text = default_rules_toml(&space.key_prefix());
-    std::fs::write(&path, format!("{text}\n{extra}")).expect("write rules");
-    path
-}
-
-/// `cache-invalidator run` as a child process, its log shown when the test fails.
-struct Process {
-    process: LoggedChild,
-}
-
-impl Process {
-    fn start(database_url: &str, redis_url: &str, rules: &Path, log: PathBuf) -> Process {
-        let mut command = command(&["run"], database_url);
-        command
-            .env("REDIS_URL", redis_url)
-            .env("CACHE_INVALIDATOR_RULES", rules)
-            .env("CACHE_INVALIDATOR_REFILL_GUARD", "0")
-            .env("CACHE_INVALIDATOR_POLL_INTERVAL", "500ms");
-        Process {
-            process: LoggedChild::spawn(command, log),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.process.id().expect("still running")
-    }
-
-    /// SIGKILL: no chance to give anything back.
-    async fn kill(&mut self) {
-        self.process.kill().await.expect("SIGKILL");
-    }
-
-    /// SIGTERM as an operator or systemd sends it; the exit status, within [`STOP_BOUND`].
-    async fn terminate(&mut self) -> ExitStatus {
-        send_signal(&self.process, "TERM").await;
-        match tokio::time::timeout(STOP_BOUND, self.process.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => panic!(
-                "no exit within {STOP_BOUND:?} of SIGTERM; log:\n{}",
-                self.log_text()
-            ),
-        }
-    }
-
-    /// Peak resident memory (VmHWM) in kB, from /proc.
-    fn peak_rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status")
-    }
-
-    fn log_text(&self) -> String {
-        self.process.log_text()
-    }
+    run_cli(args, &[("DATABASE_URL", database_url)]).await
 }
 
 /// Reports `ids` inserted one transaction each (authors 1..=50), as an app under load would.
@@ -541,7 +435,14 @@ const BURST: i64 = 2000;
 const BURST_PAUSE_MS: u64 = 3000;
 
 impl BurstKeys {
-    fn new(space: &KeySpace) -> BurstKeys {
+    /// [`BurstKeys::new`], written to `redis`.
+    async fn written(space: &KeyPrefix, redis: &mut MultiplexedConnection) -> BurstKeys {
+        let keys = BurstKeys::new(space);
+        keys.set(redis).await;
+        keys
+    }
+
+    fn new(space: &KeyPrefix) -> BurstKeys {
         let mut must_go: BTreeSet<String> = (1..=BURST)
             .map(|id| space.key(&format!("report:{id}:7:h")))
             .collect();
@@ -554,6 +455,32 @@ impl BurstKeys {
         BurstKeys { must_go, decoys }
     }
 
+    /// The keys of reports 1..=`rows` by `authors` authors: every `step`th report's key (and the
+    /// last one's) and every author's list must go; the 50 reports after the range, the author
+    /// after the last, and the first `other_version` reports under another cache VERSION stay.
+    fn sampled(
+        space: &KeyPrefix,
+        rows: i64,
+        step: usize,
+        authors: i64,
+        other_version: i64,
+    ) -> BurstKeys {
+        let mut must_go: BTreeSet<String> = (1..=rows)
+            .step_by(step)
+            .map(|id| space.key(&format!("report:{id}:7:h")))
+            .collect();
+        must_go.insert(space.key(&format!("report:{rows}:7:h")));
+        must_go.extend(
+            (1..=authors).map(|author| space.key(&format!("reportlist:reports:{author}:h"))),
+        );
+        let mut decoys: Vec<String> = (rows + 1..=rows + 50)
+            .map(|id| space.key(&format!("report:{id}:7:h")))
+            .collect();
+        decoys.extend((1..=other_version).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
+        decoys.push(space.key(&format!("reportlist:reports:{}:h", authors + 1)));
+        BurstKeys { must_go, decoys }
+    }
+
     async fn set(&self, redis: &mut MultiplexedConnection) {
         let keys: Vec<String> = self.must_go.iter().cloned().collect();
         set_keys(redis, &keys).await;
@@ -561,7 +488,7 @@ impl BurstKeys {
     }
 
     /// Waits until no must-go key is left, then checks every decoy is.
-    async fn assert_cleared(&self, redis: &mut MultiplexedConnection, space: &KeySpace) {
+    async fn assert_cleared(&self, redis: &mut MultiplexedConnection, space: &KeyPrefix) {
         let prefix = format!("{}:", space.namespace);
         let must_go = &self.must_go;
         let cleared = wait_until(PATIENCE, || {
@@ -587,102 +514,86 @@ impl BurstKeys {
     }
 }
 
-/// Starts a burst of the first half and returns its task once the worker holds claims in the
-/// middle of it. A short `CLIENT PAUSE WRITE` holds the first sweeps' UNLINKs, so the claims are
-/// certainly there to be seen (and to be hit by the fault).
-async fn first_half_with_claims(
+/// `cache-invalidator run` as a child process against the test's database and Redis, polling as
+/// often as an in-process daemon of the tests.
+fn fast_worker(db: &TestDb, redis_server: &PrivateRedis, rules: &RulesFile) -> ChildDaemon {
+    ChildDaemon::worker(&db.url, &redis_server.url(), &rules.path, &FAST_POLL, false)
+}
+
+/// A burst caught in the middle: its keys written, a worker started with `rules` and holding
+/// claims, and the task committing the first half.
+struct MidBurst {
+    keys: BurstKeys,
+    rules: RulesFile,
+    worker: ChildDaemon,
+    first_half: tokio::task::JoinHandle<()>,
+}
+
+/// Writes the burst's keys, starts a worker and a burst of the first half, and returns once the
+/// worker holds claims in the middle of it. A short `CLIENT PAUSE WRITE` holds the first sweeps'
+/// UNLINKs, so the claims are certainly there to be seen (and to be hit by the fault).
+async fn mid_burst(
     db: &TestDb,
+    redis_server: &PrivateRedis,
+    space: &KeyPrefix,
     redis: &mut MultiplexedConnection,
-) -> tokio::task::JoinHandle<()> {
+) -> MidBurst {
+    let keys = BurstKeys::written(space, redis).await;
+    let rules = RulesFile::default_for(space, "");
+    let worker = fast_worker(db, redis_server, &rules);
     pause_redis(redis, BURST_PAUSE_MS, "WRITE").await;
     db.client()
         .await
         .batch_execute("INSERT INTO auth_user (id) SELECT generate_series(1, 50)")
         .await
         .expect("users");
-    let task = tokio::spawn(burst(db.url.clone(), 1..=BURST / 2));
+    let first_half = tokio::spawn(burst(db.url.clone(), 1..=BURST / 2));
     let client = db.client().await;
     assert!(
         wait_until(PATIENCE, || async { claimed_rows(&client).await > 0 }).await,
         "the worker never claimed from the burst"
     );
-    task
+    MidBurst {
+        keys,
+        rules,
+        worker,
+        first_half,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_sigkill_mid_burst_loses_nothing_after_a_restart() {
-    let space = KeySpace::new("fault_sigkill");
-    let db = TestDb::with_reports("fault_sigkill", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let keys = BurstKeys::new(&space);
-    keys.set(&mut redis).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
-
-    let mut worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("first.log"),
-    );
-    let first_half = first_half_with_claims(&db, &mut redis).await;
-    worker.kill().await;
-    first_half.await.expect("first half");
+    let (space, db, redis_server, mut redis) = scenario("fault_sigkill").await;
+    let mut mid = mid_burst(&db, &redis_server, &space, &mut redis).await;
+    mid.worker.kill().await;
+    mid.first_half.await.expect("first half");
     // The second half lands while no worker runs.
     burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
 
-    let _restarted = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("second.log"),
-    );
-    keys.assert_cleared(&mut redis, &space).await;
-    wait_for_empty_outbox(&db).await;
+    let _restarted = fast_worker(&db, &redis_server, &mid.rules);
+    mid.keys.assert_cleared(&mut redis, &space).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     db.drop().await;
 }
 
 async fn workers_listening(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE $1",
-            &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get(0)
+    let sql = "SELECT count(*) FROM pg_stat_activity \
+               WHERE datname = current_database() AND application_name LIKE $1";
+    let like = cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE;
+    count(&db.client().await, sql, &[&like]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() {
-    let space = KeySpace::new("fault_sigterm");
-    let db = TestDb::with_reports("fault_sigterm", &space.rules()).await;
-    prepare_db(&db).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let keys = BurstKeys::new(&space);
-    keys.set(&mut redis).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
-
-    let mut worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("first.log"),
-    );
-    let first_half = first_half_with_claims(&db, &mut redis).await;
-    let status = worker.terminate().await;
+    let (space, db, redis_server, mut redis) = scenario("fault_sigterm").await;
+    let mut mid = mid_burst(&db, &redis_server, &space, &mut redis).await;
+    let status = mid.worker.stop_within(STOP_BOUND).await;
     assert!(
         status.success(),
         "exit after SIGTERM: {status}; log:\n{}",
-        worker.log_text()
+        mid.worker.log_text()
     );
-    first_half.await.expect("first half");
+    mid.first_half.await.expect("first half");
     burst(db.url.clone(), BURST / 2 + 1..=BURST).await;
 
     // Nothing runs: `status` says so, and fails as a health probe.
@@ -692,14 +603,9 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
     assert!(text.contains("workers listening:  0"), "{text}");
     assert!(!text.contains("outbox backlog:     0 row(s)"), "{text}");
 
-    let restarted = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("second.log"),
-    );
-    keys.assert_cleared(&mut redis, &space).await;
-    wait_for_empty_outbox(&db).await;
+    let restarted = fast_worker(&db, &redis_server, &mid.rules);
+    mid.keys.assert_cleared(&mut redis, &space).await;
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert!(
         wait_until(PATIENCE, || async { workers_listening(&db).await == 1 }).await,
         "the restarted worker never listened"
@@ -715,16 +621,15 @@ async fn sigterm_mid_burst_exits_zero_in_time_and_a_restart_finishes_the_rest() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_fixed() {
-    let space = KeySpace::new("fault_garbage");
-    let db = TestDb::with_reports("fault_garbage", &space.rules()).await;
+    let (space, db) = space_with_reports("fault_garbage").await;
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go = vec![
-        space.key("report:12:1:h"),
-        space.key("report:15:2:h"),
-        space.key("reportlist:reports:1:h"),
-        space.key("reportlist:reports:2:h"),
-    ];
-    let archive = vec![space.key("archive:5:h")];
+    let must_go = space.keys(&[
+        "report:12:1:h",
+        "report:15:2:h",
+        "reportlist:reports:1:h",
+        "reportlist:reports:2:h",
+    ]);
+    let archive = space.keys(&["archive:5:h"]);
     let decoys = vec![
         space.key("report:13:1:h"),
         space.key("report:14:1:h"),
@@ -758,19 +663,9 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
         .expect("commit garbage");
 
     assert_gone_within(&mut redis, &must_go, PATIENCE).await;
-    wait_for_empty_outbox(&db).await;
-    let errors: Vec<(String, String)> = db
-        .client()
-        .await
-        .query(
-            "SELECT op, error FROM cache_invalidator.dead_letters ORDER BY outbox_id",
-            &[],
-        )
-        .await
-        .expect("dead letters")
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    db.wait_for_empty_outbox(PATIENCE).await;
+    let sql = "SELECT op, error FROM cache_invalidator.dead_letters ORDER BY outbox_id";
+    let errors: Vec<(String, String)> = pairs(&db.client().await, sql).await;
     let expected = [
         "no rule for table \"reports_archive\"",
         "unknown operation \"MERGE\"",
@@ -792,14 +687,12 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
 
     // The rules gain the missing table; a retry clears its keys and the rest fail again.
     daemon.stop().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let fixed = write_rules(
-        dir.path(),
+    let fixed = RulesFile::default_for(
         &space,
         "[[rules]]\ntable = \"reports_archive\"\nkeys = [\"archive:{id}:*\"]\n",
     );
     let mut settings = test_settings(&db.url, &shared_redis_url(), space.rules());
-    settings.rules = cache_invalidator::rules::RuleSet::load(&fixed).expect("fixed rules");
+    settings.rules = cache_invalidator::rules::RuleSet::load(&fixed.path).expect("fixed rules");
     let daemon = Daemon::start(settings);
     let retried = cli(&["retry-dead-letters"], &db.url).await;
     assert!(retried.status.success(), "{}", stdout(&retried));
@@ -823,40 +716,33 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
     db.drop().await;
 }
 
+/// Authors of the reports in the bounded-memory tests.
+const AUTHORS: i64 = 100;
+/// A worker's peak memory in the bounded-memory tests: generous for a debug build; the figure is
+/// printed for the record.
+const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
+
+/// Prints the worker's peak resident memory after `what` and checks it is under
+/// [`PEAK_RSS_LIMIT_KB`].
+fn assert_bounded_memory(worker: &ChildDaemon, what: &str) {
+    let peak = worker.peak_rss_kb();
+    println!("peak RSS (VmHWM) of the worker after {what}: {peak} kB");
+    assert!(
+        peak < PEAK_RSS_LIMIT_KB,
+        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     const ROWS: i64 = 200_000;
     /// Every 97th report's key is checked: enough to catch a lost batch anywhere in the range.
     const SAMPLE_STEP: usize = 97;
-    const AUTHORS: i64 = 100;
-    /// Generous for a debug build; the figure is printed for the record.
-    const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
-    let space = KeySpace::new("fault_bulk");
-    let db = TestDb::with_reports("fault_bulk", &space.rules()).await;
-    let redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let mut must_go: BTreeSet<String> = (1..=ROWS)
-        .step_by(SAMPLE_STEP)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    must_go.insert(space.key(&format!("report:{ROWS}:7:h")));
-    must_go
-        .extend((1..=AUTHORS).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
-    let mut decoys: Vec<String> = (ROWS + 1..=ROWS + 50)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    decoys.extend((1..=50).map(|id| space.key_v2(&format!("report:{id}:7:h"))));
-    decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
-    let keys = BurstKeys { must_go, decoys };
+    let (space, db, redis_server, mut redis) = scenario("fault_bulk").await;
+    let keys = BurstKeys::sampled(&space, ROWS, SAMPLE_STEP, AUTHORS, 50);
     keys.set(&mut redis).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
-    let worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("worker.log"),
-    );
+    let rules = RulesFile::default_for(&space, "");
+    let worker = fast_worker(&db, &redis_server, &rules);
 
     db.client()
         .await
@@ -869,13 +755,8 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
         .expect("bulk insert");
 
     keys.assert_cleared(&mut redis, &space).await;
-    wait_for_empty_outbox(&db).await;
-    let peak = worker.peak_rss_kb();
-    println!("peak RSS (VmHWM) of the worker after {ROWS} changed rows: {peak} kB");
-    assert!(
-        peak < PEAK_RSS_LIMIT_KB,
-        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
-    );
+    db.wait_for_empty_outbox(PATIENCE).await;
+    assert_bounded_memory(&worker, &format!("{ROWS} changed rows"));
     drop(worker);
     db.drop().await;
 }
@@ -887,27 +768,10 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
     const BACKLOG: i64 = 1_000_000;
     /// Every 997th report's key is checked, plus the last: a lost batch anywhere shows.
     const SAMPLE_STEP: usize = 997;
-    const AUTHORS: i64 = 100;
     /// Draining a million rows takes about a minute in a debug build on two busy cores.
     const DRAIN_PATIENCE: Duration = Duration::from_secs(400);
-    /// Generous for a debug build; the figure is printed for the record.
-    const PEAK_RSS_LIMIT_KB: u64 = 100 * 1024;
-    let space = KeySpace::new("fault_backlog");
-    let db = TestDb::with_reports("fault_backlog", &space.rules()).await;
-    let mut redis_server = PrivateRedis::start();
-    let mut redis = patient_connection(&redis_server.url()).await;
-    let mut must_go: BTreeSet<String> = (1..=BACKLOG)
-        .step_by(SAMPLE_STEP)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    must_go.insert(space.key(&format!("report:{BACKLOG}:7:h")));
-    must_go
-        .extend((1..=AUTHORS).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
-    let mut decoys: Vec<String> = (BACKLOG + 1..=BACKLOG + 50)
-        .map(|id| space.key(&format!("report:{id}:7:h")))
-        .collect();
-    decoys.push(space.key(&format!("reportlist:reports:{}:h", AUTHORS + 1)));
-    let keys = BurstKeys { must_go, decoys };
+    let (space, db, mut redis_server, mut redis) = scenario("fault_backlog").await;
+    let keys = BurstKeys::sampled(&space, BACKLOG, SAMPLE_STEP, AUTHORS, 0);
     keys.set(&mut redis).await;
     // The restarted server loads this snapshot: the keys are there the moment it answers.
     let () = redis::cmd("SAVE")
@@ -916,14 +780,8 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
         .expect("SAVE");
     redis_server.stop();
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = write_rules(dir.path(), &space, "");
-    let worker = Process::start(
-        &db.url,
-        &redis_server.url(),
-        &rules,
-        dir.path().join("worker.log"),
-    );
+    let rules = RulesFile::default_for(&space, "");
+    let worker = fast_worker(&db, &redis_server, &rules);
     // A million single-row changes, as the triggers record them, committed during the outage.
     db.client()
         .await
@@ -947,12 +805,7 @@ async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memo
     let drained = wait_until(DRAIN_PATIENCE, || async { db.outbox_rows().await == 0 }).await;
     assert!(drained, "{} outbox rows left", db.outbox_rows().await);
     keys.assert_cleared(&mut redis, &space).await;
-    let peak = worker.peak_rss_kb();
-    println!("peak RSS (VmHWM) of the worker after a {BACKLOG}-row backlog: {peak} kB");
-    assert!(
-        peak < PEAK_RSS_LIMIT_KB,
-        "worker peak RSS {peak} kB above {PEAK_RSS_LIMIT_KB} kB"
-    );
+    assert_bounded_memory(&worker, &format!("a {BACKLOG}-row backlog"));
     drop(worker);
     db.drop().await;
 }

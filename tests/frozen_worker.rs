@@ -16,8 +16,6 @@ use common::*;
 
 /// The issue's target: cleared by another worker at most this long after the freeze.
 const CLEARED_WITHIN: Duration = Duration::from_secs(60);
-/// How long other awaited effects may take (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(60);
 /// Redis answers nothing for this long (`CLIENT PAUSE … ALL`), so the first worker's sweep is
 /// surely in flight, its claim held, when it is frozen.
 const REDIS_PAUSE_MS: u64 = 4_000;
@@ -28,67 +26,10 @@ fn start_worker(
     database_url: &str,
     redis_url: &str,
     rules: &Path,
-    log: &Path,
     application_name: &str,
-) -> LoggedChild {
-    let mut url = url::Url::parse(database_url).expect("database url");
-    url.query_pairs_mut()
-        .append_pair("application_name", application_name);
-    let mut command = daemon_command(&[
-        "run",
-        "--rules",
-        rules.to_str().expect("utf-8 path"),
-        "--refill-guard",
-        "0",
-    ]);
-    command
-        .env_remove("CACHE_INVALIDATOR_CLAIM_TIMEOUT")
-        .env_remove("CACHE_INVALIDATOR_POLL_INTERVAL")
-        .env("DATABASE_URL", url.as_str())
-        .env("REDIS_URL", redis_url);
-    LoggedChild::spawn(command, log.to_path_buf())
-}
-
-/// Outbox rows locked right now by sessions named `application_name` (a locked row's `xmax` is
-/// the locking transaction's id, which `pg_stat_activity.backend_xid` shows per session).
-async fn rows_held_by(db: &TestDb, application_name: &str) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM cache_invalidator.outbox WHERE xmax IN \
-             (SELECT backend_xid FROM pg_stat_activity \
-              WHERE datname = current_database() AND application_name = $1 \
-              AND backend_xid IS NOT NULL)",
-            &[&application_name],
-        )
-        .await
-        .expect("rows held")
-        .get(0)
-}
-
-/// The process state letter from `/proc/<pid>/stat` (`T`: stopped by a signal).
-fn process_state(child: &LoggedChild) -> char {
-    let pid = child.id().expect("child still running");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    // `pid (comm) state …`: comm may hold spaces and parentheses, the state follows the last ')'.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next())
-        .expect("state field")
-}
-
-async fn wait_for_workers(db: &TestDb, count: usize) {
-    let client = db.client().await;
-    assert!(
-        wait_until(PATIENCE, || async {
-            cache_invalidator::ops::connected_workers(&client)
-                .await
-                .map(|workers| workers.len())
-                .unwrap_or(0)
-                == count
-        })
-        .await,
-        "{count} worker(s) never listened"
-    );
+) -> ChildDaemon {
+    let url = with_application_name(database_url, application_name);
+    ChildDaemon::worker(&url, redis_url, rules, &[], false)
 }
 
 /// Waits until the outbox is empty and none of `keys` exists; true if that happened in time.
@@ -113,8 +54,7 @@ async fn cleared(db: &TestDb, redis_url: &str, keys: &[String], within: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_loses_its_claim_and_another_worker_clears_the_change() {
-    let space = KeySpace::new("frozen");
-    let db = TestDb::with_reports("frozen", &space.rules()).await;
+    let (space, db) = space_with_reports("frozen").await;
     db.client()
         .await
         .batch_execute(
@@ -125,33 +65,16 @@ async fn a_frozen_worker_loses_its_claim_and_another_worker_clears_the_change() 
         .await
         .expect("seed reports");
     let redis = PrivateRedis::start();
-    let must_go = vec![
-        space.key("report:1:7:h"),
-        space.key("reportlist:reports:1:p1"),
-    ];
-    let later = vec![
-        space.key("report:3:7:h"),
-        space.key("reportlist:reports:3:p1"),
-    ];
-    let decoys = vec![
-        space.key("report:2:7:h"),
-        space.key("reportlist:reports:2:p1"),
-    ];
+    let must_go = space.keys(&["report:1:7:h", "reportlist:reports:1:p1"]);
+    let later = space.keys(&["report:3:7:h", "reportlist:reports:3:p1"]);
+    let decoys = space.keys(&["report:2:7:h", "reportlist:reports:2:p1"]);
     let mut connection = redis_connection(&redis.url()).await;
     set_keys(&mut connection, &[&must_go[..], &later, &decoys].concat()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, default_rules_toml(&space.key_prefix())).expect("write rules");
+    let rules = RulesFile::default_for(&space, "");
 
     let frozen_name = unique("frozen");
-    let mut frozen = start_worker(
-        &db.url,
-        &redis.url(),
-        &rules,
-        &dir.path().join("frozen.log"),
-        &frozen_name,
-    );
-    wait_for_workers(&db, 1).await;
+    let mut frozen = start_worker(&db.url, &redis.url(), &rules.path, &frozen_name);
+    db.wait_for_workers(1, LONG_PATIENCE).await;
 
     // Redis holds every command for a while, so the worker claims the change and its sweep
     // waits in Redis: it is caught holding the claim, and has deleted nothing.
@@ -168,28 +91,22 @@ async fn a_frozen_worker_loses_its_claim_and_another_worker_clears_the_change() 
         .await
         .expect("change report 1");
     assert!(
-        wait_until(PATIENCE, || async {
-            rows_held_by(&db, &frozen_name).await > 0
+        wait_until(LONG_PATIENCE, || async {
+            db.rows_held_by(&frozen_name).await > 0
         })
         .await,
         "the first worker never claimed the change; log:\n{}",
         frozen.log_text()
     );
-    send_signal(&frozen, "STOP").await;
+    frozen.signal("STOP").await;
     let frozen_at = Instant::now();
-    assert_eq!(process_state(&frozen), 'T', "SIGSTOP did not stop it");
+    assert_eq!(frozen.state(), 'T', "SIGSTOP did not stop it");
     assert!(
-        rows_held_by(&db, &frozen_name).await > 0,
+        db.rows_held_by(&frozen_name).await > 0,
         "the claim was gone before the freeze"
     );
 
-    let mut other = start_worker(
-        &db.url,
-        &redis.url(),
-        &rules,
-        &dir.path().join("other.log"),
-        &unique("other"),
-    );
+    let mut other = start_worker(&db.url, &redis.url(), &rules.path, &unique("other"));
     let in_time = cleared(&db, &redis.url(), &must_go, CLEARED_WITHIN).await;
     let took = frozen_at.elapsed();
     assert!(
@@ -197,15 +114,11 @@ async fn a_frozen_worker_loses_its_claim_and_another_worker_clears_the_change() 
         "the change was not cleared within {CLEARED_WITHIN:?} of the freeze: {} outbox row(s), \
          frozen worker holding {}; other worker's log:\n{}",
         db.outbox_rows().await,
-        rows_held_by(&db, &frozen_name).await,
+        db.rows_held_by(&frozen_name).await,
         other.log_text()
     );
     // The other worker did it: the frozen one is still stopped.
-    assert_eq!(
-        process_state(&frozen),
-        'T',
-        "the frozen worker was running again"
-    );
+    assert_eq!(frozen.state(), 'T', "the frozen worker was running again");
     println!(
         "cleared {:.1} s after the freeze, by the other worker (default --claim-timeout)",
         took.as_secs_f64()
@@ -214,30 +127,22 @@ async fn a_frozen_worker_loses_its_claim_and_another_worker_clears_the_change() 
 
     // Woken, the frozen worker finds its claim gone and goes on working: with the other one
     // stopped, it clears the next change alone and stops cleanly.
-    send_signal(&frozen, "CONT").await;
-    send_signal(&other, "TERM").await;
-    let status = tokio::time::timeout(PATIENCE, other.wait())
-        .await
-        .expect("the other worker did not stop")
-        .expect("wait for the other worker");
+    frozen.signal("CONT").await;
+    let status = other.stop_within(LONG_PATIENCE).await;
     assert!(status.success(), "the other worker failed");
-    wait_for_workers(&db, 1).await;
+    db.wait_for_workers(1, LONG_PATIENCE).await;
     db.client()
         .await
         .batch_execute("UPDATE reports_report SET title = 'new' WHERE id = 3")
         .await
         .expect("change report 3");
     assert!(
-        cleared(&db, &redis.url(), &later, PATIENCE).await,
+        cleared(&db, &redis.url(), &later, LONG_PATIENCE).await,
         "the resumed worker did not clear a new change; log:\n{}",
         frozen.log_text()
     );
     assert_kept(&mut connection, &decoys).await;
-    send_signal(&frozen, "TERM").await;
-    let status = tokio::time::timeout(PATIENCE, frozen.wait())
-        .await
-        .expect("the resumed worker did not stop")
-        .expect("wait for the resumed worker");
+    let status = frozen.stop_within(LONG_PATIENCE).await;
     assert!(
         status.success(),
         "the resumed worker failed; log:\n{}",

@@ -7,13 +7,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use cache_invalidator::settings::Mode;
 use common::*;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i32>) {
     client
@@ -30,56 +27,33 @@ async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInc
         .expect("reports");
 }
 
-/// A private Redis and a scratch database with reports `1..=reports`, for the daemon in index
-/// mode: each test's own keys, rows and server.
-struct Scene {
-    private: PrivateRedis,
-    space: KeySpace,
-    db: TestDb,
-    client: tokio_postgres::Client,
-    redis: redis::aio::MultiplexedConnection,
+/// `report:{id}:{user}:h` for each of `ids`: how user `user`'s view of those reports is cached.
+fn report_keys(space: &KeyPrefix, ids: impl Iterator<Item = i32>, user: u32) -> Vec<String> {
+    ids.map(|id| space.key(&format!("report:{id}:{user}:h")))
+        .collect()
 }
 
-impl Scene {
-    async fn new(name: &str, reports: i32) -> Scene {
-        let private = PrivateRedis::start();
-        let space = KeySpace::new(name);
-        let db = TestDb::with_reports(name, &space.rules()).await;
-        let client = db.client().await;
-        insert_reports(&client, 1..=reports).await;
-        let redis = redis_connection(&private.url()).await;
-        Scene {
-            private,
-            space,
-            db,
-            client,
-            redis,
-        }
-    }
-
-    /// The daemon in index mode, seeded.
-    async fn indexed_daemon(&self) -> Daemon {
-        Daemon::start_indexed(test_settings(
-            &self.db.url,
-            &self.private.url(),
-            self.space.rules(),
-        ))
-        .await
-    }
+/// What most tests here start from: a Redis of their own (the index is per server, and some
+/// tests kill its clients or restart it), a key space, and a database whose reports 1 to `reports`
+/// exist with a client of it.
+async fn private_setup(
+    tag: &str,
+    reports: i32,
+) -> (PrivateRedis, KeyPrefix, TestDb, tokio_postgres::Client) {
+    let private = PrivateRedis::start();
+    let space = KeyPrefix::new(tag);
+    let db = TestDb::with_reports(tag, &space.rules()).await;
+    let client = db.client().await;
+    insert_reports(&client, 1..=reports).await;
+    (private, space, db, client)
 }
 
 #[tokio::test]
 async fn keys_set_just_before_their_change_commits_are_always_cleared() {
     const ROUNDS: i32 = 300;
-    let scene = Scene::new("idx_race", ROUNDS).await;
-    let daemon = scene.indexed_daemon().await;
-    let Scene {
-        space,
-        db,
-        mut client,
-        mut redis,
-        ..
-    } = scene;
+    let (private, space, db, mut client) = private_setup("idx_race", ROUNDS).await;
+    let mut redis = patient_connection(&private.url()).await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
 
     let mut written = Vec::new();
     let mut decoys = Vec::new();
@@ -119,15 +93,9 @@ async fn keys_set_just_before_their_change_commits_are_always_cleared() {
 #[tokio::test]
 async fn keys_written_again_right_after_the_daemons_unlink_stay_indexed() {
     const ROUNDS: i32 = 100;
-    let scene = Scene::new("idx_rewrite", ROUNDS).await;
-    let daemon = scene.indexed_daemon().await;
-    let Scene {
-        private,
-        space,
-        db,
-        client,
-        mut redis,
-    } = scene;
+    let (private, space, db, client) = private_setup("idx_rewrite", ROUNDS).await;
+    let mut redis = redis_connection(&private.url()).await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     let change = |id: i32| {
         let client = &client;
         async move {
@@ -176,8 +144,8 @@ async fn keys_written_again_right_after_the_daemons_unlink_stay_indexed() {
 async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     const ROUNDS: usize = 200;
     let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_barrier");
-    let target = cache_invalidator::keyspace::RedisTarget::parse(
+    let space = KeyPrefix::new("idx_barrier");
+    let target = cache_invalidator::redis_nodes::RedisTarget::parse(
         &cache_invalidator::settings::SecretUrl::new(private.url()),
         None,
         Duration::from_secs(5),
@@ -248,17 +216,11 @@ async fn tracking_client_id(redis: &mut redis::aio::MultiplexedConnection) -> Op
 async fn change_and_check(
     client: &tokio_postgres::Client,
     redis: &mut redis::aio::MultiplexedConnection,
-    space: &KeySpace,
+    space: &KeyPrefix,
     ids: std::ops::RangeInclusive<i32>,
 ) {
-    let keys: Vec<String> = ids
-        .clone()
-        .map(|id| space.key(&format!("report:{id}:2:h")))
-        .collect();
-    let decoys: Vec<String> = ids
-        .clone()
-        .map(|id| space.key(&format!("report:{}:2:h", id + 100_000)))
-        .collect();
+    let keys = report_keys(space, ids.clone(), 2);
+    let decoys = report_keys(space, ids.clone().map(|id| id + 100_000), 2);
     set_keys(redis, &keys).await;
     set_keys(redis, &decoys).await;
     for id in ids {
@@ -276,15 +238,9 @@ async fn change_and_check(
 
 #[tokio::test]
 async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
-    let scene = Scene::new("idx_kill", 200).await;
-    let daemon = scene.indexed_daemon().await;
-    let Scene {
-        private,
-        space,
-        db,
-        client,
-        mut redis,
-    } = scene;
+    let (private, space, db, client) = private_setup("idx_kill", 200).await;
+    let mut redis = redis_connection(&private.url()).await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     change_and_check(&client, &mut redis, &space, 1..=20).await;
 
     // Killed mid-stream: keys written and changes committed around the kill.
@@ -293,9 +249,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
         .expect("the daemon's tracking connection");
     let writer = {
         let url = private.url();
-        let space_keys: Vec<String> = (21..=100)
-            .map(|id| space.key(&format!("report:{id}:2:h")))
-            .collect();
+        let space_keys = report_keys(&space, 21..=100, 2);
         tokio::spawn(async move {
             let mut redis = redis_connection(&url).await;
             for key in space_keys {
@@ -318,9 +272,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
         )
         .await
         .expect("update");
-    let written: Vec<String> = (21..=100)
-        .map(|id| space.key(&format!("report:{id}:2:h")))
-        .collect();
+    let written = report_keys(&space, 21..=100, 2);
     assert_gone_within(&mut redis, &written, PATIENCE).await;
 
     // Tracked again, on a new connection, and seeded again.
@@ -336,11 +288,7 @@ async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
 
 #[tokio::test]
 async fn after_redis_restarts_the_index_is_seeded_again() {
-    let mut private = PrivateRedis::start();
-    let space = KeySpace::new("idx_restart");
-    let db = TestDb::with_reports("idx_restart", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=100).await;
+    let (mut private, space, db, client) = private_setup("idx_restart", 100).await;
     let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
     {
         let mut redis = redis_connection(&private.url()).await;
@@ -358,15 +306,9 @@ async fn after_redis_restarts_the_index_is_seeded_again() {
 
 #[tokio::test]
 async fn past_the_memory_bound_the_index_is_dropped_and_changes_are_swept() {
-    let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_bound");
-    let db = TestDb::with_reports("idx_bound", &space.rules()).await;
-    let client = db.client().await;
-    insert_reports(&client, 1..=50).await;
+    let (private, space, db, client) = private_setup("idx_bound", 50).await;
     let mut redis = redis_connection(&private.url()).await;
-    let filler: Vec<String> = (0..500)
-        .map(|n| space.key(&format!("report:{}:3:h", 1_000 + n)))
-        .collect();
+    let filler = report_keys(&space, 1_000..1_500, 3);
     set_keys(&mut redis, &filler).await;
     let mut settings = test_settings(&db.url, &private.url(), space.rules());
     settings.index_max_keys = 100;
@@ -444,7 +386,7 @@ fn logical_keys() -> Vec<String> {
 /// Runs `statements` against a fresh database and keyspace with the daemon in `mode`; returns the
 /// logical keys left.
 async fn survivors(mode: Mode, statements: &[String]) -> std::collections::BTreeSet<String> {
-    let space = KeySpace::new(&format!("idx_diff_{mode}"));
+    let space = KeyPrefix::new(&format!("idx_diff_{mode}"));
     let db = TestDb::with_reports("idx_diff", &space.rules()).await;
     let client = db.client().await;
     client
@@ -505,27 +447,14 @@ async fn index_and_sweep_delete_exactly_the_same_keys() {
 
 #[tokio::test]
 async fn expired_keys_leave_the_index() {
-    const KEYS: usize = 100_000;
+    const KEYS: i32 = 100_000;
     let private = PrivateRedis::start();
-    let space = KeySpace::new("idx_ttl");
+    let space = KeyPrefix::new("idx_ttl");
     let db = TestDb::with_reports("idx_ttl", &space.rules()).await;
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let rules = tempfile::NamedTempFile::new().expect("rules file");
-    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
-    let mut command = daemon_command(&[
-        "run",
-        "--mode",
-        "index",
-        "--metrics-addr",
-        &addr.to_string(),
-    ]);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", private.url())
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
-    let log = tempfile::NamedTempFile::new().expect("log file");
-    let _daemon = LoggedChild::spawn(command, log.path().to_owned());
+    let rules = RulesFile::default_for(&space, "");
+    let args = ["--mode", "index"];
+    let daemon = ChildDaemon::worker(&db.url, &private.url(), &rules.path, &args, true);
+    let addr = daemon.metrics_addr();
     let index_keys = || async {
         let body = http_get(addr, "/metrics").await?;
         sample(&body, "cache_invalidator_index_keys")
@@ -540,9 +469,7 @@ async fn expired_keys_leave_the_index() {
         "index not complete"
     );
     let mut redis = redis_connection(&private.url()).await;
-    let keys: Vec<String> = (0..KEYS)
-        .map(|n| space.key(&format!("report:{n}:1:h")))
-        .collect();
+    let keys = report_keys(&space, 0..KEYS, 1);
     // Written first and given their 2 s TTL once all are in the index: writing 100k keys can take
     // longer than 2 s, and then the first would expire before the last is written.
     for chunk in keys.chunks(1_000) {
@@ -598,35 +525,22 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
         .await
         .expect("acl setuser");
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
-    let space = KeySpace::new("idx_refuse");
+    let space = KeyPrefix::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;
-    let rules = tempfile::NamedTempFile::new().expect("rules file");
-    std::fs::write(rules.path(), default_rules_toml(&space.key_prefix())).expect("write rules");
-
-    let mut command = daemon_command(&["run", "--mode", "index"]);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", &url)
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
-    let output = tokio::time::timeout(PATIENCE, command.output())
-        .await
-        .expect("--mode index exits")
-        .expect("run");
+    let rules = RulesFile::default_for(&space, "");
+    let rules_path = rules.path.to_str().expect("utf-8 path");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("REDIS_URL", url.as_str()),
+    ];
+    let output = run_cli(&["run", "--rules", rules_path, "--mode", "index"], &env).await;
     let text = stderr(&output);
     assert!(!output.status.success(), "{text}");
     assert!(text.contains("CLIENT TRACKING"), "{text}");
     assert!(!text.contains("s3cret-pw"), "{text}");
 
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let mut command =
-        daemon_command(&["run", "--mode", "auto", "--metrics-addr", &addr.to_string()]);
-    command
-        .env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", &url)
-        .env("CACHE_INVALIDATOR_RULES", rules.path());
-    let log = tempfile::NamedTempFile::new().expect("log file");
-    let daemon = LoggedChild::spawn(command, log.path().to_owned());
+    let daemon = ChildDaemon::worker(&db.url, &url, &rules.path, &["--mode", "auto"], true);
+    let addr = daemon.metrics_addr();
     let client = db.client().await;
     insert_reports(&client, 1..=10).await;
     let mut redis = redis_connection(&private.url()).await;
@@ -648,7 +562,7 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
 
 #[tokio::test]
 async fn status_and_healthz_say_the_mode_and_whether_the_index_is_complete() {
-    let space = KeySpace::new("idx_status");
+    let space = KeyPrefix::new("idx_status");
     let db = TestDb::with_reports("idx_status", &space.rules()).await;
     let daemon =
         Daemon::start_indexed(test_settings(&db.url, &shared_redis_url(), space.rules())).await;

@@ -8,127 +8,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{ExitStatus, Output, Stdio};
-use std::time::Duration;
+use std::process::{Output, Stdio};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// How long any awaited effect may take before a test gives up (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Runs a one-shot subcommand to completion.
-async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = daemon_command(args);
-    command.envs(env.iter().copied());
-    match tokio::time::timeout(PATIENCE, command.output()).await {
-        Ok(output) => output.expect("run cache-invalidator"),
-        Err(_) => panic!("cache-invalidator {args:?} did not finish within {PATIENCE:?}"),
-    }
-}
-
-/// `cache-invalidator run` as a child process, its log in a file shown when the test fails.
-struct Running {
-    process: LoggedChild,
-    metrics: Option<SocketAddr>,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    fn start(args: &[&str], env: &[(&str, &str)], metrics: bool) -> Running {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let metrics = metrics.then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
-        let mut full_args = vec!["run"];
-        full_args.extend_from_slice(args);
-        let metrics_text = metrics.map(|addr| addr.to_string());
-        if let Some(addr) = &metrics_text {
-            full_args.extend_from_slice(&["--metrics-addr", addr]);
-        }
-        let mut command = daemon_command(&full_args);
-        command.envs(env.iter().copied());
-        let process = LoggedChild::spawn(command, dir.path().join("daemon.log"));
-        Running {
-            process,
-            metrics,
-            _dir: dir,
-        }
-    }
-
-    async fn signal(&self, name: &str) {
-        send_signal(&self.process, name).await;
-    }
-
-    /// `GET path` on the metrics listener; `None` while nothing answers.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.metrics.expect("started with metrics"), path).await
-    }
-
-    async fn scrape(&self) -> String {
-        match self.get("/metrics").await {
-            Some((200, body)) => body,
-            other => panic!("GET /metrics: {other:?}"),
-        }
-    }
-
-    /// Waits until `/metrics` answers: the signal handlers are installed by then.
-    async fn wait_for_listener(&self) {
-        assert!(
-            wait_until(PATIENCE, || async { self.get("/metrics").await.is_some() }).await,
-            "/metrics never answered; log:\n{}",
-            self.process.log_text()
-        );
-    }
-
-    /// Waits until the sample `series` (name with labels) on `/metrics` equals `value`.
-    async fn wait_for_metric(&self, series: &str, value: f64) {
-        let reached = wait_until(PATIENCE, || async {
-            match self.get("/metrics").await {
-                Some((200, body)) => sample(&body, series) == Some(value),
-                _ => false,
-            }
-        })
-        .await;
-        if !reached {
-            let body = self.get("/metrics").await.map(|(_, body)| body);
-            panic!(
-                "{series} never reached {value}; now {:?}; log:\n{}",
-                body.as_deref().and_then(|body| sample(body, series)),
-                self.process.log_text()
-            );
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    async fn stop(mut self) -> ExitStatus {
-        self.signal("TERM").await;
-        match tokio::time::timeout(PATIENCE, self.process.wait()).await {
-            Ok(status) => status.expect("wait for cache-invalidator"),
-            Err(_) => panic!("no exit within {PATIENCE:?} of SIGTERM"),
-        }
-    }
-}
-
-/// One HTTP/1.1 GET with `Connection: close`; `None` when the connection is refused.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-/// The value of one series (`name` or `name{label="value"}`) in Prometheus text.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
 
 /// A rules file in `dir`: the default rules with `key_prefix`, `reports_report`'s keys replaced by
 /// `report_keys` when given.
@@ -151,6 +34,37 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&temporary, path).expect("rename rules");
 }
 
+/// SIGHUP, then waits until the reloads that ended in `result` number `count`.
+async fn reload(daemon: &ChildDaemon, result: &str, count: f64) {
+    daemon.signal("HUP").await;
+    let series = format!("cache_invalidator_rules_reloads_total{{result=\"{result}\"}}");
+    daemon.wait_for_metric(&series, count).await;
+}
+
+/// Writes `keys`, inserts report `id` by user 1 and waits until the keys are gone.
+async fn insert_and_clear(
+    client: &tokio_postgres::Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+    id: i32,
+    keys: &[String],
+) {
+    set_keys(redis, keys).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO reports_report (id, author_id) VALUES ({id}, 1)"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("insert {id}: {e}"));
+    assert_gone_within(redis, keys, PATIENCE).await;
+}
+
+/// A key space and a database for `tag`, and a rules file with the default rules under its prefix.
+async fn with_rules_file(tag: &str) -> (KeyPrefix, TestDb, RulesFile) {
+    let (space, db) = space_with_reports(tag).await;
+    let rules_file = RulesFile::default_for(&space, "");
+    (space, db, rules_file)
+}
+
 fn lines_starting_with(text: &str, prefix: &str) -> BTreeSet<String> {
     text.lines()
         .filter(|line| line.starts_with(prefix))
@@ -160,13 +74,10 @@ fn lines_starting_with(text: &str, prefix: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
-    let space = KeySpace::new("metrics");
-    let db = TestDb::with_reports("metrics", &space.rules()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = dir.path().join("rules.toml");
-    write_rules(&rules, &space.key_prefix(), None);
+    let (space, db, rules_file) = with_rules_file("metrics").await;
+    let rules = rules_file.path.as_path();
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go: Vec<String> = [
+    let must_go: Vec<String> = space.keys(&[
         "report:1:1:a",
         "report:1:2:b",
         "report:2:1:a",
@@ -176,32 +87,13 @@ async fn metrics_count_the_changes_and_the_keys_actually_deleted() {
         "studentreport:1:2:a",
         "reportlist:student-reports:2:p1",
         "reportlist:student-reports:1:p1",
-    ]
-    .iter()
-    .map(|logical| space.key(logical))
-    .collect();
-    let decoys: Vec<String> = ["report:10:1:a", "reportlist:reports:2:p1", "cache_stats:1"]
-        .iter()
-        .map(|logical| space.key(logical))
-        .collect();
+    ]);
+    let decoys: Vec<String> =
+        space.keys(&["report:10:1:a", "reportlist:reports:2:p1", "cache_stats:1"]);
     set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
     let before = keys_with_prefix(&mut redis, &space.namespace).await.len();
 
-    let daemon = Running::start(
-        &[
-            "--rules",
-            rules.to_str().expect("utf-8 path"),
-            "--refill-guard",
-            "0",
-            "--poll-interval",
-            "500ms",
-        ],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("REDIS_URL", &shared_redis_url()),
-        ],
-        true,
-    );
+    let daemon = ChildDaemon::worker(&db.url, &shared_redis_url(), rules, &FAST_POLL, true);
     daemon.wait_for_listener().await;
     db.client()
         .await
@@ -312,11 +204,8 @@ fn logged_changes(log: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows() {
-    let space = KeySpace::new("counting");
-    let db = TestDb::with_reports("counting", &space.rules()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = dir.path().join("rules.toml");
-    write_rules(&rules, &space.key_prefix(), None);
+    let (_space, db, rules_file) = with_rules_file("counting").await;
+    let rules = rules_file.path.as_path();
     let client = db.client().await;
     // The rows to update exist before the daemon starts; their INSERT is not what is counted.
     client
@@ -327,19 +216,7 @@ async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows(
         )
         .await
         .expect("set up reports");
-    let daemon = Running::start(
-        &[
-            "--rules",
-            rules.to_str().expect("utf-8 path"),
-            "--refill-guard",
-            "0",
-        ],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("REDIS_URL", &shared_redis_url()),
-        ],
-        true,
-    );
+    let daemon = ChildDaemon::worker(&db.url, &shared_redis_url(), rules, &[], true);
     daemon.wait_for_listener().await;
     // 100 single-row UPDATEs, each its own statement and outbox row: the even ones move the
     // report to another author (an OLD and a NEW value tuple), the odd ones only retitle it.
@@ -370,7 +247,7 @@ async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows(
         "{body}"
     );
     // The batch lines are written before the acknowledgement is timed.
-    let log = daemon.process.log_text();
+    let log = daemon.log_text();
     assert_eq!(logged_changes(&log), 110, "{log}");
     assert!(daemon.stop().await.success());
     db.drop().await;
@@ -378,8 +255,7 @@ async fn changes_are_counted_in_changed_rows_not_in_value_tuples_or_outbox_rows(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_fails_while_no_worker_listens_and_says_so() {
-    let space = KeySpace::new("status_exit");
-    let db = TestDb::with_reports("status_exit", &space.rules()).await;
+    let (_space, db) = space_with_reports("status_exit").await;
     let env = [
         ("DATABASE_URL", db.url.as_str()),
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -397,7 +273,7 @@ async fn status_fails_while_no_worker_listens_and_says_so() {
         stdout(&help)
     );
 
-    let daemon = Running::start(&["--refill-guard", "0"], &env, true);
+    let daemon = ChildDaemon::run(&["--refill-guard", "0"], &env, true);
     daemon.wait_for_listener().await;
     let listening = wait_until(PATIENCE, || async {
         run_cli(&["status"], &env).await.status.code() == Some(0)
@@ -418,7 +294,7 @@ async fn status_fails_while_no_worker_listens_and_says_so() {
 async fn healthz_turns_503_while_redis_is_down_and_200_once_it_is_back() {
     let mut redis = PrivateRedis::start();
     let db = TestDb::with_reports("healthz", &rules_with_prefix(":1:")).await;
-    let daemon = Running::start(
+    let daemon = ChildDaemon::run(
         &["--refill-guard", "0"],
         &[("DATABASE_URL", &db.url), ("REDIS_URL", &redis.url())],
         true,
@@ -450,8 +326,7 @@ async fn healthz_turns_503_while_redis_is_down_and_200_once_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_the_tables_whose_installed_triggers_do_not_match_the_rules() {
-    let space = KeySpace::new("check");
-    let db = TestDb::with_reports("check", &space.rules()).await;
+    let (space, db) = space_with_reports("check").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let rules = dir.path().join("rules.toml");
     let rules_arg = rules.to_str().expect("utf-8 path").to_owned();
@@ -504,24 +379,23 @@ async fn check_names_the_tables_whose_installed_triggers_do_not_match_the_rules(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_dry_run_deletes_nothing_and_lists_exactly_what_the_real_run_deletes() {
-    let space = KeySpace::new("manual");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = dir.path().join("rules.toml");
-    write_rules(&rules, &space.key_prefix(), None);
+    let space = KeyPrefix::new("manual");
+    let rules_file = RulesFile::default_for(&space, "");
+    let rules = rules_file.path.as_path();
     let rules_arg = rules.to_str().expect("utf-8 path");
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let user_keys: BTreeSet<String> = [
-        "report:1:42:a",
-        "report:77:42:b",
-        "reportlist:reports:42:p1",
-        "reportlist:student-reports:42:p2",
-    ]
-    .iter()
-    .map(|logical| space.key(logical))
-    .collect();
-    let report_keys: BTreeSet<String> = ["report:42:1:a", "report:42:9:b"]
-        .iter()
-        .map(|logical| space.key(logical))
+    let user_keys: BTreeSet<String> = space
+        .keys(&[
+            "report:1:42:a",
+            "report:77:42:b",
+            "reportlist:reports:42:p1",
+            "reportlist:student-reports:42:p2",
+        ])
+        .into_iter()
+        .collect();
+    let report_keys: BTreeSet<String> = space
+        .keys(&["report:42:1:a", "report:42:9:b"])
+        .into_iter()
         .collect();
     let decoys: Vec<String> = [
         "report:1:421:a",
@@ -631,92 +505,49 @@ async fn explain_prints_the_patterns_of_each_default_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_matching_rules_file_and_keeps_the_old_rules_otherwise() {
-    let space = KeySpace::new("sighup");
-    let db = TestDb::with_reports("sighup", &space.rules()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rules = dir.path().join("rules.toml");
-    write_rules(&rules, &space.key_prefix(), None);
+    let (space, db, rules_file) = with_rules_file("sighup").await;
+    let rules = rules_file.path.as_path();
     let mut redis = redis_connection(&shared_redis_url()).await;
     let client = db.client().await;
     client
         .batch_execute("INSERT INTO auth_user (id) VALUES (1)")
         .await
         .expect("user");
-    let daemon = Running::start(
-        &[
-            "--rules",
-            rules.to_str().expect("utf-8 path"),
-            "--refill-guard",
-            "0",
-        ],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("REDIS_URL", &shared_redis_url()),
-        ],
-        true,
-    );
+    let daemon = ChildDaemon::worker(&db.url, &shared_redis_url(), rules, &[], true);
     daemon.wait_for_listener().await;
 
     // A new pattern over the same columns: the installed triggers still match, so it applies.
     write_rules(
-        &rules,
+        rules,
         &space.key_prefix(),
         Some(r#"["report:{id}:*", "reportlist:reports:{author_id}:*", "reportv2:{id}:*"]"#),
     );
-    daemon.signal("HUP").await;
-    daemon
-        .wait_for_metric(
-            "cache_invalidator_rules_reloads_total{result=\"applied\"}",
-            1.0,
-        )
-        .await;
-    let first = vec![space.key("report:5:1:a"), space.key("reportv2:5:a")];
-    set_keys(&mut redis, &first).await;
-    client
-        .batch_execute("INSERT INTO reports_report (id, author_id) VALUES (5, 1)")
-        .await
-        .expect("insert 5");
-    assert_gone_within(&mut redis, &first, PATIENCE).await;
+    reload(&daemon, "applied", 1.0).await;
+    let first = space.keys(&["report:5:1:a", "reportv2:5:a"]);
+    insert_and_clear(&client, &mut redis, 5, &first).await;
 
     // Not TOML: rejected, the rules applied above stay.
-    replace_file(&rules, "key_prefix = [not toml");
-    daemon.signal("HUP").await;
-    daemon
-        .wait_for_metric(
-            "cache_invalidator_rules_reloads_total{result=\"rejected\"}",
-            1.0,
-        )
-        .await;
-    let second = vec![space.key("report:6:1:a"), space.key("reportv2:6:a")];
-    set_keys(&mut redis, &second).await;
-    client
-        .batch_execute("INSERT INTO reports_report (id, author_id) VALUES (6, 1)")
-        .await
-        .expect("insert 6");
-    assert_gone_within(&mut redis, &second, PATIENCE).await;
+    replace_file(rules, "key_prefix = [not toml");
+    reload(&daemon, "rejected", 1.0).await;
+    let second = space.keys(&["report:6:1:a", "reportv2:6:a"]);
+    insert_and_clear(&client, &mut redis, 6, &second).await;
 
     // Valid, but needs a column the installed trigger does not record: rejected too.
     write_rules(
-        &rules,
+        rules,
         &space.key_prefix(),
         Some(r#"["report:{id}:*", "reportv2:{id}:*", "bytitle:{title}:*"]"#),
     );
-    daemon.signal("HUP").await;
-    daemon
-        .wait_for_metric(
-            "cache_invalidator_rules_reloads_total{result=\"rejected\"}",
-            2.0,
-        )
-        .await;
-    let third = vec![space.key("reportv2:7:a")];
-    let not_applied = vec![space.key("bytitle:t7:a")];
+    reload(&daemon, "rejected", 2.0).await;
+    let third = space.keys(&["reportv2:7:a"]);
+    let not_applied = space.keys(&["bytitle:t7:a"]);
     set_keys(&mut redis, &[third.clone(), not_applied.clone()].concat()).await;
     client
         .batch_execute("INSERT INTO reports_report (id, author_id, title) VALUES (7, 1, 't7')")
         .await
         .expect("insert 7");
     assert_gone_within(&mut redis, &third, PATIENCE).await;
-    assert!(wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await);
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_kept(&mut redis, &not_applied).await;
 
     assert!(daemon.stop().await.success());
@@ -725,22 +556,15 @@ async fn sighup_applies_a_matching_rules_file_and_keeps_the_old_rules_otherwise(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_functions_clear_keys_only_when_the_calling_transaction_commits() {
-    let space = KeySpace::new("sqlfn");
-    let db = TestDb::with_reports("sqlfn", &space.rules()).await;
+    let (space, db) = space_with_reports("sqlfn").await;
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let rolled_back: Vec<String> = ["report:1:7:a", "reportlist:reports:7:p"]
-        .iter()
-        .map(|logical| space.key(logical))
-        .collect();
-    let committed: Vec<String> = [
+    let rolled_back: Vec<String> = space.keys(&["report:1:7:a", "reportlist:reports:7:p"]);
+    let committed: Vec<String> = space.keys(&[
         "report:9:1:a",
         "report:9:2:b",
         "report:3:8:a",
         "reportlist:tutor-reports:8:p",
-    ]
-    .iter()
-    .map(|logical| space.key(logical))
-    .collect();
+    ]);
     set_keys(
         &mut redis,
         &[rolled_back.clone(), committed.clone()].concat(),
@@ -769,7 +593,7 @@ async fn sql_functions_clear_keys_only_when_the_calling_transaction_commits() {
     transaction.commit().await.expect("commit");
 
     assert_gone_within(&mut redis, &committed, PATIENCE).await;
-    assert!(wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await);
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_kept(&mut redis, &rolled_back).await;
     daemon.stop().await;
     db.drop().await;
@@ -782,7 +606,7 @@ async fn systemd_gets_ready_then_watchdog_pings_then_stopping() {
     let socket_path = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
     let socket_text = socket_path.to_str().expect("utf-8 path").to_owned();
-    let daemon = Running::start(
+    let daemon = ChildDaemon::run(
         &["--refill-guard", "0", "--poll-interval", "500ms"],
         &[
             ("DATABASE_URL", &db.url),

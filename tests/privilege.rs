@@ -4,13 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// What the worker's role gets (README, "Guarantees and failure modes").
 fn worker_grants(role: &str, database: &str) -> String {
@@ -31,6 +27,19 @@ fn role_url(role: &str, database: &str) -> String {
     url.to_string()
 }
 
+/// Drops the test's roles, once the test's databases (their grants) are gone.
+async fn drop_roles(roles: &[&str]) {
+    let statements: String = roles
+        .iter()
+        .map(|role| format!("DROP ROLE {role};"))
+        .collect();
+    connect(&admin_database_url())
+        .await
+        .batch_execute(&statements)
+        .await
+        .expect("drop roles");
+}
+
 async fn assert_denied(client: &Client, sql: &str) {
     match client.batch_execute(sql).await {
         Ok(()) => panic!("{sql:?} was allowed"),
@@ -44,7 +53,7 @@ async fn assert_denied(client: &Client, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
-    let space = KeySpace::new("privilege");
+    let space = KeyPrefix::new("privilege");
     // Installed by the owner (the test's superuser).
     let db = TestDb::with_reports("privilege", &space.rules()).await;
     let role = unique("ci_worker").to_lowercase();
@@ -92,14 +101,8 @@ async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
     );
 
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go = vec![
-        space.key("report:12:1:h"),
-        space.key("reportlist:reports:1:h"),
-    ];
-    let decoys = vec![
-        space.key("report:123:1:h"),
-        space.key("reportlist:reports:11:h"),
-    ];
+    let must_go = space.keys(&["report:12:1:h", "reportlist:reports:1:h"]);
+    let decoys = space.keys(&["report:123:1:h", "reportlist:reports:11:h"]);
     set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
     let daemon = Daemon::start(test_settings(
         &role_url(&role, &db.name),
@@ -131,11 +134,7 @@ async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
     daemon.stop().await;
     drop((worker, read_only, owner));
     db.drop().await;
-    connect(&admin_database_url())
-        .await
-        .batch_execute(&format!("DROP ROLE {role}; DROP ROLE {reader};"))
-        .await
-        .expect("drop roles");
+    drop_roles(&[&role, &reader]).await;
 }
 
 /// The capture triggers are `SECURITY DEFINER` without a `SET search_path` (it cost a single-row
@@ -145,8 +144,7 @@ async fn the_worker_runs_as_a_role_that_can_only_read_and_delete_the_outbox() {
 /// `cardinality` that says 0 (the chunk count), created by the app's own (non-superuser) role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
-    let space = KeySpace::new("hostile");
-    let db = TestDb::with_reports("hostile", &space.rules()).await;
+    let (space, db) = space_with_reports("hostile").await;
     let app = unique("ci_app").to_lowercase();
     let owner = db.client().await;
     owner
@@ -206,17 +204,9 @@ async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
 
     // What the outbox holds, before any worker runs: the right operations, chunks of at most 64
     // values, and every value of every changed row.
-    let chunks: Vec<(String, i32)> = owner
-        .query(
-            "SELECT op, coalesce(jsonb_array_length(rows -> 'id'), -1) \
-             FROM cache_invalidator.outbox ORDER BY 1, 2",
-            &[],
-        )
-        .await
-        .expect("outbox chunks")
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let sql = "SELECT op, coalesce(jsonb_array_length(rows -> 'id'), -1) \
+               FROM cache_invalidator.outbox ORDER BY 1, 2";
+    let chunks: Vec<(String, i32)> = pairs(&owner, sql).await;
     let chunk = |op: &str, values: i32| (op.to_owned(), values);
     assert_eq!(
         chunks,
@@ -248,43 +238,22 @@ async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
 
     // And the worker clears exactly those keys.
     let mut redis = redis_connection(&shared_redis_url()).await;
-    let must_go: Vec<String> = [
-        "report:100:1:h",
-        "report:101:1:h",
-        "report:1:1:h",
-        "report:64:1:h",
-        "report:65:1:h",
-        "report:70:1:h",
-        "reportlist:reports:1:h",
-        "reportlist:reports:2:h",
-        "reportlist:reports:3:h",
-        "reportlist:reports:4:h",
-    ]
-    .iter()
-    .map(|logical| space.key(logical))
-    .collect();
-    let decoys = vec![
-        space.key("report:71:1:h"),
-        space.key("report:102:1:h"),
-        space.key("reportlist:reports:5:h"),
-        space.key_v2("report:100:1:h"),
-    ];
+    // Reports at both ends of each chunk, and every author whose reports changed.
+    let mut must_go: Vec<String> = [100, 101, 1, 64, 65, 70]
+        .iter()
+        .map(|id| space.key(&format!("report:{id}:1:h")))
+        .collect();
+    must_go.extend((1..=4).map(|author| space.key(&format!("reportlist:reports:{author}:h"))));
+    let mut decoys = space.keys(&["report:71:1:h", "report:102:1:h", "reportlist:reports:5:h"]);
+    decoys.push(space.key_v2("report:100:1:h"));
     set_keys(&mut redis, &[must_go.clone(), decoys.clone()].concat()).await;
     let daemon = Daemon::start(test_settings(&db.url, &shared_redis_url(), space.rules()));
     assert_gone_within(&mut redis, &must_go, PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "outbox not drained: {} rows",
-        db.outbox_rows().await
-    );
+    db.wait_for_empty_outbox(PATIENCE).await;
     assert_eq!(db.dead_letters().await, 0);
     assert_kept(&mut redis, &decoys).await;
     daemon.stop().await;
     drop((hostile, owner));
     db.drop().await;
-    connect(&admin_database_url())
-        .await
-        .batch_execute(&format!("DROP ROLE {app};"))
-        .await
-        .expect("drop role");
+    drop_roles(&[&app]).await;
 }

@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-
-const PATIENCE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_clears_keys_through_a_unix_socket() {
@@ -21,28 +17,14 @@ async fn the_daemon_clears_keys_through_a_unix_socket() {
     let mut redis = redis_connection(&redis_server.url()).await;
 
     for (round, scheme) in ["unix", "redis+unix"].into_iter().enumerate() {
-        let space = KeySpace::new("unix_socket");
-        let db = TestDb::with_reports("unix_socket", &space.rules()).await;
-        let cleared = vec![
-            space.key("report:1:1:h"),
-            space.key("reportlist:reports:1:h"),
-        ];
-        let kept = vec![
-            space.key("report:2:1:h"),
-            space.key("reportlist:reports:2:h"),
-        ];
+        let (space, db) = space_with_reports("unix_socket").await;
+        let cleared = space.keys(&["report:1:1:h", "reportlist:reports:1:h"]);
+        let kept = space.keys(&["report:2:1:h", "reportlist:reports:2:h"]);
         set_keys(&mut redis, &[cleared.clone(), kept.clone()].concat()).await;
 
         let url = format!("{scheme}://{socket_text}?db=0");
         let daemon = Daemon::start(test_settings(&db.url, &url, space.rules()));
-        db.client()
-            .await
-            .batch_execute(
-                "INSERT INTO auth_user (id) VALUES (1), (2);
-                 INSERT INTO reports_report (id, author_id) VALUES (1, 1);",
-            )
-            .await
-            .expect("write");
+        commit_report(&db.client().await, 1, 1).await;
         assert_gone_within(&mut redis, &cleared, PATIENCE).await;
         assert!(
             wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,

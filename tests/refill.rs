@@ -7,16 +7,32 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_invalidator::keyspace::RedisTarget;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper};
 use common::*;
 
+/// Sets `key`, commits `write`, and waits until the daemon has cleared the key.
+async fn cleared_after(
+    client: &tokio_postgres::Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    write: &str,
+) {
+    let key = [key.to_owned()];
+    set_keys(redis, &key).await;
+    client
+        .batch_execute(write)
+        .await
+        .unwrap_or_else(|e| panic!("{write}: {e}"));
+    assert_gone_within(redis, &key, Duration::from_secs(30)).await;
+}
+
 /// Reads report 5, lets a write commit and the daemon clear the keys, then writes the old value
 /// back (what a request that read before the commit does). Returns whether the stale entry is
-/// gone once a later change has been processed after the guard delay.
+/// still there once a later change has been processed after the guard delay.
 async fn stale_refill_survives(guard: Duration) -> bool {
-    let space = KeySpace::new("refill");
+    let space = KeyPrefix::new("refill");
     let db = TestDb::with_reports("refill", &space.rules()).await;
     let mut redis = redis_connection(&shared_redis_url()).await;
     let client = db.client().await;
@@ -46,17 +62,8 @@ async fn stale_refill_survives(guard: Duration) -> bool {
         .await
         .expect("read")
         .get(0);
-    set_keys(&mut redis, std::slice::from_ref(&stale_key)).await;
-    client
-        .batch_execute("UPDATE reports_report SET title = 'new' WHERE id = 5")
-        .await
-        .expect("write");
-    assert_gone_within(
-        &mut redis,
-        std::slice::from_ref(&stale_key),
-        Duration::from_secs(30),
-    )
-    .await;
+    let write = "UPDATE reports_report SET title = 'new' WHERE id = 5";
+    cleared_after(&client, &mut redis, &stale_key, write).await;
     // ...and fills the cache with what it read, after the invalidation.
     let () = redis::cmd("SET")
         .arg(&stale_key)
@@ -69,18 +76,9 @@ async fn stale_refill_survives(guard: Duration) -> bool {
     // second pass, if any, has run.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let marker = space.key("report:6:1:h");
-    set_keys(&mut redis, std::slice::from_ref(&marker)).await;
-    client
-        .batch_execute("UPDATE reports_report SET title = 'y' WHERE id = 6")
-        .await
-        .expect("marker write");
-    assert_gone_within(
-        &mut redis,
-        std::slice::from_ref(&marker),
-        Duration::from_secs(30),
-    )
-    .await;
-    let survived = wait_until(Duration::from_secs(5), || {
+    let write = "UPDATE reports_report SET title = 'y' WHERE id = 6";
+    cleared_after(&client, &mut redis, &marker, write).await;
+    let gone = wait_until(Duration::from_secs(5), || {
         let mut redis = redis.clone();
         let key = stale_key.clone();
         async move { !exists(&mut redis, &key).await }
@@ -93,7 +91,7 @@ async fn stale_refill_survives(guard: Duration) -> bool {
         .expect("cleanup");
     daemon.stop().await;
     db.drop().await;
-    !survived
+    !gone
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,72 +8,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use redis::aio::MultiplexedConnection;
 
-/// How long any awaited effect may take (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(30);
 /// While the replica is frozen, the row must stay this long: several `WAIT` timeouts (1 s each).
 const HELD_FOR: Duration = Duration::from_secs(4);
-
-/// A `redis-server` replicating `primary_port`, killed when dropped.
-struct Replica {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Replica {
-    fn start(primary_port: u16) -> Replica {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &dir.path().display().to_string()])
-            .args(["--replicaof", "127.0.0.1", &primary_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed?)");
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the replica on {port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Replica {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// SIGSTOP / SIGCONT.
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -s {name} failed");
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn info_field(connection: &mut MultiplexedConnection, section: &str, name: &str) -> String {
     let info: String = redis::cmd("INFO")
@@ -87,6 +28,18 @@ async fn info_field(connection: &mut MultiplexedConnection, section: &str, name:
         .to_owned()
 }
 
+/// Waits until the replica's link to its primary is up (it has synchronised).
+async fn wait_for_link(on_replica: &MultiplexedConnection) {
+    assert!(
+        wait_until(PATIENCE, || {
+            let mut on_replica = on_replica.clone();
+            async move { info_field(&mut on_replica, "replication", "master_link_status").await == "up" }
+        })
+        .await,
+        "the replica never synchronised"
+    );
+}
+
 /// Commits one UPDATE of report `id`.
 async fn change(db: &TestDb, id: i32) {
     db.client()
@@ -98,7 +51,7 @@ async fn change(db: &TestDb, id: i32) {
         .expect("change a report");
 }
 
-async fn seeded_db(tag: &str, space: &KeySpace) -> TestDb {
+async fn seeded_db(tag: &str, space: &KeyPrefix) -> TestDb {
     let db = TestDb::with_reports(tag, &space.rules()).await;
     db.client()
         .await
@@ -114,28 +67,15 @@ async fn seeded_db(tag: &str, space: &KeySpace) -> TestDb {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
-    let space = KeySpace::new("replica");
+    let space = KeyPrefix::new("replica");
     let db = seeded_db("replica", &space).await;
     let primary = PrivateRedis::start();
-    let replica = Replica::start(primary.port);
+    let replica = PrivateRedis::replica_of(primary.port);
     let mut on_primary = redis_connection(&primary.url()).await;
     let mut on_replica = redis_connection(&replica.url()).await;
-    assert!(
-        wait_until(PATIENCE, || {
-            let mut on_replica = on_replica.clone();
-            async move { info_field(&mut on_replica, "replication", "master_link_status").await == "up" }
-        })
-        .await,
-        "the replica never synchronised"
-    );
-    let must_go = vec![
-        space.key("report:1:7:h"),
-        space.key("reportlist:reports:1:p1"),
-    ];
-    let decoys = vec![
-        space.key("report:2:7:h"),
-        space.key("reportlist:reports:2:p1"),
-    ];
+    wait_for_link(&on_replica).await;
+    let must_go = space.keys(&["report:1:7:h", "reportlist:reports:1:p1"]);
+    let decoys = space.keys(&["report:2:7:h", "reportlist:reports:2:p1"]);
     set_keys(&mut on_primary, &[&must_go[..], &decoys].concat()).await;
     assert!(
         wait_until(PATIENCE, || {
@@ -188,15 +128,12 @@ async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_replicas_nothing_waits() {
-    let space = KeySpace::new("noreplica");
+    let space = KeyPrefix::new("noreplica");
     let db = seeded_db("noreplica", &space).await;
     let redis = PrivateRedis::start();
     let mut connection = redis_connection(&redis.url()).await;
-    let must_go = vec![
-        space.key("report:1:7:h"),
-        space.key("reportlist:reports:1:p1"),
-    ];
-    let decoys = vec![space.key("report:2:7:h")];
+    let must_go = space.keys(&["report:1:7:h", "reportlist:reports:1:p1"]);
+    let decoys = space.keys(&["report:2:7:h"]);
     set_keys(&mut connection, &[&must_go[..], &decoys].concat()).await;
 
     let daemon = Daemon::start(test_settings(&db.url, &redis.url(), space.rules()));
@@ -225,17 +162,10 @@ async fn without_replicas_nothing_waits() {
 async fn confirm_replicas_says_whether_the_replicas_have_the_connections_writes() {
     use cache_invalidator::replicas::{confirm_replicas, ReplicaPolicy};
     let primary = PrivateRedis::start();
-    let replica = Replica::start(primary.port);
+    let replica = PrivateRedis::replica_of(primary.port);
     let mut on_primary = redis_connection(&primary.url()).await;
     let mut on_replica = redis_connection(&replica.url()).await;
-    assert!(
-        wait_until(PATIENCE, || {
-            let mut on_replica = on_replica.clone();
-            async move { info_field(&mut on_replica, "replication", "master_link_status").await == "up" }
-        })
-        .await,
-        "the replica never synchronised"
-    );
+    wait_for_link(&on_replica).await;
     let every = ReplicaPolicy {
         acks: None,
         timeout: Duration::from_millis(300),

@@ -11,15 +11,12 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 use proptest::prelude::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-/// How long any one command may take before the test gives up (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(30);
 /// Generated cases: each runs the eight subcommands at once, `run` until it has failed to reach
 /// both servers (a fraction of a second); 24 cases take about 15 s on two shared cores.
 const CASES: u32 = 24;
@@ -156,39 +153,31 @@ async fn one_shot(command: &mut tokio::process::Command) -> Output {
 /// `run` until it has logged a failed attempt at each server (or exited: a string that does not
 /// parse stops it at once), then SIGTERM. Returns everything printed and whether both servers
 /// were tried.
-async fn run_until_both_refused(mut command: tokio::process::Command) -> (String, bool) {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cache-invalidator run");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut text = String::new();
-    let (mut postgres_refused, mut redis_refused) = (false, false);
-    let read = async {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            postgres_refused |= line.contains("cannot connect to Postgres");
-            redis_refused |= line.contains("redis connection failed");
-            text.push_str(&line);
-            text.push('\n');
-            if postgres_refused && redis_refused {
-                break;
-            }
-        }
+async fn run_until_both_refused(command: tokio::process::Command) -> (String, bool) {
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let mut daemon = ChildDaemon::spawn(command, log.path().to_owned());
+    let both_refused = |text: &str| {
+        text.contains("cannot connect to Postgres") && text.contains("redis connection failed")
     };
-    let _ = tokio::time::timeout(PATIENCE, read).await;
-    send_signal(&child, "TERM").await;
-    let mut rest = String::new();
-    let _ = stderr.into_inner().read_to_string(&mut rest).await;
-    let mut stdout = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut stdout).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let exited = loop {
+        if both_refused(&daemon.log_text()) {
+            break false;
+        }
+        if daemon.try_wait().ok().flatten().is_some() {
+            break true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if !exited {
+        daemon.stop_within(PATIENCE).await;
     }
-    let _ = tokio::time::timeout(PATIENCE, child.wait()).await;
-    (
-        format!("{text}{rest}{stdout}"),
-        postgres_refused && redis_refused,
-    )
+    let text = daemon.log_text();
+    let refused = both_refused(&text);
+    (text, refused)
 }
 
 /// Runs every subcommand for `case` and returns what each printed, labelled, and whether `run`

@@ -7,27 +7,28 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
 use common::*;
-
-/// How long any one command may take before a test gives up (a bound, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Runs a one-shot subcommand to completion with `env` on top of a clean environment.
-async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = daemon_command(args);
-    command.envs(env.iter().copied());
-    match tokio::time::timeout(PATIENCE, command.output()).await {
-        Ok(output) => output.expect("run cache-invalidator"),
-        Err(_) => panic!("cache-invalidator {args:?} did not finish within {PATIENCE:?}"),
-    }
-}
 
 fn write_config(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write config file");
     path.to_str().expect("utf-8 path").to_owned()
+}
+
+/// `status` with the config file `config` (and `flags`) against `database_url`, with
+/// `CACHE_INVALIDATOR_MAX_BACKLOG_AGE` set to `env_age` when given.
+async fn status_with_age(
+    config: &str,
+    flags: &[&str],
+    database_url: &str,
+    env_age: Option<&str>,
+) -> Output {
+    let mut args = vec!["--config", config, "status"];
+    args.extend_from_slice(flags);
+    let mut env = vec![("DATABASE_URL", database_url)];
+    env.extend(env_age.map(|age| ("CACHE_INVALIDATOR_MAX_BACKLOG_AGE", age)));
+    run_cli(&args, &env).await
 }
 
 /// A database whose outbox holds one change recorded ten seconds ago, and no worker.
@@ -91,39 +92,21 @@ async fn a_run_setting_in_the_environment_is_validated_and_honoured_by_status() 
     let db = database_with_an_old_change("settings_env").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(dir.path(), "c.toml", "max_backlog_age = \"1h\"\n");
-    let from_env = run_cli(
-        &["--config", &config, "status"],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("CACHE_INVALIDATOR_MAX_BACKLOG_AGE", "2s"),
-        ],
-    )
-    .await;
+    let from_env = status_with_age(&config, &[], &db.url, Some("2s")).await;
     assert!(
         stdout(&from_env).contains("UNHEALTHY: the oldest pending change is older than 2s"),
         "{}{}",
         stdout(&from_env),
         stderr(&from_env)
     );
-    let from_file = run_cli(
-        &["--config", &config, "status"],
-        &[("DATABASE_URL", &db.url)],
-    )
-    .await;
+    let from_file = status_with_age(&config, &[], &db.url, None).await;
     assert!(
         !stdout(&from_file).contains("older than"),
         "{}",
         stdout(&from_file)
     );
     // The flag beats both.
-    let from_flag = run_cli(
-        &["--config", &config, "status", "--max-age", "3s"],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("CACHE_INVALIDATOR_MAX_BACKLOG_AGE", "2s"),
-        ],
-    )
-    .await;
+    let from_flag = status_with_age(&config, &["--max-age", "3s"], &db.url, Some("2s")).await;
     assert!(
         stdout(&from_flag).contains("older than 3s"),
         "{}",

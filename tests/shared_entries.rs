@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use cache_invalidator::keyspace::RedisTarget;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 use common::*;
@@ -31,14 +31,12 @@ fn spec(pattern: &str) -> Vec<PatternSpec> {
 async fn a_window_still_clears_its_keys_after_one_sharing_its_entry_finished() {
     // A private server: how far into a pass the steps get depends on the keys it holds.
     let server = PrivateRedis::start();
-    let space = KeySpace::new("shared");
+    let space = KeyPrefix::new("shared");
     let mut redis = redis_connection(&server.url()).await;
     let filler: Vec<String> = (0..FILLER_KEYS)
         .map(|i| space.key(&format!("report:9{i}:1:h")))
         .collect();
-    for chunk in filler.chunks(5_000) {
-        set_keys(&mut redis, chunk).await;
-    }
+    set_keys(&mut redis, &filler).await;
 
     let target = RedisTarget::parse(&SecretUrl::new(server.url()), None, Duration::from_secs(5))
         .expect("url");

@@ -9,12 +9,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The watchdog interval the tests announce: 2 s, so pings are due at least every second.
 const WATCHDOG_USEC: &str = "2000000";
@@ -25,7 +23,6 @@ const MAX_PING_GAP: Duration = Duration::from_secs(1);
 const OUTAGE: Duration = Duration::from_secs(6);
 /// Target of issue 17: the backlog is cleared this soon after Redis answers again.
 const RECOVERY_TARGET: Duration = Duration::from_secs(5);
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Every line the daemon sent to the notification socket, with when it arrived.
 #[derive(Clone, Default)]
@@ -65,6 +62,20 @@ impl Received {
             }
         }
         longest.max(to - last)
+    }
+
+    /// Waits for `READY=1`, then for a `WATCHDOG=1` after it.
+    async fn wait_for_ping_after_ready(&self) {
+        let ready = self.wait_for("READY=1", PATIENCE).await;
+        assert!(
+            wait_until(PATIENCE, || async {
+                self.lines()
+                    .iter()
+                    .any(|(at, line)| *at > ready && line == "WATCHDOG=1")
+            })
+            .await,
+            "no WATCHDOG=1 after READY=1"
+        );
     }
 
     async fn wait_for(&self, line: &str, timeout: Duration) -> Instant {
@@ -118,48 +129,32 @@ impl NotifySocket {
 }
 
 /// `cache-invalidator run` as systemd would start it with `WatchdogSec=2s`, with the default rules
-/// under `space`'s key prefix, serving `/metrics` and `/healthz` on `metrics`.
+/// under `space`'s key prefix, serving `/metrics` and `/healthz` on a free port.
 fn start_daemon(
     database_url: &str,
     redis_url: &str,
-    space: &KeySpace,
+    space: &KeyPrefix,
     notify: &NotifySocket,
-    metrics: SocketAddr,
-) -> LoggedChild {
+) -> ChildDaemon {
     let rules = notify.dir.path().join("rules.toml");
     std::fs::write(&rules, default_rules_toml(&space.key_prefix())).expect("write rules");
     let rules = rules.to_str().expect("utf-8 path");
-    let metrics = metrics.to_string();
-    let mut command = daemon_command(&[
-        "run",
-        "--refill-guard",
-        "0",
-        "--rules",
-        rules,
-        "--metrics-addr",
-        &metrics,
-    ]);
-    command.envs([
-        ("DATABASE_URL", database_url),
-        ("REDIS_URL", redis_url),
-        ("NOTIFY_SOCKET", notify.path.as_str()),
-        ("WATCHDOG_USEC", WATCHDOG_USEC),
-    ]);
-    let log = tempfile::Builder::new()
-        .prefix("systemd-test-")
-        .suffix(".log")
-        .tempfile()
-        .expect("log file")
-        .into_temp_path()
-        .keep()
-        .expect("keep log file");
-    LoggedChild::spawn(command, log)
+    ChildDaemon::run(
+        &["--refill-guard", "0", "--rules", rules],
+        &[
+            ("DATABASE_URL", database_url),
+            ("REDIS_URL", redis_url),
+            ("NOTIFY_SOCKET", notify.path.as_str()),
+            ("WATCHDOG_USEC", WATCHDOG_USEC),
+        ],
+        true,
+    )
 }
 
 /// A daemon that sees `server` go down keeps pinging the watchdog for the whole outage, and says
 /// what it waits for in `STATUS=`.
 async fn assert_pings_through_outage(
-    daemon: &mut LoggedChild,
+    daemon: &mut ChildDaemon,
     notify: &NotifySocket,
     server: &str,
     went_down: Instant,
@@ -189,22 +184,10 @@ async fn assert_pings_through_outage(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_keeps_pinging_while_redis_is_down() {
     let mut redis_server = PrivateRedis::start();
-    let space = KeySpace::new("sd_redis_down");
-    let db = TestDb::with_reports("sd_redis_down", &space.rules()).await;
+    let (space, db) = space_with_reports("sd_redis_down").await;
     let notify = NotifySocket::bind();
-    let metrics = metrics_addr();
-    let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify, metrics);
-    let ready = notify.received.wait_for("READY=1", PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || async {
-            notify
-                .received
-                .lines()
-                .iter()
-                .any(|(at, line)| *at > ready && line == "WATCHDOG=1")
-        })
-        .await
-    );
+    let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify);
+    notify.received.wait_for_ping_after_ready().await;
 
     redis_server.stop();
     let went_down = Instant::now();
@@ -220,10 +203,10 @@ async fn watchdog_keeps_pinging_while_redis_is_down() {
         .expect("write");
     assert_pings_through_outage(&mut daemon, &notify, "redis", went_down).await;
     // What an operator's probe and Prometheus read.
-    let (status, body) = http_get(metrics, "/healthz").await;
+    let (status, body) = daemon.get("/healthz").await.expect("/healthz answers");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("redis down"), "{body}");
-    let (_, scrape) = http_get(metrics, "/metrics").await;
+    let scrape = daemon.scrape().await;
     assert!(
         scrape.contains("cache_invalidator_connected{side=\"redis\"} 0"),
         "{scrape}"
@@ -244,27 +227,11 @@ async fn watchdog_keeps_pinging_while_redis_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_keeps_pinging_while_postgres_is_down() {
     let postgres = PrivatePostgres::start();
-    let space = KeySpace::new("sd_pg_down");
+    let space = KeyPrefix::new("sd_pg_down");
     let db = TestDb::with_reports_on(&postgres.url(), "sd_pg_down", &space.rules()).await;
     let notify = NotifySocket::bind();
-    let mut daemon = start_daemon(
-        &db.url,
-        &shared_redis_url(),
-        &space,
-        &notify,
-        metrics_addr(),
-    );
-    let ready = notify.received.wait_for("READY=1", PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || async {
-            notify
-                .received
-                .lines()
-                .iter()
-                .any(|(at, line)| *at > ready && line == "WATCHDOG=1")
-        })
-        .await
-    );
+    let mut daemon = start_daemon(&db.url, &shared_redis_url(), &space, &notify);
+    notify.received.wait_for_ping_after_ready().await;
 
     // Stops the cluster (`pg_ctl stop -m immediate`): every connection drops, none is accepted.
     drop(postgres);
@@ -279,8 +246,7 @@ async fn ready_while_redis_is_down_then_backlog_cleared_soon_after_it_answers() 
     // test sees the daemon delete them rather than the restart losing them.
     let mut redis_server =
         PrivateRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let space = KeySpace::new("sd_recovery");
-    let db = TestDb::with_reports("sd_recovery", &space.rules()).await;
+    let (space, db) = space_with_reports("sd_recovery").await;
 
     const REPORTS: i64 = 40;
     let mut cleared = Vec::new();
@@ -312,13 +278,7 @@ async fn ready_while_redis_is_down_then_backlog_cleared_soon_after_it_answers() 
     redis_server.stop();
     let notify = NotifySocket::bind();
     let started = Instant::now();
-    let mut daemon = start_daemon(
-        &db.url,
-        &redis_server.url(),
-        &space,
-        &notify,
-        metrics_addr(),
-    );
+    let mut daemon = start_daemon(&db.url, &redis_server.url(), &space, &notify);
     // READY=1 comes while Redis is down and the whole backlog waits.
     notify.received.wait_for("READY=1", PATIENCE).await;
     assert_eq!(
@@ -402,34 +362,4 @@ fn retry_in_ms(line: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-fn metrics_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-/// `GET path` over HTTP/1.0: the status code and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .expect("send request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }

@@ -7,12 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use cache_invalidator::keyspace::RedisTarget;
 use cache_invalidator::postgres::PgTarget;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::settings::SecretUrl;
 use common::*;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 fn verify_full_url(port: u16, database: &str, ca: &std::path::Path) -> String {
     format!(
@@ -26,17 +24,11 @@ async fn the_daemon_works_over_verified_tls_to_postgres_and_redis_and_reconnects
     let certs = TestCerts::generate();
     let pg = PrivatePostgres::start_tls(&certs);
     let redis_server = PrivateRedis::start_tls(&certs);
-    let space = KeySpace::new("tls");
+    let space = KeyPrefix::new("tls");
     let db = TestDb::with_reports_on(&pg.url(), "tls", &space.rules()).await;
     let mut redis = tls_redis_connection(&redis_server.tls_url(), &certs.ca_pem()).await;
-    let first = vec![
-        space.key("report:12:1:h"),
-        space.key("reportlist:reports:1:h"),
-    ];
-    let second = vec![
-        space.key("report:13:2:h"),
-        space.key("reportlist:reports:2:h"),
-    ];
+    let first = space.keys(&["report:12:1:h", "reportlist:reports:1:h"]);
+    let second = space.keys(&["report:13:2:h", "reportlist:reports:2:h"]);
     let decoys = vec![space.key("report:123:1:h"), space.key_v2("report:12:1:h")];
     set_keys(
         &mut redis,
@@ -52,13 +44,7 @@ async fn the_daemon_works_over_verified_tls_to_postgres_and_redis_and_reconnects
     settings.connections.redis_ca_file = Some(certs.ca_file());
     let daemon = Daemon::start(settings);
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO auth_user (id) VALUES (1), (2);
-             INSERT INTO reports_report (id, author_id) VALUES (12, 1);",
-        )
-        .await
-        .expect("insert");
+    commit_report(&client, 12, 1).await;
     assert_gone_within(&mut redis, &first, PATIENCE).await;
 
     // Every session of the daemon is encrypted (plain connections would be allowed: the test's
@@ -89,16 +75,10 @@ async fn the_daemon_works_over_verified_tls_to_postgres_and_redis_and_reconnects
         )
         .await
         .expect("terminate");
-    client
-        .batch_execute("INSERT INTO reports_report (id, author_id) VALUES (13, 2)")
-        .await
-        .expect("insert");
+    commit_report(&client, 13, 2).await;
     assert_gone_within(&mut redis, &second, PATIENCE).await;
     assert_kept(&mut redis, &decoys).await;
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "outbox not drained"
-    );
+    db.wait_for_empty_outbox(PATIENCE).await;
     daemon.stop().await;
     db.drop().await;
 }

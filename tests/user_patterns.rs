@@ -37,8 +37,7 @@ async fn bulk_user_invalidations_do_not_hold_an_unrelated_change_back_in_index_m
 }
 
 async fn bulk_user_invalidations(mode: Mode) {
-    let space = KeySpace::new("users");
-    let db = TestDb::with_reports("users", &space.rules()).await;
+    let (space, db) = space_with_reports("users").await;
     let mut redis = redis_connection(&shared_redis_url()).await;
 
     // report:{r}:{u}:h for every user, and one list page each.
@@ -60,9 +59,7 @@ async fn bulk_user_invalidations(mode: Mode) {
         .map(|(_, key)| key.clone())
         .chain(unrelated.iter().cloned())
         .collect();
-    for chunk in all.chunks(5_000) {
-        set_keys(&mut redis, chunk).await;
-    }
+    set_keys(&mut redis, &all).await;
 
     let settings = test_settings(&db.url, &shared_redis_url(), space.rules());
     let daemon = match mode {

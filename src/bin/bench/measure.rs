@@ -15,10 +15,11 @@ use cache_invalidator::rules::RuleSet;
 use redis::aio::MultiplexedConnection;
 use tokio_postgres::Client;
 
-use crate::keyspace::{Layout, RowChange, KINDS};
+use crate::layout::{Layout, RowChange, KINDS};
 use crate::nodes::Nodes;
 use crate::probe::{GetProbe, Phase};
-use crate::stats::{median, median_ratio, Rng};
+use crate::stats::{median, median_ratio, show, thousands, Rng};
+use crate::{Size, BURST_CHANGES, IDLE_REPEATS};
 
 /// How often the bench looks at the outbox while waiting: the resolution of the latency measures.
 /// Every millisecond for the first [`FINE_POLL_FOR`]: index mode clears a change in a few
@@ -257,8 +258,66 @@ pub async fn committed_changes(
     }
 }
 
+/// What [`idle_then_burst`] measured.
+pub struct IdleThenBurst {
+    /// One change on an idle worker: the median latency, and the keys all the repeats removed.
+    pub idle: Duration,
+    pub idle_keys: u64,
+    pub burst: Outcome,
+}
+
+impl IdleThenBurst {
+    /// The idle change's figure as the table prints it.
+    pub fn idle_value(&self) -> String {
+        format!("{} ({} keys)", show(self.idle), thousands(self.idle_keys))
+    }
+
+    /// The burst's figure as the table prints it.
+    pub fn burst_value(&self) -> String {
+        format!(
+            "{} ({} keys; committing took {})",
+            show(self.burst.latency),
+            thousands(self.burst.keys_removed),
+            show(self.burst.committing)
+        )
+    }
+}
+
+/// With the daemon running: one change on an idle worker ([`IDLE_REPEATS`] times, the median),
+/// then a burst of [`BURST_CHANGES`]. `probe`, if any, times the app's `GET`s as "sweep" during
+/// both; `label` starts the progress lines.
+pub async fn idle_then_burst(
+    size: &Size<'_>,
+    rows: &mut Rows,
+    probe: Option<&GetProbe>,
+    label: &str,
+) -> IdleThenBurst {
+    let (client, poller, redis, layout) = (size.client, size.poller, size.redis, &size.layout);
+    let (idle, idle_keys) =
+        idle_change(client, poller, redis, rows, layout, IDLE_REPEATS, probe).await;
+    eprintln!("[{} keys] {label}idle change {}", size.keys, show(idle));
+    if let Some(probe) = probe {
+        probe.set(Phase::Sweep);
+    }
+    let burst = burst(size.db_url, poller, redis, rows, layout, BURST_CHANGES).await;
+    if let Some(probe) = probe {
+        probe.set(Phase::Off);
+    }
+    eprintln!(
+        "[{} keys] {label}burst {} after the last commit ({} committing)",
+        size.keys,
+        show(burst.latency),
+        show(burst.committing)
+    );
+    IdleThenBurst {
+        idle,
+        idle_keys,
+        burst,
+    }
+}
+
 /// A burst of `count` changes, 10 % of them owner changes, committed from several connections.
-pub async fn burst(
+async fn burst(
     db_url: &str,
     poller: &Client,
     redis: &Nodes,
@@ -299,7 +358,7 @@ pub async fn steady(
 }
 
 /// One change on an idle worker, `repeats` times; the median latency.
-pub async fn idle_change(
+async fn idle_change(
     client: &Client,
     poller: &Client,
     redis: &Nodes,
@@ -382,6 +441,9 @@ pub struct TriggerCost {
 /// Rows the bulk statement changes (the 10,000-row UPDATE).
 const BULK_ROWS: u32 = 10_000;
 
+/// The two sides of each round: with the report table's triggers, then without.
+const SIDES: [(usize, bool); 2] = [(0, true), (1, false)];
+
 pub async fn trigger_cost(
     client: &Client,
     rows: u32,
@@ -389,62 +451,9 @@ pub async fn trigger_cost(
     per_round: usize,
     bulk_repeats: usize,
 ) -> TriggerCost {
-    let toggle = |on: bool| {
-        format!(
-            "ALTER TABLE reports_report {} TRIGGER USER",
-            if on { "ENABLE" } else { "DISABLE" }
-        )
-    };
-    let update = client
-        .prepare("UPDATE reports_report SET title = $1 WHERE id = $2")
-        .await
-        .expect("prepare the single-row UPDATE");
-    let mut rng = Rng::new(11);
-    let mut per_statement: [Vec<Duration>; 2] = Default::default();
-    for round in 0..rounds {
-        for (side, on) in [(0, true), (1, false)] {
-            client
-                .batch_execute(&toggle(on))
-                .await
-                .expect("toggle triggers");
-            let started = Instant::now();
-            for i in 0..per_round {
-                let title = format!("single {round} {i}");
-                let id = rng.one_to(rows) as i32;
-                client
-                    .execute(&update, &[&title, &id])
-                    .await
-                    .expect("single-row UPDATE");
-            }
-            per_statement[side].push(started.elapsed() / per_round.max(1) as u32);
-        }
-    }
-    let mut bulk: [Vec<Duration>; 2] = Default::default();
-    for repeat in 0..bulk_repeats {
-        for (side, on) in [(0, true), (1, false)] {
-            client
-                .batch_execute(&toggle(on))
-                .await
-                .expect("toggle triggers");
-            // Same starting state for both sides: no dead tuples left by the previous statement.
-            client
-                .batch_execute("VACUUM reports_report")
-                .await
-                .expect("vacuum before the bulk UPDATE");
-            let started = Instant::now();
-            client
-                .batch_execute(&format!(
-                    "UPDATE reports_report SET title = 'bulk {repeat}' WHERE id <= {BULK_ROWS}"
-                ))
-                .await
-                .expect("bulk UPDATE");
-            bulk[side].push(started.elapsed());
-        }
-    }
-    client
-        .batch_execute(&toggle(true))
-        .await
-        .expect("re-enable triggers");
+    let per_statement = single_rounds(client, rows, rounds, per_round).await;
+    let bulk = bulk_rounds(client, bulk_repeats).await;
+    set_triggers(client, true).await;
     // The measure's changes are not the worker's business: it starts with an empty outbox.
     client
         .batch_execute("TRUNCATE cache_invalidator.outbox")
@@ -460,4 +469,68 @@ pub async fn trigger_cost(
         bulk_ratio: median_ratio(&bulk[0], &bulk[1]),
         bulk_repeats,
     }
+}
+
+async fn set_triggers(client: &Client, on: bool) {
+    let toggle = if on { "ENABLE" } else { "DISABLE" };
+    client
+        .batch_execute(&format!("ALTER TABLE reports_report {toggle} TRIGGER USER"))
+        .await
+        .expect("toggle triggers");
+}
+
+/// Single-row autocommit UPDATEs of random rows, `per_round` a round on each side; the time per
+/// statement of each round, per side.
+async fn single_rounds(
+    client: &Client,
+    rows: u32,
+    rounds: usize,
+    per_round: usize,
+) -> [Vec<Duration>; 2] {
+    let update = client
+        .prepare("UPDATE reports_report SET title = $1 WHERE id = $2")
+        .await
+        .expect("prepare the single-row UPDATE");
+    let mut rng = Rng::new(11);
+    let mut per_statement: [Vec<Duration>; 2] = Default::default();
+    for round in 0..rounds {
+        for (side, on) in SIDES {
+            set_triggers(client, on).await;
+            let started = Instant::now();
+            for i in 0..per_round {
+                let title = format!("single {round} {i}");
+                let id = rng.one_to(rows) as i32;
+                client
+                    .execute(&update, &[&title, &id])
+                    .await
+                    .expect("single-row UPDATE");
+            }
+            per_statement[side].push(started.elapsed() / per_round.max(1) as u32);
+        }
+    }
+    per_statement
+}
+
+/// One [`BULK_ROWS`]-row UPDATE on each side, `repeats` times; their times, per side.
+async fn bulk_rounds(client: &Client, repeats: usize) -> [Vec<Duration>; 2] {
+    let mut bulk: [Vec<Duration>; 2] = Default::default();
+    for repeat in 0..repeats {
+        for (side, on) in SIDES {
+            set_triggers(client, on).await;
+            // Same starting state for both sides: no dead tuples left by the previous statement.
+            client
+                .batch_execute("VACUUM reports_report")
+                .await
+                .expect("vacuum before the bulk UPDATE");
+            let started = Instant::now();
+            client
+                .batch_execute(&format!(
+                    "UPDATE reports_report SET title = 'bulk {repeat}' WHERE id <= {BULK_ROWS}"
+                ))
+                .await
+                .expect("bulk UPDATE");
+            bulk[side].push(started.elapsed());
+        }
+    }
+    bulk
 }

@@ -1,6 +1,6 @@
 //! The app's view of the shared Redis: a thread issuing one `GET` at a time, as a request does,
 //! timing each. Latencies are kept per phase (idle, or a sweep running) so the bench can compare
-//! the p99s (DESIGN.md: a sweep must never monopolise Redis; goal ≤ 2× idle).
+//! the p99s (a sweep must never monopolise Redis: the table's `GET` target).
 //!
 //! A plain OS thread with a blocking connection, so the timings do not include waits for the
 //! bench's async runtime, which also runs the worker.
@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::keyspace::Layout;
+use crate::layout::Layout;
 use crate::nodes::Router;
 use crate::stats::Rng;
+use crate::Size;
 
+/// GETs sampled on the idle Redis before the daemon works.
+const IDLE_PERIOD: Duration = Duration::from_secs(3);
 /// Pause between GETs: an app doing ~1,000 reads a second, light enough not to slow the sweep.
 const GET_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -78,6 +81,19 @@ impl GetProbe {
             stop,
             thread,
         }
+    }
+
+    /// Starts the probe on the size's Redis and samples [`IDLE_PERIOD`] of idle `GET`s; returns
+    /// with the phase still idle, for the caller to switch.
+    pub async fn after_idle(size: &Size<'_>) -> GetProbe {
+        let probe = GetProbe::start(
+            &size.redis_server.node_urls(),
+            size.redis_server.router(),
+            size.layout,
+        );
+        probe.set(Phase::Idle);
+        tokio::time::sleep(IDLE_PERIOD).await;
+        probe
     }
 
     pub fn set(&self, phase: Phase) {

@@ -3,38 +3,25 @@
 //! thousands), and a scratch Postgres database with
 //! the app's four report tables, created at the start and dropped at the end.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use cache_invalidator::rules::RuleSet;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::keyspace::{Layout, KINDS, OWNER_FACTOR};
+use crate::layout::{Layout, KINDS, OWNER_FACTOR};
 use crate::nodes::{own_slot_ranges, Router};
 
-/// The four report tables of the Django app and the user table they cascade from (the same as
-/// the integration tests' `REPORT_TABLES_SQL`).
-const REPORT_TABLES_SQL: &str = r#"
-CREATE TABLE auth_user (id serial PRIMARY KEY, username text NOT NULL DEFAULT '');
-CREATE TABLE reports_report (
-    id serial PRIMARY KEY, title text NOT NULL DEFAULT '', body text NOT NULL DEFAULT '',
-    author_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
-    updated_at timestamptz NOT NULL DEFAULT now());
-CREATE TABLE reports_studentreport (
-    id serial PRIMARY KEY, title text NOT NULL DEFAULT '',
-    student_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
-    teacher_id integer REFERENCES auth_user (id) ON DELETE CASCADE);
-CREATE TABLE reports_tutorweeklyreport (
-    id serial PRIMARY KEY, week date, notes text NOT NULL DEFAULT '',
-    tutor_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
-    student_id integer REFERENCES auth_user (id) ON DELETE CASCADE);
-CREATE TABLE reports_teacherweeklyreport (
-    id serial PRIMARY KEY, week date, notes text NOT NULL DEFAULT '',
-    teacher_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
-    student_id integer REFERENCES auth_user (id) ON DELETE CASCADE);
-"#;
+// The integration tests' own file: one report schema and one way to start servers for both.
+#[path = "../../../tests/common/servers.rs"]
+mod servers;
+
+use servers::{
+    cluster_node_args, cluster_url, create_cluster, create_database, drop_database,
+    spawn_redis_server, wait_for_port, REPORT_TABLES_SQL,
+};
+pub use servers::{connect, free_port};
 
 /// `--cluster-node-timeout` of the bench's cluster: generous, so a node starved of CPU while a
 /// million keys are loaded on two cores is never marked failing (there are no replicas to take
@@ -62,24 +49,7 @@ impl PrivateRedis {
     /// once every node reports `cluster_state:ok`.
     pub fn start_cluster(primaries: usize) -> PrivateRedis {
         let redis = PrivateRedis::spawn(primaries, true);
-        let addresses: Vec<String> = redis
-            .ports
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect();
-        let output = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run redis-cli --cluster create");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        create_cluster(&redis.ports, 0);
         let deadline = Instant::now() + STARTUP;
         for port in &redis.ports {
             while !cluster_state_ok(*port) {
@@ -104,44 +74,18 @@ impl PrivateRedis {
             dir,
         };
         for port in ports {
-            let mut command = Command::new("redis-server");
-            command
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--dir", &redis.dir.display().to_string()]);
-            if clustered {
-                command
-                    .args(["--cluster-enabled", "yes"])
-                    // The bus port is the client port + 10000 unless set: that may be taken.
-                    .args(["--cluster-port", &free_port().to_string()])
-                    .args([
-                        "--cluster-config-file",
-                        &redis
-                            .dir
-                            .join(format!("nodes-{port}.conf"))
-                            .display()
-                            .to_string(),
-                    ])
-                    .args(["--cluster-node-timeout", CLUSTER_NODE_TIMEOUT_MS]);
-            }
-            let child = command
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server (is it on PATH?)");
+            let extra = if clustered {
+                cluster_node_args(port, &redis.dir, CLUSTER_NODE_TIMEOUT_MS)
+            } else {
+                Vec::new()
+            };
+            let child = spawn_redis_server(port, &redis.dir, &extra);
             // Pushed at once, so a failure below still kills what was started.
             redis.children.push(child);
             redis.ports.push(port);
         }
-        let deadline = Instant::now() + STARTUP;
         for &port in &redis.ports {
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "redis-server on {port} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_port(port, STARTUP);
         }
         redis
     }
@@ -157,12 +101,7 @@ impl PrivateRedis {
     /// What the daemon is given: the server, or every primary as seed nodes of the cluster.
     pub fn daemon_url(&self) -> String {
         if self.clustered {
-            let seeds: Vec<String> = self
-                .ports
-                .iter()
-                .map(|port| format!("127.0.0.1:{port}"))
-                .collect();
-            format!("redis+cluster://{}", seeds.join(","))
+            cluster_url(&self.ports)
         } else {
             format!("redis://127.0.0.1:{}/0", self.ports[0])
         }
@@ -202,13 +141,6 @@ impl Drop for PrivateRedis {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port on 127.0.0.1")
-}
-
 fn blocking_connection(port: u16) -> redis::Connection {
     redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .and_then(|client| client.get_connection())
@@ -222,14 +154,6 @@ fn cluster_state_ok(port: u16) -> bool {
         .is_ok_and(|info| info.contains("cluster_state:ok"))
 }
 
-pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-    tokio::spawn(connection);
-    client
-}
-
 /// A database of the bench's own on the server `admin_url` names.
 pub struct ScratchDb {
     pub name: String,
@@ -241,21 +165,9 @@ impl ScratchDb {
     /// Creates the database with the report tables filled for `layout` and the triggers of `rules`.
     pub async fn create(admin_url: &str, layout: &Layout, rules: &RuleSet) -> ScratchDb {
         let name = format!("cache_invalidator_bench_{}", std::process::id());
-        let admin = connect(admin_url).await;
-        for statement in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            admin
-                .batch_execute(&statement)
-                .await
-                .expect("create the scratch database");
-        }
-        let mut url = url::Url::parse(admin_url).expect("a valid --database-url");
-        url.set_path(&format!("/{name}"));
         let db = ScratchDb {
+            url: create_database(admin_url, &name).await,
             name,
-            url: url.to_string(),
             admin_url: admin_url.to_owned(),
         };
         let client = connect(&db.url).await;
@@ -307,13 +219,6 @@ impl ScratchDb {
     }
 
     pub async fn drop(self) {
-        connect(&self.admin_url)
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop the scratch database");
+        drop_database(&self.admin_url, &self.name).await;
     }
 }

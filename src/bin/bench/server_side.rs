@@ -18,22 +18,22 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use cache_invalidator::keyspace::RedisTarget;
 use cache_invalidator::matcher::MatcherBuilder;
+use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 
-use crate::keyspace::Layout;
+use crate::layout::Layout;
 use crate::measure::Rows;
 use crate::nodes::Nodes;
 
 /// `SCAN COUNT` of each script call. The daemon's own, so both sweeps walk the same chunks; and ten
 /// times that, which spreads the cost of building the prefix table over ten times as many keys at
-/// the price of calls that block Redis far longer than DESIGN.md allows: measured to show whether
-/// Lua could win at all.
+/// the price of calls that block Redis far longer than [`BLOCK_LIMIT_MICROS`]: measured to show
+/// whether Lua could win at all.
 pub const LUA_SCAN_COUNTS: [usize; 2] = [SCAN_COUNT, 10 * SCAN_COUNT];
-/// Calls slower than this (Redis' own time, from its slow log) are counted: DESIGN.md's bound on
+/// Calls slower than this (Redis' own time, from its slow log) are counted: the daemon's bound on
 /// how long one command may block the app.
 const BLOCK_LIMIT_MICROS: u64 = 1_000;
 /// Room in the slow log for every slow call of a sweep (Redis keeps 128 by default).

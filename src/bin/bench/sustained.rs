@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use cache_invalidator::settings::Mode;
 use tokio_postgres::Client;
 
-use crate::keyspace::{Layout, KINDS};
+use crate::layout::KINDS;
 use crate::measure::wait_drained;
 use crate::scratch::PrivateRedis;
 use crate::stats::{percentile, Rng};
+use crate::Size;
 
 /// How often the backlog age and the daemon's memory are sampled (the 100 ms).
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -116,6 +117,19 @@ pub struct Sustained {
     /// Share of one core the daemon and Redis (summed over its servers) used during the load.
     pub daemon_cpu: Option<f64>,
     pub redis_cpu: Option<f64>,
+}
+
+impl Sustained {
+    /// The daemon's and Redis' share of a core during the load, as the table prints them.
+    pub fn cpu_shares(&self) -> String {
+        let share =
+            |share: Option<f64>| share.map_or("?".to_owned(), |s| format!("{:.0} %", s * 100.0));
+        format!(
+            "daemon {}, Redis {} of a core",
+            share(self.daemon_cpu),
+            share(self.redis_cpu)
+        )
+    }
 }
 
 /// `<name>_sum` and `<name>_count` of a Prometheus histogram in a scrape.
@@ -311,6 +325,15 @@ impl DaemonProcess {
         }
     }
 
+    /// The sum and count of the daemon's sweep-duration histogram so far.
+    fn sweep_passes(&self) -> Option<(f64, u64)> {
+        let metrics = self.scrape("/metrics")?;
+        histogram_sum_count(
+            &metrics,
+            cache_invalidator::telemetry::names::SWEEP_DURATION,
+        )
+    }
+
     /// One scrape of the daemon's `/metrics` or `/healthz`.
     pub fn scrape(&self, path: &str) -> Option<String> {
         scrape(self.metrics_port, path)
@@ -336,52 +359,102 @@ pub struct Plan {
     pub connections: u32,
 }
 
-pub async fn run(
-    worker: &Path,
-    db_url: &str,
-    redis: &PrivateRedis,
-    poller: &Client,
-    layout: &Layout,
-    plan: &Plan,
-    log: &Path,
-) -> Sustained {
-    let daemon = DaemonProcess::spawn(worker, db_url, redis, plan.mode, log);
+/// Runs the plan's load against the daemon as its own process; samples the backlog's age and the
+/// daemon's memory meanwhile.
+pub async fn run(size: &Size<'_>, plan: &Plan) -> Sustained {
+    let log = log_path(&plan.mode.to_string());
+    eprintln!(
+        "[{} keys] {} mode: sustained load for {} s (worker log: {})",
+        size.keys,
+        plan.mode,
+        plan.seconds,
+        log.display()
+    );
+    let daemon = DaemonProcess::spawn(
+        size.worker_binary,
+        size.db_url,
+        size.redis_server,
+        plan.mode,
+        &log,
+    );
     let pid = daemon.pid;
-    let metrics_port = daemon.metrics_port;
-    daemon.wait_listening(poller, log).await;
+    daemon.wait_listening(size.poller, &log).await;
     if plan.mode == Mode::Index {
         // The load measures the index at work, not the sweep that clears changes while it seeds.
-        daemon.wait_index_complete(log).await;
+        daemon.wait_index_complete(&log).await;
     }
     let rss_idle_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
-    let sweep_histogram = cache_invalidator::telemetry::names::SWEEP_DURATION;
-    let passes_before = scrape(metrics_port, "/metrics")
-        .and_then(|text| histogram_sum_count(&text, sweep_histogram))
-        .unwrap_or((0.0, 0));
-
-    let redis_pids = redis.pids();
+    let passes_before = daemon.sweep_passes().unwrap_or((0.0, 0));
+    let redis_pids = size.redis_server.pids();
     let redis_cpu = || -> Option<Duration> { redis_pids.iter().map(|&pid| cpu_time(pid)).sum() };
     let (daemon_cpu_before, redis_cpu_before) = (cpu_time(pid), redis_cpu());
     let load_started = Instant::now();
+    let load = tokio::spawn(load_process(size, plan).wait_with_output());
+    let (ages, rss_max_kb) = sample(size.poller, pid, &load).await;
+    let load_done = Instant::now();
+    let load_wall = load_done - load_started;
+    let daemon_cpu = core_share(daemon_cpu_before, cpu_time(pid), load_wall);
+    let redis_cpu = core_share(redis_cpu_before, redis_cpu(), load_wall);
+    let (rows, elapsed) = load_report(load.await.expect("the load process' task"));
+    let passes_during = daemon
+        .sweep_passes()
+        .map(|(sum, count)| (sum - passes_before.0, count.saturating_sub(passes_before.1)));
+    let drained = wait_drained(size.poller).await;
+    let hwm_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
+    daemon.stop();
+    Sustained {
+        seconds: elapsed,
+        rows_per_second: rows / elapsed.max(0.001),
+        rows_per_statement: plan.rows_per_statement,
+        age_p99: percentile(&ages, 99.0),
+        age_max: percentile(&ages, 100.0),
+        drain_after_load: drained.saturating_duration_since(load_done),
+        rss_max_kb,
+        hwm_kb,
+        rss_idle_kb,
+        mean_pass: passes_during
+            .filter(|(_, count)| *count > 0)
+            .map(|(sum, count)| Duration::from_secs_f64(sum / count as f64)),
+        passes: passes_during.map_or(0, |(_, count)| count),
+        daemon_cpu,
+        redis_cpu,
+    }
+}
 
-    let rows_per_statement = plan.rows_per_statement;
-    let load = tokio::process::Command::new(std::env::current_exe().expect("the bench's path"))
-        .args(["load", "--database-url", db_url])
+/// Where a daemon process started by the bench logs: `what` tells the runs of one bench apart.
+pub fn log_path(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "cache-invalidator-bench-{what}-{}.log",
+        std::process::id()
+    ))
+}
+
+/// Starts this binary in `load` mode with the plan's load on the size's scratch database.
+fn load_process(size: &Size<'_>, plan: &Plan) -> tokio::process::Child {
+    tokio::process::Command::new(std::env::current_exe().expect("the bench's path"))
+        .args(["load", "--database-url", size.db_url])
         .args(["--seconds", &plan.seconds.to_string()])
         .args(["--rows-per-second", &plan.rows_per_second.to_string()])
-        .args(["--rows-per-statement", &rows_per_statement.to_string()])
+        .args(["--rows-per-statement", &plan.rows_per_statement.to_string()])
         .args(["--connections", &plan.connections.to_string()])
-        .args(["--reports", &layout.reports.to_string()])
-        .args(["--users", &layout.users.to_string()])
+        .args(["--reports", &size.layout.reports.to_string()])
+        .args(["--users", &size.layout.users.to_string()])
         .stdout(Stdio::piped())
         .spawn()
-        .expect("start the load process");
-    let output = tokio::spawn(load.wait_with_output());
+        .expect("start the load process")
+}
 
+/// Samples the outbox's oldest pending change and the daemon's VmRSS every [`SAMPLE_EVERY`]
+/// until the load is over; returns the ages (s) and the largest VmRSS (kB).
+async fn sample<T>(
+    poller: &Client,
+    pid: u32,
+    load: &tokio::task::JoinHandle<T>,
+) -> (Vec<f64>, u64) {
     let mut ages = Vec::new();
     let mut rss_max_kb = 0;
     let mut ticks = tokio::time::interval(SAMPLE_EVERY);
-    while !output.is_finished() {
+    while !load.is_finished() {
         ticks.tick().await;
         let age: f64 = poller
             .query_one(
@@ -395,45 +468,20 @@ pub async fn run(
         ages.push(age);
         rss_max_kb = rss_max_kb.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
     }
-    let load_done = Instant::now();
-    let load_wall = load_done - load_started;
-    let daemon_cpu = core_share(daemon_cpu_before, cpu_time(pid), load_wall);
-    let redis_cpu = core_share(redis_cpu_before, redis_cpu(), load_wall);
-    let output = output
-        .await
-        .expect("the load process' task")
-        .expect("the load process");
+    (ages, rss_max_kb)
+}
+
+/// The rows the load process changed and the seconds it took, from its `rows <n> seconds <s>`.
+fn load_report(output: std::io::Result<std::process::Output>) -> (f64, f64) {
+    let output = output.expect("the load process");
     assert!(output.status.success(), "the load process failed");
     let report = String::from_utf8_lossy(&output.stdout);
     let mut words = report.split_whitespace();
-    let (rows, elapsed) = match (words.nth(1), words.nth(1)) {
+    match (words.nth(1), words.nth(1)) {
         (Some(rows), Some(seconds)) => (
             rows.parse::<f64>().expect("the load's row count"),
             seconds.parse::<f64>().expect("the load's duration"),
         ),
         _ => panic!("unexpected load report {report:?}"),
-    };
-    let passes_during = scrape(metrics_port, "/metrics")
-        .and_then(|text| histogram_sum_count(&text, sweep_histogram))
-        .map(|(sum, count)| (sum - passes_before.0, count.saturating_sub(passes_before.1)));
-    let drained = wait_drained(poller).await;
-    let hwm_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
-    daemon.stop();
-    Sustained {
-        seconds: elapsed,
-        rows_per_second: rows / elapsed.max(0.001),
-        rows_per_statement,
-        age_p99: percentile(&ages, 99.0),
-        age_max: percentile(&ages, 100.0),
-        drain_after_load: drained.saturating_duration_since(load_done),
-        rss_max_kb,
-        hwm_kb,
-        rss_idle_kb,
-        mean_pass: passes_during
-            .filter(|(_, count)| *count > 0)
-            .map(|(sum, count)| Duration::from_secs_f64(sum / count as f64)),
-        passes: passes_during.map_or(0, |(_, count)| count),
-        daemon_cpu,
-        redis_cpu,
     }
 }

@@ -11,21 +11,20 @@
 //! nothing else (`DBSIZE`).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_invalidator::rules::RuleSet;
-use cache_invalidator::settings::{Connections, Mode, SecretUrl, Settings};
-use cache_invalidator::telemetry::Health;
-use cache_invalidator::worker::run_with_rules;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use cache_invalidator::settings::Mode;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
 
-use crate::keyspace::Layout;
+use crate::daemon::InProcess;
+use crate::layout::{self, Layout};
 use crate::measure::{reference, wait_drained};
 use crate::nodes::Nodes;
 use crate::scratch::{PrivateRedis, ScratchDb};
 use crate::stats::{hash, show, thousands};
+use crate::table::{self, Judged, Line};
 
 /// Users invalidated in one statement (the issue's 6,000).
 pub const USERS_INVALIDATED: u32 = 6_000;
@@ -42,10 +41,6 @@ const UNRELATED_VIEWERS: std::ops::RangeInclusive<u32> = 10_001..=10_010;
 const UNRELATED_DELAY: Duration = Duration::from_millis(500);
 /// How often the bench looks for the unrelated change's keys: the resolution of that measure.
 const KEYS_POLL: Duration = Duration::from_millis(5);
-/// Keys per fill pipeline.
-const FILL_BATCH: usize = 5_000;
-/// Value of each cached key, as the main keyspace's.
-const VALUE: &[u8] = &[b'v'; 120];
 /// Rows of the scratch tables: the measure changes none, so the smallest layout will do.
 const SCRATCH_LAYOUT_KEYS: u64 = 1_000;
 
@@ -89,6 +84,9 @@ fn keyspace() -> Vec<(u32, String)> {
     keys
 }
 
+/// Fills a private Redis with the keyspace, sets a scratch database up, runs the daemon in
+/// `mode` and measures; checks that exactly the keys of the invalidated users and of the unrelated
+/// report are gone.
 pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool, mode: Mode) -> BulkUsers {
     let redis_server = if cluster {
         PrivateRedis::start_cluster(crate::CLUSTER_PRIMARIES)
@@ -97,31 +95,15 @@ pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool, mode: Mode
     };
     let redis = Nodes::connect(&redis_server.node_urls(), redis_server.router()).await;
     let keys = keyspace();
-    let mut by_node: Vec<Vec<&String>> = vec![Vec::new(); redis.len()];
-    for (_, key) in &keys {
-        by_node[redis.router.node_of(key)].push(key);
-    }
-    for (node, keys) in by_node.iter().enumerate() {
-        for chunk in keys.chunks(FILL_BATCH) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("SET").arg(*key).arg(VALUE).ignore();
-            }
-            let () = pipe
-                .query_async(&mut redis.connections[node].clone())
-                .await
-                .expect("filling the private redis");
-        }
-    }
-    let size = redis.dbsize().await;
+    let size = layout::fill_keys(&redis, keys.iter().map(|(_, key)| key.clone())).await;
     eprintln!("[users] {} report keys", thousands(size));
     let unrelated: HashSet<String> = UNRELATED_VIEWERS
         .map(|user| key(UNRELATED_REPORT, 0, user))
         .collect();
     let must_go: HashSet<String> = keys
-        .iter()
+        .into_iter()
         .filter(|(user, _)| *user <= USERS_INVALIDATED)
-        .map(|(_, key)| key.clone())
+        .map(|(_, key)| key)
         .chain(unrelated.iter().cloned())
         .collect();
     let reference = reference(&redis).await;
@@ -131,77 +113,13 @@ pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool, mode: Mode
     let client = db.client().await;
     let poller = db.client().await;
     let removal = redis.before_removal(&must_go).await;
-
-    let mut settings = Settings::new(Connections {
-        database_url: SecretUrl::new(db.url.clone()),
-        redis_url: SecretUrl::new(redis_server.daemon_url()),
-        redis_ca_file: None,
-    });
-    settings.refill_guard = Duration::ZERO;
-    settings.mode = mode;
-    let token = CancellationToken::new();
-    let daemon_token = token.clone();
-    let health = Arc::new(Health::new(Duration::MAX));
-    let daemon_health = health.clone();
-    // On a one-thread runtime of its own, as the `cache-invalidator` binary runs it.
-    let daemon = std::thread::spawn(move || {
-        let (_rules_tx, rules) = watch::channel(Arc::new(settings.rules.clone()));
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("the daemon's runtime")
-            .block_on(run_with_rules(settings, rules, daemon_health, daemon_token))
-    });
+    let daemon = InProcess::start(&db.url, redis_server.daemon_url(), mode, None);
     if mode == Mode::Index {
         // What is measured is the index at work, not the sweep that clears changes while it seeds.
-        let seeded = Instant::now();
-        while health.mode() != "index (complete)" {
-            assert!(
-                seeded.elapsed() < Duration::from_secs(120),
-                "the index did not complete"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        daemon.wait_complete().await;
     }
-    // The worker is connected and idle once it has cleared a change of nothing.
-    client
-        .batch_execute("SELECT cache_invalidator.invalidate_report(0)")
-        .await
-        .expect("a warm-up change");
-    wait_drained(&poller).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    client
-        .execute(
-            "SELECT cache_invalidator.invalidate_user(g) FROM generate_series(1, $1::int) g",
-            &[&(USERS_INVALIDATED as i32)],
-        )
-        .await
-        .expect("the bulk invalidate_user");
-    let bulk_committed = Instant::now();
-    tokio::time::sleep(UNRELATED_DELAY).await;
-    let unrelated_sent = Instant::now();
-    client
-        .execute(
-            "SELECT cache_invalidator.invalidate_report($1::bigint)",
-            &[&i64::from(UNRELATED_REPORT)],
-        )
-        .await
-        .expect("the unrelated invalidate_report");
-    while redis.count_existing(&unrelated).await > 0 {
-        tokio::time::sleep(KEYS_POLL).await;
-    }
-    let unrelated_took = unrelated_sent.elapsed();
-    eprintln!("[users] unrelated change {}", show(unrelated_took));
-    let drained = wait_drained(&poller).await - bulk_committed;
-    eprintln!("[users] drained {}", show(drained));
-
-    token.cancel();
-    match tokio::task::spawn_blocking(move || daemon.join()).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => panic!("the worker failed: {error}"),
-        Ok(Err(_)) | Err(_) => panic!("the worker panicked"),
-    }
+    let (unrelated_took, drained) = bulk_then_unrelated(&client, &poller, &redis, &unrelated).await;
+    daemon.stop().await;
     let removed = removal.check(&redis, &must_go).await;
     drop(client);
     drop(poller);
@@ -214,4 +132,86 @@ pub async fn measure(admin_url: &str, rules: &RuleSet, cluster: bool, mode: Mode
         keys: size,
         removed,
     }
+}
+
+/// On an idle worker: the bulk `invalidate_user` statement, then the unrelated change half a
+/// second later. Returns the unrelated change's commit → keys gone, and the bulk statement's
+/// commit → outbox drained.
+async fn bulk_then_unrelated(
+    client: &Client,
+    poller: &Client,
+    redis: &Nodes,
+    unrelated: &HashSet<String>,
+) -> (Duration, Duration) {
+    // The worker is connected and idle once it has cleared a change of nothing.
+    commit(client, INVALIDATE_REPORT, &0_i64).await;
+    wait_drained(poller).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let bulk = "SELECT cache_invalidator.invalidate_user(g) FROM generate_series(1, $1::int) g";
+    commit(client, bulk, &(USERS_INVALIDATED as i32)).await;
+    let bulk_committed = Instant::now();
+    tokio::time::sleep(UNRELATED_DELAY).await;
+    let unrelated_sent = Instant::now();
+    commit(client, INVALIDATE_REPORT, &i64::from(UNRELATED_REPORT)).await;
+    while redis.count_existing(unrelated).await > 0 {
+        tokio::time::sleep(KEYS_POLL).await;
+    }
+    let unrelated_took = unrelated_sent.elapsed();
+    eprintln!("[users] unrelated change {}", show(unrelated_took));
+    let drained = wait_drained(poller).await - bulk_committed;
+    eprintln!("[users] drained {}", show(drained));
+    (unrelated_took, drained)
+}
+
+const INVALIDATE_REPORT: &str = "SELECT cache_invalidator.invalidate_report($1::bigint)";
+
+/// One statement of the app's, on its own (autocommit) with its one parameter.
+async fn commit(client: &Client, sql: &str, parameter: &(dyn ToSql + Sync)) {
+    if let Err(error) = client.execute(sql, &[parameter]).await {
+        panic!("{sql}: {error}");
+    }
+}
+
+/// The measure's lines: its reference pass, the unrelated change and the drain.
+pub fn lines(bulk: &BulkUsers) -> Vec<Line> {
+    let keys = thousands(bulk.keys);
+    let passes = |duration: Duration| duration.as_secs_f64() / bulk.reference.as_secs_f64();
+    let users = thousands(USERS_INVALIDATED.into());
+    vec![
+        Line::new(
+            "users: reference, one `SCAN MATCH :1:report:12345:* COUNT 1000` pass over the report \
+             keys (median of 3)",
+            &keys,
+            show(bulk.reference),
+            "1.00×".to_owned(),
+            Judged::none(),
+        ),
+        Line::new(
+            format!(
+                "users: an unrelated `invalidate_report` committed 0.5 s after `SELECT \
+                 invalidate_user(g) FROM generate_series(1, {users})` ({} mode): commit → keys \
+                 gone",
+                bulk.mode
+            ),
+            &keys,
+            show(bulk.unrelated),
+            format!("{:.2}×", passes(bulk.unrelated)),
+            table::USERS_UNRELATED.judge(bulk.unrelated.as_secs_f64()),
+        ),
+        Line::new(
+            format!(
+                "users: the {users} user invalidations ({} mode), commit → outbox drained",
+                bulk.mode
+            ),
+            &keys,
+            format!(
+                "{} ({} keys removed, exactly those of the users and the report)",
+                show(bulk.drained),
+                thousands(bulk.removed)
+            ),
+            format!("{:.2}×", passes(bulk.drained)),
+            table::USERS_DRAINED.judge(bulk.drained, bulk.reference),
+        ),
+    ]
 }

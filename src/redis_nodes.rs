@@ -28,7 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CLUSTER_SLOTS: usize = 16384;
 
 #[derive(Debug, thiserror::Error)]
-pub enum KeyspaceError {
+pub enum NodeError {
     #[error("redis URL {url} is not valid: {message}")]
     InvalidUrl { url: String, message: String },
     #[error("cannot read the Redis CA file {path}: {message}")]
@@ -47,14 +47,12 @@ pub enum KeyspaceError {
     ClusterNode { node: String },
 }
 
-impl KeyspaceError {
+impl NodeError {
     /// Configuration errors will not heal by retrying.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            KeyspaceError::InvalidUrl { .. }
-                | KeyspaceError::CaFile { .. }
-                | KeyspaceError::ClusterNode { .. }
+            NodeError::InvalidUrl { .. } | NodeError::CaFile { .. } | NodeError::ClusterNode { .. }
         )
     }
 }
@@ -324,14 +322,14 @@ impl RedisTarget {
         url: &SecretUrl,
         ca_file: Option<&Path>,
         command_timeout: Duration,
-    ) -> Result<RedisTarget, KeyspaceError> {
+    ) -> Result<RedisTarget, NodeError> {
         let redacted = url.redacted();
-        let invalid = |message: String| KeyspaceError::InvalidUrl {
+        let invalid = |message: String| NodeError::InvalidUrl {
             url: redacted.clone(),
             message,
         };
         let ca = match ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| KeyspaceError::CaFile {
+            Some(path) => Some(std::fs::read(path).map_err(|e| NodeError::CaFile {
                 path: PathBuf::from(path).display().to_string(),
                 message: e.to_string(),
             })?),
@@ -419,12 +417,12 @@ impl RedisTarget {
             .set_response_timeout(Some(self.command_timeout))
     }
 
-    async fn connect_client(&self, client: &Client) -> Result<Node, KeyspaceError> {
+    async fn connect_client(&self, client: &Client) -> Result<Node, NodeError> {
         let name = node_name(client.get_connection_info().addr());
         let connection = client
             .get_multiplexed_async_connection_with_config(&self.connection_config())
             .await
-            .map_err(|source| KeyspaceError::Redis {
+            .map_err(|source| NodeError::Redis {
                 node: name.clone(),
                 source,
             })?;
@@ -443,7 +441,7 @@ impl RedisTarget {
                 replicas = connected_replicas(&replication);
                 // A plain URL to one primary of a cluster would sweep that primary's keys only.
                 if !self.cluster && info_field(&cluster, "cluster_enabled") == Some("1") {
-                    return Err(KeyspaceError::ClusterNode { node: name });
+                    return Err(NodeError::ClusterNode { node: name });
                 }
                 CursorOrder::read(&server, &cluster).unwrap_or_else(|reason| {
                     tracing::warn!(node = %name, %reason, "SCAN cursor order not known for certain on this server: one lane from cursor 0, and a change that arrives during a pass waits for a whole pass of its own");
@@ -463,7 +461,7 @@ impl RedisTarget {
                 CursorOrder::Unknown
             }
             Err(source) => {
-                return Err(KeyspaceError::Redis {
+                return Err(NodeError::Redis {
                     node: name.clone(),
                     source,
                 })
@@ -476,7 +474,7 @@ impl RedisTarget {
             .set_protocol(redis::ProtocolVersion::RESP3);
         let tracking_client =
             open_client(resp3.set_redis_settings(resp3_settings), self.ca.as_deref()).map_err(
-                |source| KeyspaceError::Redis {
+                |source| NodeError::Redis {
                     node: name.clone(),
                     source,
                 },
@@ -494,7 +492,7 @@ impl RedisTarget {
     }
 
     /// Connects to the server, or discovers and connects to every primary of the cluster.
-    pub async fn connect(&self) -> Result<Vec<Node>, KeyspaceError> {
+    pub async fn connect(&self) -> Result<Vec<Node>, NodeError> {
         if !self.cluster {
             return Ok(vec![self.connect_client(&self.seeds[0]).await?]);
         }
@@ -528,11 +526,11 @@ impl RedisTarget {
                 Err(error) => last_error = Some(error),
             }
         }
-        Err(last_error.unwrap_or_else(|| KeyspaceError::Topology("no seed answered".into())))
+        Err(last_error.unwrap_or_else(|| NodeError::Topology("no seed answered".into())))
     }
 
     /// A client for another node of the cluster, with the seed's scheme, TLS and credentials.
-    fn client_at(&self, seed: &Client, host: String, port: u16) -> Result<Client, KeyspaceError> {
+    fn client_at(&self, seed: &Client, host: String, port: u16) -> Result<Client, NodeError> {
         let seed_info = seed.get_connection_info().clone();
         let addr = match seed_info.addr() {
             ConnectionAddr::TcpTls {
@@ -548,10 +546,10 @@ impl RedisTarget {
             _ => ConnectionAddr::Tcp(host, port),
         };
         open_client(seed_info.set_addr(addr), self.ca.as_deref())
-            .map_err(|e| KeyspaceError::Topology(e.to_string()))
+            .map_err(|e| NodeError::Topology(e.to_string()))
     }
 
-    async fn discover(&self, seed: &Client) -> Result<Vec<Node>, KeyspaceError> {
+    async fn discover(&self, seed: &Client) -> Result<Vec<Node>, NodeError> {
         let mut node = self.connect_client(seed).await?;
         let text = cluster_nodes(&mut node).await?;
         let topology = Topology::parse(&text)?;
@@ -569,12 +567,10 @@ impl RedisTarget {
                 .lines()
                 .filter_map(|line| NodeLine::parse(line).ok())
                 .find(|line| line.has_flag("myself"))
-                .ok_or_else(|| {
-                    KeyspaceError::Topology(format!("{}: no line for itself", node.name))
-                })?;
+                .ok_or_else(|| NodeError::Topology(format!("{}: no line for itself", node.name)))?;
             let view = myself.shard_view();
             if !myself.has_flag("master") || view.id != primary.id || view.slots != primary.slots {
-                return Err(KeyspaceError::Topology(format!(
+                return Err(NodeError::Topology(format!(
                     "{} disagrees with the seed about its role or slots (a failover is settling)",
                     node.name
                 )));
@@ -586,12 +582,12 @@ impl RedisTarget {
     }
 }
 
-async fn cluster_nodes(node: &mut Node) -> Result<String, KeyspaceError> {
+async fn cluster_nodes(node: &mut Node) -> Result<String, NodeError> {
     redis::cmd("CLUSTER")
         .arg("NODES")
         .query_async(&mut node.connection)
         .await
-        .map_err(|source| KeyspaceError::Redis {
+        .map_err(|source| NodeError::Redis {
             node: node.name.clone(),
             source,
         })
@@ -623,9 +619,8 @@ struct NodeLine {
 }
 
 impl NodeLine {
-    fn parse(line: &str) -> Result<NodeLine, KeyspaceError> {
-        let bad =
-            |why: &str| KeyspaceError::Topology(format!("CLUSTER NODES line {line:?}: {why}"));
+    fn parse(line: &str) -> Result<NodeLine, NodeError> {
+        let bad = |why: &str| NodeError::Topology(format!("CLUSTER NODES line {line:?}: {why}"));
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() < 8 {
             return Err(bad("too few fields"));
@@ -668,14 +663,14 @@ impl NodeLine {
     }
 
     /// Marks the slots of the listed ranges in `served` (one flag per slot).
-    fn mark_slots(&self, served: &mut [bool]) -> Result<(), KeyspaceError> {
+    fn mark_slots(&self, served: &mut [bool]) -> Result<(), NodeError> {
         for range in &self.slots {
             let (first, last) = range.split_once('-').unwrap_or((range, range));
             let parse = |slot: &str| {
                 slot.parse::<usize>()
                     .ok()
                     .filter(|slot| *slot < CLUSTER_SLOTS)
-                    .ok_or_else(|| KeyspaceError::Topology(format!("bad slot range {range:?}")))
+                    .ok_or_else(|| NodeError::Topology(format!("bad slot range {range:?}")))
             };
             let (first, last) = (parse(first)?, parse(last)?);
             for slot in served.iter_mut().take(last + 1).skip(first) {
@@ -705,7 +700,7 @@ impl Topology {
     /// The primaries serving slots. Fails unless together they serve every slot: between a
     /// primary's failure and its replica's promotion part of the keyspace has no primary, and a
     /// sweep of the others would acknowledge changes whose keys it never saw.
-    fn parse(text: &str) -> Result<Topology, KeyspaceError> {
+    fn parse(text: &str) -> Result<Topology, NodeError> {
         let mut primaries = Vec::new();
         let mut reachable = Vec::new();
         // Counted slot by slot: a stale view can list two owners for one range.
@@ -727,13 +722,13 @@ impl Topology {
             }
         }
         if primaries.is_empty() {
-            return Err(KeyspaceError::Topology(
+            return Err(NodeError::Topology(
                 "no primary serving slots (is the cluster created?)".into(),
             ));
         }
         let unserved = served.iter().filter(|served| !**served).count();
         if unserved > 0 {
-            return Err(KeyspaceError::Topology(format!(
+            return Err(NodeError::Topology(format!(
                 "{unserved} of {CLUSTER_SLOTS} slots have no reachable primary (a failover in progress?)"
             )));
         }

@@ -1,4 +1,4 @@
-//! The benchmark's django-redis keyspace: a deterministic function of its [`Layout`], so the bench
+//! The benchmark's django-redis keyspace layout: a deterministic function of its [`Layout`], so the bench
 //! can say which keys a change must remove without storing a million names, and fill Redis fast
 //! with pipelined `SET`s.
 //!
@@ -191,7 +191,7 @@ pub struct RowChange {
 
 impl RowChange {
     /// The keys this change must remove, computed from the layout (not from the rules: the bench
-    /// checks the daemon against an independent statement of DESIGN.md's default rules).
+    /// checks the daemon against an independent statement of the default rules).
     pub fn must_go(&self, layout: &Layout, into: &mut HashSet<String>) {
         into.extend(layout.detail_keys(self.kind, self.id));
         for &user in self.old_owners.iter().chain(&self.new_owners) {
@@ -230,9 +230,14 @@ impl RowChange {
 /// Fills Redis with the layout's keys, each on its primary; returns how many it holds afterwards
 /// (`DBSIZE` summed over the primaries).
 pub async fn fill(nodes: &Nodes, layout: &Layout) -> u64 {
+    fill_keys(nodes, layout.all_keys()).await
+}
+
+/// Fills Redis with `keys` (pipelined `SET`s, each on its key's primary); returns how many keys
+/// it holds afterwards.
+pub async fn fill_keys(nodes: &Nodes, mut keys: impl Iterator<Item = String>) -> u64 {
     let mut batches: Vec<Vec<String>> = vec![Vec::new(); nodes.len()];
     let mut in_flight = JoinSet::new();
-    let mut keys = layout.all_keys();
     loop {
         let key = keys.next();
         let done = key.is_none();

@@ -1,0 +1,157 @@
+//! Private servers and data shared by the integration tests and the bench: the app's report
+//! schema, a Postgres connection, free ports, `redis-server` processes and a Redis Cluster made of
+//! them.
+//!
+//! The bench includes this very file (`#[path]` in `src/bin/bench/scratch.rs`), so it may use only
+//! what both have: the standard library and the crate's own dependencies, never a dev-dependency.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+/// The four report tables of the Django app, plus the user table they cascade from.
+pub const REPORT_TABLES_SQL: &str = r#"
+CREATE TABLE auth_user (id serial PRIMARY KEY, username text NOT NULL DEFAULT '');
+CREATE TABLE reports_report (
+    id serial PRIMARY KEY, title text NOT NULL DEFAULT '', body text NOT NULL DEFAULT '',
+    author_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE reports_studentreport (
+    id serial PRIMARY KEY, title text NOT NULL DEFAULT '',
+    student_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
+    teacher_id integer REFERENCES auth_user (id) ON DELETE CASCADE);
+CREATE TABLE reports_tutorweeklyreport (
+    id serial PRIMARY KEY, week date, notes text NOT NULL DEFAULT '',
+    tutor_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
+    student_id integer REFERENCES auth_user (id) ON DELETE CASCADE);
+CREATE TABLE reports_teacherweeklyreport (
+    id serial PRIMARY KEY, week date, notes text NOT NULL DEFAULT '',
+    teacher_id integer REFERENCES auth_user (id) ON DELETE CASCADE,
+    student_id integer REFERENCES auth_user (id) ON DELETE CASCADE);
+"#;
+
+/// Connects without TLS and drives the connection in the background.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// Creates database `name` on the server `admin_url` points at, dropping one an earlier run left
+/// under that name first, and returns its URL.
+pub async fn create_database(admin_url: &str, name: &str) -> String {
+    let admin = connect(admin_url).await;
+    // Two statements: neither may run inside the transaction a multi-statement query would be.
+    for statement in [
+        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+        format!("CREATE DATABASE \"{name}\""),
+    ] {
+        admin
+            .batch_execute(&statement)
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+    }
+    with_database(admin_url, name)
+}
+
+/// Drops database `name` on the server `admin_url` points at, ending its sessions.
+pub async fn drop_database(admin_url: &str, name: &str) {
+    connect(admin_url)
+        .await
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .unwrap_or_else(|e| panic!("drop database {name}: {e}"));
+}
+
+/// `url` (a Postgres URL) pointing at database `database` instead.
+pub fn with_database(url: &str, database: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("a valid Postgres URL");
+    parsed.set_path(&format!("/{database}"));
+    parsed.to_string()
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// `redis-server` on `port` keeping nothing on disk (its files, if any, in `dir`), with `extra`
+/// arguments after the base ones (a later `--port` wins over the first).
+pub fn spawn_redis_server(port: u16, dir: &Path, extra: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--dir", &dir.display().to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server (is it on PATH?)")
+}
+
+/// Waits until something accepts connections on `port`; panics after `timeout`.
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The arguments that make a `redis-server` on `port` a cluster node, its `nodes-<port>.conf` in
+/// `dir`, declaring a node failed after `node_timeout_ms`.
+pub fn cluster_node_args(port: u16, dir: &Path, node_timeout_ms: &str) -> Vec<String> {
+    let config = dir.join(format!("nodes-{port}.conf")).display().to_string();
+    [
+        "--cluster-enabled",
+        "yes",
+        // The bus port is the client port + 10000 unless set: that may be taken or out of range.
+        "--cluster-port",
+        &free_port().to_string(),
+        "--cluster-config-file",
+        &config,
+        "--cluster-node-timeout",
+        node_timeout_ms,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Joins the nodes on `ports` into one cluster with `redis-cli --cluster create`, `replicas`
+/// replicas per primary; the caller waits for the nodes to agree.
+pub fn create_cluster(ports: &[u16], replicas: usize) {
+    let addresses: Vec<String> = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let output = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        output.status.success(),
+        "redis-cli --cluster create failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `redis+cluster://` naming the nodes on `seeds` as seed nodes.
+pub fn cluster_url(seeds: &[u16]) -> String {
+    let hosts: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!("redis+cluster://{}", hosts.join(","))
+}
