@@ -623,13 +623,19 @@ mod tests {
         assert!(index.own_deletes.is_empty());
     }
 
-    #[test]
-    fn an_own_delete_under_a_guard_is_deleted_again_only_if_written_again() {
+    /// Shared state whose refill guard holds `pattern` for the next minute.
+    fn guarding(pattern: &str) -> Shared {
         let shared = Shared::new(100, Default::default());
         lock(&shared.guards).add(
-            &[spec(":1:report:5:*")],
+            &[spec(pattern)],
             Instant::now() + std::time::Duration::from_secs(60),
         );
+        shared
+    }
+
+    #[test]
+    fn an_own_delete_under_a_guard_is_deleted_again_only_if_written_again() {
+        let shared = guarding(":1:report:5:*");
         let keys: Vec<Box<[u8]>> = vec![
             b":1:report:5:a".as_slice().into(),
             b":1:report:5:b".as_slice().into(),
@@ -657,11 +663,7 @@ mod tests {
 
     #[test]
     fn guarded_patterns_catch_announced_keys_until_they_run_out() {
-        let shared = Shared::new(100, Default::default());
-        lock(&shared.guards).add(
-            &[spec(":1:report:5:*")],
-            Instant::now() + std::time::Duration::from_secs(60),
-        );
+        let shared = guarding(":1:report:5:*");
         let mut index = NodeIndex {
             alive: true,
             ..NodeIndex::default()

@@ -27,6 +27,17 @@ async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInc
         .expect("reports");
 }
 
+/// Commits a one-row UPDATE of report `id`: a change whose keys must go.
+async fn touch_report(client: &tokio_postgres::Client, id: i32) {
+    client
+        .execute(
+            "UPDATE reports_report SET title = title || '.' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("update");
+}
+
 /// `report:{id}:{user}:h` for each of `ids`: how user `user`'s view of those reports is cached.
 fn report_keys(space: &KeyPrefix, ids: impl Iterator<Item = i32>, user: u32) -> Vec<String> {
     ids.map(|id| space.key(&format!("report:{id}:{user}:h")))
@@ -96,18 +107,7 @@ async fn keys_written_again_right_after_the_daemons_unlink_stay_indexed() {
     let (private, space, db, client) = private_setup("idx_rewrite", ROUNDS).await;
     let mut redis = redis_connection(&private.url()).await;
     let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
-    let change = |id: i32| {
-        let client = &client;
-        async move {
-            client
-                .execute(
-                    "UPDATE reports_report SET title = title || '.' WHERE id = $1",
-                    &[&id],
-                )
-                .await
-                .expect("update");
-        }
-    };
+    let change = |id: i32| touch_report(&client, id);
     for id in 1..=ROUNDS {
         let key = space.key(&format!("report:{id}:2:h"));
         set_keys(&mut redis, std::slice::from_ref(&key)).await;
@@ -224,13 +224,7 @@ async fn change_and_check(
     set_keys(redis, &keys).await;
     set_keys(redis, &decoys).await;
     for id in ids {
-        client
-            .execute(
-                "UPDATE reports_report SET title = title || '.' WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .expect("update");
+        touch_report(client, id).await;
     }
     assert_gone_within(redis, &keys, PATIENCE).await;
     assert_kept(redis, &decoys).await;
