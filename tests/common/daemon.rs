@@ -171,9 +171,6 @@ pub struct ChildDaemon {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// The name the suites that spawn their own command know the child daemon by.
-pub type LoggedChild = ChildDaemon;
-
 impl ChildDaemon {
     /// Spawns `command` with stdout and stderr written to `log` (the daemon logs to stderr; what it
     /// prints to stdout lands there too, for the tests that look for secrets).
