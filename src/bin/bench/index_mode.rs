@@ -14,7 +14,7 @@ use cache_invalidator::telemetry::names;
 
 use crate::daemon::InProcess;
 use crate::measure::{self, IdleThenBurst, Rows};
-use crate::probe::{GetProbe, Phase};
+use crate::probe::GetProbe;
 use crate::stats::{percentile, show, thousands};
 use crate::sustained::{self, log_path, proc_status_kb, DaemonProcess, INDEX_COMPLETE_TIMEOUT};
 use crate::table::{self, Line};
@@ -124,18 +124,14 @@ fn latency_lines(size: &Size<'_>, measured: &IdleThenBurst, base: Option<&Figure
 /// The app's `GET`s: idle first, then while a steady stream of changes is cleared.
 async fn get_line(size: &Size<'_>, rows: &mut Rows) -> Line {
     let probe = GetProbe::after_idle(size).await;
-    probe.set(Phase::Sweep);
     let steady = measure::steady(
-        size.client,
-        size.poller,
-        size.redis,
+        size,
         rows,
-        &size.layout,
         STEADY_CHANGES_PER_SECOND,
         STEADY_SECONDS,
+        &probe,
     )
     .await;
-    probe.set(Phase::Off);
     let (idle_gets, busy_gets) = probe.finish();
     eprintln!(
         "[{} keys] index mode: {} changes at {STEADY_CHANGES_PER_SECOND}/s cleared, {} after \
