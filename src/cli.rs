@@ -1,5 +1,5 @@
-//! The command line (contract: DESIGN.md, "Command line"): subcommands, flags and their
-//! environment variables, declared for clap and nothing else. What was given goes to
+//! The command line (a contract scripts rely on: docs/configuration.md): subcommands, flags and
+//! their environment variables, declared for clap and nothing else. What was given goes to
 //! `settings.rs` ([`Cli::given`]), which merges it with the environment, the optional config file
 //! (`--config`) and the defaults, and checks it.
 

@@ -3,8 +3,8 @@
 //! A rule names a table and key templates such as `reportlist:reports:{author_id}:*`. Templates are
 //! parsed once into literal glob text and `{column}` placeholders. Rendering a changed row puts the
 //! row's values into the placeholders, escaped for Redis glob syntax so that no value can widen a
-//! pattern, and the configured `key_prefix` in front. The default rules of DESIGN.md are built in; a
-//! TOML file replaces them.
+//! pattern, and the configured `key_prefix` in front. The default rules (docs/rules.md) are built
+//! in; a TOML file replaces them.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -15,7 +15,7 @@ use serde_json::Value;
 /// The key prefix django-redis puts in front of every logical key with `KEY_PREFIX=''`, `VERSION=1`.
 pub const DEFAULT_KEY_PREFIX: &str = ":1:";
 
-/// The rules shipped with the binary (DESIGN.md, "Default rules"), in the rules-file format.
+/// The rules shipped with the binary (docs/rules.md), in the rules-file format.
 pub const DEFAULT_RULES_TOML: &str = r#"
 key_prefix = ":1:"
 
@@ -42,7 +42,7 @@ keys = ["teacherreport:{id}:*",
         "reportlist:teacher-reports:{student_id}:*"]
 "#;
 
-/// The manual operations of the old cache strategy (DESIGN.md, `invalidate`), also reachable from
+/// The manual operations of the old cache strategy (`invalidate`), also reachable from
 /// SQL through `cache_invalidator.invalidate_user()` / `invalidate_report()`.
 const USER_TEMPLATES: [&str; 2] = ["report:*:{user_id}:*", "reportlist:*:{user_id}:*"];
 const REPORT_TEMPLATES: [&str; 1] = ["report:{report_id}:*"];
@@ -690,12 +690,12 @@ impl RuleSet {
         merged
     }
 
-    /// Patterns for `invalidate --user U` (DESIGN.md): the user's report views and lists.
+    /// Patterns for `invalidate --user U`: the user's report views and lists.
     pub fn user_patterns(&self, user: &str) -> BTreeSet<String> {
         self.manual_patterns(&self.user_templates, "user_id", user)
     }
 
-    /// Patterns for `invalidate --report R` (DESIGN.md): every user's view of the report.
+    /// Patterns for `invalidate --report R`: every user's view of the report.
     pub fn report_patterns(&self, report: &str) -> BTreeSet<String> {
         self.manual_patterns(&self.report_templates, "report_id", report)
     }

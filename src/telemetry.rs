@@ -30,7 +30,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::settings::LogFormat;
 
-/// Metric names (contract: DESIGN.md, "Metrics").
+/// Metric names: a contract dashboards and alerts rely on (docs/operations.md).
 pub mod names {
     pub const CHANGES: &str = "cache_invalidator_changes_total";
     pub const KEYS_DELETED: &str = "cache_invalidator_keys_deleted_total";

@@ -3,7 +3,7 @@
 //!
 //! Each scenario starts the daemon, commits changes, injects the fault, commits more changes during
 //! and after it, and then checks that every key a committed change names is gone within
-//! `PATIENCE` (the bound) of recovery, that the decoys next to them are still there, and that the outbox is
+//! `PATIENCE` (the bound) of recovery, that the decoys next to them are still there, and that the outbox is
 //! empty. Servers a test breaks are its own (`PrivateRedis`, `PrivatePostgres`); the shared ones are
 //! only used through a test's own database and key prefix.
 //!

@@ -15,7 +15,7 @@ use common::*;
 /// How long any awaited effect may take: a burst of thousands of changes shared by two debug-build
 /// workers on two busy cores takes far longer than [`PATIENCE`].
 const BURST_PATIENCE: Duration = Duration::from_secs(120);
-/// The burst of the issue: 5,000 changed rows, one statement (one outbox row) each.
+/// The burst: 5,000 changed rows, one statement (one outbox row) each.
 const BURST: i32 = 5_000;
 /// Statements per transaction in the burst: many commits, so both workers keep being woken.
 const STATEMENTS_PER_COMMIT: usize = 25;

@@ -106,7 +106,7 @@ enum Mode {
     Load(sustained::LoadArgs),
 }
 
-/// Changes in the burst (the 1,000).
+/// Changes in the burst (1,000, as the targets define it).
 const BURST_CHANGES: usize = 1_000;
 /// Changes the naive approach is timed on; 1,000 of them would take an hour at 1M keys.
 const NAIVE_SAMPLE: usize = 20;

@@ -33,7 +33,7 @@ const DRAIN_POLL: Duration = Duration::from_millis(5);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connections committing the burst: enough that commits are not serialised on one round trip.
 const BURST_CONNECTIONS: usize = 4;
-/// `SCAN COUNT` of the reference pass and of the naive approach, as the issue defines them.
+/// `SCAN COUNT` of the reference pass and of the naive approach, as the targets define them.
 const REFERENCE_COUNT: usize = 1000;
 
 /// One `SCAN MATCH pattern COUNT 1000` pass over the whole keyspace: on every primary at once,
@@ -446,7 +446,7 @@ pub struct TriggerCost {
     pub bulk_repeats: usize,
 }
 
-/// Rows the bulk statement changes (the issue's 10,000-row UPDATE).
+/// Rows the bulk statement changes (a 10,000-row UPDATE).
 const BULK_ROWS: u32 = 10_000;
 
 /// The two sides of each round: with the report table's triggers, then without.

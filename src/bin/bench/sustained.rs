@@ -16,7 +16,7 @@ use crate::scratch::PrivateRedis;
 use crate::stats::{percentile, Rng};
 use crate::Size;
 
-/// How often the backlog age and the daemon's memory are sampled (the 100 ms).
+/// How often the backlog age and the daemon's memory are sampled (every 100 ms).
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// What `/healthz` says once every node's part of the index is seeded.
 pub const INDEX_COMPLETE: &str = "index (complete)";

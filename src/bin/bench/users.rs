@@ -26,9 +26,9 @@ use crate::scratch::{PrivateRedis, ScratchDb};
 use crate::stats::{hash, show, thousands};
 use crate::table::{self, Judged, Line};
 
-/// Users invalidated in one statement (the 6,000).
+/// Users invalidated in one statement (the load the bulk-invalidation target is set for).
 pub const USERS_INVALIDATED: u32 = 6_000;
-/// Report keys in the keyspace (the 200,000).
+/// Report keys in the keyspace (the bulk-invalidation target's keyspace).
 pub const REPORT_KEYS: u32 = 200_000;
 /// Users that see each report: one `report:{r}:{u}:{h}` key each.
 const VIEWERS: u32 = 4;
@@ -37,7 +37,7 @@ const USERS_WITH_KEYS: u32 = 20_000;
 /// The unrelated change's report, past the others, and its viewers, past the invalidated users.
 const UNRELATED_REPORT: u32 = REPORT_KEYS / VIEWERS + 1;
 const UNRELATED_VIEWERS: std::ops::RangeInclusive<u32> = 10_001..=10_010;
-/// How long after the bulk statement's commit the unrelated change commits (the 0.5 s).
+/// How long after the bulk statement's commit the unrelated change commits (the bulk-invalidation target's 0.5 s).
 const UNRELATED_DELAY: Duration = Duration::from_millis(500);
 /// How often the bench looks for the unrelated change's keys: the resolution of that measure.
 const KEYS_POLL: Duration = Duration::from_millis(5);
