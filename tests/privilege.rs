@@ -1,6 +1,6 @@
 //! Least privilege (issue 4): `install` runs as the schema owner; `run` works as a role that can
 //! only read and delete in the outbox schema, plus what `SELECT … FOR UPDATE` needs and `INSERT`
-//! into the dead letters. The GRANTs here are the ones the README documents.
+//! into the dead letters. The GRANTs here are the ones docs/guarantees.md documents.
 
 mod common;
 
@@ -8,7 +8,7 @@ use common::*;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-/// What the worker's role gets (README, "Guarantees and failure modes").
+/// What the worker's role gets (docs/guarantees.md, "Least privilege").
 fn worker_grants(role: &str, database: &str) -> String {
     format!(
         r#"GRANT CONNECT ON DATABASE "{database}" TO {role};
