@@ -1,6 +1,6 @@
 //! Redis over a Unix socket (`unix:///path`, `redis+unix:///path`): the daemon clears the keys
 //! a committed change names on a private `redis-server --unixsocket`, as the systemd unit (which
-//! allows `AF_UNIX`) and docs/configuration.md promise.
+//! allows `AF_UNIX`) and the README promise.
 
 mod common;
 
