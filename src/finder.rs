@@ -574,6 +574,7 @@ async fn unlink(
         pipe.cmd("CLUSTER").arg("NODES");
     }
     let mut labels = Vec::new();
+    let mut chunk_lengths = Vec::new();
     for KeyGroup { label, keys } in &request.groups {
         for chunk in keys.chunks(sweep::UNLINK_CHUNK) {
             let mut command = redis::cmd("UNLINK");
@@ -582,20 +583,12 @@ async fn unlink(
             }
             pipe.add_command(command);
             labels.push(label.clone());
+            chunk_lengths.push(chunk.len() as u64);
         }
     }
     let result = async {
         let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
-        let cluster_nodes = match request.verify {
-            true if replies.is_empty() => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "empty CLUSTER NODES reply",
-                )))
-            }
-            true => Some(redis::from_redis_value::<String>(replies.remove(0))?),
-            false => None,
-        };
+        let cluster_nodes = sweep::take_cluster_nodes(request.verify, &mut replies)?;
         let counts = replies
             .into_iter()
             .map(redis::from_redis_value::<u64>)
@@ -608,18 +601,18 @@ async fn unlink(
     let counts = result
         .as_ref()
         .map_or(&[][..], |(counts, _)| counts.as_slice());
+    let whole = |command: usize| counts.get(command) == chunk_lengths.get(command);
     let (mut deleted, mut unsure) = (Vec::new(), Vec::new());
-    let mut command = 0;
-    for KeyGroup { mut keys, .. } in request.groups {
-        while !keys.is_empty() {
-            let rest = keys.split_off(keys.len().min(sweep::UNLINK_CHUNK));
-            match counts.get(command) {
-                Some(&count) if count == keys.len() as u64 => deleted.extend(keys),
-                _ => unsure.extend(keys),
+    let mut first_command = 0;
+    for KeyGroup { keys, .. } in request.groups {
+        let commands = keys.len().div_ceil(sweep::UNLINK_CHUNK);
+        for (position, key) in keys.into_iter().enumerate() {
+            match whole(first_command + position / sweep::UNLINK_CHUNK) {
+                true => deleted.push(key),
+                false => unsure.push(key),
             }
-            keys = rest;
-            command += 1;
         }
+        first_command += commands;
     }
     IndexReply::Unlinked {
         window,

@@ -878,6 +878,22 @@ struct PlanOutcome {
     replicas_acked: Option<u32>,
 }
 
+/// The `CLUSTER NODES` reply that went first in a pipeline of deletes (`verify`: one was sent),
+/// taken off `replies` so the rest line up with the other commands.
+pub(crate) fn take_cluster_nodes(
+    verify: bool,
+    replies: &mut Vec<redis::Value>,
+) -> Result<Option<String>, redis::RedisError> {
+    match verify {
+        true if replies.is_empty() => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "empty CLUSTER NODES reply",
+        ))),
+        true => Ok(Some(redis::from_redis_value(replies.remove(0))?)),
+        false => Ok(None),
+    }
+}
+
 async fn run_plan(
     mut connection: MultiplexedConnection,
     plan: &NodePlan,
@@ -923,17 +939,7 @@ async fn run_plan(
         });
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
-    // CLUSTER NODES went first in the pipeline.
-    let cluster_nodes = match plan.verify {
-        true if replies.is_empty() => {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "empty CLUSTER NODES reply",
-            )))
-        }
-        true => Some(redis::from_redis_value(replies.remove(0))?),
-        false => None,
-    };
+    let cluster_nodes = take_cluster_nodes(plan.verify, &mut replies)?;
     let scanned = match plan.scan {
         Some(_) => {
             let reply = replies.pop().ok_or_else(|| {
