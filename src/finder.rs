@@ -299,10 +299,15 @@ impl Finder {
         if self.barrier_in_flight || self.awaiting_barrier.is_empty() {
             return;
         }
+        let windows = std::mem::take(&mut self.awaiting_barrier);
         let Some(tracking) = self.tracking.as_ref() else {
+            // The index was dropped (its memory bound) after these windows were given to it:
+            // nothing would ever look them up.
+            for id in windows {
+                self.hand_to_sweep(id);
+            }
             return;
         };
-        let windows = std::mem::take(&mut self.awaiting_barrier);
         let barrier = tracking.barrier();
         self.barrier_in_flight = true;
         self.in_flight.push(
