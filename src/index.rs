@@ -77,6 +77,8 @@ pub struct NodeIndex {
     complete: bool,
     /// The tracking connection is up (announcements are flowing).
     alive: bool,
+    /// The part was last dropped by a flush announcement, not by a lost connection.
+    flush_seen: bool,
     /// The tracking connection, for barriers.
     connection: Option<MultiplexedConnection>,
 }
@@ -233,12 +235,17 @@ impl NodeIndex {
         }
     }
 
-    /// Redis flushed the database (an announcement without key names): every key is gone, and
-    /// keys written after the flush are announced as any other, so the part stays complete.
+    /// Redis flushed a database (an announcement without key names). It does not say which: a
+    /// `FLUSHDB` of another database is announced the same way, while this one keeps its keys.
+    /// So the part is dropped as if the connection were lost, and seeded again.
     pub fn flushed(&mut self, shared: &Shared) {
-        let keep_complete = self.complete;
-        self.clear(&shared.total_keys);
-        self.complete = keep_complete;
+        self.tracking_lost(&shared.total_keys);
+        self.flush_seen = true;
+    }
+
+    /// Whether the part was dropped by a flush announcement (not by a lost connection).
+    pub fn dropped_by_flush(&self) -> bool {
+        self.flush_seen
     }
 
     /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran.
@@ -291,6 +298,7 @@ impl NodeIndex {
     pub fn tracking_started(&mut self, connection: MultiplexedConnection, total: &AtomicUsize) {
         self.clear(total);
         self.alive = true;
+        self.flush_seen = false;
         self.connection = Some(connection);
     }
 

@@ -448,7 +448,11 @@ impl Link {
             let work = {
                 let mut part = lock(&self.index);
                 if !part.is_alive() {
-                    return Ended::Lost("the connection closed".to_owned());
+                    let why = match part.dropped_by_flush() {
+                        true => "a database was flushed (Redis does not say which)",
+                        false => "the connection closed",
+                    };
+                    return Ended::Lost(why.to_owned());
                 }
                 Work {
                     verify: part.take_to_verify(),
@@ -620,7 +624,7 @@ fn apply_push(index: &Mutex<NodeIndex>, shared: &Shared, push: PushInfo) {
                             }
                         }
                     }
-                    // A flush announces no names: every key of the node is gone.
+                    // A flush announces no names, nor which database: seed again.
                     Value::Nil => part.flushed(shared),
                     _ => {}
                 }

@@ -230,6 +230,33 @@ async fn change_and_check(
     assert_kept(redis, &decoys).await;
 }
 
+/// Redis announces a flush of any database to every tracking client without saying which one: a
+/// `FLUSHDB` of another database must not empty this database's index while its keys stay.
+#[tokio::test]
+async fn a_flush_of_another_database_loses_none_of_this_ones_keys() {
+    let (private, space, db, client) = private_setup("idx_flush", 20).await;
+    let mut redis = redis_connection(&private.url()).await;
+    let daemon = Daemon::start_indexed(test_settings(&db.url, &private.url(), space.rules())).await;
+    let keys = report_keys(&space, 1..=20, 2);
+    set_keys(&mut redis, &keys).await;
+    let mut other = redis_connection(&private.url()).await;
+    let () = redis::cmd("SELECT")
+        .arg(1)
+        .query_async(&mut other)
+        .await
+        .expect("select");
+    let () = redis::cmd("FLUSHDB")
+        .query_async(&mut other)
+        .await
+        .expect("flushdb");
+    for id in 1..=20 {
+        touch_report(&client, id).await;
+    }
+    assert_gone_within(&mut redis, &keys, PATIENCE).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn a_killed_tracking_connection_is_seeded_again_and_nothing_is_missed() {
     let (private, space, db, client) = private_setup("idx_kill", 200).await;
