@@ -323,13 +323,15 @@ impl Settings {
         PgTarget::parse(&self.connections.database_url, application_name)
     }
 
-    /// The Redis server or cluster holding the cache, with its CA file and command timeout.
+    /// The Redis server or cluster holding the cache, with its CA file, command timeout and
+    /// replica policy (every subcommand that deletes waits for the replicas the same way).
     pub fn redis_target(&self) -> Result<RedisTarget, NodeError> {
-        RedisTarget::parse(
+        Ok(RedisTarget::parse(
             &self.connections.redis_url,
             self.connections.redis_ca_file.as_deref(),
             self.redis_timeout,
-        )
+        )?
+        .with_replicas(crate::replicas::ReplicaPolicy::from_settings(self)))
     }
 }
 

@@ -121,13 +121,8 @@ pub async fn run_with_rules(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let pg = PgTarget::parse(&settings.connections.database_url, "cache-invalidator")?;
-    let redis = RedisTarget::parse(
-        &settings.connections.redis_url,
-        settings.connections.redis_ca_file.as_deref(),
-        settings.redis_timeout,
-    )?
-    .with_replicas(crate::replicas::ReplicaPolicy::from_settings(&settings));
+    let pg = settings.postgres_target("cache-invalidator")?;
+    let redis = settings.redis_target()?;
     info!(
         postgres = pg.redacted(),
         redis = redis.redacted(),
