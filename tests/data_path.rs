@@ -419,6 +419,20 @@ fn cases(world: &World, tag: &str, fields: &[(&'static str, String)]) -> Vec<Cas
                 gone: Vec::new(),
                 kept: Vec::new(),
             }),
+            // A second line of a kind would silently replace the first: its change unplayed.
+            ("sql" | "psql" | "copy", Some(case)) if !case.statements.is_empty() => {
+                panic!("{}: a second change line (`{keyword}:`)", case.label)
+            }
+            ("gone" | "kept", Some(case))
+                if !(if *keyword == "gone" {
+                    &case.gone
+                } else {
+                    &case.kept
+                })
+                .is_empty() =>
+            {
+                panic!("{}: a second `{keyword}:` line", case.label)
+            }
             ("sql" | "psql" | "copy", Some(case)) => {
                 (case.by, case.statements) = (keyword, text.clone());
             }
@@ -432,6 +446,10 @@ fn cases(world: &World, tag: &str, fields: &[(&'static str, String)]) -> Vec<Cas
             (_, None) => {}
         }
     }
+    assert!(
+        !cases.is_empty(),
+        "{tag}: a scenario needs at least one `case:`"
+    );
     for case in &cases {
         assert!(
             !case.statements.is_empty() && !case.gone.is_empty(),

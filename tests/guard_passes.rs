@@ -75,6 +75,11 @@ impl Side {
             .await
     }
 
+    /// [`Side::passes`], which must answer by now.
+    async fn passes_now(&self) -> f64 {
+        self.passes().await.expect("the daemon's /metrics")
+    }
+
     async fn change(&self, id: i32) {
         self.client
             .execute(
@@ -92,10 +97,7 @@ async fn under_steady_changes_the_sweep_mode_guard_rides_along_with_passes_that_
         Side::start("guard_off", "0"),
         Side::start("guard_on", "500ms")
     );
-    let before = (
-        without.passes().await.unwrap_or(0.0),
-        with.passes().await.unwrap_or(0.0),
-    );
+    let before = (without.passes_now().await, with.passes_now().await);
     let mut tick = tokio::time::interval(Duration::from_millis(1_000 / CHANGES_PER_SECOND));
     for n in 0..SECONDS * CHANGES_PER_SECOND {
         tick.tick().await;
@@ -110,8 +112,8 @@ async fn under_steady_changes_the_sweep_mode_guard_rides_along_with_passes_that_
     }
     // The last guard passes run after the outbox drained: they count too.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let without = without.passes().await.unwrap_or(0.0) - before.0;
-    let with = with.passes().await.unwrap_or(0.0) - before.1;
+    let without = without.passes_now().await - before.0;
+    let with = with.passes_now().await - before.1;
     println!("passes under load: {with} with the refill guard, {without} without");
     assert!(without > 0.0, "no pass was counted");
     assert!(

@@ -110,8 +110,8 @@ async fn without_the_guard_a_stale_refill_stays() {
     );
 }
 
-/// Runs windows through a sweeper on `redis`, adding `guard` (as a refill pass) after `guard_at`
-/// steps and a fresh window after `fresh_at` steps. Returns (passes started, refill keys deleted).
+/// Runs windows through a sweeper on `url`; `with_guard` adds a refill pass after the third step,
+/// while more work arrives. Returns (passes completed, refill keys deleted).
 async fn passes_for(url: &str, with_guard: bool) -> (u64, u64) {
     let target =
         RedisTarget::parse(&SecretUrl::new(url), None, Duration::from_secs(5)).expect("url");

@@ -17,12 +17,12 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 
-/// Generated cases: each runs the eight subcommands at once, `run` until it has failed to reach
+/// Generated cases: each runs the nine subcommands at once, `run` until it has failed to reach
 /// both servers (a fraction of a second); 24 cases take about 15 s on two shared cores.
 const CASES: u32 = 24;
 
 /// One-shot subcommands, each as it would be typed (the connection settings are added).
-const ONE_SHOT: [&[&str]; 7] = [
+const ONE_SHOT: [&[&str]; 8] = [
     &["status"],
     &["check"],
     &["install"],
@@ -36,6 +36,7 @@ const ONE_SHOT: [&[&str]; 7] = [
         "{\"id\": 1}",
     ],
     &["sql"],
+    &["retry-dead-letters"],
 ];
 
 /// How a connection string reaches the binary.
