@@ -642,11 +642,21 @@ impl Sweeper {
                 *report.deleted.entry(group.label.clone()).or_default() += count;
             }
         }
-        let (required, replicated) = self.book_replicas(node_index, &plan, &outcome);
-        self.confirm_lane(index, &plan, required, replicated);
+        let replicated = self.book_replicas(node_index, &plan, &outcome);
+        self.confirm_lane(index, &plan, replicated);
         if let Some((next_cursor, keys)) = outcome.scanned.take() {
             self.book_scan(index, next_cursor, keys, report);
         }
+        // Where no replica is required (now: replicas may have left since a lane's delete), a
+        // confirmed delete needs no WAIT; that lane may send nothing more to be told so.
+        let no_replica_needed: Vec<bool> = self
+            .lanes
+            .iter()
+            .map(|lane| {
+                let node = &self.nodes[lane.node];
+                node.replica_policy.required(node.replicas) == 0
+            })
+            .collect();
         let finished_ids: Vec<WindowId> = self
             .windows
             .iter()
@@ -654,7 +664,8 @@ impl Sweeper {
                 window
                     .progress
                     .iter()
-                    .all(|progress| progress.confirmed && progress.replicated)
+                    .zip(&no_replica_needed)
+                    .all(|(progress, &none)| progress.confirmed && (progress.replicated || none))
             })
             .map(|window| window.id)
             .collect();
@@ -692,13 +703,13 @@ impl Sweeper {
     }
 
     /// Books the replicas a reply counted and whether its `WAIT` was answered by enough of them
-    /// (`None`: no `WAIT` in this request); returns how many are required and that answer.
+    /// (`None`: no `WAIT` in this request), and returns that answer.
     fn book_replicas(
         &mut self,
         node_index: usize,
         plan: &NodePlan,
         outcome: &PlanOutcome,
-    ) -> (u32, Option<bool>) {
+    ) -> Option<bool> {
         let node = &mut self.nodes[node_index];
         if let Some(connected) = outcome.connected_replicas {
             node.replicas = Some(connected);
@@ -721,19 +732,14 @@ impl Sweeper {
             }
             _ => {}
         }
-        (required, replicated)
+        replicated
     }
 
     /// This request carried the `UNLINK`s of everything matched up to the reply before it, so
     /// windows that were done scanning the lane then have their deletes confirmed now (and
-    /// replicated, where its `WAIT` was answered or no replica is required).
-    fn confirm_lane(
-        &mut self,
-        index: usize,
-        plan: &NodePlan,
-        required: u32,
-        replicated: Option<bool>,
-    ) {
+    /// replicated, where its `WAIT` was answered; where no replica is required, the finished check
+    /// in [`Sweeper::book_reply`] needs none).
+    fn confirm_lane(&mut self, index: usize, plan: &NodePlan, replicated: Option<bool>) {
         let lane = &mut self.lanes[index];
         lane.in_flight = false;
         lane.scan_in_flight = false;
@@ -741,9 +747,6 @@ impl Sweeper {
             let progress = &mut window.progress[index];
             if progress.done {
                 progress.confirmed = true;
-                if required == 0 {
-                    progress.replicated = true;
-                }
             }
         }
         if replicated == Some(true) {
