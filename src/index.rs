@@ -250,9 +250,7 @@ impl NodeIndex {
 
     /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran.
     pub fn seeded(&mut self, key: &[u8], total: &AtomicUsize) {
-        if self.keys.insert(key) {
-            total.fetch_add(1, Ordering::Relaxed);
-        }
+        self.insert(key, total);
     }
 
     /// Takes up to [`VERIFY_BATCH`] announced keys to check, marking them in flight.
