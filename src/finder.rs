@@ -8,8 +8,8 @@
 //!   tracking connections, the window's keys are looked up in memory and removed with pipelined
 //!   `UNLINK`s, one request per node (which in a cluster also re-checks the node's slots, as the
 //!   sweep does), then, where the node has replicas, a `WAIT` for them ([`crate::replicas`]):
-//!   milliseconds, whatever the size of the keyspace. The index is told which keys are being
-//!   deleted and what each `UNLINK` removed, so it can drop them without checking each;
+//!   milliseconds, whatever the size of the keyspace. Their deletion is announced like any write,
+//!   and each key leaves the index once the tracker's check finds it gone;
 //! - **by the sweep** ([`Sweeper`]): in sweep mode, while the index is incomplete (start, a lost
 //!   tracking connection), for a pattern outside the tracked prefixes, or when a barrier fails.
 //!
@@ -73,9 +73,6 @@ enum IndexReply {
         node: usize,
         labels: Vec<Arc<str>>,
         result: Result<(Vec<u64>, Option<String>), redis::RedisError>,
-        /// Keys of the `UNLINK`s whose reply counted every key deleted, and the others.
-        deleted: Vec<Box<[u8]>>,
-        unsure: Vec<Box<[u8]>>,
     },
 }
 
@@ -334,12 +331,7 @@ impl Finder {
                 node,
                 labels,
                 result,
-                deleted,
-                unsure,
             } => {
-                if let Some(tracking) = self.tracking.as_ref() {
-                    tracking.unlinked(node, deleted, &unsure);
-                }
                 let name = || self.nodes[node].name.clone();
                 let (counts, cluster_nodes) = result.map_err(|source| SweepError {
                     node: name(),
@@ -516,10 +508,6 @@ impl Finder {
             return;
         }
         for request in requests {
-            if let Some(tracking) = self.tracking.as_ref() {
-                let keys = request.groups.iter().flat_map(|group| &group.keys);
-                tracking.deleting(request.node, keys.map(|key| &**key));
-            }
             let connection = self.nodes[request.node].connection.clone();
             self.in_flight.push(unlink(id, request, connection).boxed());
         }
@@ -579,7 +567,6 @@ async fn unlink(
         pipe.cmd("CLUSTER").arg("NODES");
     }
     let mut labels = Vec::new();
-    let mut chunk_lengths = Vec::new();
     for KeyGroup { label, keys } in &request.groups {
         for chunk in keys.chunks(sweep::UNLINK_CHUNK) {
             let mut command = redis::cmd("UNLINK");
@@ -588,7 +575,6 @@ async fn unlink(
             }
             pipe.add_command(command);
             labels.push(label.clone());
-            chunk_lengths.push(chunk.len() as u64);
         }
     }
     let result = async {
@@ -601,30 +587,10 @@ async fn unlink(
         Ok((counts, cluster_nodes))
     }
     .await;
-    // Sorted by what each UNLINK's count says: a key of one that removed every key it named was
-    // deleted by it; of any other (or all, on an error), it is not known which were.
-    let counts = result
-        .as_ref()
-        .map_or(&[][..], |(counts, _)| counts.as_slice());
-    let whole = |command: usize| counts.get(command) == chunk_lengths.get(command);
-    let (mut deleted, mut unsure) = (Vec::new(), Vec::new());
-    let mut first_command = 0;
-    for KeyGroup { keys, .. } in request.groups {
-        let commands = keys.len().div_ceil(sweep::UNLINK_CHUNK);
-        for (position, key) in keys.into_iter().enumerate() {
-            match whole(first_command + position / sweep::UNLINK_CHUNK) {
-                true => deleted.push(key),
-                false => unsure.push(key),
-            }
-        }
-        first_command += commands;
-    }
     IndexReply::Unlinked {
         window,
         node: request.node,
         labels,
         result,
-        deleted,
-        unsure,
     }
 }

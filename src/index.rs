@@ -11,18 +11,17 @@
 //!   key gone removes it, and only if no announcement of that key arrived since the check was
 //!   sent. So the index may briefly hold a key Redis no longer has (an `UNLINK` of it is a
 //!   no-op), but never lacks one Redis has.
-//! - A key the daemon deletes itself (a change's keys, `UNLINK`ed on its own connection) is
-//!   not checked: its announcements are counted from before the `UNLINK` is sent. Redis queues a
-//!   write's announcement before it replies to the writer, so once the `UNLINK` reply says the
-//!   key was deleted and a reply on the tracking connection to a later command is back, our
-//!   deletion's announcement has been counted, and any later write's comes after it. A key
-//!   announced exactly once then leaves the index: it is gone, and not written since. Any other
-//!   count (a write just before or after ours) and the key is checked as any other. This halves
-//!   Redis' work per cleared key (no `EXISTS` after each `UNLINK`).
+//! - That holds for the keys the daemon deletes itself: Redis announces a key at most once per
+//!   pass of its event loop however many writes it saw there, so one announcement after the
+//!   daemon's `UNLINK` may also stand for an app's refill of the key. Only a check tells.
+//! - The node's contents can be replaced without an announcement (`SWAPDB`). Each seed writes a
+//!   random token to a marker key of its own in the tracked database; the barrier reads it, and so
+//!   does every check and seed pipeline, in the same `MULTI`/`EXEC`. Another value there and the
+//!   part is dropped and seeded again, windows being swept meanwhile ([`crate::tracking`]).
 //! - A lookup waits for a barrier first: a `PING` on each tracking connection. Redis queues an
 //!   announcement before the reply to any command it reads after the write, and the connection
 //!   hands announcements to the index as it reads them, so once the `PONG` is back every key
-//!   written before the change committed is in the index.
+//!   written before the change committed is in the index. The barrier also reads the marker.
 //! - While a node's part is being seeded, or its tracking connection is lost, the index is not
 //!   complete and changes are swept instead ([`crate::finder`]).
 //!
@@ -63,24 +62,50 @@ pub struct NodeIndex {
     keys: KeyStore,
     /// Announced keys whose existence has not been checked since.
     to_verify: FxHashSet<Box<[u8]>>,
-    /// Keys whose `EXISTS` is in flight, and whether they were announced again since it was sent
-    /// (then its answer may be stale and is ignored: another check is queued).
-    verifying: FxHashMap<Box<[u8]>, bool>,
-    /// Keys a refill guard asked to delete as they were announced.
-    guard_unlinks: Vec<Box<[u8]>>,
-    /// Keys the daemon's own `UNLINK`s are deleting (see [`NodeIndex::deleting`]).
-    own_deletes: FxHashMap<Box<[u8]>, OwnDelete>,
-    /// Own deletes whose `UNLINK` reply said they were deleted, to settle once a reply on the
-    /// tracking connection shows their announcements have arrived.
-    deleted: Vec<Box<[u8]>>,
+    /// Announced keys under a refill guard: checked by deleting them (an `UNLINK` on the tracking
+    /// connection), which also removes a refill. A key is in this set or in `to_verify`, not both.
+    to_unlink: FxHashSet<Box<[u8]>>,
+    /// Keys whose check is in flight, and how to check them again if they were announced since it
+    /// was sent (then its answer may be stale and is ignored).
+    verifying: FxHashMap<Box<[u8]>, Recheck>,
     /// The seed finished on the current tracking connection, and that connection is alive.
     complete: bool,
     /// The tracking connection is up (announcements are flowing).
     alive: bool,
-    /// The part was last dropped by a flush announcement, not by a lost connection.
-    flush_seen: bool,
+    /// What last dropped the part other than a lost connection.
+    dropped_by: Option<Dropped>,
+    /// The random token the current seed wrote to the node's marker key (see
+    /// [`crate::tracking`]): a different value there means the database was replaced since.
+    token: Option<Arc<str>>,
     /// The tracking connection, for barriers.
     connection: Option<MultiplexedConnection>,
+}
+
+/// A check in flight whose key was announced again: how to check it once more.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Recheck {
+    No,
+    Exists,
+    /// Announced under a refill guard: deleted, not just checked.
+    Unlink,
+}
+
+/// Why a part was dropped while its connection stayed up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// A flush announcement (of this database or another: Redis does not say which).
+    Flush,
+    /// The node's marker key no longer holds the seed's token: the database's contents were
+    /// replaced without announcements (`SWAPDB`), or the marker was deleted or evicted.
+    Replaced,
+}
+
+/// One pipeline's checks of announced keys.
+#[derive(Default)]
+pub struct Checks {
+    pub exists: Vec<Box<[u8]>>,
+    /// Keys announced under a refill guard: an `UNLINK` each.
+    pub unlink: Vec<Box<[u8]>>,
 }
 
 impl NodeIndex {
@@ -117,121 +142,41 @@ impl NodeIndex {
         total.fetch_sub(self.keys.len(), Ordering::Relaxed);
         self.keys = KeyStore::default();
         self.to_verify = FxHashSet::default();
+        self.to_unlink = FxHashSet::default();
         self.verifying = FxHashMap::default();
-        self.guard_unlinks = Vec::new();
-        self.own_deletes = FxHashMap::default();
-        self.deleted = Vec::new();
         self.complete = false;
+        self.token = None;
     }
 
-    /// Keys Redis announced (written, deleted or expired: it does not say which).
+    /// Keys Redis announced (written, deleted or expired: it does not say which, nor how many
+    /// writes one announcement stands for — Redis coalesces a key's writes within one pass of its
+    /// event loop, the daemon's own `UNLINK` and an app's refill among them). So every
+    /// announcement is followed by a check, whoever wrote the key, and the key leaves the index
+    /// only when the check says it is gone.
     pub fn announced(&mut self, key: &[u8], shared: &Shared) {
         if !self.alive {
             return;
         }
         self.insert(key, &shared.total_keys);
-        if let Some(own) = self.own_deletes.get_mut(key) {
-            // Counted instead of checked: if ours is the only announcement, the key is gone
-            // without asking Redis ([`NodeIndex::settle_deleted`]).
-            own.announcements = own.announcements.saturating_add(1);
-            // Whether a refill guard wants it deleted is decided when it settles: not if ours
-            // was the only announcement.
-            if !own.guarded {
-                own.guarded = lock(&shared.guards).covers(key);
-            }
-            if let Some(announced_again) = self.verifying.get_mut(key) {
-                *announced_again = true;
-            }
-            return;
-        }
-        self.check_later(key);
-        if lock(&shared.guards).covers(key) {
-            self.guard_unlinks.push(key.into());
-        }
+        let guarded = lock(&shared.guards).covers(key);
+        self.check_later(key, guarded);
     }
 
-    /// Queues an `EXISTS` of `key`, or marks the one in flight stale.
-    fn check_later(&mut self, key: &[u8]) {
-        match self.verifying.get_mut(key) {
-            Some(announced_again) => *announced_again = true,
-            None => {
-                if !self.to_verify.contains(key) {
-                    self.to_verify.insert(key.into());
-                }
+    /// Queues a check of `key` (an `UNLINK` when `guarded`), or marks the one in flight stale.
+    fn check_later(&mut self, key: &[u8], guarded: bool) {
+        let wanted = match guarded {
+            true => Recheck::Unlink,
+            false => Recheck::Exists,
+        };
+        if let Some(recheck) = self.verifying.get_mut(key) {
+            *recheck = (*recheck).max(wanted);
+        } else if guarded {
+            self.to_verify.remove(key);
+            if !self.to_unlink.contains(key) {
+                self.to_unlink.insert(key.into());
             }
-        }
-    }
-
-    /// The daemon is about to `UNLINK` these keys on its own connection. Each announcement of
-    /// them is counted from now on rather than checked with `EXISTS`, the deletion's own
-    /// announcement among them: Redis announces a write on the tracking connection before it
-    /// replies to the writer (what makes the `PING` barrier work), and a later write's
-    /// announcement comes after that. So once the `UNLINK` reply says a key was deleted and a
-    /// later reply on the tracking connection is back, a key announced exactly once since was
-    /// deleted by us and not written since: it leaves the index without a check. Any other
-    /// count (a write just before or after ours) falls back to the check.
-    pub fn deleting<'a>(&mut self, keys: impl IntoIterator<Item = &'a [u8]>) {
-        if !self.alive {
-            return;
-        }
-        for key in keys {
-            if !self.own_deletes.contains_key(key) {
-                self.own_deletes.insert(key.into(), OwnDelete::default());
-            }
-        }
-    }
-
-    /// The reply to the `UNLINK`s of [`NodeIndex::deleting`]: `deleted` keys were all removed by
-    /// it (their settling waits for a reply on the tracking connection); for `unsure` ones (an
-    /// `UNLINK` of several keys removed fewer) their announcements are checked as any other.
-    pub fn unlinked(&mut self, deleted: Vec<Box<[u8]>>, unsure: &[Box<[u8]>]) {
-        for key in unsure {
-            if let Some(own) = self.own_deletes.remove(key) {
-                self.give_up_own(key, own);
-            }
-        }
-        self.deleted.extend(deleted);
-    }
-
-    /// Own deletes to settle once the next reply on the tracking connection is back.
-    pub fn take_deleted(&mut self) -> Vec<Box<[u8]>> {
-        std::mem::take(&mut self.deleted)
-    }
-
-    /// Settles own deletes taken with [`NodeIndex::take_deleted`] before a command was sent on
-    /// the tracking connection, now that its reply is back: every announcement of their deletion
-    /// has been applied.
-    pub fn settle_deleted(&mut self, keys: &[Box<[u8]>], total: &AtomicUsize) {
-        for key in keys {
-            let Some(own) = self.own_deletes.remove(key) else {
-                continue;
-            };
-            if own.announcements == 1 && !self.verifying.contains_key(key) {
-                self.to_verify.remove(key);
-                self.remove(key, total);
-            } else {
-                self.give_up_own(key, own);
-            }
-        }
-    }
-
-    /// The worker that sent the `UNLINK`s of the own deletes in progress is gone (it
-    /// reconnects): their replies will not come, so each is handled as any announced key.
-    pub fn abandon_own_deletes(&mut self) {
-        self.deleted = Vec::new();
-        for (key, own) in std::mem::take(&mut self.own_deletes) {
-            self.give_up_own(&key, own);
-        }
-    }
-
-    /// An own delete that cannot be settled by its count: its announcements are handled as any
-    /// other (checked, and deleted again under a refill guard).
-    fn give_up_own(&mut self, key: &[u8], own: OwnDelete) {
-        if own.announcements > 0 {
-            self.check_later(key);
-            if own.guarded {
-                self.guard_unlinks.push(key.into());
-            }
+        } else if !self.to_unlink.contains(key) && !self.to_verify.contains(key) {
+            self.to_verify.insert(key.into());
         }
     }
 
@@ -240,12 +185,19 @@ impl NodeIndex {
     /// So the part is dropped as if the connection were lost, and seeded again.
     pub fn flushed(&mut self, shared: &Shared) {
         self.tracking_lost(&shared.total_keys);
-        self.flush_seen = true;
+        self.dropped_by = Some(Dropped::Flush);
     }
 
-    /// Whether the part was dropped by a flush announcement (not by a lost connection).
-    pub fn dropped_by_flush(&self) -> bool {
-        self.flush_seen
+    /// The marker no longer holds the seed's token: the part describes another database's
+    /// contents. Dropped, to be seeded again.
+    pub fn replaced(&mut self, shared: &Shared) {
+        self.tracking_lost(&shared.total_keys);
+        self.dropped_by = Some(Dropped::Replaced);
+    }
+
+    /// What dropped the part while its connection stayed up, if anything.
+    pub fn dropped_by(&self) -> Option<Dropped> {
+        self.dropped_by
     }
 
     /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran.
@@ -253,50 +205,52 @@ impl NodeIndex {
         self.insert(key, total);
     }
 
-    /// Takes up to [`VERIFY_BATCH`] announced keys to check, marking them in flight.
-    pub fn take_to_verify(&mut self) -> Vec<Box<[u8]>> {
-        let batch: Vec<Box<[u8]>> = self.to_verify.iter().take(VERIFY_BATCH).cloned().collect();
-        for key in &batch {
-            self.to_verify.remove(key);
-            self.verifying.insert(key.clone(), false);
+    /// Takes up to [`VERIFY_BATCH`] announced keys to check, those to delete first (a refill is
+    /// removed as soon as it is announced), marking them in flight.
+    pub fn take_checks(&mut self) -> Checks {
+        let unlink: Vec<Box<[u8]>> = self.to_unlink.iter().take(VERIFY_BATCH).cloned().collect();
+        let room = VERIFY_BATCH - unlink.len();
+        let exists: Vec<Box<[u8]>> = self.to_verify.iter().take(room).cloned().collect();
+        for key in &unlink {
+            self.to_unlink.remove(key);
+            self.verifying.insert(key.clone(), Recheck::No);
         }
-        batch
+        for key in &exists {
+            self.to_verify.remove(key);
+            self.verifying.insert(key.clone(), Recheck::No);
+        }
+        Checks { exists, unlink }
     }
 
-    /// The answer to a check sent with [`NodeIndex::take_to_verify`].
+    /// The answer to a check sent with [`NodeIndex::take_checks`] (for an `UNLINK`: gone).
     pub fn verified(&mut self, key: &[u8], exists: bool, total: &AtomicUsize) {
         match self.verifying.remove(key) {
             // Forgotten since (the part was cleared): the answer is about a past state.
             None => {}
             // Announced again while the check was in flight: its answer may be stale.
-            Some(true) => {
-                self.to_verify.insert(key.into());
-            }
-            Some(false) if exists => self.insert(key, total),
-            Some(false) => self.remove(key, total),
+            Some(Recheck::Exists) => self.check_later(key, false),
+            Some(Recheck::Unlink) => self.check_later(key, true),
+            Some(Recheck::No) if exists => self.insert(key, total),
+            Some(Recheck::No) => self.remove(key, total),
         }
     }
 
     /// A check failed to come back (the connection broke): its keys are checked again later.
     pub fn verification_lost(&mut self) {
         for (key, _) in std::mem::take(&mut self.verifying) {
-            self.to_verify.insert(key);
+            self.check_later(&key, false);
         }
     }
 
-    pub fn take_guard_unlinks(&mut self) -> Vec<Box<[u8]>> {
-        std::mem::take(&mut self.guard_unlinks)
-    }
-
     pub fn has_guard_unlinks(&self) -> bool {
-        !self.guard_unlinks.is_empty()
+        !self.to_unlink.is_empty()
     }
 
     /// The tracking connection is up on a fresh seed: announcements count from now on.
     pub fn tracking_started(&mut self, connection: MultiplexedConnection, total: &AtomicUsize) {
         self.clear(total);
         self.alive = true;
-        self.flush_seen = false;
+        self.dropped_by = None;
         self.connection = Some(connection);
     }
 
@@ -305,6 +259,16 @@ impl NodeIndex {
         self.clear(total);
         self.alive = false;
         self.connection = None;
+    }
+
+    /// The seed now running wrote `token` to the node's marker key.
+    pub fn seeding_with(&mut self, token: Arc<str>) {
+        self.token = Some(token);
+    }
+
+    /// The token the current seed wrote to the marker (none before it did, or without a marker).
+    pub fn token(&self) -> Option<Arc<str>> {
+        self.token.clone()
     }
 
     pub fn seed_finished(&mut self) {
@@ -316,14 +280,6 @@ impl NodeIndex {
     pub fn tracking_connection(&self) -> Option<MultiplexedConnection> {
         self.connection.clone()
     }
-}
-
-/// Announcements of a key the daemon is deleting, counted until its deletion settles.
-#[derive(Default)]
-struct OwnDelete {
-    announcements: u32,
-    /// One of them came under a refill guard's pattern.
-    guarded: bool,
 }
 
 /// State shared by every node's part: the memory bound and the refill guard.
@@ -577,14 +533,14 @@ mod tests {
             ..NodeIndex::default()
         };
         index.announced(b":1:k", &shared);
-        let batch = index.take_to_verify();
+        let batch = index.take_checks().exists;
         assert_eq!(batch.len(), 1);
         // Written again while the EXISTS was in flight, whose answer (gone) is then stale.
         index.announced(b":1:k", &shared);
         index.verified(b":1:k", false, &shared.total_keys);
         assert_eq!(index.len(), 1);
         // The next check decides.
-        let batch = index.take_to_verify();
+        let batch = index.take_checks().exists;
         assert_eq!(batch.len(), 1, "checked again");
         index.verified(b":1:k", false, &shared.total_keys);
         assert_eq!(index.len(), 0);
@@ -603,30 +559,21 @@ mod tests {
     }
 
     #[test]
-    fn an_own_delete_announced_once_leaves_the_index_without_a_check() {
+    fn a_deleted_key_announced_once_stays_until_a_check_says_it_is_gone() {
         let shared = Shared::new(100, Default::default());
-        let mut index = alive_part(&[":1:a", ":1:b", ":1:c"], &shared);
-        let keys: Vec<Box<[u8]>> = [":1:a", ":1:b", ":1:c"]
-            .iter()
-            .map(|key| key.as_bytes().into())
-            .collect();
-        index.deleting(keys.iter().map(|key| &**key));
-        // :1:a: our deletion only. :1:b: written again after it. :1:c: not known deleted.
+        let mut index = alive_part(&[":1:a"], &shared);
+        // The daemon's UNLINK and an app's refill in one pass of Redis' event loop: one
+        // announcement. The key stays in the index until a check answers.
         index.announced(b":1:a", &shared);
-        index.announced(b":1:b", &shared);
-        index.announced(b":1:b", &shared);
-        index.announced(b":1:c", &shared);
-        assert!(index.take_to_verify().is_empty(), "counted, not checked");
-        index.unlinked(keys[..2].to_vec(), &keys[2..]);
-        let deleted = index.take_deleted();
-        index.settle_deleted(&deleted, &shared.total_keys);
-        assert!(!index.keys.contains(b":1:a"));
-        assert!(index.keys.contains(b":1:b") && index.keys.contains(b":1:c"));
-        let mut checked: Vec<Box<[u8]>> = index.take_to_verify();
-        checked.sort();
-        assert_eq!(checked, keys[1..].to_vec(), "the others are checked");
-        assert_eq!(shared.total_keys.load(Ordering::Relaxed), 2);
-        assert!(index.own_deletes.is_empty());
+        let checks = index.take_checks();
+        assert_eq!(checks.exists, vec![Box::from(&b":1:a"[..])]);
+        index.verified(b":1:a", true, &shared.total_keys);
+        assert!(index.keys.contains(b":1:a"), "the refill is indexed");
+        index.announced(b":1:a", &shared);
+        let checks = index.take_checks();
+        index.verified(&checks.exists[0], false, &shared.total_keys);
+        assert!(index.is_empty());
+        assert_eq!(shared.total_keys.load(Ordering::Relaxed), 0);
     }
 
     /// Shared state whose refill guard holds `pattern` for the next minute.
@@ -640,31 +587,36 @@ mod tests {
     }
 
     #[test]
-    fn an_own_delete_under_a_guard_is_deleted_again_only_if_written_again() {
+    fn a_key_announced_under_a_guard_is_checked_by_deleting_it() {
         let shared = guarding(":1:report:5:*");
-        let keys: Vec<Box<[u8]>> = vec![
-            b":1:report:5:a".as_slice().into(),
-            b":1:report:5:b".as_slice().into(),
-            b":1:report:5:c".as_slice().into(),
-        ];
-        let mut index = alive_part(&[":1:report:5:a", ":1:report:5:b"], &shared);
-        index.deleting(keys.iter().map(|key| &**key));
-        // a: our deletion only. b: written again after it. c: not there for our UNLINK (its
-        // count fell short), then written: a refill, whose single announcement is not ours.
+        let mut index = alive_part(&[":1:report:5:a", ":1:report:6:a"], &shared);
+        index.announced(b":1:report:6:a", &shared);
         index.announced(b":1:report:5:a", &shared);
+        assert!(index.has_guard_unlinks());
+        // Queued for an EXISTS first, then announced under the guard: deleted instead.
         index.announced(b":1:report:5:b", &shared);
-        index.announced(b":1:report:5:b", &shared);
-        index.announced(b":1:report:5:c", &shared);
-        assert!(
-            index.take_guard_unlinks().is_empty(),
-            "decided when settled"
+        let checks = index.take_checks();
+        assert_eq!(checks.exists, vec![Box::from(&b":1:report:6:a"[..])]);
+        let mut unlink = checks.unlink.clone();
+        unlink.sort();
+        assert_eq!(
+            unlink,
+            vec![
+                Box::from(&b":1:report:5:a"[..]),
+                Box::from(&b":1:report:5:b"[..])
+            ]
         );
-        index.unlinked(keys[..2].to_vec(), &keys[2..]);
-        let deleted = index.take_deleted();
-        index.settle_deleted(&deleted, &shared.total_keys);
-        let mut unlinks = index.take_guard_unlinks();
-        unlinks.sort();
-        assert_eq!(unlinks, keys[1..].to_vec());
+        // Announced again while the UNLINK is in flight: deleted once more afterwards.
+        index.announced(b":1:report:5:a", &shared);
+        for key in &unlink {
+            index.verified(key, false, &shared.total_keys);
+        }
+        assert!(!index.keys.contains(b":1:report:5:b"));
+        assert!(index.keys.contains(b":1:report:5:a"));
+        assert_eq!(
+            index.take_checks().unlink,
+            vec![Box::from(&b":1:report:5:a"[..])]
+        );
     }
 
     #[test]
@@ -676,12 +628,12 @@ mod tests {
         };
         index.announced(b":1:report:5:1:h", &shared);
         index.announced(b":1:report:6:1:h", &shared);
-        assert_eq!(index.take_guard_unlinks().len(), 1);
+        assert_eq!(index.take_checks().unlink.len(), 1);
         if let Some(entry) = lock(&shared.guards).entries.front_mut() {
             entry.until = Instant::now();
         }
-        index.announced(b":1:report:5:1:h", &shared);
-        assert!(index.take_guard_unlinks().is_empty());
+        index.announced(b":1:report:5:2:h", &shared);
+        assert!(index.take_checks().unlink.is_empty());
     }
 
     #[test]

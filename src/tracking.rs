@@ -5,11 +5,18 @@
 //! rules' literal prefixes, and from then on every announcement the connection reads is applied
 //! to the node's part as it is read (before any reply that follows it on the connection resolves,
 //! which is what makes a `PING` on this connection a barrier). Its task then seeds the part with
-//! one `SCAN`, checks the existence of announced keys in batches (gathered for a few
-//! milliseconds) and settles the worker's own deletes ([`NodeIndex::deleting`]) — all on the
-//! same connection, one pipeline at a time, so their answers apply in the order Redis ran them. If the
-//! connection is lost, the part is cleared, and the task reconnects and seeds again: that node's
-//! part only.
+//! one `SCAN`, and checks the existence of announced keys in batches (gathered for a few
+//! milliseconds) — all on the same connection, one pipeline at a time, so their answers apply in
+//! the order Redis ran them. If the connection is lost, the part is cleared, and the task
+//! reconnects and seeds again: that node's part only.
+//!
+//! Redis announces nothing when a database's contents are replaced wholesale (`SWAPDB`, checked
+//! in Redis' and Valkey's `db.c`: neither calls the tracking code there). So outside a cluster
+//! (where `SWAPDB` is refused) each seed writes a random token to a marker key of this daemon's
+//! own in the tracked database, and every pipeline of the seed and of the checks is a
+//! `MULTI`/`EXEC` that reads it first, as does the barrier: a check can then not answer from
+//! swapped-in contents unnoticed. Another value (or none) and the part is dropped and seeded
+//! again, with a warning; windows are swept meanwhile.
 //!
 //! [`Tracking`] holds the trackers of the primaries the worker is connected to. It outlives a
 //! reconnect of the worker: a node whose tracking connection survived, with the same id and slots,
@@ -27,7 +34,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::index::{self, lock, NodeIndex, Shared};
+use crate::index::{self, lock, Checks, Dropped, NodeIndex, Shared};
 use crate::redis_nodes::{Node, ShardView};
 use crate::sweep::PatternSpec;
 use crate::telemetry::names;
@@ -47,6 +54,15 @@ const GATHER: Duration = Duration::from_millis(20);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle tracker reads its marker this often (and renews its expiry): a swap is noticed within
+/// about this long even while no change arrives, so the next window finds a fresh seed.
+const MARKER_RECHECK: Duration = Duration::from_secs(1);
+/// The marker's expiry, renewed every [`MARKER_RECHECK`]: a daemon that stops leaves its marker
+/// behind for this long at most.
+const MARKER_TTL_SECONDS: u64 = 3_600;
+/// The marker keys' common prefix (each daemon adds a random part): outside the cache's key space
+/// (its ACL must allow `GET`, `SET`, `EXPIRE` on it, and `MULTI`/`EXEC`).
+pub const MARKER_PREFIX: &str = "cache-invalidator:index-marker:";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
@@ -66,6 +82,8 @@ pub enum SeedReason {
     Start,
     ConnectionLost,
     Failover,
+    /// The marker changed: the database was swapped or its marker deleted.
+    Swap,
 }
 
 impl SeedReason {
@@ -74,6 +92,7 @@ impl SeedReason {
             SeedReason::Start => "start",
             SeedReason::ConnectionLost => "connection_lost",
             SeedReason::Failover => "failover",
+            SeedReason::Swap => "swap",
         }
     }
 }
@@ -84,6 +103,8 @@ pub struct Tracking {
     shared: Arc<Shared>,
     trackers: Vec<Tracker>,
     command_timeout: Duration,
+    /// This daemon's marker key (see the module's documentation).
+    marker: Arc<[u8]>,
 }
 
 impl Tracking {
@@ -101,6 +122,9 @@ impl Tracking {
             shared: Arc::new(Shared::new(max_keys, on_change)),
             trackers: Vec::new(),
             command_timeout,
+            marker: format!("{MARKER_PREFIX}{}", random_token())
+                .into_bytes()
+                .into(),
         }
     }
 
@@ -122,9 +146,7 @@ impl Tracking {
                     && lock(&tracker.index).is_alive()
             });
             if let Some(position) = kept {
-                let tracker = old.swap_remove(position);
-                lock(&tracker.index).abandon_own_deletes();
-                trackers.push(tracker);
+                trackers.push(old.swap_remove(position));
                 continue;
             }
             let reason = match old.iter().any(|tracker| tracker.name == node.name) {
@@ -132,15 +154,19 @@ impl Tracking {
                 false if had_trackers => SeedReason::Failover,
                 false => SeedReason::Start,
             };
-            match Tracker::start(
-                node,
-                &self.prefixes,
-                &self.shared,
-                reason,
-                self.command_timeout,
-            )
-            .await
-            {
+            // A cluster refuses SWAPDB (and has one database): no marker to keep.
+            let marker = (!node.clustered).then(|| self.marker.clone());
+            let link = Link {
+                name: node.name.clone(),
+                client: node.tracking_client.clone(),
+                prefixes: self.prefixes.clone(),
+                index: Arc::default(),
+                shared: self.shared.clone(),
+                wake: Arc::default(),
+                command_timeout: self.command_timeout,
+                marker,
+            };
+            match Tracker::start(link, node.shard.clone(), reason).await {
                 Ok(tracker) => trackers.push(tracker),
                 Err(error) => {
                     for tracker in trackers.into_iter().chain(old) {
@@ -186,50 +212,35 @@ impl Tracking {
         index::record_size(&self.shared);
     }
 
-    /// Resolves once every announcement Redis queued before now has been applied: a `PING` on
-    /// each tracking connection. `Err` when a part is not tracked (it cannot vouch for its keys).
+    /// Resolves once every announcement Redis queued before now has been applied: a command on
+    /// each tracking connection, which reads the node's marker. `Err` when a part is not tracked
+    /// (it cannot vouch for its keys) or its marker changed (the part is then dropped and seeded
+    /// again).
     pub fn barrier(&self) -> BoxFuture<'static, Result<(), String>> {
-        let connections: Result<Vec<(String, MultiplexedConnection)>, String> = self
+        let probes: Result<Vec<Probe>, String> = self
             .trackers
             .iter()
             .map(|tracker| {
-                lock(&tracker.index)
+                let part = lock(&tracker.index);
+                let connection = part
                     .tracking_connection()
-                    .map(|connection| (tracker.name.clone(), connection))
-                    .ok_or_else(|| format!("{}: not tracking", tracker.name))
+                    .ok_or_else(|| format!("{}: not tracking", tracker.name))?;
+                Ok(Probe {
+                    name: tracker.name.clone(),
+                    connection,
+                    marker: tracker.marker.clone(),
+                    token: part.token(),
+                    index: tracker.index.clone(),
+                    wake: tracker.wake.clone(),
+                })
             })
             .collect();
+        let shared = self.shared.clone();
         async move {
-            let pings = connections?
-                .into_iter()
-                .map(|(name, mut connection)| async move {
-                    redis::cmd("PING")
-                        .query_async::<()>(&mut connection)
-                        .await
-                        .map_err(|error| format!("{name}: {error}"))
-                });
-            futures::future::try_join_all(pings).await.map(|_| ())
+            let probes = probes?.into_iter().map(|probe| probe.run(&shared));
+            futures::future::try_join_all(probes).await.map(|_| ())
         }
         .boxed()
-    }
-
-    /// The worker is about to `UNLINK` these keys of node `node` (an index into the nodes given
-    /// to [`Tracking::attach`]): see [`NodeIndex::deleting`].
-    pub fn deleting<'a>(&self, node: usize, keys: impl IntoIterator<Item = &'a [u8]>) {
-        if let Some(tracker) = self.trackers.get(node) {
-            lock(&tracker.index).deleting(keys);
-        }
-    }
-
-    /// The reply to the worker's `UNLINK`s of [`Tracking::deleting`]: see [`NodeIndex::unlinked`].
-    pub fn unlinked(&self, node: usize, deleted: Vec<Box<[u8]>>, unsure: &[Box<[u8]>]) {
-        if let Some(tracker) = self.trackers.get(node) {
-            let settle = !deleted.is_empty();
-            lock(&tracker.index).unlinked(deleted, unsure);
-            if settle {
-                tracker.wake.notify_one();
-            }
-        }
     }
 
     /// Deletes keys announced under `patterns` until `until` (the refill guard in index mode).
@@ -246,13 +257,58 @@ impl Drop for Tracking {
     }
 }
 
+/// One node's part of a barrier.
+struct Probe {
+    name: String,
+    connection: MultiplexedConnection,
+    marker: Option<Arc<[u8]>>,
+    /// The token the part's seed wrote, when the barrier was sent.
+    token: Option<Arc<str>>,
+    index: Arc<Mutex<NodeIndex>>,
+    wake: Arc<Notify>,
+}
+
+impl Probe {
+    async fn run(mut self, shared: &Shared) -> Result<(), String> {
+        let Some(marker) = self.marker.as_deref() else {
+            return redis::cmd("PING")
+                .query_async::<()>(&mut self.connection)
+                .await
+                .map_err(|error| format!("{}: {error}", self.name));
+        };
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(marker)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|error| format!("{}: {error}", self.name))?;
+        let Some(token) = self.token else {
+            return Err(format!("{}: not seeded", self.name));
+        };
+        if value.as_deref() == Some(token.as_bytes()) {
+            return Ok(());
+        }
+        let mut part = lock(&self.index);
+        // Unless a new seed has begun since (it wrote a new token): this one saw the change.
+        if part.token().as_deref() == Some(&*token) {
+            part.replaced(shared);
+            self.wake.notify_one();
+            shared.on_change.notify_one();
+        }
+        Err(format!(
+            "{}: the tracked database's contents were replaced since the index was seeded",
+            self.name
+        ))
+    }
+}
+
 /// One primary's tracking connection and the task that seeds and maintains its part.
 struct Tracker {
     name: String,
     shard: Option<ShardView>,
     index: Arc<Mutex<NodeIndex>>,
-    /// Wakes its task (own deletes to settle).
+    /// Wakes its task (a part dropped by a barrier).
     wake: Arc<Notify>,
+    marker: Option<Arc<[u8]>>,
     stop: CancellationToken,
 }
 
@@ -260,42 +316,31 @@ impl Tracker {
     /// Turns tracking on (so a refusal is known before the worker counts on the index), then
     /// seeds and maintains the part in a task of its own.
     async fn start(
-        node: &Node,
-        prefixes: &Arc<[Vec<u8>]>,
-        shared: &Arc<Shared>,
+        link: Link,
+        shard: Option<ShardView>,
         reason: SeedReason,
-        command_timeout: Duration,
     ) -> Result<Tracker, TrackingError> {
-        let index = Arc::new(Mutex::new(NodeIndex::default()));
-        let wake = Arc::new(Notify::new());
-        let link = Link {
-            name: node.name.clone(),
-            client: node.tracking_client.clone(),
-            prefixes: prefixes.clone(),
-            index: index.clone(),
-            shared: shared.clone(),
-            wake: wake.clone(),
-            command_timeout,
-        };
         // A refusal ends index mode; a connection that failed is retried by the task (the part is
         // incomplete meanwhile, so windows are swept).
         let connection = match link.open().await {
             Ok(connection) => Some(connection),
             Err(error @ TrackingError::Refused { .. }) => return Err(error),
             Err(error) => {
-                warn!(node = %node.name, %error, "index: tracking connection failed; retrying, sweeping meanwhile");
+                warn!(node = %link.name, %error, "index: tracking connection failed; retrying, sweeping meanwhile");
                 None
             }
         };
         let stop = CancellationToken::new();
-        tokio::spawn(link.run(connection, reason, stop.clone()));
-        Ok(Tracker {
-            name: node.name.clone(),
-            shard: node.shard.clone(),
-            index,
-            wake,
-            stop,
-        })
+        let tracker = Tracker {
+            name: link.name.clone(),
+            shard,
+            index: link.index.clone(),
+            wake: link.wake.clone(),
+            marker: link.marker.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(link.run(connection, reason, stop));
+        Ok(tracker)
     }
 
     fn stop(self, shared: &Shared) {
@@ -314,6 +359,8 @@ struct Link {
     /// Woken by every announcement and by the connection's loss.
     wake: Arc<Notify>,
     command_timeout: Duration,
+    /// The marker key (none in a cluster).
+    marker: Option<Arc<[u8]>>,
 }
 
 /// How a tracker's maintenance ended.
@@ -322,6 +369,8 @@ enum Ended {
     Lost(String),
     /// The index passed its memory bound: it is being dropped.
     OverLimit,
+    /// The marker changed: the part was dropped; the connection still tracks.
+    Replaced,
 }
 
 impl Link {
@@ -366,14 +415,36 @@ impl Link {
         for prefix in self.prefixes.iter() {
             command.arg("PREFIX").arg(prefix.as_slice());
         }
-        match command.query_async::<()>(&mut connection).await {
+        let mut result = command
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|error| (error, ""));
+        if let (Ok(()), Some(marker)) = (&result, self.marker.as_deref()) {
+            // Every command the marker needs, tried once: an ACL that refuses one is known now,
+            // not as a seed failing over and over.
+            let mut probe = redis::pipe();
+            probe.atomic();
+            probe
+                .cmd("SET")
+                .arg(marker)
+                .arg("")
+                .arg("EX")
+                .arg(MARKER_TTL_SECONDS);
+            probe.cmd("GET").arg(marker);
+            probe.cmd("EXPIRE").arg(marker).arg(MARKER_TTL_SECONDS);
+            result = probe
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(|error| (error, " (the index's marker key: MULTI, EXEC, SET, GET, EXPIRE on keys under cache-invalidator:index-marker:)"));
+        }
+        match result {
             Ok(()) => Ok(connection),
-            Err(error) => {
+            Err((error, what)) => {
                 lock(&self.index).tracking_lost(&self.shared.total_keys);
                 if is_refusal(&error) {
                     Err(TrackingError::Refused {
                         node: self.name.clone(),
-                        reason: error.to_string(),
+                        reason: format!("{error}{what}"),
                     })
                 } else {
                     Err(failed(error))
@@ -410,37 +481,45 @@ impl Link {
             delays = reconnect_delays();
             metrics::counter!(names::INDEX_REBUILDS, "reason" => reason.label()).increment(1);
             info!(node = %self.name, reason = reason.label(), "index: seeding");
-            match self.maintain(&mut current, &stop).await {
+            let ended = self.maintain(&mut current, &stop).await;
+            if !matches!(ended, Ended::Stopped) {
+                lock(&self.index).tracking_lost(&self.shared.total_keys);
+                index::record_size(&self.shared);
+                self.shared.on_change.notify_one();
+            }
+            match ended {
                 Ended::Stopped => return,
-                Ended::OverLimit => {
-                    // Forget every key and stop listening now, not when the worker next looks:
-                    // announcements would go on filling the part.
-                    lock(&self.index).tracking_lost(&self.shared.total_keys);
-                    index::record_size(&self.shared);
-                    self.shared.on_change.notify_one();
-                    return;
-                }
+                // Forget every key and stop listening now, not when the worker next looks:
+                // announcements would go on filling the part.
+                Ended::OverLimit => return,
                 Ended::Lost(why) => {
                     warn!(node = %self.name, reason = %why, "index: tracking connection lost; sweeping until the index is seeded again");
-                    lock(&self.index).tracking_lost(&self.shared.total_keys);
-                    index::record_size(&self.shared);
-                    self.shared.on_change.notify_one();
                     reason = SeedReason::ConnectionLost;
+                }
+                Ended::Replaced => {
+                    warn!(node = %self.name, "index: the tracked database's contents were replaced without announcements (SWAPDB, or the index's marker key was deleted or evicted); sweeping until the index is seeded again");
+                    // The connection still tracks: seeded again on it, counting from now.
+                    lock(&self.index).tracking_started(current.clone(), &self.shared.total_keys);
+                    connection = Some(current);
+                    reason = SeedReason::Swap;
                 }
             }
         }
     }
 
-    /// The seed `SCAN`, existence checks of announced keys, the refill guard's deletes and the
-    /// settling of the daemon's own deletes, one pipeline at a time on the tracking connection.
+    /// The seed `SCAN`, existence checks of announced keys and the refill guard's deletes, one
+    /// pipeline at a time on the tracking connection, each reading the marker first.
     async fn maintain(
         &self,
         connection: &mut MultiplexedConnection,
         stop: &CancellationToken,
     ) -> Ended {
         let seed_glob = seed_glob(&self.prefixes);
+        let token = random_token();
+        let mut marker = MarkerStep::Write(token.clone());
         let mut cursor: Option<u64> = Some(0);
         let started = Instant::now();
+        let mut marker_read = Instant::now();
         loop {
             if self.shared.over_limit.load(Ordering::Relaxed) {
                 return Ended::OverLimit;
@@ -448,26 +527,36 @@ impl Link {
             let work = {
                 let mut part = lock(&self.index);
                 if !part.is_alive() {
-                    let why = match part.dropped_by_flush() {
-                        true => "a database was flushed (Redis does not say which)",
-                        false => "the connection closed",
+                    return match part.dropped_by() {
+                        Some(Dropped::Replaced) => Ended::Replaced,
+                        Some(Dropped::Flush) => Ended::Lost(
+                            "a database was flushed (Redis does not say which)".to_owned(),
+                        ),
+                        None => Ended::Lost("the connection closed".to_owned()),
                     };
-                    return Ended::Lost(why.to_owned());
                 }
                 Work {
-                    verify: part.take_to_verify(),
-                    unlinks: part.take_guard_unlinks(),
-                    deleted: part.take_deleted(),
+                    checks: part.take_checks(),
                     cursor,
+                    marker: std::mem::replace(&mut marker, MarkerStep::Read { renew: false }),
                 }
             };
+            let mut work = work;
+            if self.marker.is_none() {
+                work.marker = MarkerStep::Skip;
+            } else if marker_read.elapsed() >= MARKER_RECHECK {
+                if let MarkerStep::Read { renew } = &mut work.marker {
+                    *renew = true;
+                }
+            }
             if work.is_empty() {
                 if self.idle(stop).await {
                     return Ended::Stopped;
                 }
                 continue;
             }
-            let pipe = work.pipeline(&seed_glob);
+            marker_read = Instant::now();
+            let pipe = work.pipeline(&seed_glob, self.marker.as_deref());
             let replies: Vec<Value> = tokio::select! {
                 replies = pipe.query_async(connection) => match replies {
                     Ok(replies) => replies,
@@ -478,9 +567,9 @@ impl Link {
                 },
                 _ = stop.cancelled() => return Ended::Stopped,
             };
-            match self.apply(&work, replies) {
+            match self.apply(&work, &token, replies) {
                 Ok(next) => cursor = next,
-                Err(why) => return Ended::Lost(why.to_owned()),
+                Err(ended) => return ended,
             }
             if cursor.is_none() && work.cursor.is_some() {
                 self.shared.on_change.notify_one();
@@ -494,18 +583,21 @@ impl Link {
         }
     }
 
-    /// Waits for work (an announcement, an own delete to settle) or a recheck; true when
-    /// stopped. Announcements come in bursts (a window's deletes, the app's writes): gathered
-    /// for a moment after the first, they are checked in one pipeline, not one each.
+    /// Waits for work (an announcement) or a recheck; true when stopped. Announcements come in
+    /// bursts (a window's deletes, the app's writes): gathered for a moment after the first, they
+    /// are checked in one pipeline, not one each.
     async fn idle(&self, stop: &CancellationToken) -> bool {
         tokio::select! {
             _ = self.wake.notified() => {}
             _ = tokio::time::sleep(IDLE_RECHECK) => return false,
             _ = stop.cancelled() => return true,
         }
-        if lock(&self.index).has_guard_unlinks() {
-            // A refill is deleted as soon as it is announced.
-            return false;
+        {
+            let part = lock(&self.index);
+            // A refill is deleted as soon as it is announced; a dropped part reseeded at once.
+            if part.has_guard_unlinks() || !part.is_alive() {
+                return false;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(GATHER) => false,
@@ -515,10 +607,37 @@ impl Link {
 
     /// Applies the replies of `work`'s pipeline to the part; the seed's next cursor (`None` once
     /// it is finished).
-    fn apply(&self, work: &Work, replies: Vec<Value>) -> Result<Option<u64>, &'static str> {
+    fn apply(
+        &self,
+        work: &Work,
+        token: &Arc<str>,
+        replies: Vec<Value>,
+    ) -> Result<Option<u64>, Ended> {
         let mut replies = replies.into_iter();
         let mut part = lock(&self.index);
-        for key in &work.verify {
+        match work.marker {
+            MarkerStep::Skip => {}
+            MarkerStep::Write(_) => {
+                if replies.next().is_none() {
+                    return Err(Ended::Lost("no reply to the marker's SET".to_owned()));
+                }
+                part.seeding_with(token.clone());
+            }
+            MarkerStep::Read { renew } => {
+                let value = replies
+                    .next()
+                    .map(redis::from_redis_value::<Option<Vec<u8>>>);
+                if renew {
+                    replies.next();
+                }
+                if !matches!(value, Some(Ok(Some(value))) if value == token.as_bytes()) {
+                    // The EXISTS answers below are about another database's contents.
+                    part.replaced(&self.shared);
+                    return Err(Ended::Replaced);
+                }
+            }
+        }
+        for key in &work.checks.exists {
             let exists = replies
                 .next()
                 .and_then(|reply| redis::from_redis_value::<i64>(reply).ok())
@@ -528,8 +647,15 @@ impl Link {
             part.verified(key, exists.unwrap_or(true), &self.shared.total_keys);
         }
         let mut refills = 0u64;
-        for _ in &work.unlinks {
-            if let Some(Ok(removed)) = replies.next().map(redis::from_redis_value::<u64>) {
+        for key in &work.checks.unlink {
+            let removed = replies.next().map(redis::from_redis_value::<u64>);
+            // Gone now, whether the UNLINK removed a refill or found nothing.
+            part.verified(
+                key,
+                !matches!(removed, Some(Ok(_))),
+                &self.shared.total_keys,
+            );
+            if let Some(Ok(removed)) = removed {
                 refills += removed;
             }
         }
@@ -537,9 +663,6 @@ impl Link {
             metrics::counter!(names::REFILL_KEYS_DELETED).increment(refills);
             info!(node = %self.name, keys = refills, "refill guard removed keys written back after their invalidation");
         }
-        // Whatever the pipeline held, its replies are behind every announcement queued before
-        // it was sent: the own deletes taken then can be settled.
-        part.settle_deleted(&work.deleted, &self.shared.total_keys);
         if work.cursor.is_none() {
             return Ok(None);
         }
@@ -547,7 +670,7 @@ impl Link {
             .next()
             .map(redis::from_redis_value::<(u64, Vec<Vec<u8>>)>);
         let Some(Ok((next, keys))) = scanned else {
-            return Err("unreadable SCAN reply");
+            return Err(Ended::Lost("unreadable SCAN reply".to_owned()));
         };
         for key in keys {
             if self.prefixes.iter().any(|p| key.starts_with(p)) {
@@ -562,30 +685,61 @@ impl Link {
     }
 }
 
+/// What a pipeline does with the node's marker key, first.
+enum MarkerStep {
+    /// No marker (a cluster node).
+    Skip,
+    /// The seed begins: the marker gets its token.
+    Write(Arc<str>),
+    /// The marker is read, and its expiry renewed when `renew`.
+    Read { renew: bool },
+}
+
 /// One pipeline's work on the tracking connection.
 struct Work {
-    verify: Vec<Box<[u8]>>,
-    unlinks: Vec<Box<[u8]>>,
-    deleted: Vec<Box<[u8]>>,
+    checks: Checks,
     /// The seed's cursor, while it runs.
     cursor: Option<u64>,
+    marker: MarkerStep,
 }
 
 impl Work {
+    /// Nothing to send: no check, no seed, and no marker due for its periodic read.
     fn is_empty(&self) -> bool {
-        self.verify.is_empty()
-            && self.unlinks.is_empty()
-            && self.deleted.is_empty()
+        self.checks.exists.is_empty()
+            && self.checks.unlink.is_empty()
             && self.cursor.is_none()
+            && !matches!(self.marker, MarkerStep::Read { renew: true })
     }
 
-    fn pipeline(&self, seed_glob: &[u8]) -> redis::Pipeline {
+    fn pipeline(&self, seed_glob: &[u8], marker: Option<&[u8]>) -> redis::Pipeline {
         let mut pipe = redis::pipe();
-        for key in &self.verify {
+        if let Some(marker) = marker {
+            // One transaction: the checks and the SCAN run against the database the marker
+            // vouches for, with no SWAPDB between.
+            pipe.atomic();
+            match &self.marker {
+                MarkerStep::Skip => {}
+                MarkerStep::Write(token) => {
+                    pipe.cmd("SET")
+                        .arg(marker)
+                        .arg(&**token)
+                        .arg("EX")
+                        .arg(MARKER_TTL_SECONDS);
+                }
+                MarkerStep::Read { renew } => {
+                    pipe.cmd("GET").arg(marker);
+                    if *renew {
+                        pipe.cmd("EXPIRE").arg(marker).arg(MARKER_TTL_SECONDS);
+                    }
+                }
+            }
+        }
+        for key in &self.checks.exists {
             pipe.cmd("EXISTS").arg(&**key);
         }
         // One key per UNLINK: a cluster node refuses multi-key commands across slots.
-        for key in &self.unlinks {
+        for key in &self.checks.unlink {
             pipe.cmd("UNLINK").arg(&**key);
         }
         if let Some(at) = self.cursor {
@@ -594,10 +748,6 @@ impl Work {
                 pipe.arg("MATCH").arg(seed_glob);
             }
             pipe.arg("COUNT").arg(SEED_SCAN_COUNT);
-        }
-        if self.verify.is_empty() && self.unlinks.is_empty() && self.cursor.is_none() {
-            // Only own deletes to settle: any reply will do as the barrier.
-            pipe.cmd("PING");
         }
         pipe
     }
@@ -656,6 +806,20 @@ fn seed_glob(prefixes: &[Vec<u8>]) -> Vec<u8> {
     }
     glob.push(b'*');
     glob
+}
+
+/// A random token: the marker's value, and part of its key. Not secret, only unlikely to repeat
+/// (std's per-process random hash keys, mixed with the time and a counter).
+fn random_token() -> Arc<str> {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish()).into()
 }
 
 fn reconnect_delays() -> backon::ExponentialBackoff {
