@@ -63,6 +63,10 @@ const MARKER_TTL_SECONDS: u64 = 3_600;
 /// The marker keys' common prefix (each daemon adds a random part): outside the cache's key space
 /// (its ACL must allow `GET`, `SET`, `EXPIRE` on it, and `MULTI`/`EXEC`).
 pub const MARKER_PREFIX: &str = "cache-invalidator:index-marker:";
+/// Commands per `MULTI`/`EXEC` of a check pipeline. Redis serves no one else while it runs a
+/// transaction, so a batch is cut into transactions about as long as what it runs of a plain
+/// pipeline per read of a client (16 KiB of ~80-byte commands).
+const TRANSACTION_COMMANDS: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
@@ -613,30 +617,20 @@ impl Link {
         token: &Arc<str>,
         replies: Vec<Value>,
     ) -> Result<Option<u64>, Ended> {
-        let mut replies = replies.into_iter();
         let mut part = lock(&self.index);
-        match work.marker {
-            MarkerStep::Skip => {}
-            MarkerStep::Write(_) => {
-                if replies.next().is_none() {
-                    return Err(Ended::Lost("no reply to the marker's SET".to_owned()));
-                }
-                part.seeding_with(token.clone());
+        let replies = match work.command_replies(replies, token) {
+            Ok(replies) => replies,
+            Err(true) => {
+                // The answers are about another database's contents.
+                part.replaced(&self.shared);
+                return Err(Ended::Replaced);
             }
-            MarkerStep::Read { renew } => {
-                let value = replies
-                    .next()
-                    .map(redis::from_redis_value::<Option<Vec<u8>>>);
-                if renew {
-                    replies.next();
-                }
-                if !matches!(value, Some(Ok(Some(value))) if value == token.as_bytes()) {
-                    // The EXISTS answers below are about another database's contents.
-                    part.replaced(&self.shared);
-                    return Err(Ended::Replaced);
-                }
-            }
+            Err(false) => return Err(Ended::Lost("unreadable EXEC reply".to_owned())),
+        };
+        if matches!(work.marker, MarkerStep::Write(_)) {
+            part.seeding_with(token.clone());
         }
+        let mut replies = replies.into_iter();
         for key in &work.checks.exists {
             let exists = replies
                 .next()
@@ -712,45 +706,105 @@ impl Work {
             && !matches!(self.marker, MarkerStep::Read { renew: true })
     }
 
+    /// The work's commands; with a marker, cut into `MULTI`/`EXEC` transactions of at most
+    /// [`TRANSACTION_COMMANDS`], each reading the marker first, so no check or `SCAN` can run
+    /// against swapped-in contents unnoticed (only each `EXEC`'s reply is returned).
     fn pipeline(&self, seed_glob: &[u8], marker: Option<&[u8]>) -> redis::Pipeline {
+        let mut commands =
+            Vec::with_capacity(self.checks.exists.len() + self.checks.unlink.len() + 1);
+        for key in &self.checks.exists {
+            commands.push(redis::cmd("EXISTS").arg(&**key).to_owned());
+        }
+        // One key per UNLINK: a cluster node refuses multi-key commands across slots.
+        for key in &self.checks.unlink {
+            commands.push(redis::cmd("UNLINK").arg(&**key).to_owned());
+        }
+        if let Some(at) = self.cursor {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(at);
+            if seed_glob != b"*" {
+                scan.arg("MATCH").arg(seed_glob);
+            }
+            commands.push(scan.arg("COUNT").arg(SEED_SCAN_COUNT).to_owned());
+        }
         let mut pipe = redis::pipe();
-        if let Some(marker) = marker {
-            // One transaction: the checks and the SCAN run against the database the marker
-            // vouches for, with no SWAPDB between.
-            pipe.atomic();
-            match &self.marker {
-                MarkerStep::Skip => {}
-                MarkerStep::Write(token) => {
+        let Some(marker) = marker else {
+            for command in commands {
+                pipe.add_command(command);
+            }
+            return pipe;
+        };
+        let mut chunks: Vec<&[redis::Cmd]> = commands.chunks(TRANSACTION_COMMANDS).collect();
+        if chunks.is_empty() {
+            // The periodic read of the marker, alone.
+            chunks.push(&[]);
+        }
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            pipe.cmd("MULTI").ignore();
+            match (index, &self.marker) {
+                (0, MarkerStep::Write(token)) => {
                     pipe.cmd("SET")
                         .arg(marker)
                         .arg(&**token)
                         .arg("EX")
-                        .arg(MARKER_TTL_SECONDS);
+                        .arg(MARKER_TTL_SECONDS)
+                        .ignore();
                 }
-                MarkerStep::Read { renew } => {
-                    pipe.cmd("GET").arg(marker);
-                    if *renew {
-                        pipe.cmd("EXPIRE").arg(marker).arg(MARKER_TTL_SECONDS);
-                    }
+                (0, MarkerStep::Read { renew: true }) => {
+                    pipe.cmd("GET").arg(marker).ignore();
+                    pipe.cmd("EXPIRE")
+                        .arg(marker)
+                        .arg(MARKER_TTL_SECONDS)
+                        .ignore();
+                }
+                _ => {
+                    pipe.cmd("GET").arg(marker).ignore();
                 }
             }
-        }
-        for key in &self.checks.exists {
-            pipe.cmd("EXISTS").arg(&**key);
-        }
-        // One key per UNLINK: a cluster node refuses multi-key commands across slots.
-        for key in &self.checks.unlink {
-            pipe.cmd("UNLINK").arg(&**key);
-        }
-        if let Some(at) = self.cursor {
-            pipe.cmd("SCAN").arg(at);
-            if seed_glob != b"*" {
-                pipe.arg("MATCH").arg(seed_glob);
+            for command in chunk {
+                pipe.add_command(command.clone()).ignore();
             }
-            pipe.arg("COUNT").arg(SEED_SCAN_COUNT);
+            pipe.cmd("EXEC");
         }
         pipe
     }
+
+    /// The replies of [`Work::pipeline`]'s commands, in order, once each transaction's marker was
+    /// found holding `token`; `Err(true)` when one was not, `Err(false)` for an unreadable reply.
+    fn command_replies(&self, replies: Vec<Value>, token: &str) -> Result<Vec<Value>, bool> {
+        if matches!(self.marker, MarkerStep::Skip) {
+            return Ok(replies);
+        }
+        let mut flat = Vec::new();
+        for (index, reply) in replies.into_iter().enumerate() {
+            let Value::Array(results) = reply else {
+                return Err(false);
+            };
+            let mut results = results.into_iter();
+            let marker = results.next();
+            let holds_token = match (index, &self.marker) {
+                (0, MarkerStep::Write(_)) => marker.is_some(),
+                (0, MarkerStep::Read { renew: true }) => {
+                    results.next();
+                    is_token(marker, token)
+                }
+                _ => is_token(marker, token),
+            };
+            if !holds_token {
+                return Err(true);
+            }
+            flat.extend(results);
+        }
+        Ok(flat)
+    }
+}
+
+/// Whether a `GET` of the marker answered `token`.
+fn is_token(reply: Option<Value>, token: &str) -> bool {
+    matches!(
+        reply.map(redis::from_redis_value::<Option<Vec<u8>>>),
+        Some(Ok(Some(value))) if value == token.as_bytes()
+    )
 }
 
 /// A reply from the server (an ACL, an unknown command or option) will not change on retrying; a
