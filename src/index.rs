@@ -18,10 +18,10 @@
 //!   random token to a marker key of its own in the tracked database; the barrier reads it, and so
 //!   does every check and seed pipeline, in the same `MULTI`/`EXEC`. Another value there and the
 //!   part is dropped and seeded again, windows being swept meanwhile ([`crate::tracking`]).
-//! - A lookup waits for a barrier first: a `PING` on each tracking connection. Redis queues an
-//!   announcement before the reply to any command it reads after the write, and the connection
-//!   hands announcements to the index as it reads them, so once the `PONG` is back every key
-//!   written before the change committed is in the index. The barrier also reads the marker.
+//! - A lookup waits for a barrier first: a command on each tracking connection (the marker's
+//!   `GET`; `PING` in a cluster). Redis queues an announcement before the reply to any command it
+//!   reads after the write, and the connection hands announcements to the index as it reads them,
+//!   so once the reply is back every key written before the change committed is in the index.
 //! - While a node's part is being seeded, or its tracking connection is lost, the index is not
 //!   complete and changes are swept instead ([`crate::finder`]).
 //!

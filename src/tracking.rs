@@ -4,7 +4,7 @@
 //! A `Tracker` opens a RESP3 connection, turns on `CLIENT TRACKING on BCAST PREFIX …` for the
 //! rules' literal prefixes, and from then on every announcement the connection reads is applied
 //! to the node's part as it is read (before any reply that follows it on the connection resolves,
-//! which is what makes a `PING` on this connection a barrier). Its task then seeds the part with
+//! which is what makes any command on this connection a barrier). Its task then seeds the part with
 //! one `SCAN`, and checks the existence of announced keys in batches (gathered for a few
 //! milliseconds) — all on the same connection, one pipeline at a time, so their answers apply in
 //! the order Redis ran them. If the connection is lost, the part is cleared, and the task
@@ -46,8 +46,7 @@ pub const SEED_SCAN_COUNT: usize = 1_000;
 const IDLE_RECHECK: Duration = Duration::from_millis(500);
 /// How long an idle tracker gathers announcements after the first before checking them: one
 /// pipeline costs Redis and the daemon far less than one per key or per window. A key's check
-/// (or its own delete's settling) only decides when a stale entry leaves the index; refill
-/// guard deletes do not wait.
+/// only decides when a stale entry leaves the index; refill guard deletes do not wait.
 const GATHER: Duration = Duration::from_millis(20);
 /// Reconnect delays of a tracking connection. Short: while it is down the worker sweeps, which
 /// costs a pass per window.

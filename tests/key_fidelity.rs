@@ -70,11 +70,11 @@ async fn run(connection: &mut MultiplexedConnection, command: &mut redis::Cmd) -
 
 /// Sends a command another client might send, which Redis may refuse (a RENAME of a missing key,
 /// a COPY onto itself): its effect, if any, is what counts.
-async fn attempt(connection: &mut MultiplexedConnection, command: &mut redis::Cmd) -> redis::Value {
-    command
-        .query_async(connection)
-        .await
-        .unwrap_or(redis::Value::Nil)
+async fn attempt(
+    connection: &mut MultiplexedConnection,
+    command: &mut redis::Cmd,
+) -> Option<redis::Value> {
+    command.query_async(connection).await.ok()
 }
 
 /// `SET k`; the server pauses writes; a change's `UNLINK` of `k` is held; another client's `SET k`
@@ -255,6 +255,24 @@ impl Change {
     }
 }
 
+/// The kinds of the randomized test's writes, as its failure message names them.
+const KINDS: [&str; 14] = [
+    "SET",
+    "SET EX",
+    "SET PX 30",
+    "RENAME",
+    "MOVE to db 1",
+    "MOVE from db 1",
+    "COPY",
+    "COPY from db 1",
+    "DUMP+RESTORE",
+    "MULTI SET DEL SET EXEC",
+    "EVAL SET UNLINK",
+    "SWAPDB 0 1",
+    "FLUSHDB of db 2",
+    "evictions",
+];
+
 /// The clients of the randomized test: database 0 (tracked), 1 (swapped with it) and 2 (flushed).
 struct Writers {
     db0: MultiplexedConnection,
@@ -268,107 +286,66 @@ impl Writers {
     async fn random_write(&mut self, rng: &mut Rng) -> String {
         let k = self.keys[rng.below(self.keys.len() as u64) as usize].clone();
         let k2 = self.keys[rng.below(self.keys.len() as u64) as usize].clone();
-        let kind = rng.below(14);
-        let db0 = &mut self.db0;
-        match kind {
-            0 => attempt(db0, redis::cmd("SET").arg(&k).arg("v")).await,
-            1 => attempt(db0, redis::cmd("SET").arg(&k).arg("v").arg("EX").arg(600)).await,
-            2 => attempt(db0, redis::cmd("SET").arg(&k).arg("v").arg("PX").arg(30)).await,
-            3 => redis::cmd("RENAME")
-                .arg(&k)
-                .arg(&k2)
-                .query_async(db0)
-                .await
-                .unwrap_or(redis::Value::Nil),
-            4 => attempt(db0, redis::cmd("MOVE").arg(&k).arg(1)).await,
-            5 => attempt(&mut self.db1, redis::cmd("MOVE").arg(&k).arg(0)).await,
-            6 => attempt(db0, redis::cmd("COPY").arg(&k).arg(&k2).arg("REPLACE")).await,
-            7 => {
-                run(
-                    &mut self.db1,
-                    redis::cmd("COPY")
-                        .arg(&k)
-                        .arg(&k2)
-                        .arg("DB")
-                        .arg(0)
-                        .arg("REPLACE"),
-                )
-                .await
+        let kind = rng.below(KINDS.len() as u64) as usize;
+        let cmd = |name: &str, args: &[&dyn redis::ToRedisArgs]| {
+            let mut command = redis::cmd(name);
+            for arg in args {
+                command.arg(*arg);
             }
+            command
+        };
+        // Each kind: commands sent in order, on database 0, 1 or 2.
+        let commands: Vec<(usize, redis::Cmd)> = match kind {
+            0 => vec![(0, cmd("SET", &[&k, &"v"]))],
+            1 => vec![(0, cmd("SET", &[&k, &"v", &"EX", &600]))],
+            2 => vec![(0, cmd("SET", &[&k, &"v", &"PX", &30]))],
+            3 => vec![(0, cmd("RENAME", &[&k, &k2]))],
+            4 => vec![(0, cmd("MOVE", &[&k, &1]))],
+            5 => vec![(1, cmd("MOVE", &[&k, &0]))],
+            6 => vec![(0, cmd("COPY", &[&k, &k2, &"REPLACE"]))],
+            7 => vec![(1, cmd("COPY", &[&k, &k2, &"DB", &0, &"REPLACE"]))],
             8 => {
-                let dump: Option<Vec<u8>> = redis::cmd("DUMP")
-                    .arg(&k)
-                    .query_async(db0)
+                let dump: Option<Vec<u8>> = attempt(&mut self.db0, &mut cmd("DUMP", &[&k]))
                     .await
-                    .expect("dump");
-                match dump {
-                    Some(payload) => {
-                        run(
-                            db0,
-                            redis::cmd("RESTORE")
-                                .arg(&k2)
-                                .arg(0)
-                                .arg(payload)
-                                .arg("REPLACE"),
-                        )
-                        .await
-                    }
-                    None => redis::Value::Nil,
-                }
+                    .and_then(|value| redis::from_redis_value(value).ok())
+                    .flatten();
+                dump.map(|payload| (0, cmd("RESTORE", &[&k2, &0, &payload, &"REPLACE"])))
+                    .into_iter()
+                    .collect()
             }
-            9 => {
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .cmd("SET")
-                    .arg(&k)
-                    .arg("v")
-                    .cmd("DEL")
-                    .arg(&k2)
-                    .cmd("SET")
-                    .arg(&k2)
-                    .arg("w");
-                pipe.query_async(db0).await.expect("multi")
-            }
-            10 => {
-                run(
-                    db0,
-                    redis::cmd("EVAL")
-                        .arg(
-                            "redis.call('SET', KEYS[1], 'v'); return redis.call('UNLINK', KEYS[2])",
-                        )
-                        .arg(2)
-                        .arg(&k)
-                        .arg(&k2),
-                )
-                .await
-            }
-            11 => attempt(db0, redis::cmd("SWAPDB").arg(0).arg(1)).await,
-            12 => {
-                attempt(&mut self.db2, redis::cmd("SET").arg(&k).arg("v")).await;
-                attempt(&mut self.db2, &mut redis::cmd("FLUSHDB")).await
-            }
+            9 => vec![
+                (0, cmd("MULTI", &[])),
+                (0, cmd("SET", &[&k, &"v"])),
+                (0, cmd("DEL", &[&k2])),
+                (0, cmd("SET", &[&k2, &"w"])),
+                (0, cmd("EXEC", &[])),
+            ],
+            10 => vec![(
+                0,
+                cmd(
+                    "EVAL",
+                    &[
+                        &"redis.call('SET', KEYS[1], 'v'); return redis.call('UNLINK', KEYS[2])",
+                        &2,
+                        &k,
+                        &k2,
+                    ],
+                ),
+            )],
+            11 => vec![(0, cmd("SWAPDB", &[&0, &1]))],
+            12 => vec![(2, cmd("SET", &[&k, &"v"])), (2, cmd("FLUSHDB", &[]))],
             _ => {
                 self.evict(rng).await;
-                redis::Value::Nil
+                Vec::new()
             }
         };
-        const KINDS: [&str; 14] = [
-            "SET",
-            "SET EX",
-            "SET PX 30",
-            "RENAME",
-            "MOVE to db 1",
-            "MOVE from db 1",
-            "COPY",
-            "COPY from db 1",
-            "DUMP+RESTORE",
-            "MULTI SET DEL SET",
-            "EVAL SET UNLINK",
-            "SWAPDB 0 1",
-            "FLUSHDB of db 2",
-            "evictions",
-        ];
-        format!("{} {k} {k2}", KINDS[kind as usize])
+        for (db, mut command) in commands {
+            let connection = [&mut self.db0, &mut self.db1, &mut self.db2];
+            if let Some(connection) = connection.into_iter().nth(db) {
+                attempt(connection, &mut command).await;
+            }
+        }
+        format!("{} {k} {k2}", KINDS[kind])
     }
 
     /// Fills the server past a `maxmemory` just under its use: `allkeys-random` evicts keys.
