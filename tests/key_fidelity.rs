@@ -287,7 +287,8 @@ impl Writers {
         let k = self.keys[rng.below(self.keys.len() as u64) as usize].clone();
         let k2 = self.keys[rng.below(self.keys.len() as u64) as usize].clone();
         let kind = rng.below(KINDS.len() as u64) as usize;
-        let cmd = |name: &str, args: &[&dyn redis::ToRedisArgs]| {
+        let (k, k2) = (k.as_str(), k2.as_str());
+        let cmd = |name: &str, args: &[&str]| {
             let mut command = redis::cmd(name);
             for arg in args {
                 command.arg(*arg);
@@ -296,28 +297,32 @@ impl Writers {
         };
         // Each kind: commands sent in order, on database 0, 1 or 2.
         let commands: Vec<(usize, redis::Cmd)> = match kind {
-            0 => vec![(0, cmd("SET", &[&k, &"v"]))],
-            1 => vec![(0, cmd("SET", &[&k, &"v", &"EX", &600]))],
-            2 => vec![(0, cmd("SET", &[&k, &"v", &"PX", &30]))],
-            3 => vec![(0, cmd("RENAME", &[&k, &k2]))],
-            4 => vec![(0, cmd("MOVE", &[&k, &1]))],
-            5 => vec![(1, cmd("MOVE", &[&k, &0]))],
-            6 => vec![(0, cmd("COPY", &[&k, &k2, &"REPLACE"]))],
-            7 => vec![(1, cmd("COPY", &[&k, &k2, &"DB", &0, &"REPLACE"]))],
+            0 => vec![(0, cmd("SET", &[k, "v"]))],
+            1 => vec![(0, cmd("SET", &[k, "v", "EX", "600"]))],
+            2 => vec![(0, cmd("SET", &[k, "v", "PX", "30"]))],
+            3 => vec![(0, cmd("RENAME", &[k, k2]))],
+            4 => vec![(0, cmd("MOVE", &[k, "1"]))],
+            5 => vec![(1, cmd("MOVE", &[k, "0"]))],
+            6 => vec![(0, cmd("COPY", &[k, k2, "REPLACE"]))],
+            7 => vec![(1, cmd("COPY", &[k, k2, "DB", "0", "REPLACE"]))],
             8 => {
-                let dump: Option<Vec<u8>> = attempt(&mut self.db0, &mut cmd("DUMP", &[&k]))
+                let dump: Option<Vec<u8>> = attempt(&mut self.db0, &mut cmd("DUMP", &[k]))
                     .await
                     .and_then(|value| redis::from_redis_value(value).ok())
                     .flatten();
-                dump.map(|payload| (0, cmd("RESTORE", &[&k2, &0, &payload, &"REPLACE"])))
-                    .into_iter()
-                    .collect()
+                dump.map(|payload| {
+                    let mut restore = cmd("RESTORE", &[k2, "0"]);
+                    restore.arg(payload).arg("REPLACE");
+                    (0, restore)
+                })
+                .into_iter()
+                .collect()
             }
             9 => vec![
                 (0, cmd("MULTI", &[])),
-                (0, cmd("SET", &[&k, &"v"])),
-                (0, cmd("DEL", &[&k2])),
-                (0, cmd("SET", &[&k2, &"w"])),
+                (0, cmd("SET", &[k, "v"])),
+                (0, cmd("DEL", &[k2])),
+                (0, cmd("SET", &[k2, "w"])),
                 (0, cmd("EXEC", &[])),
             ],
             10 => vec![(
@@ -325,15 +330,15 @@ impl Writers {
                 cmd(
                     "EVAL",
                     &[
-                        &"redis.call('SET', KEYS[1], 'v'); return redis.call('UNLINK', KEYS[2])",
-                        &2,
-                        &k,
-                        &k2,
+                        "redis.call('SET', KEYS[1], 'v'); return redis.call('UNLINK', KEYS[2])",
+                        "2",
+                        k,
+                        k2,
                     ],
                 ),
             )],
-            11 => vec![(0, cmd("SWAPDB", &[&0, &1]))],
-            12 => vec![(2, cmd("SET", &[&k, &"v"])), (2, cmd("FLUSHDB", &[]))],
+            11 => vec![(0, cmd("SWAPDB", &["0", "1"]))],
+            12 => vec![(2, cmd("SET", &[k, "v"])), (2, cmd("FLUSHDB", &[]))],
             _ => {
                 self.evict(rng).await;
                 Vec::new()
