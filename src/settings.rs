@@ -19,6 +19,8 @@ use redis::{ConnectionAddr, IntoConnectionInfo};
 use crate::postgres::{ConnectError, PgTarget};
 use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{RuleSet, RulesError};
+// Where `--log-format` and the config file's `log_format` are parsed to; defined beside the log setup.
+pub use crate::telemetry::LogFormat;
 
 /// What a connection string that does not parse is shown as: it cannot be redacted, so it is not
 /// shown at all.
@@ -149,13 +151,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(text)
         .map_err(|error| format!("{text:?} is not a duration like 500ms, 2s or 1m ({error})"))
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Where rules come from.
