@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod finder;
+pub mod glob;
 pub mod index;
 pub mod matcher;
 pub mod ops;
