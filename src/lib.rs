@@ -31,6 +31,6 @@ pub mod telemetry;
 pub mod tracking;
 pub mod worker;
 
-pub use daemon::run;
+pub use daemon::{run, DaemonError};
 pub use ops::execute;
 pub use settings::Settings;

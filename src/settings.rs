@@ -217,6 +217,11 @@ pub struct Settings {
     pub replica_acks: Option<u32>,
     /// How long `WAIT` may wait for those replicas before the change is kept and retried.
     pub replica_wait_timeout: Duration,
+    /// Test hook: the health state the daemon reports into, so that a test or the bench running
+    /// it in-process sees what `/healthz` would show (whether the index is complete). `None`: the
+    /// daemon keeps its own.
+    #[cfg(feature = "test-hooks")]
+    pub health: Option<std::sync::Arc<crate::telemetry::Health>>,
 }
 
 /// How the worker finds the keys of a change (contract: `--mode`, `CACHE_INVALIDATOR_MODE`).
@@ -259,6 +264,8 @@ impl Settings {
             claim_timeout: DEFAULT_CLAIM_TIMEOUT,
             replica_acks: None,
             replica_wait_timeout: DEFAULT_REPLICA_WAIT_TIMEOUT,
+            #[cfg(feature = "test-hooks")]
+            health: None,
         }
     }
 }
