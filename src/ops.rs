@@ -196,7 +196,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
 /// found by lookup in a sweep, or which key templates cost a glob match per scanned key (a `*`
 /// inside a segment, a `?` or `[…]` before the first placeholder, …): a window holding many of
 /// those makes every pass slower in proportion.
-pub fn shapes_report(rules: &RuleSet) -> String {
+fn shapes_report(rules: &RuleSet) -> String {
     // A value that needs no escaping stands for every row's.
     const SAMPLE: &str = "1";
     let mut one_by_one: Vec<String> = Vec::new();
