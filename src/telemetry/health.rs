@@ -14,7 +14,8 @@ pub struct Health {
     postgres_up: AtomicBool,
     /// The worker's own Redis connection: false from a failed sweep until it reconnected.
     redis_up: AtomicBool,
-    /// The last periodic PING (see `daemon`); true where no probe runs, e.g. in-process tests.
+    /// The last periodic PING (see `daemon`); true until a PING fails, and where no probe runs
+    /// (an unparsable Redis URL, which the worker reports).
     redis_answers: AtomicBool,
     /// Woken when the probe sees Redis answer again after it had stopped: a worker waiting out a
     /// reconnect backoff that grew during a long outage retries at once instead.
