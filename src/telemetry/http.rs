@@ -60,16 +60,10 @@ fn bind_hint(error: &std::io::Error) -> &'static str {
 
 /// The running `/metrics` + `/healthz` listener.
 pub struct MetricsServer {
-    local_addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
 impl MetricsServer {
-    /// The address actually bound (differs from the requested one for port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
     /// Waits until the listener stopped (after the shutdown token was cancelled).
     pub async fn stopped(self) {
         let _ = self.task.await;
@@ -98,7 +92,7 @@ pub async fn serve_metrics(
     })?;
     info!(addr = %local_addr, "serving /metrics and /healthz");
     let task = tokio::spawn(accept_loop(listener, handle, health, shutdown));
-    Ok(MetricsServer { local_addr, task })
+    Ok(MetricsServer { task })
 }
 
 async fn accept_loop(
@@ -148,7 +142,7 @@ async fn accept_loop(
 }
 
 /// The response to one request; only the method and path matter.
-pub fn respond(
+fn respond(
     method: &Method,
     path: &str,
     handle: &PrometheusHandle,

@@ -15,10 +15,11 @@ mod recorder;
 mod systemd;
 
 pub use health::Health;
-pub use http::{respond, serve_metrics, MetricsError, MetricsServer};
+pub use http::MetricsError;
+pub(crate) use http::{serve_metrics, MetricsServer};
 pub use logging::{init_logging, LogFormat};
-pub use recorder::{prometheus, register_zeroes, SECONDS_BUCKETS};
-pub use systemd::{report_status, Systemd};
+pub(crate) use recorder::{prometheus, register_zeroes};
+pub(crate) use systemd::{report_status, Systemd};
 
 /// The crate version, as `--version` and the build-info gauge show it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -10,7 +10,7 @@ use super::{names, MetricsError, COMMIT, VERSION};
 /// Histogram buckets, in seconds, shared by both histograms: from a sweep of a small keyspace or
 /// a change cleared within one poll (5 ms) to a full pass over millions of keys (the design's 1M-key
 /// pass takes ~0.6 s, 10M ~6 s) or a backlog worked off after an outage (30 s and more).
-pub const SECONDS_BUCKETS: [f64; 14] = [
+const SECONDS_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0,
 ];
 
