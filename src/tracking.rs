@@ -53,12 +53,14 @@ const GATHER: Duration = Duration::from_millis(20);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// An idle tracker reads its marker this often (and renews its expiry): a swap is noticed within
-/// about this long even while no change arrives, so the next window finds a fresh seed.
+/// An idle tracker reads its marker this often: a swap is noticed within about this long even
+/// while no change arrives, so the next window finds a fresh seed. A read only: a `GET` is served
+/// during `CLIENT PAUSE WRITE` (a failover), where a write would hold the connection.
 const MARKER_RECHECK: Duration = Duration::from_secs(1);
-/// The marker's expiry, renewed every [`MARKER_RECHECK`]: a daemon that stops leaves its marker
-/// behind for this long at most.
+/// The marker's expiry: a daemon that stops leaves its marker behind for this long at most.
 const MARKER_TTL_SECONDS: u64 = 3_600;
+/// How often the marker's expiry is renewed (with the next read): well within its expiry.
+const MARKER_RENEW: Duration = Duration::from_secs(MARKER_TTL_SECONDS / 6);
 /// The marker keys' common prefix (each daemon adds a random part): outside the cache's key space
 /// (its ACL must allow `GET`, `SET`, `EXPIRE` on it, and `MULTI`/`EXEC`).
 pub const MARKER_PREFIX: &str = "cache-invalidator:index-marker:";
@@ -522,43 +524,26 @@ impl Link {
         let mut marker = MarkerStep::Write(token.clone());
         let mut cursor: Option<u64> = Some(0);
         let started = Instant::now();
-        let mut marker_read = Instant::now();
+        let mut clock = MarkerClock {
+            read: Instant::now(),
+            renewed: Instant::now(),
+        };
         loop {
             if self.shared.over_limit.load(Ordering::Relaxed) {
                 return Ended::OverLimit;
             }
-            let work = {
-                let mut part = lock(&self.index);
-                if !part.is_alive() {
-                    return match part.dropped_by() {
-                        Some(Dropped::Replaced) => Ended::Replaced,
-                        Some(Dropped::Flush) => Ended::Lost(
-                            "a database was flushed (Redis does not say which)".to_owned(),
-                        ),
-                        None => Ended::Lost("the connection closed".to_owned()),
-                    };
-                }
-                Work {
-                    checks: part.take_checks(),
-                    cursor,
-                    marker: std::mem::replace(&mut marker, MarkerStep::Read { renew: false }),
-                }
+            let step = std::mem::replace(&mut marker, MarkerStep::Read { renew: false });
+            let work = match self.next_work(step, cursor, &clock) {
+                Ok(work) => work,
+                Err(ended) => return ended,
             };
-            let mut work = work;
-            if self.marker.is_none() {
-                work.marker = MarkerStep::Skip;
-            } else if marker_read.elapsed() >= MARKER_RECHECK {
-                if let MarkerStep::Read { renew } = &mut work.marker {
-                    *renew = true;
-                }
-            }
             if work.is_empty() {
                 if self.idle(stop).await {
                     return Ended::Stopped;
                 }
                 continue;
             }
-            marker_read = Instant::now();
+            clock.sent(&work);
             let pipe = work.pipeline(&seed_glob, self.marker.as_deref());
             let replies: Vec<Value> = tokio::select! {
                 replies = pipe.query_async(connection) => match replies {
@@ -584,6 +569,39 @@ impl Link {
             }
             index::record_size(&self.shared);
         }
+    }
+
+    /// The next pipeline's work: the checks due, the seed's next `SCAN`, what to do with the
+    /// marker. `Err` when the part was dropped.
+    fn next_work(
+        &self,
+        marker: MarkerStep,
+        cursor: Option<u64>,
+        clock: &MarkerClock,
+    ) -> Result<Work, Ended> {
+        let mut part = lock(&self.index);
+        if !part.is_alive() {
+            return Err(match part.dropped_by() {
+                Some(Dropped::Replaced) => Ended::Replaced,
+                Some(Dropped::Flush) => {
+                    Ended::Lost("a database was flushed (Redis does not say which)".to_owned())
+                }
+                None => Ended::Lost("the connection closed".to_owned()),
+            });
+        }
+        let marker = match (self.marker.is_some(), marker) {
+            (false, _) => MarkerStep::Skip,
+            (true, MarkerStep::Read { .. }) => MarkerStep::Read {
+                renew: clock.renewed.elapsed() >= MARKER_RENEW,
+            },
+            (true, step) => step,
+        };
+        Ok(Work {
+            checks: part.take_checks(),
+            cursor,
+            marker_due: self.marker.is_some() && clock.read.elapsed() >= MARKER_RECHECK,
+            marker,
+        })
     }
 
     /// Waits for work (an announcement) or a recheck; true when stopped. Announcements come in
@@ -688,12 +706,32 @@ enum MarkerStep {
     Read { renew: bool },
 }
 
+/// When the marker was last read and last given its expiry.
+struct MarkerClock {
+    read: Instant,
+    renewed: Instant,
+}
+
+impl MarkerClock {
+    fn sent(&mut self, work: &Work) {
+        self.read = Instant::now();
+        if matches!(
+            work.marker,
+            MarkerStep::Write(_) | MarkerStep::Read { renew: true }
+        ) {
+            self.renewed = Instant::now();
+        }
+    }
+}
+
 /// One pipeline's work on the tracking connection.
 struct Work {
     checks: Checks,
     /// The seed's cursor, while it runs.
     cursor: Option<u64>,
     marker: MarkerStep,
+    /// The marker's periodic read is due (a pipeline is sent for it alone if need be).
+    marker_due: bool,
 }
 
 impl Work {
@@ -702,7 +740,7 @@ impl Work {
         self.checks.exists.is_empty()
             && self.checks.unlink.is_empty()
             && self.cursor.is_none()
-            && !matches!(self.marker, MarkerStep::Read { renew: true })
+            && !self.marker_due
     }
 
     /// The work's commands; with a marker, cut into `MULTI`/`EXEC` transactions of at most
