@@ -20,8 +20,9 @@ die() { printf 'deb-test: FAIL: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root: it installs and purges the package on this machine"
 command -v dpkg >/dev/null 2>&1 || die "no dpkg here: the package cannot be tested (systemd/install.sh is for such machines)"
 if ! command -v cargo-deb >/dev/null 2>&1; then
-  say "installing cargo-deb (cargo install cargo-deb --locked)"
-  cargo install cargo-deb --locked --quiet
+  say "installing cargo-deb 3.8.0 (cargo install cargo-deb --locked, a few minutes)"
+  # The version the package was tested with; --locked: the versions its own lock file records.
+  cargo install cargo-deb --locked --quiet --version 3.8.0
 fi
 if dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q installed; then
   die "$package is installed on this machine already: purge it first (dpkg -P $package) if this is a test machine"

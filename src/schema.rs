@@ -435,7 +435,12 @@ fn writers_sql(rules: &RuleSet) -> String {
     let tables: Vec<String> = rules
         .rules()
         .iter()
-        .map(|rule| format!("pg_catalog.to_regclass({})", quote_literal(&qualified_table(rule))))
+        .map(|rule| {
+            format!(
+                "pg_catalog.to_regclass({})",
+                quote_literal(&qualified_table(rule))
+            )
+        })
         .collect();
     format!(
         r#"WITH ruled AS (

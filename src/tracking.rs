@@ -817,7 +817,8 @@ mod tests {
     fn the_server_is_named_from_its_own_info_fields() {
         let redis = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n";
         assert_eq!(server_identity(redis).as_deref(), Some("Redis 7.0.15"));
-        let valkey = "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1\r\n";
+        let valkey =
+            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1\r\n";
         assert_eq!(server_identity(valkey).as_deref(), Some("Valkey 8.0.1"));
         // Dragonfly reports the Redis version it is compatible with, then its own (`append(
         // "redis_version", …)` then `append("dragonfly_version", …)` in server_family.cc).

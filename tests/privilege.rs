@@ -334,7 +334,11 @@ async fn only_the_roles_that_may_write_a_ruled_table_can_request_invalidations()
 
     let checked = cli(&db, &rules, &["check"]).await;
     assert!(checked.status.success(), "{}", stdout(&checked));
-    assert!(stdout(&checked).contains("ok    grants:"), "{}", stdout(&checked));
+    assert!(
+        stdout(&checked).contains("ok    grants:"),
+        "{}",
+        stdout(&checked)
+    );
 
     // Writes granted after install: `check` names the role and the table until install re-runs.
     owner
@@ -378,7 +382,10 @@ async fn install_refuses_a_grant_to_role_that_does_not_exist() {
     let output = cli(&db, &rules, &["install", "--grant-to", &missing]).await;
     let text = stderr(&output);
     assert!(!output.status.success(), "{text}");
-    assert!(text.contains(&format!("--grant-to \"{missing}\"")), "{text}");
+    assert!(
+        text.contains(&format!("--grant-to \"{missing}\"")),
+        "{text}"
+    );
     assert!(text.contains("no such role"), "{text}");
     let schemas = count(
         &client,
@@ -387,7 +394,12 @@ async fn install_refuses_a_grant_to_role_that_does_not_exist() {
     )
     .await;
     assert_eq!(schemas, 0, "install left a schema behind");
-    let triggers = count(&client, "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal", &[]).await;
+    let triggers = count(
+        &client,
+        "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal",
+        &[],
+    )
+    .await;
     assert_eq!(triggers, 0, "install left triggers behind");
     drop(client);
     db.drop().await;
