@@ -29,4 +29,4 @@ fi
 # cargo deb would otherwise fail on a missing asset with a message about globs and paths.
 [ -x "$binary" ] ||
   die "no release binary at $binary: build it first (cargo build --release --locked --bin cache-invalidator), or run this script without --no-build"
-cargo deb --no-build --locked "$@"
+cargo deb -p cache-invalidator --no-build --locked "$@"
