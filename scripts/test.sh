@@ -50,7 +50,7 @@ TEST_MODE=index cargo test --locked -- --test-threads=4 2>&1 | tee "$log"
 TEST_MODE=sweep cargo test --locked --test data_path --test faults --test cluster --test refill \
     -- --test-threads=4 2>&1 | tee -a "$log"
 # Valkey, both modes: the same suites, the daemon's Redis and the fault tests' private servers
-# (valkey-server, tests/common: TEST_REDIS_SERVER_BIN) being Valkey.
+# (valkey-server, test-support: TEST_REDIS_SERVER_BIN) being Valkey.
 if [ "$TEST_VALKEY_URL" != none ]; then
   for mode in index sweep; do
     TEST_REDIS_URL=$TEST_VALKEY_URL TEST_REDIS_SERVER_BIN=valkey-server TEST_MODE=$mode \
