@@ -4,6 +4,13 @@
 #
 #   TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres   (a superuser, no password)
 #   TEST_REDIS_URL=redis://127.0.0.1:6379/0
+#   TEST_VALKEY_URL=redis://127.0.0.1:56380/0                        (scripts/test.sh runs the
+#                                                 data-path, index-mode and fault suites on it too)
+#
+# Valkey: always a private valkey-server of this project's own on a port of its own (56380), next
+# to whatever Redis runs on 6379 (never touched). valkey-server is installed with apt-get when
+# missing: Debian's package, from bookworm-backports on Debian 12 (the backports source is added
+# when apt knows no valkey-server).
 #
 # Order, for each server:
 #   1. TEST_DATABASE_URL / TEST_REDIS_URL already set: used as they are (checked, never changed).
@@ -22,7 +29,8 @@
 #
 # Settings (environment): ENSURE_PG_HOST/ENSURE_PG_PORT and ENSURE_REDIS_HOST/ENSURE_REDIS_PORT
 # (where to look first, default 127.0.0.1:5432 and 127.0.0.1:6379); ENSURE_PRIVATE_PG_PORT and
-# ENSURE_PRIVATE_REDIS_PORT (the private servers' ports, default 55432 and 56379).
+# ENSURE_PRIVATE_REDIS_PORT and ENSURE_PRIVATE_VALKEY_PORT (the private servers' ports, default
+# 55432, 56379 and 56380).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -34,6 +42,7 @@ REDIS_PORT=${ENSURE_REDIS_PORT:-6379}
 # Ports of the private servers: unusual ones, so they do not collide with a system's own servers.
 PRIVATE_PG_PORT=${ENSURE_PRIVATE_PG_PORT:-55432}
 PRIVATE_REDIS_PORT=${ENSURE_PRIVATE_REDIS_PORT:-56379}
+PRIVATE_VALKEY_PORT=${ENSURE_PRIVATE_VALKEY_PORT:-56380}
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 services_dir=$target_dir/services
 services_env=$target_dir/services.env
@@ -251,6 +260,58 @@ ensure_redis() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Valkey
+# ---------------------------------------------------------------------------------------------
+
+# The apt source of Debian 12's backports, where valkey-server is (the release itself lacks it).
+BACKPORTS_SOURCES=/etc/apt/sources.list.d/bookworm-backports.sources
+
+install_valkey() {
+  need_root "valkey-server is missing" "sudo apt-get install valkey-server (from bookworm-backports on Debian 12)"
+  if [ "$apt_updated" -eq 0 ]; then
+    say "apt-get update"
+    apt-get update -qq
+    apt_updated=1
+  fi
+  if [ -n "$(apt-cache policy valkey-server 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" { print $2 }')" ]; then
+    apt_install valkey-server
+    return 0
+  fi
+  local codename
+  codename=$(. /etc/os-release 2>/dev/null && printf '%s' "${VERSION_CODENAME:-}")
+  [ "$codename" = bookworm ] ||
+    die "apt knows no valkey-server on this release (${codename:-unknown}): install Valkey 8.0 and put valkey-server on PATH"
+  if [ ! -f "$BACKPORTS_SOURCES" ]; then
+    say "adding bookworm-backports to apt's sources ($BACKPORTS_SOURCES), for valkey-server"
+    printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$BACKPORTS_SOURCES"
+    apt-get update -qq
+  fi
+  # Backports are never chosen unless asked for: -t picks valkey-server (and valkey-tools) there.
+  apt_install -t bookworm-backports valkey-server
+}
+
+start_private_valkey() {
+  local dir=$services_dir/valkey url="redis://127.0.0.1:$PRIVATE_VALKEY_PORT/0"
+  if redis_answers "$url"; then
+    if [ -f "$dir/valkey.pid" ] && kill -0 "$(cat "$dir/valkey.pid")" 2>/dev/null; then
+      say "valkey: private server already running on 127.0.0.1:$PRIVATE_VALKEY_PORT"
+      valkey_url=$url
+      return 0
+    fi
+    die "another server answers on port $PRIVATE_VALKEY_PORT: set ENSURE_PRIVATE_VALKEY_PORT to a free port"
+  fi
+  command -v valkey-server >/dev/null 2>&1 || install_valkey
+  mkdir -p "$dir"
+  say "valkey: starting a private server on 127.0.0.1:$PRIVATE_VALKEY_PORT (log: $dir/valkey.log)"
+  # As for the private Redis: no persistence, loopback only.
+  valkey-server --daemonize yes --bind 127.0.0.1 --port "$PRIVATE_VALKEY_PORT" --save "" \
+    --appendonly no --dir "$dir" --pidfile "$dir/valkey.pid" --logfile "$dir/valkey.log"
+  wait_until "private valkey on 127.0.0.1:$PRIVATE_VALKEY_PORT" "$dir/valkey.log" redis_answers "$url"
+  valkey_url=$url
+}
+
+# ---------------------------------------------------------------------------------------------
 # Tools and directories the tests use
 # ---------------------------------------------------------------------------------------------
 
@@ -289,11 +350,14 @@ stop_private() {
     say "postgres: stopping the private cluster in $dir/data"
     as_pg_owner "$pg_ctl" -D "$dir/data" -w stop -m fast >/dev/null
   fi
-  local pidfile=$services_dir/redis/redis.pid
-  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    say "redis: stopping the private server (pid $(cat "$pidfile"))"
-    kill "$(cat "$pidfile")"
-  fi
+  local name pidfile
+  for name in redis valkey; do
+    pidfile=$services_dir/$name/$name.pid
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      say "$name: stopping the private server (pid $(cat "$pidfile"))"
+      kill "$(cat "$pidfile")"
+    fi
+  done
   rm -f "$services_env"
 }
 
@@ -305,8 +369,10 @@ esac
 
 pg_url=
 redis_url=
+valkey_url=
 ensure_postgres
 ensure_redis
+start_private_valkey
 ensure_tools
 ensure_tmp_reachable
 
@@ -318,6 +384,7 @@ mkdir -p "$target_dir"
     printf '# Written by scripts/ensure-services.sh: the servers the tests and the quickstart use.\n'
     printf 'TEST_DATABASE_URL=%q\n' "$pg_url"
     printf 'TEST_REDIS_URL=%q\n' "$redis_url"
+    printf 'TEST_VALKEY_URL=%q\n' "$valkey_url"
   } >"$services_env"
 )
 say "servers written to $services_env"

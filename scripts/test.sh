@@ -15,6 +15,17 @@ if [ -z "${TEST_DATABASE_URL:-}${TEST_REDIS_URL:-}" ] && [ -f "$services_env" ];
   . "$services_env"
   export TEST_DATABASE_URL TEST_REDIS_URL
 fi
+# Valkey (TEST_VALKEY_URL, from the same file unless set): the data-path, index-mode and fault
+# suites run on it too. TEST_VALKEY_URL=none skips them, said at the end.
+if [ -z "${TEST_VALKEY_URL:-}" ] && [ -f "$services_env" ]; then
+  TEST_VALKEY_URL=$(
+    # shellcheck source=/dev/null
+    . "$services_env"
+    printf '%s' "${TEST_VALKEY_URL:-}"
+  )
+fi
+[ -n "${TEST_VALKEY_URL:-}" ] ||
+  { echo "test.sh: no Valkey to test against: run scripts/ensure-services.sh (it starts one), set TEST_VALKEY_URL, or TEST_VALKEY_URL=none to skip" >&2; exit 1; }
 printf 'test.sh: postgres %s, redis %s\n' "${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres (default)}" \
   "${TEST_REDIS_URL:-redis://127.0.0.1:6379/0 (default)}"
 
@@ -39,7 +50,16 @@ trap 'rm -f "$log"' EXIT
 TEST_MODE=index cargo test --locked -- --test-threads=4 2>&1 | tee "$log"
 TEST_MODE=sweep cargo test --locked --test data_path --test faults --test cluster --test refill --test key_fidelity \
     -- --test-threads=4 2>&1 | tee -a "$log"
+# Valkey, both modes: the same suites, the daemon's Redis and the fault tests' private servers
+# (valkey-server, test-support: TEST_REDIS_SERVER_BIN) being Valkey.
+if [ "$TEST_VALKEY_URL" != none ]; then
+  for mode in index sweep; do
+    TEST_REDIS_URL=$TEST_VALKEY_URL TEST_REDIS_SERVER_BIN=valkey-server TEST_MODE=$mode \
+      cargo test --locked --test data_path --test index_mode --test faults -- --test-threads=4 2>&1 | tee -a "$log"
+  done
+fi
 # One closing line for the whole run: cargo prints a summary per test binary, and the last one
 # (an empty doc-test run, for instance) says nothing about the suite.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+[ "$TEST_VALKEY_URL" != none ] || echo "test.sh: Valkey suites skipped (TEST_VALKEY_URL=none)"

@@ -54,8 +54,10 @@ CREATE OR REPLACE FUNCTION cache_invalidator.invalidate_report(report_id bigint)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$ SELECT cache_invalidator.invalidate_report(report_id::text) $fn$;
 GRANT USAGE ON SCHEMA cache_invalidator TO PUBLIC;
-GRANT EXECUTE ON FUNCTION cache_invalidator.invalidate_user(text), cache_invalidator.invalidate_user(bigint),
-    cache_invalidator.invalidate_report(text), cache_invalidator.invalidate_report(bigint) TO PUBLIC;
+-- A new function is callable by PUBLIC; these write the outbox as its owner, so anyone could clear
+-- every user's cache and flood the worker. Only the roles that may write a ruled table get them
+-- (granted below, after the rules' tables).
+REVOKE EXECUTE ON FUNCTION cache_invalidator.invalidate_user(text), cache_invalidator.invalidate_user(bigint), cache_invalidator.invalidate_report(text), cache_invalidator.invalidate_report(bigint) FROM PUBLIC;
 
 -- reports_report: report:{id}:*, reportlist:reports:{author_id}:*
 CREATE OR REPLACE FUNCTION cache_invalidator."capture reports_report"() RETURNS trigger
@@ -220,6 +222,42 @@ CREATE TRIGGER "cache_invalidator_del" AFTER DELETE ON "reports_teacherweeklyrep
 DROP TRIGGER IF EXISTS "cache_invalidator_trunc" ON "reports_teacherweeklyreport";
 CREATE TRIGGER "cache_invalidator_trunc" AFTER TRUNCATE ON "reports_teacherweeklyreport"
     FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidator."capture reports_teacherweeklyreport"();
+
+-- The request functions, for every role that may write a ruled table (its owner, and whoever
+-- holds INSERT, UPDATE or DELETE on it), as the catalog says when this runs.
+DO $grants$
+DECLARE
+    writer record;
+BEGIN
+    FOR writer IN SELECT DISTINCT writers.grantee FROM (WITH ruled AS (
+        SELECT pg_catalog.unnest(ARRAY[
+            pg_catalog.to_regclass('"reports_report"'),
+            pg_catalog.to_regclass('"reports_studentreport"'),
+            pg_catalog.to_regclass('"reports_tutorweeklyreport"'),
+            pg_catalog.to_regclass('"reports_teacherweeklyreport"')
+        ]::pg_catalog.oid[]) AS oid
+    )
+    SELECT DISTINCT w.grantee, w.tbl FROM (
+        SELECT c.oid::pg_catalog.regclass::text AS tbl, c.relowner AS grantee
+        FROM ruled JOIN pg_catalog.pg_class c ON c.oid = ruled.oid
+        UNION ALL
+        SELECT c.oid::pg_catalog.regclass::text, a.grantee
+        FROM ruled JOIN pg_catalog.pg_class c ON c.oid = ruled.oid,
+            pg_catalog.aclexplode(c.relacl) a
+        WHERE a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE')
+        UNION ALL
+        SELECT t.attrelid::pg_catalog.regclass::text, a.grantee
+        FROM ruled JOIN pg_catalog.pg_attribute t ON t.attrelid = ruled.oid,
+            pg_catalog.aclexplode(t.attacl) a
+        WHERE NOT t.attisdropped AND a.privilege_type IN ('INSERT', 'UPDATE')
+    ) w) writers
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION cache_invalidator.invalidate_user(text), cache_invalidator.invalidate_user(bigint), cache_invalidator.invalidate_report(text), cache_invalidator.invalidate_report(bigint) TO %s',
+            CASE WHEN writer.grantee = 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(writer.grantee)) END);
+    END LOOP;
+END
+$grants$;
 
 DO $cleanup$
 DECLARE

@@ -77,11 +77,17 @@ pub enum Command {
                             cache-invalidator run --metrics-addr 127.0.0.1:9187"
     )]
     Run(RunArgs),
-    /// Create or update the schema, outbox and triggers for the rules (idempotent)
+    /// Create or update the schema, outbox and triggers for the rules (idempotent); grants the
+    /// invalidate_user/invalidate_report functions to the roles that may write a ruled table
     #[command(
-        after_help = "Example:\n  cache-invalidator --rules /etc/cache-invalidator/rules.toml install"
+        after_help = "Example:\n  cache-invalidator --rules /etc/cache-invalidator/rules.toml install --grant-to app_jobs"
     )]
-    Install,
+    Install {
+        /// Also let ROLE call invalidate_user/invalidate_report (repeatable); the roles holding
+        /// INSERT, UPDATE or DELETE on a ruled table, and the tables' owners, always can
+        #[arg(long = "grant-to", value_name = "ROLE")]
+        grant_to: Vec<String>,
+    },
     /// Remove the triggers and the cache_invalidator schema; the app's tables are untouched
     #[command(after_help = "Example:\n  cache-invalidator uninstall")]
     Uninstall,
@@ -91,6 +97,9 @@ pub enum Command {
         /// Print the uninstall SQL instead
         #[arg(long)]
         uninstall: bool,
+        /// As for install: also grant the request functions to ROLE (repeatable)
+        #[arg(long = "grant-to", value_name = "ROLE", conflicts_with = "uninstall")]
+        grant_to: Vec<String>,
     },
     /// Validate the rules, reach both servers, and compare the installed triggers with the rules
     #[command(after_help = "Example:\n  cache-invalidator check && echo ok")]

@@ -44,10 +44,18 @@ pub async fn execute(
 ) -> anyhow::Result<bool> {
     match command {
         Command::Run(_) => crate::daemon::run(settings, shutdown).await?,
-        Command::Install => println!("{}", install(&settings).await?),
+        Command::Install { grant_to } => println!("{}", install(&settings, &grant_to).await?),
         Command::Uninstall => println!("{}", uninstall(&settings).await?),
-        Command::Sql { uninstall: false } => print!("{}", schema::install_sql(&settings.rules)),
-        Command::Sql { uninstall: true } => print!("{}", schema::uninstall_sql()),
+        Command::Sql {
+            uninstall: false,
+            grant_to,
+        } => print!(
+            "{}",
+            schema::install_sql_granting(&settings.rules, &grant_to)
+        ),
+        Command::Sql {
+            uninstall: true, ..
+        } => print!("{}", schema::uninstall_sql()),
         Command::Check => {
             let (ok, report) = check(&settings).await;
             print!("{report}");
@@ -102,9 +110,11 @@ async fn connect_pg(settings: &Settings) -> Result<(Client, PgTarget), OpsError>
     Ok((client, target))
 }
 
-pub async fn install(settings: &Settings) -> Result<String, OpsError> {
+/// `install`: the schema, triggers and grants; `grant_to` are roles that may also call the request
+/// functions (`--grant-to`).
+pub async fn install(settings: &Settings, grant_to: &[String]) -> Result<String, OpsError> {
     let (client, _) = connect_pg(settings).await?;
-    schema::install(&client, &settings.rules).await?;
+    schema::install_granting(&client, &settings.rules, grant_to).await?;
     let tables = settings.rules.table_names();
     Ok(format!(
         "installed schema {SCHEMA} and triggers on {} table(s): {} ({})",
@@ -169,6 +179,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
                     let _ = writeln!(out, "FAIL  triggers: {}", error_report(&error));
                 }
             }
+            ok &= check_grants(&client, settings, &mut out).await;
         }
         Err(error) => {
             ok = false;
@@ -190,6 +201,35 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         }
     }
     (ok, out)
+}
+
+/// `check`'s verdict on the request functions: every role that may write a ruled table can call
+/// them (a role granted writes after `install` ran cannot until it is re-run or granted by hand).
+async fn check_grants(client: &Client, settings: &Settings, out: &mut String) -> bool {
+    match schema::ungranted_writers(client, &settings.rules).await {
+        Ok(missing) if missing.is_empty() => {
+            let _ = writeln!(
+                out,
+                "ok    grants: every role that may write a ruled table can call invalidate_user/invalidate_report"
+            );
+            true
+        }
+        Ok(missing) => {
+            for writer in missing {
+                let _ = writeln!(
+                    out,
+                    "FAIL  grants: role {} may write {} but cannot call invalidate_user/invalidate_report \
+                     (re-run `cache-invalidator install`, or `install --grant-to {}`)",
+                    writer.role, writer.table, writer.role
+                );
+            }
+            false
+        }
+        Err(error) => {
+            let _ = writeln!(out, "FAIL  grants: {}", error_report(&error));
+            false
+        }
+    }
 }
 
 /// `check`'s line on the rules' pattern shapes: whether every pattern the rules can produce is

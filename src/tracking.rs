@@ -71,9 +71,15 @@ const TRANSACTION_COMMANDS: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
-    /// The server will not announce keys: an ACL without `CLIENT`, a Redis before 6, a proxy.
-    #[error("redis at {node} refuses CLIENT TRACKING ({reason})")]
-    Refused { node: String, reason: String },
+    /// The server will not announce keys: one without `BCAST` (Dragonfly, a proxy, some managed
+    /// Redis), an ACL without `client|tracking`, a Redis before 6. `server` is what its `INFO`
+    /// says it is; `reason` explains the reply ([`describe_refusal`]).
+    #[error("redis at {node} ({server}) refuses CLIENT TRACKING ... BCAST: {reason}")]
+    Refused {
+        node: String,
+        server: String,
+        reason: String,
+    },
     #[error("redis at {node}: tracking connection failed: {source}")]
     Redis {
         node: String,
@@ -408,7 +414,8 @@ impl Link {
             Err(error) if is_refusal(&error) => {
                 return Err(TrackingError::Refused {
                     node: self.name.clone(),
-                    reason: error.to_string(),
+                    server: "server unknown: it refused RESP3".to_owned(),
+                    reason: describe_refusal(&server_reply(&error)),
                 })
             }
             Err(error) => return Err(failed(error)),
@@ -449,7 +456,8 @@ impl Link {
                 if is_refusal(&error) {
                     Err(TrackingError::Refused {
                         node: self.name.clone(),
-                        reason: format!("{error}{what}"),
+                        server: server_of(&mut connection).await,
+                        reason: format!("{}{what}", describe_refusal(&server_reply(&error))),
                     })
                 } else {
                     Err(failed(error))
@@ -850,6 +858,98 @@ fn is_refusal(error: &redis::RedisError) -> bool {
     !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped())
 }
 
+/// Why a server refused `CLIENT TRACKING on BCAST …`, read from its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server has no broadcasting tracking: it does not know the command, the option or
+    /// RESP3. Dragonfly answers `ERR syntax error` (its `CLIENT TRACKING` takes only `ON`/`OFF`,
+    /// `OPTIN`/`OPTOUT` and `NOLOOP`).
+    Unsupported,
+    /// An ACL forbids it: `NOPERM …`.
+    NotPermitted,
+    /// Any other reply: said as it is.
+    Other,
+}
+
+/// Classifies a refusal from the reply's text as the server sent it (`ERR syntax error`,
+/// `NOPERM User … has no permissions …`), error code first.
+pub fn classify_refusal(reply: &str) -> Refusal {
+    let code = reply.split_whitespace().next().unwrap_or_default();
+    let text = reply.to_ascii_lowercase();
+    if code.eq_ignore_ascii_case("NOPERM") {
+        return Refusal::NotPermitted;
+    }
+    const UNSUPPORTED: [&str; 6] = [
+        "syntax error",
+        "unknown command",
+        "unknown subcommand",
+        "unknown option",
+        "not supported",
+        "unknown protocol",
+    ];
+    if UNSUPPORTED.iter().any(|phrase| text.contains(phrase)) {
+        Refusal::Unsupported
+    } else {
+        Refusal::Other
+    }
+}
+
+/// What the refusal means for an operator, with the server's reply.
+pub fn describe_refusal(reply: &str) -> String {
+    let meaning = match classify_refusal(reply) {
+        Refusal::Unsupported => "the server does not support broadcasting tracking",
+        Refusal::NotPermitted => {
+            "the connection's ACL user may not run it (grant it +client|tracking, or use --mode sweep)"
+        }
+        Refusal::Other => "an unexpected refusal",
+    };
+    format!("{meaning} (reply: {reply})")
+}
+
+/// A server's error reply as it sent it (`CODE detail`), else the client's description.
+fn server_reply(error: &redis::RedisError) -> String {
+    match (error.code(), error.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => error.to_string(),
+    }
+}
+
+/// Which server this is (`Redis 7.0.15`, `Valkey 8.0.1`, `Dragonfly df-v1.25.0`), from the
+/// `INFO server` fields that name it: Dragonfly and Valkey report a `redis_version` too (the
+/// version they are compatible with), so their own fields are looked at first.
+pub fn server_identity(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines()
+            .filter_map(|line| line.trim_end().split_once(':'))
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.to_owned())
+    };
+    if let Some(version) = field("dragonfly_version") {
+        return Some(format!("Dragonfly {version}"));
+    }
+    if let Some(version) = field("valkey_version") {
+        return Some(format!("Valkey {version}"));
+    }
+    match (field("server_name"), field("redis_version")) {
+        (Some(name), Some(version)) => Some(format!("{name} {version}")),
+        (None, Some(version)) => Some(format!("Redis {version}")),
+        (Some(name), None) => Some(name),
+        (None, None) => None,
+    }
+}
+
+/// [`server_identity`] of the server behind `connection`, or why it is unknown.
+async fn server_of(connection: &mut MultiplexedConnection) -> String {
+    match redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(connection)
+        .await
+    {
+        Ok(info) => server_identity(&info).unwrap_or_else(|| "server unknown".to_owned()),
+        Err(error) => format!("server unknown: INFO refused: {}", server_reply(&error)),
+    }
+}
+
 /// Applies one push of the tracking connection to the node's part, as it is read.
 fn apply_push(index: &Mutex<NodeIndex>, shared: &Shared, push: PushInfo) {
     match push.kind {
@@ -925,5 +1025,58 @@ mod tests {
         assert_eq!(seed_glob(&[b"a*b:".to_vec()]), b"a\\*b:*");
         assert_eq!(seed_glob(&[b"a".to_vec(), b"b".to_vec()]), b"*");
         assert_eq!(seed_glob(&[]), b"*");
+    }
+
+    /// Dragonfly cannot be installed where these tests run, so its refusal is checked with the
+    /// reply it sends: `ClientTracking` in dragonfly's src/server/server_family.cc answers any
+    /// option other than ON/OFF, OPTIN/OPTOUT and NOLOOP (so `BCAST`, and more than three
+    /// arguments) with `SendError(kSyntaxErr)`, where src/facade/error.h has
+    /// `kSyntaxErr[] = "syntax error"`, sent as `-ERR syntax error` (dragonflydb/dragonfly at
+    /// f8eca6d0b05c915cee9439036b5b04aebbb973bb).
+    #[test]
+    fn dragonflys_reply_to_bcast_means_unsupported() {
+        assert_eq!(classify_refusal("ERR syntax error"), Refusal::Unsupported);
+        let described = describe_refusal("ERR syntax error");
+        assert!(described.contains("does not support broadcasting tracking"));
+        assert!(described.contains("ERR syntax error"));
+    }
+
+    #[test]
+    fn other_refusals_are_told_apart() {
+        // Redis' ACL (7.0 wording).
+        let noperm = "NOPERM this user has no permissions to run the 'client|tracking' command";
+        assert_eq!(classify_refusal(noperm), Refusal::NotPermitted);
+        assert!(describe_refusal(noperm).contains("+client|tracking"));
+        // Redis before 6; a proxy that passes only data commands.
+        assert_eq!(
+            classify_refusal("ERR unknown subcommand 'TRACKING'. Try CLIENT HELP."),
+            Refusal::Unsupported
+        );
+        assert_eq!(
+            classify_refusal("ERR unknown command 'CLIENT', with args beginning with: "),
+            Refusal::Unsupported
+        );
+        assert_eq!(
+            classify_refusal("ERR Prefixes for a client are overlapping"),
+            Refusal::Other
+        );
+        assert!(describe_refusal("ERR busy").contains("unexpected refusal (reply: ERR busy)"));
+    }
+
+    #[test]
+    fn the_server_is_named_from_its_own_info_fields() {
+        let redis = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n";
+        assert_eq!(server_identity(redis).as_deref(), Some("Redis 7.0.15"));
+        let valkey =
+            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1\r\n";
+        assert_eq!(server_identity(valkey).as_deref(), Some("Valkey 8.0.1"));
+        // Dragonfly reports the Redis version it is compatible with, then its own (`append(
+        // "redis_version", …)` then `append("dragonfly_version", …)` in server_family.cc).
+        let dragonfly = "# Server\r\nredis_version:7.4.0\r\ndragonfly_version:df-v1.25.2\r\n";
+        assert_eq!(
+            server_identity(dragonfly).as_deref(),
+            Some("Dragonfly df-v1.25.2")
+        );
+        assert_eq!(server_identity("# Server\r\n"), None);
     }
 }

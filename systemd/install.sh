@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install cache-invalidator as a systemd service on this host, or upgrade it in place.
+# Install cache-invalidator as a systemd service on this host, or upgrade it in place, on machines
+# without dpkg (with dpkg, the Debian package is simpler: see README.md).
 #
 #   sudo systemd/install.sh [BINARY]      (default: target/release/cache-invalidator)
 #
@@ -33,7 +34,14 @@ fi
 say "installing $bin -> /usr/local/bin/cache-invalidator"
 install -m 0755 -o root -g root "$bin" /usr/local/bin/cache-invalidator
 say "installing $unit -> /etc/systemd/system/$unit"
-install -m 0644 -o root -g root "$repo/systemd/$unit" "/etc/systemd/system/$unit"
+# The unit names /usr/bin, where the Debian package puts the binary; this script's copy is in
+# /usr/local/bin (the path for what the package manager does not own).
+sed 's|^ExecStart=/usr/bin/cache-invalidator |ExecStart=/usr/local/bin/cache-invalidator |' \
+  "$repo/systemd/$unit" >"/etc/systemd/system/$unit.tmp"
+grep -q '^ExecStart=/usr/local/bin/cache-invalidator ' "/etc/systemd/system/$unit.tmp" ||
+  die "systemd/$unit has no ExecStart=/usr/bin/cache-invalidator line to point at /usr/local/bin"
+chmod 0644 "/etc/systemd/system/$unit.tmp"
+mv "/etc/systemd/system/$unit.tmp" "/etc/systemd/system/$unit"
 
 install -d -m 0750 -o root -g "$user" "$conf_dir"
 if [ ! -e "$env_file" ]; then

@@ -670,14 +670,14 @@ async fn systemd_unit_verifies_and_rates_as_hardened() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/cache-invalidator.service"),
     )
     .expect("read unit");
-    assert!(unit.contains("ExecStart=/usr/local/bin/cache-invalidator run"));
+    assert!(unit.contains("ExecStart=/usr/bin/cache-invalidator run"));
     // verify checks that ExecStart exists: point it at the binary just built.
     let dir = tempfile::tempdir().expect("temp dir");
     let copy = dir.path().join("cache-invalidator.service");
     std::fs::write(
         &copy,
         unit.replace(
-            "ExecStart=/usr/local/bin/cache-invalidator",
+            "ExecStart=/usr/bin/cache-invalidator",
             &format!("ExecStart={BIN}"),
         ),
     )

@@ -1,6 +1,8 @@
 //! Least privilege (issue 4): `install` runs as the schema owner; `run` works as a role that can
 //! only read and delete in the outbox schema, plus what `SELECT … FOR UPDATE` needs and `INSERT`
-//! into the dead letters. The GRANTs here are the ones docs/guarantees.md documents.
+//! into the dead letters. The GRANTs here are the ones docs/guarantees.md documents. The app's
+//! request functions (`invalidate_user` / `invalidate_report`) are callable only by the roles that
+//! may write a ruled table, the tables' owners, and the roles named with `install --grant-to`.
 
 mod common;
 
@@ -256,4 +258,149 @@ async fn a_hostile_search_path_does_not_change_what_the_trigger_records() {
     drop((hostile, owner));
     db.drop().await;
     drop_roles(&[&app]).await;
+}
+
+/// Runs the `cache-invalidator` binary against `db` with the report rules of `space`.
+async fn cli(db: &TestDb, rules: &RulesFile, args: &[&str]) -> std::process::Output {
+    let rules_path = rules.path.to_str().expect("utf-8 path");
+    let mut full = vec!["--rules", rules_path];
+    full.extend_from_slice(args);
+    let redis_url = shared_redis_url();
+    run_cli(
+        &full,
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("REDIS_URL", redis_url.as_str()),
+        ],
+    )
+    .await
+}
+
+/// A BI reader with only SELECT cannot flood the outbox through the request functions; a role with
+/// only UPDATE on one ruled table writes as before (the capture trigger is SECURITY DEFINER) and
+/// may call them; a `--grant-to` role may too. A role granted writes after `install` is named by
+/// `check` until `install` runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_roles_that_may_write_a_ruled_table_can_request_invalidations() {
+    let space = KeyPrefix::new("req_grants");
+    let rules = RulesFile::default_for(&space, "");
+    let db = TestDb::with_reports("req_grants", &space.rules()).await;
+    let base = unique("ci_req").to_lowercase();
+    let [reader, updater, jobs, late] =
+        ["reader", "updater", "jobs", "late"].map(|r| format!("{base}_{r}"));
+    let owner = db.client().await;
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE {reader} LOGIN; CREATE ROLE {updater} LOGIN;
+             CREATE ROLE {jobs} LOGIN; CREATE ROLE {late} LOGIN;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader};
+             GRANT UPDATE ON reports_report TO {updater};
+             INSERT INTO auth_user (id) VALUES (1), (2);
+             INSERT INTO reports_report (id, author_id) VALUES (12, 1);
+             DELETE FROM cache_invalidator.outbox;"
+        ))
+        .await
+        .expect("roles and fixture");
+    let installed = cli(&db, &rules, &["install", "--grant-to", &jobs]).await;
+    assert!(installed.status.success(), "{}", stderr(&installed));
+
+    let read_only = connect(&role_url(&reader, &db.name)).await;
+    for sql in [
+        "SELECT cache_invalidator.invalidate_user(g) FROM generate_series(1, 1000) g",
+        "SELECT cache_invalidator.invalidate_user('7')",
+        "SELECT cache_invalidator.invalidate_report(7)",
+        "SELECT cache_invalidator.invalidate_report('7')",
+    ] {
+        assert_denied(&read_only, sql).await;
+    }
+    assert_eq!(db.outbox_rows().await, 0, "a denied call left outbox rows");
+
+    // UPDATE on one table and nothing else: no WHERE clause, so not even SELECT is needed.
+    let app = connect(&role_url(&updater, &db.name)).await;
+    app.batch_execute("UPDATE reports_report SET author_id = 2")
+        .await
+        .expect("the app's own write");
+    let after_write = db.outbox_rows().await;
+    assert!(after_write >= 1, "the trigger recorded nothing");
+    app.batch_execute("SELECT cache_invalidator.invalidate_user(5)")
+        .await
+        .expect("a writer may request");
+    let worker_jobs = connect(&role_url(&jobs, &db.name)).await;
+    worker_jobs
+        .batch_execute("SELECT cache_invalidator.invalidate_report('7')")
+        .await
+        .expect("a --grant-to role may request");
+    assert_eq!(db.outbox_rows().await, after_write + 2);
+
+    let checked = cli(&db, &rules, &["check"]).await;
+    assert!(checked.status.success(), "{}", stdout(&checked));
+    assert!(
+        stdout(&checked).contains("ok    grants:"),
+        "{}",
+        stdout(&checked)
+    );
+
+    // Writes granted after install: `check` names the role and the table until install re-runs.
+    owner
+        .batch_execute(&format!("GRANT INSERT ON reports_studentreport TO {late}"))
+        .await
+        .expect("late grant");
+    let checked = cli(&db, &rules, &["check"]).await;
+    let report = stdout(&checked);
+    assert!(!checked.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("role {late} may write reports_studentreport")),
+        "{report}"
+    );
+    let reinstalled = cli(&db, &rules, &["install"]).await;
+    assert!(reinstalled.status.success(), "{}", stderr(&reinstalled));
+    let checked = cli(&db, &rules, &["check"]).await;
+    assert!(checked.status.success(), "{}", stdout(&checked));
+    let late_app = connect(&role_url(&late, &db.name)).await;
+    late_app
+        .batch_execute("SELECT cache_invalidator.invalidate_user(9)")
+        .await
+        .expect("a late writer may request after install re-ran");
+
+    drop((read_only, app, worker_jobs, late_app, owner));
+    db.drop().await;
+    drop_roles(&[&reader, &updater, &jobs, &late]).await;
+}
+
+/// A misspelt `--grant-to` role stops `install` before anything is created.
+#[tokio::test]
+async fn install_refuses_a_grant_to_role_that_does_not_exist() {
+    let space = KeyPrefix::new("req_norole");
+    let rules = RulesFile::default_for(&space, "");
+    let db = TestDb::empty("req_norole").await;
+    let client = db.client().await;
+    client
+        .batch_execute(REPORT_TABLES_SQL)
+        .await
+        .expect("create tables");
+    let missing = unique("ci_no_such_role").to_lowercase();
+    let output = cli(&db, &rules, &["install", "--grant-to", &missing]).await;
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("--grant-to \"{missing}\"")),
+        "{text}"
+    );
+    assert!(text.contains("no such role"), "{text}");
+    let schemas = count(
+        &client,
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'cache_invalidator'",
+        &[],
+    )
+    .await;
+    assert_eq!(schemas, 0, "install left a schema behind");
+    let triggers = count(
+        &client,
+        "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal",
+        &[],
+    )
+    .await;
+    assert_eq!(triggers, 0, "install left triggers behind");
+    drop(client);
+    db.drop().await;
 }

@@ -84,10 +84,18 @@ pub fn free_port() -> u16 {
         .expect("a free port on 127.0.0.1")
 }
 
-/// `redis-server` on `port` keeping nothing on disk (its files, if any, in `dir`), with `extra`
-/// arguments after the base ones (a later `--port` wins over the first).
+/// The server program the tests start private servers with: `TEST_REDIS_SERVER_BIN`
+/// (`valkey-server` when the suites run against Valkey, whose command line is Redis'), else
+/// `redis-server`.
+pub fn redis_server_bin() -> String {
+    std::env::var("TEST_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+/// A private server ([`redis_server_bin`]) on `port` keeping nothing on disk (its files, if any,
+/// in `dir`), with `extra` arguments after the base ones (a later `--port` wins over the first).
 pub fn spawn_redis_server(port: u16, dir: &Path, extra: &[String]) -> Child {
-    Command::new("redis-server")
+    let program = redis_server_bin();
+    Command::new(&program)
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--dir", &dir.display().to_string()])
@@ -95,7 +103,7 @@ pub fn spawn_redis_server(port: u16, dir: &Path, extra: &[String]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start redis-server (is it on PATH?)")
+        .unwrap_or_else(|e| panic!("start {program} (is it on PATH? TEST_REDIS_SERVER_BIN): {e}"))
 }
 
 /// Waits until something accepts connections on `port`; panics after `timeout`.
@@ -104,7 +112,8 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             Instant::now() < deadline,
-            "redis-server on {port} did not start"
+            "{} on {port} did not start",
+            redis_server_bin()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
