@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cli;
 pub mod daemon;
 pub mod finder;

@@ -659,7 +659,7 @@ fn seed_glob(prefixes: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn reconnect_delays() -> backon::ExponentialBackoff {
-    crate::worker::backoff(RECONNECT_MIN, RECONNECT_MAX)
+    crate::backoff::backoff(RECONNECT_MIN, RECONNECT_MAX)
 }
 
 #[cfg(test)]
