@@ -54,13 +54,10 @@ async fn app_writer(dsn: String, space: Arc<KeyPrefix>, acked: Acked, stop: Canc
         let Some(app) = client.as_ref().filter(|c| !c.is_closed()) else {
             let connected =
                 tokio::time::timeout(APP_QUERY_TIMEOUT, tokio_postgres::connect(&dsn, NoTls));
-            match connected.await {
-                Ok(Ok((c, connection))) => {
-                    tokio::spawn(connection);
-                    client = Some(c);
-                }
-                // No primary yet: try again next tick, as an app's connection pool would.
-                _ => {}
+            // No primary yet: try again next tick, as an app's connection pool would.
+            if let Ok(Ok((c, connection))) = connected.await {
+                tokio::spawn(connection);
+                client = Some(c);
             }
             continue;
         };
