@@ -109,22 +109,26 @@ pub async fn run_with_rules(
     let mut worker = Worker {
         rules,
         outbox: Outbox::new(pg).with_claim_timeout(settings.claim_timeout),
-        redis,
+        setup: FinderSetup {
+            redis,
+            mode: settings.mode,
+            index_max_keys: settings.index_max_keys,
+            redis_timeout: settings.redis_timeout,
+            refill_guard: settings.refill_guard,
+        },
         finder: None,
-        mode: settings.mode,
-        index_max_keys: settings.index_max_keys,
-        redis_timeout: settings.redis_timeout,
         tracking: None,
         index_dropped: false,
         jobs: HashMap::new(),
         finished: Vec::new(),
-        refill_guard: settings.refill_guard,
         health,
         wake,
         back,
         systemd: Systemd::from_env(),
-        sweep_failures: reconnect_delays(),
-        redis_retry_at: None,
+        redis_retry: RedisRetry {
+            failures: reconnect_delays(),
+            at: None,
+        },
     };
     let claims = ClaimPacing::new(settings.poll_interval);
     let result = worker.run(claims, shutdown).await;
@@ -156,15 +160,31 @@ struct Job {
     started: Instant,
 }
 
-struct Worker {
-    rules: watch::Receiver<Arc<RuleSet>>,
-    outbox: Outbox,
+/// What a new [`Finder`] is made from each time Redis is connected.
+struct FinderSetup {
     redis: RedisTarget,
-    finder: Option<Finder>,
     /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking.
     mode: Mode,
     index_max_keys: usize,
     redis_timeout: Duration,
+    refill_guard: Duration,
+}
+
+/// Pacing of Redis reconnects after failed sweeps.
+struct RedisRetry {
+    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
+    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
+    /// in a tight loop.
+    failures: ExponentialBackoff,
+    /// When the next connection attempt after a failed sweep may start.
+    at: Option<Instant>,
+}
+
+struct Worker {
+    rules: watch::Receiver<Arc<RuleSet>>,
+    outbox: Outbox,
+    setup: FinderSetup,
+    finder: Option<Finder>,
     /// The index between two Redis connections (a finder holds it while connected).
     tracking: Option<Tracking>,
     /// The index passed its memory bound: sweep mode until the daemon restarts.
@@ -172,18 +192,12 @@ struct Worker {
     jobs: HashMap<WindowId, Job>,
     /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
     finished: Vec<(Job, Vec<u64>)>,
-    refill_guard: Duration,
     health: Arc<Health>,
     wake: Arc<Notify>,
     /// Word from and to the LISTEN connection that Postgres is back.
     back: Arc<PostgresBack>,
     systemd: Systemd,
-    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
-    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
-    /// in a tight loop.
-    sweep_failures: ExponentialBackoff,
-    /// When the next connection attempt after a failed sweep may start.
-    redis_retry_at: Option<Instant>,
+    redis_retry: RedisRetry,
 }
 
 impl Worker {
@@ -428,7 +442,7 @@ impl Worker {
 
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
     async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
-        if let Some(at) = self.redis_retry_at.take() {
+        if let Some(at) = self.redis_retry.at.take() {
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
             tokio::select! {
                 _ = self.systemd.alive_while(backoff) => {}
@@ -439,16 +453,16 @@ impl Worker {
         }
         let mut delays = reconnect_delays();
         loop {
-            match self.systemd.alive_while(self.redis.connect()).await {
+            match self.systemd.alive_while(self.setup.redis.connect()).await {
                 Ok(nodes) => {
                     info!(
                         nodes = nodes.len(),
-                        redis = self.redis.redacted(),
+                        redis = self.setup.redis.redacted(),
                         "connected to redis"
                     );
                     let tracking = self.track(&nodes).await?;
                     // A sweep starts afresh: cursors of the old connections mean nothing now.
-                    self.finder = Some(Finder::new(nodes, tracking, self.refill_guard));
+                    self.finder = Some(Finder::new(nodes, tracking, self.setup.refill_guard));
                     self.health.set_redis(true);
                     return Ok(true);
                 }
@@ -476,7 +490,7 @@ impl Worker {
         &mut self,
         nodes: &[crate::redis_nodes::Node],
     ) -> Result<Option<Tracking>, RunError> {
-        if self.mode == Mode::Sweep || self.index_dropped {
+        if self.setup.mode == Mode::Sweep || self.index_dropped {
             self.set_mode_gauge(false);
             return Ok(None);
         }
@@ -484,8 +498,8 @@ impl Worker {
         let mut tracking = self.tracking.take().unwrap_or_else(|| {
             Tracking::new(
                 prefixes,
-                self.index_max_keys,
-                self.redis_timeout,
+                self.setup.index_max_keys,
+                self.setup.redis_timeout,
                 self.wake.clone(),
             )
         });
@@ -501,12 +515,12 @@ impl Worker {
                 self.set_mode_gauge(true);
                 Ok(Some(tracking))
             }
-            Err(error @ TrackingError::Refused { .. }) if self.mode == Mode::Index => {
+            Err(error @ TrackingError::Refused { .. }) if self.setup.mode == Mode::Index => {
                 Err(RunError::IndexRefused(error))
             }
             Err(error @ TrackingError::Refused { .. }) => {
                 warn!(%error, "index mode unavailable: sweep mode (one SCAN pass per window of changes) from now on");
-                self.mode = Mode::Sweep;
+                self.setup.mode = Mode::Sweep;
                 self.set_mode_gauge(false);
                 Ok(None)
             }
@@ -607,7 +621,7 @@ impl Worker {
 
     /// Books a step that worked: its finished windows wait for their acknowledgement.
     fn stepped(&mut self, report: StepReport) {
-        self.sweep_failures = reconnect_delays();
+        self.redis_retry.failures = reconnect_delays();
         record_step(&report);
         for pass in &report.pass_durations {
             self.outbox.pace_to_pass(*pass);
@@ -630,8 +644,8 @@ impl Worker {
 
     /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
     async fn sweep_failed(&mut self, error: SweepError) {
-        let delay = self.sweep_failures.next().unwrap_or(RECONNECT_MAX);
-        self.redis_retry_at = Some(Instant::now() + delay);
+        let delay = self.redis_retry.failures.next().unwrap_or(RECONNECT_MAX);
+        self.redis_retry.at = Some(Instant::now() + delay);
         warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
         metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
         self.health.set_redis(false);
