@@ -331,7 +331,8 @@ async fn connections_whose_server_froze_are_given_up_and_replaced() {
     assert_gone_within(&mut redis, &keys(102), PATIENCE).await;
     let cleared_after = frozen_at.elapsed();
     // A new LISTEN session too, while the old one is still frozen.
-    let like = cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE;
+    // The LISTEN session's `application_name`, which `status` counts workers by.
+    let like = "cache-invalidator worker%";
     let replaced = wait_until(PATIENCE, || async {
         let listening = daemon_backends(&client, like).await;
         listening.iter().any(|pid| !frozen.0.contains(pid))

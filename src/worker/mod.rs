@@ -24,11 +24,9 @@ use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use self::pacing::SHUTDOWN_GRACE;
 use self::pacing::{grace_over, ClaimPacing, StopDeadline};
-pub use self::source::{
-    listener_application_name, mode_of_application_name, LISTENER_APPLICATION_NAME,
-    LISTENER_APPLICATION_NAME_LIKE,
+pub(crate) use self::source::{
+    mode_of_application_name, LISTENER_APPLICATION_NAME, LISTENER_APPLICATION_NAME_LIKE,
 };
 use self::source::{Listener, PostgresBack};
 use crate::backoff::{reconnect_delays, RECONNECT_MAX};
@@ -65,20 +63,9 @@ pub enum RunError {
     IndexRefused(TrackingError),
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then finishes the batch in flight.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
-    let (_rules_tx, rules_rx) = watch::channel(Arc::new(settings.rules.clone()));
-    run_with_rules(
-        settings,
-        rules_rx,
-        Arc::new(Health::new(Duration::MAX)),
-        shutdown,
-    )
-    .await
-}
-
-/// [`run`] with rules that can be replaced while running (SIGHUP) and shared health state.
-pub async fn run_with_rules(
+/// Runs the worker until `shutdown` is cancelled, then finishes the batch in flight; `rules` may
+/// be replaced while it runs (SIGHUP), `health` is shared with `/healthz` and the Redis probe.
+pub(crate) async fn run_with_rules(
     settings: Settings,
     rules: watch::Receiver<Arc<RuleSet>>,
     health: Arc<Health>,

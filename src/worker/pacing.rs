@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::backoff;
 
 /// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// While a sweep runs, claims are at least this far apart (unless the last one was full). A window
 /// joining the pass waits a full round anyway (about a second at 1M keys), so 50 ms more is small.
 /// Claiming on every notification instead made ~150 windows of 3–4 outbox rows a second at 5,000

@@ -24,18 +24,18 @@ use crate::telemetry::{names, Health};
 
 /// `application_name` of the LISTEN connection: `status` counts workers by it. Once the worker
 /// knows how it finds keys, the name carries the mode after a colon ([`listener_application_name`]).
-pub const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
+pub(crate) const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
 /// The `LIKE` pattern that matches every worker's LISTEN connection, whatever its mode.
-pub const LISTENER_APPLICATION_NAME_LIKE: &str = "cache-invalidator worker%";
+pub(crate) const LISTENER_APPLICATION_NAME_LIKE: &str = "cache-invalidator worker%";
 
 /// The LISTEN connection's `application_name` with the worker's mode (`index complete`, `index
 /// seeding`, `sweep`): under Postgres' 63 bytes, and only letters and spaces after the prefix.
-pub fn listener_application_name(mode: &str) -> String {
+pub(super) fn listener_application_name(mode: &str) -> String {
     format!("{LISTENER_APPLICATION_NAME}: {mode}")
 }
 
 /// The mode a worker's `application_name` shows, if any.
-pub fn mode_of_application_name(name: &str) -> Option<&str> {
+pub(crate) fn mode_of_application_name(name: &str) -> Option<&str> {
     name.strip_prefix(LISTENER_APPLICATION_NAME)?
         .strip_prefix(": ")
 }
