@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cli;
 pub(crate) mod daemon;
 pub(crate) mod finder;

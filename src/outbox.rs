@@ -30,7 +30,7 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::postgres::{describe, ConnectError, Driver, PgTarget};
+use crate::postgres::{answered, describe, ConnectError, Driver, PgTarget, QueryError};
 use crate::schema::SCHEMA;
 
 /// Transactions that may hold claims at once. Each is one connection and lives
@@ -48,6 +48,9 @@ pub const EPOCH_OPEN_FOR: Duration = Duration::from_millis(150);
 /// The longest an epoch takes claims, however slow the passes: a row claimed early waits for the
 /// windows claimed after it.
 pub const EPOCH_OPEN_AT_MOST: Duration = Duration::from_secs(1);
+/// Above the longest legitimate hold of a claim (a pass over a large keyspace), well under the
+/// minute after which an operator would call a change stuck.
+pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbox rows per claim. With at most 64 values per row this bounds one claim's memory.
 pub const CLAIM_LIMIT: i64 = 200;
 /// Heartbeats per claim timeout on each claim connection. With three, one heartbeat delayed by a
@@ -64,6 +67,11 @@ pub enum OutboxError {
     Connect(#[from] ConnectError),
     #[error("postgres: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// A query got no answer in time ([`crate::postgres::ANSWER_TIMEOUT`]): its connection is
+    /// dropped, and with it any epoch it carried (its rows go back to the outbox when the server
+    /// notices).
+    #[error("{}", QueryError::Unanswered)]
+    Unanswered,
     /// The connection carrying an epoch closed: the server rolled its transaction back, so the
     /// epoch's rows are pending again and will be claimed (and swept) anew.
     #[error(
@@ -71,6 +79,15 @@ pub enum OutboxError {
          outbox"
     )]
     ClaimLost { epoch: u64, reason: String },
+}
+
+impl From<QueryError> for OutboxError {
+    fn from(error: QueryError) -> OutboxError {
+        match error {
+            QueryError::Failed(error) => OutboxError::Postgres(error),
+            QueryError::Unanswered => OutboxError::Unanswered,
+        }
+    }
 }
 
 impl OutboxError {
@@ -203,7 +220,7 @@ impl Outbox {
             next_epoch: 1,
             open_for: EPOCH_OPEN_FOR,
             continued: None,
-            claim_timeout: crate::settings::DEFAULT_CLAIM_TIMEOUT,
+            claim_timeout: DEFAULT_CLAIM_TIMEOUT,
         }
     }
 
@@ -224,11 +241,10 @@ impl Outbox {
             true => 0,
             false => self.claim_timeout.as_millis().max(1),
         };
-        client
-            .batch_execute(&format!(
-                "SET idle_in_transaction_session_timeout = {millis}"
-            ))
-            .await?;
+        answered(client.batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = {millis}"
+        )))
+        .await?;
         let client = Arc::new(client);
         let heartbeat = (!self.claim_timeout.is_zero()).then(|| {
             tokio::spawn(heartbeat(
@@ -348,46 +364,58 @@ impl Outbox {
         }
     }
 
-    /// Claims up to `limit` pending rows, oldest first, into the epoch open for claims, else into
-    /// a new one, else (every connection holds an epoch) into the newest: claims never wait for
-    /// a pass to end, and that epoch's rows wait for this window too.
-    pub async fn claim(&mut self, limit: i64) -> Result<Claim, OutboxError> {
+    /// The slot the next claim goes into: the epoch open for claims, else a new epoch on a free
+    /// connection, else the newest epoch.
+    async fn claiming_slot(&mut self) -> Result<usize, OutboxError> {
         let free = self.slots.iter().position(|slot| slot.epoch.is_none());
-        let index = match (self.open_slot(), free) {
+        match (self.open_slot(), free) {
             (Some(index), _) => {
                 self.continued = self.slots[index].epoch.as_ref().map(|epoch| epoch.id);
-                index
+                Ok(index)
             }
             (None, Some(index)) => {
                 // A new epoch reads from the outbox's first row: nothing committed so far is
                 // skipped.
                 self.continued = None;
-                let id = self.next_epoch;
-                self.next_epoch += 1;
-                let result = async {
-                    self.client(index).await?.batch_execute("BEGIN").await?;
-                    Ok::<_, OutboxError>(())
-                }
-                .await;
-                if let Err(error) = result {
-                    self.slots[index].connection = None;
-                    return Err(error);
-                }
-                self.slots[index].epoch = Some(Epoch {
-                    id,
-                    opened: Instant::now(),
-                    last_id: 0,
-                    windows_outstanding: 0,
-                });
-                index
+                self.open_epoch(index).await?;
+                Ok(index)
             }
             (None, None) => {
                 // No epoch can open before one commits (which claims again anyway): a recheck now
                 // would only land in this same epoch.
                 self.continued = None;
-                self.newest_slot()
+                Ok(self.newest_slot())
             }
-        };
+        }
+    }
+
+    /// Begins a new epoch's transaction on slot `index`.
+    async fn open_epoch(&mut self, index: usize) -> Result<(), OutboxError> {
+        let id = self.next_epoch;
+        self.next_epoch += 1;
+        let result = async {
+            answered(self.client(index).await?.batch_execute("BEGIN")).await?;
+            Ok::<_, OutboxError>(())
+        }
+        .await;
+        if let Err(error) = result {
+            self.slots[index].connection = None;
+            return Err(error);
+        }
+        self.slots[index].epoch = Some(Epoch {
+            id,
+            opened: Instant::now(),
+            last_id: 0,
+            windows_outstanding: 0,
+        });
+        Ok(())
+    }
+
+    /// Claims up to `limit` pending rows, oldest first, into the epoch open for claims, else into
+    /// a new one, else (every connection holds an epoch) into the newest: claims never wait for
+    /// a pass to end, and that epoch's rows wait for this window too.
+    pub async fn claim(&mut self, limit: i64) -> Result<Claim, OutboxError> {
+        let index = self.claiming_slot().await?;
         let last_id = self.slots[index].epoch.as_ref().map_or(0, |e| e.last_id);
         let query = format!(
             "SELECT id, table_name, op, rows FROM {SCHEMA}.outbox WHERE id > $1 \
@@ -395,7 +423,7 @@ impl Outbox {
         );
         let result = async {
             let client = self.client(index).await?;
-            Ok::<_, OutboxError>(client.query(&query, &[&last_id, &limit]).await?)
+            Ok::<_, OutboxError>(answered(client.query(&query, &[&last_id, &limit])).await?)
         }
         .await;
         let fetched = match result {
@@ -452,27 +480,25 @@ impl Outbox {
             if !dead.is_empty() {
                 let ids: Vec<i64> = dead.iter().map(|(id, _)| *id).collect();
                 let errors: Vec<&str> = dead.iter().map(|(_, error)| error.as_str()).collect();
-                client
-                    .execute(
+                answered(client.execute(
                         &format!(
                             "INSERT INTO {SCHEMA}.dead_letters (outbox_id, created_at, table_name, op, rows, error) \
                              SELECT o.id, o.created_at, o.table_name, o.op, o.rows, e.error \
                              FROM {SCHEMA}.outbox o JOIN unnest($1::bigint[], $2::text[]) AS e(id, error) ON e.id = o.id"
                         ),
                         &[&ids, &errors],
-                    )
+                    ))
                     .await?;
             }
             let mut all: Vec<i64> = done.to_vec();
             all.extend(dead.iter().map(|(id, _)| *id));
-            let deleted = client
-                .query(
+            let deleted = answered(client.query(
                     &format!(
                         "DELETE FROM {SCHEMA}.outbox WHERE id = ANY($1) \
                          RETURNING extract(epoch FROM clock_timestamp() - created_at)::float8"
                     ),
                     &[&all],
-                )
+                ))
                 .await?;
             Ok::<_, OutboxError>(deleted.iter().map(|row| row.get::<_, f64>(0)).collect())
         }
@@ -505,7 +531,8 @@ impl Outbox {
 
     async fn finish_epoch(&mut self, index: usize) -> Result<(), OutboxError> {
         let result = async {
-            Ok::<_, OutboxError>(self.client(index).await?.batch_execute("COMMIT").await?)
+            let client = self.client(index).await?;
+            Ok::<_, OutboxError>(answered(client.batch_execute("COMMIT")).await?)
         }
         .await;
         self.slots[index].epoch = None;
@@ -527,7 +554,9 @@ impl Outbox {
         for index in 0..self.slots.len() {
             if self.slots[index].epoch.take().is_some() {
                 let rolled_back = match &self.slots[index].connection {
-                    Some(connection) => connection.client.batch_execute("ROLLBACK").await.is_ok(),
+                    Some(connection) => answered(connection.client.batch_execute("ROLLBACK"))
+                        .await
+                        .is_ok(),
                     None => true,
                 };
                 if !rolled_back {
@@ -567,12 +596,10 @@ pub async fn backlog(client: &Client) -> Result<Backlog, tokio_postgres::Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::SecretUrl;
 
     #[test]
     fn epochs_stay_open_longer_when_passes_are_slow() {
-        let url = SecretUrl::new("postgres://127.0.0.1/unused".to_owned());
-        let target = PgTarget::parse(&url, "test").expect("a valid URL");
+        let target = PgTarget::parse("postgres://127.0.0.1/unused").expect("a valid URL");
         let mut outbox = Outbox::new(target);
         assert_eq!(outbox.open_for, EPOCH_OPEN_FOR);
         // Fast passes: the epochs fit in the connections as they are.

@@ -6,7 +6,18 @@
 //! rustls configuration with libpq's meaning: `prefer`/`require` encrypt without checking the
 //! certificate (unless `sslrootcert` is given), `verify-ca` checks the chain, `verify-full` also the
 //! host name.
+//!
+//! High availability: a setting may name several hosts (`host=h1,h2 port=p1,p2` or
+//! `postgres://u@h1:5432,h2:5433/db`); every connection goes to the one that accepts writes.
+//! `target_session_attrs=read-write` is always in force (the daemon writes the outbox on every
+//! connection it opens), so tokio-postgres asks each host `SHOW transaction_read_only` in turn
+//! and moves on from a standby; a host that still says it is in recovery
+//! (`pg_is_in_recovery()`) is refused as well. A connection that stops answering without
+//! closing (a frozen server, a dropped route) is noticed by TCP keepalives and the TCP user
+//! timeout when the peer's kernel is gone, and by [`ANSWER_TIMEOUT`] on every query when it is
+//! not.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +28,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
-use crate::settings::SecretUrl;
+/// Where Postgres is when nothing says otherwise: the local server, as its superuser.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Dead peers (a host gone, a cable pulled) are noticed after about idle + interval × retries.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
@@ -29,6 +41,12 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// Unacknowledged writes fail after this long instead of the kernel's ~15 minutes.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long any query of the daemon may wait for its answer before the connection is given up. A
+/// server whose process is frozen (SIGSTOP, a stalled VM behind a live kernel, a proxy that
+/// stopped forwarding) still acknowledges TCP, so keepalives and the user timeout never fire: only
+/// a deadline on the answer notices it. The daemon's queries take milliseconds (a claim of at
+/// most a few hundred rows, a backlog count); ten seconds is far above a loaded server's answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -45,6 +63,38 @@ pub enum ConnectError {
         url: String,
         source: tokio_postgres::Error,
     },
+    /// Every host answered, none as a primary: a failover in progress, or the wrong hosts.
+    #[error(
+        "cannot connect to Postgres at {url}: the server is a standby in recovery \
+         (pg_is_in_recovery()); the daemon needs the primary"
+    )]
+    InRecovery { url: String },
+    /// The check of a new connection ([`PgTarget::connect`]) failed or got no answer.
+    #[error("cannot connect to Postgres at {url}: {source}")]
+    Check { url: String, source: QueryError },
+}
+
+/// A query that failed, or got no answer in time.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("postgres: {}", describe(.0))]
+    Failed(#[from] tokio_postgres::Error),
+    /// The connection is to be dropped: whatever it was doing may or may not have happened.
+    #[error(
+        "postgres did not answer within {} s: the connection is given up",
+        ANSWER_TIMEOUT.as_secs()
+    )]
+    Unanswered,
+}
+
+/// Runs one query (or a few) on a connection, waiting at most [`ANSWER_TIMEOUT`] for the answer.
+pub async fn answered<T>(
+    query: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, QueryError> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, query).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(QueryError::Unanswered),
+    }
 }
 
 /// An error with its reason. tokio-postgres' `Display` names only the kind ("db error", "error
@@ -179,56 +229,39 @@ fn check_parameter(key: &str, position: usize) -> Result<(), String> {
 impl PgTarget {
     /// Parses `DATABASE_URL` in either of libpq's forms: a `postgres://` (or `postgresql://`) URL,
     /// or a key/value string (`host=db user=app password='s3 cr\'et' dbname=reports`, quoting as
-    /// libpq does). Errors never quote the input and the redacted form shown in logs is written
-    /// from the parsed configuration, so no password reaches any output, however it is written.
-    pub fn parse(url: &SecretUrl, application_name: &str) -> Result<PgTarget, ConnectError> {
-        let text = url.expose().trim();
-        let lowercase_start: String = text.chars().take(16).collect::<String>().to_lowercase();
-        let (form, result) = if lowercase_start.starts_with("postgres://")
-            || lowercase_start.starts_with("postgresql://")
-        {
-            (
+    /// libpq does), either naming one host or several. Errors never quote the input and the
+    /// redacted form shown in logs is written from the parsed configuration, so no password
+    /// reaches any output, however it is written.
+    pub fn parse(text: &str) -> Result<PgTarget, ConnectError> {
+        let text = text.trim();
+        let (form, result) = match url_body(text) {
+            Some(body) => (
                 Form::Url,
-                url_options(text)
+                url_options(body)
                     .map_err(|message| format!("not a valid postgres:// URL: {message}")),
-            )
-        } else if text.contains("://") {
-            (
+            ),
+            None if text.contains("://") => (
                 Form::Url,
                 Err(
                     "neither a postgres:// URL nor a key/value string: a URL must start with \
                      postgres:// or postgresql://"
                         .to_owned(),
                 ),
-            )
-        } else {
-            (Form::KeyValue, key_value_options(text).map_err(|message| {
+            ),
+            None => (Form::KeyValue, key_value_options(text).map_err(|message| {
                 format!("neither a postgres:// URL nor a key/value string (host=… user=… dbname=…): {message}")
-            }))
+            })),
         };
         let (mut config, libpq) = result.map_err(|message| ConnectError::InvalidUrl { message })?;
-        let tls = match libpq.sslmode.as_deref() {
-            None | Some("prefer") | Some("allow") => TlsMode::Encrypt { required: false },
-            Some("disable") => TlsMode::Disable,
-            Some("require") => TlsMode::Encrypt { required: true },
-            Some("verify-ca") => TlsMode::VerifyCa,
-            Some("verify-full") => TlsMode::VerifyFull,
-            Some(_) => {
-                return Err(ConnectError::InvalidUrl {
-                    message: "invalid: sslmode must be disable, prefer, require, verify-ca or \
-                              verify-full"
-                        .to_owned(),
-                })
-            }
-        };
+        let tls = tls_mode(libpq.sslmode.as_deref())?;
         config.ssl_mode(match tls {
             TlsMode::Disable => SslMode::Disable,
             TlsMode::Encrypt { required: false } => SslMode::Prefer,
             _ => SslMode::Require,
         });
-        if config.get_application_name().is_none() {
-            config.application_name(application_name);
-        }
+        // Every connection writes (claims lock and delete outbox rows; install creates the
+        // schema): a standby is never the server wanted, whatever the setting asked for.
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
         config
             .keepalives(true)
             .keepalives_idle(KEEPALIVE_IDLE)
@@ -250,6 +283,15 @@ impl PgTarget {
             root_cert: libpq.sslrootcert,
             redacted,
         })
+    }
+
+    /// The same target, named `name` to the server unless the setting gave an
+    /// `application_name` of its own.
+    pub fn with_default_application_name(mut self, name: &str) -> PgTarget {
+        if self.config.get_application_name().is_none() {
+            self.config.application_name(name);
+        }
+        self
     }
 
     pub fn redacted(&self) -> &str {
@@ -331,8 +373,9 @@ impl PgTarget {
         Ok(roots)
     }
 
-    /// Connects, spawning the driver task. Notifications wake `on_notification` when given; the
-    /// returned handle ends when the connection closes, with the error that closed it.
+    /// Connects to the primary, spawning the driver task. Notifications wake `on_notification`
+    /// when given; the returned handle ends when the connection closes, with the error that
+    /// closed it.
     pub async fn connect(
         &self,
         on_notification: Option<Arc<Notify>>,
@@ -341,52 +384,110 @@ impl PgTarget {
             url: self.redacted.clone(),
             source,
         };
-        if self.tls == TlsMode::Disable {
+        let (client, driver) = if self.tls == TlsMode::Disable {
             let (client, connection) = self.config.connect(NoTls).await.map_err(connect_error)?;
-            return Ok((client, drive(connection, on_notification)));
+            (client, drive(connection, on_notification))
+        } else {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config()?);
+            let (client, connection) = self.config.connect(tls).await.map_err(connect_error)?;
+            (client, drive(connection, on_notification))
+        };
+        self.refuse_standby(&client).await?;
+        Ok((client, driver))
+    }
+
+    /// `target_session_attrs=read-write` already passed over the hosts that said
+    /// `transaction_read_only`; this asks the one chosen whether it is in recovery, for a server
+    /// (or a proxy in front of it) that answered that question otherwise.
+    async fn refuse_standby(&self, client: &Client) -> Result<(), ConnectError> {
+        let in_recovery = answered(client.query_one("SELECT pg_is_in_recovery()", &[]))
+            .await
+            .and_then(|row| Ok(row.try_get::<_, bool>(0)?))
+            .map_err(|source| ConnectError::Check {
+                url: self.redacted.clone(),
+                source,
+            })?;
+        match in_recovery {
+            true => Err(ConnectError::InRecovery {
+                url: self.redacted.clone(),
+            }),
+            false => Ok(()),
         }
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config()?);
-        let (client, connection) = self.config.connect(tls).await.map_err(connect_error)?;
-        Ok((client, drive(connection, on_notification)))
     }
 }
 
-/// A `postgres://` URL: libpq's TLS options taken out of the query, the rest parsed by
-/// tokio-postgres.
-fn url_options(text: &str) -> Result<(Config, LibpqTls), String> {
-    // url's messages ("invalid port number", "invalid IPv6 address") never quote the input.
-    let mut parsed = url::Url::parse(text).map_err(|error| error.to_string())?;
-    // A '/', '?' or '#' left raw in a password ends the authority early; what follows the '@'
-    // would then be read as path or query, and a password part shown as a database name or host.
+/// libpq's `sslmode`, as a [`TlsMode`].
+fn tls_mode(sslmode: Option<&str>) -> Result<TlsMode, ConnectError> {
+    Ok(match sslmode {
+        None | Some("prefer") | Some("allow") => TlsMode::Encrypt { required: false },
+        Some("disable") => TlsMode::Disable,
+        Some("require") => TlsMode::Encrypt { required: true },
+        Some("verify-ca") => TlsMode::VerifyCa,
+        Some("verify-full") => TlsMode::VerifyFull,
+        Some(_) => {
+            return Err(ConnectError::InvalidUrl {
+                message: "invalid: sslmode must be disable, prefer, require, verify-ca or \
+                          verify-full"
+                    .to_owned(),
+            })
+        }
+    })
+}
+
+/// What follows `postgres://` or `postgresql://` (in any case), if the text is such a URL.
+fn url_body(text: &str) -> Option<&str> {
+    let (scheme, body) = text.split_once("://")?;
+    ["postgres", "postgresql"]
+        .iter()
+        .any(|known| scheme.eq_ignore_ascii_case(known))
+        .then_some(body)
+}
+
+/// A `postgres://` URL as libpq writes it, with one host or several
+/// (`user@h1:5432,h2:5433/db?target_session_attrs=read-write`): libpq's TLS options taken out of
+/// the query, the rest parsed by tokio-postgres (a general URL parser refuses the host list).
+fn url_options(body: &str) -> Result<(Config, LibpqTls), String> {
+    // A '/', '?', '#' or '@' left raw in a password ends the authority early or makes the '@'
+    // ambiguous; what follows would be read as path, query or host, and a part of the password
+    // shown as a database name or host. Messages never quote the input.
     let spilled = || {
-        "an '@' or '#' after the host: a password's '/', '?', '#' and '@' must be \
+        "an '@' or '#' out of place: a password's '/', '?', '#' and '@' must be \
          percent-encoded (%2F, %3F, %23, %40)"
             .to_owned()
     };
-    if parsed.path().contains('@') || parsed.fragment().is_some() {
+    if body.contains('#') {
+        return Err(spilled());
+    }
+    let authority_end = body.find(['/', '?']).unwrap_or(body.len());
+    let (authority, rest) = body.split_at(authority_end);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if authority.matches('@').count() > 1 || path.contains('@') {
         return Err(spilled());
     }
     let mut libpq = LibpqTls::default();
     let mut kept = Vec::new();
-    for (position, (key, value)) in parsed.query_pairs().enumerate() {
+    for (position, pair) in query.split('&').filter(|pair| !pair.is_empty()).enumerate() {
+        let Some((key, value)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
+            continue;
+        };
         check_parameter(&key, position + 1)?;
         if key != "password" && value.contains('@') {
             return Err(spilled());
         }
         if libpq.take(&key, &value) {
-            kept.push((key.into_owned(), value.into_owned()));
+            // tokio-postgres ends the credentials at the first '@' of the whole URL: one in a
+            // password given as a parameter must not be that '@'.
+            kept.push(pair.replace('@', "%40"));
         }
     }
-    if kept.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    let mut url = format!("postgres://{authority}{path}");
+    if !kept.is_empty() {
+        url.push('?');
+        url.push_str(&kept.join("&"));
     }
-    // Every key was checked above, so tokio-postgres' messages name only known parameters.
-    let config = parsed
-        .as_str()
-        .parse::<Config>()
-        .map_err(|error| describe(&error))?;
+    // Every key was checked above, so tokio-postgres' messages name only known parameters
+    // ("invalid value for option `port`"), never a value.
+    let config = url.parse::<Config>().map_err(|error| describe(&error))?;
     Ok((config, libpq))
 }
 
@@ -713,26 +814,25 @@ mod tests {
     use super::*;
 
     /// The message of a connection string that must not parse.
-    fn parse_error(url: &SecretUrl) -> String {
-        match PgTarget::parse(url, "test") {
-            Ok(_) => panic!("{} parsed", url.redacted()),
+    fn parse_error(url: &str) -> String {
+        match PgTarget::parse(url) {
+            Ok(target) => panic!("{} parsed", target.redacted()),
             Err(error) => error.to_string(),
         }
     }
 
     #[test]
     fn libpq_ssl_options_are_understood_and_errors_are_redacted() {
-        let url =
-            SecretUrl::new("postgres://u:pw@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem");
-        let target = PgTarget::parse(&url, "test").expect("parses");
+        let url = "postgres://u:pw@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem";
+        let target = PgTarget::parse(url).expect("parses");
         assert_eq!(target.tls, TlsMode::VerifyFull);
         assert_eq!(target.root_cert.as_deref(), Some("/ca.pem"));
         assert_eq!(
             target.redacted(),
             "postgres://u:***@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem"
         );
-        let bad = SecretUrl::new("postgres://u:pw@db/x?sslmode=sometimes");
-        let message = parse_error(&bad);
+        let bad = "postgres://u:pw@db/x?sslmode=sometimes";
+        let message = parse_error(bad);
         assert!(message.contains("sslmode must be"), "{message}");
         assert!(!message.contains("pw"), "{message}");
     }
@@ -741,7 +841,7 @@ mod tests {
     fn key_value_strings_parse_with_libpq_quoting() {
         let text =
             r"host=db port = 5433 user=app password='s3 cr\'et\\' dbname=reports sslmode=verify-ca";
-        let target = PgTarget::parse(&SecretUrl::new(text), "test").expect("parses");
+        let target = PgTarget::parse(text).expect("parses");
         assert_eq!(target.config.get_password(), Some(&b"s3 cr'et\\"[..]));
         assert_eq!(target.config.get_ports(), &[5433]);
         assert_eq!(target.tls, TlsMode::VerifyCa);
@@ -749,12 +849,12 @@ mod tests {
             target.redacted(),
             "host=db port=5433 user=app password=*** dbname=reports sslmode=verify-ca"
         );
-        let unquoted = SecretUrl::new("host=db password=Se cret9=x");
-        let message = parse_error(&unquoted);
+        let unquoted = "host=db password=Se cret9=x";
+        let message = parse_error(unquoted);
         assert!(message.starts_with("DATABASE_URL is neither"), "{message}");
         assert!(!message.contains("cret9"), "{message}");
-        let open = SecretUrl::new("host=db password='Secret9");
-        let message = parse_error(&open);
+        let open = "host=db password='Secret9";
+        let message = parse_error(open);
         assert!(
             message.contains("no closing quote") && !message.contains("Secret9"),
             "{message}"
@@ -769,14 +869,50 @@ mod tests {
             "postgres://u:pa#Secret9@db/x",
             "postgres://u:pa@Secret9@db/x",
         ] {
-            match PgTarget::parse(&SecretUrl::new(text), "test") {
+            match PgTarget::parse(text) {
                 Ok(target) => assert!(!target.redacted().contains("Secret9"), "{text}: {target:?}"),
                 Err(error) => assert!(!error.to_string().contains("Secret9"), "{text}: {error}"),
             }
         }
-        let encoded = SecretUrl::new("postgres://u:a%2Fb%3Fc%40d%23Secret9@db:5432/x");
-        let target = PgTarget::parse(&encoded, "test").expect("parses");
+        let encoded = "postgres://u:a%2Fb%3Fc%40d%23Secret9@db:5432/x";
+        let target = PgTarget::parse(encoded).expect("parses");
         assert_eq!(target.config.get_password(), Some(&b"a/b?c@d#Secret9"[..]));
         assert_eq!(target.redacted(), "postgres://u:***@db:5432/x");
+    }
+
+    #[test]
+    fn several_hosts_parse_in_either_form_and_always_ask_for_a_primary() {
+        let url = "postgres://app:Secret9@h1:5432,h2:5433/reports?target_session_attrs=read-write";
+        let target = PgTarget::parse(url).expect("parses");
+        assert_eq!(target.config.get_ports(), &[5432, 5433]);
+        assert_eq!(
+            target.redacted(),
+            "postgres://app:***@h1:5432,h2:5433/reports"
+        );
+        let key_value = "host=h1,h2 port=5432,5433 user=app password=Secret9 dbname=reports";
+        let target = PgTarget::parse(key_value).expect("parses");
+        assert_eq!(
+            target.redacted(),
+            "host=h1,h2 port=5432,5433 user=app password=*** dbname=reports"
+        );
+        // Whatever was asked, every connection goes to a server that accepts writes.
+        for text in [url, key_value, "postgres://h1/x?target_session_attrs=any"] {
+            let target = PgTarget::parse(text).expect("parses");
+            assert_eq!(
+                target.config.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite
+            );
+        }
+        let message = parse_error("postgres://u:Secret9@h1:5432,h2:x/db");
+        assert!(
+            message.contains("port") && !message.contains("Secret9"),
+            "{message}"
+        );
+        let target =
+            PgTarget::parse("POSTGRESQL://[::1]:5432,h2/db?sslmode=disable").expect("parses");
+        assert_eq!(
+            target.redacted(),
+            "postgres://[::1]:5432,h2:5432/db?sslmode=disable"
+        );
     }
 }

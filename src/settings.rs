@@ -53,7 +53,7 @@ impl SecretUrl {
             Some(
                 "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "unix" | "redis+unix",
             ) => redacted_redis(text),
-            _ => PgTarget::parse(self, "")
+            _ => PgTarget::parse(&self.0)
                 .ok()
                 .map(|target| target.redacted().to_owned()),
         };
@@ -322,7 +322,8 @@ impl Settings {
     /// The Postgres server to connect to, as `application_name` (how `status` tells workers from
     /// other sessions).
     pub fn postgres_target(&self, application_name: &str) -> Result<PgTarget, ConnectError> {
-        PgTarget::parse(&self.connections.database_url, application_name)
+        Ok(PgTarget::parse(self.connections.database_url.expose())?
+            .with_default_application_name(application_name))
     }
 
     /// The Redis server or cluster holding the cache, with its CA file, command timeout and
@@ -729,7 +730,7 @@ fn whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
         .map_err(|_| format!("{text:?} is not a whole number in range"))
 }
 
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub use crate::postgres::DEFAULT_DATABASE_URL;
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 /// Default delay of the second pass: above the app's slowest report request we measured (see
 /// docs/guarantees.md, "No stale refills"), well under the shortest TTL.
@@ -742,9 +743,7 @@ pub const DEFAULT_MAX_BACKLOG_AGE: Duration = Duration::from_secs(60);
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// About 1 GB of worker memory at the index's ≤ 100 bytes per key (key names included).
 pub const DEFAULT_INDEX_MAX_KEYS: usize = 10_000_000;
-/// Above the longest legitimate hold of a claim (a pass over a large keyspace), well under the
-/// minute after which an operator would call a change stuck.
-pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::outbox::DEFAULT_CLAIM_TIMEOUT;
 /// Replicas on the same network confirm a write within milliseconds; a second means one is stuck.
 pub const DEFAULT_REPLICA_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 

@@ -1009,7 +1009,7 @@ fn random_token() -> Arc<str> {
 }
 
 fn reconnect_delays() -> backon::ExponentialBackoff {
-    crate::worker::backoff(RECONNECT_MIN, RECONNECT_MAX)
+    crate::backoff::backoff(RECONNECT_MIN, RECONNECT_MAX)
 }
 
 #[cfg(test)]

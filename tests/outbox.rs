@@ -7,7 +7,6 @@ mod common;
 use cache_invalidator::outbox::{Outbox, EPOCH_CONNECTIONS};
 use cache_invalidator::postgres::PgTarget;
 use cache_invalidator::rules::RuleSet;
-use cache_invalidator::settings::SecretUrl;
 use common::*;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -42,7 +41,9 @@ async fn a_claim_with_every_connection_busy_joins_the_newest_epoch() {
     let all_ids = outbox_ids(&observer).await;
     assert_eq!(all_ids.len() as i64, rows);
 
-    let target = PgTarget::parse(&SecretUrl::new(db.url.clone()), "outbox test").expect("db url");
+    let target = PgTarget::parse(&db.url)
+        .expect("db url")
+        .with_default_application_name("outbox test");
     let mut outbox = Outbox::new(target);
     // Every claim opens a new epoch while a connection is free.
     outbox.set_epoch_open_for(Duration::ZERO);
@@ -127,7 +128,9 @@ async fn a_row_committed_late_below_the_claimed_ids_is_claimed_once_its_epoch_cl
         .await
         .expect("the other writer commits the second id");
 
-    let target = PgTarget::parse(&SecretUrl::new(db.url.clone()), "outbox test").expect("db url");
+    let target = PgTarget::parse(&db.url)
+        .expect("db url")
+        .with_default_application_name("outbox test");
     let mut outbox = Outbox::new(target);
     outbox.set_epoch_open_for(Duration::from_secs(3_600));
     let first = outbox.claim(100).await.expect("first claim");

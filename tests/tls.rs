@@ -90,20 +90,16 @@ async fn servers_whose_certificate_another_ca_signed_are_refused() {
     let pg = PrivatePostgres::start_tls(&certs);
     let redis_server = PrivateRedis::start_tls(&certs);
 
-    let trusted = PgTarget::parse(
-        &SecretUrl::new(verify_full_url(pg.port, "postgres", &certs.ca_file())),
-        "tls test",
-    )
-    .expect("url");
+    let trusted = PgTarget::parse(&verify_full_url(pg.port, "postgres", &certs.ca_file()))
+        .expect("url")
+        .with_default_application_name("tls test");
     assert!(
         trusted.connect(None).await.is_ok(),
         "the right CA must work"
     );
-    let untrusted = PgTarget::parse(
-        &SecretUrl::new(verify_full_url(pg.port, "postgres", &stranger.ca_file())),
-        "tls test",
-    )
-    .expect("url");
+    let untrusted = PgTarget::parse(&verify_full_url(pg.port, "postgres", &stranger.ca_file()))
+        .expect("url")
+        .with_default_application_name("tls test");
     let Err(error) = untrusted.connect(None).await else {
         panic!("a certificate from an unknown CA must be refused");
     };

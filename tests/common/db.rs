@@ -382,6 +382,69 @@ impl PrivatePostgres {
         );
     }
 
+    /// A streaming standby of this server (`pg_basebackup -R`), started on a port of its own, and
+    /// this server made to wait for it on every commit (`synchronous_standby_names = '*'`,
+    /// set after the copy so that the standby, once promoted, waits for nobody): a change the
+    /// app saw committed is on both.
+    pub async fn start_synchronous_standby(&self) -> PrivatePostgres {
+        let dir = tempfile::Builder::new()
+            .prefix("ci-pg-standby-")
+            .tempdir()
+            .expect("temp dir");
+        give_to_postgres(dir.path());
+        let port = self.port.to_string();
+        let copy = || {
+            run_checked(
+                pg_program("pg_basebackup")
+                    .arg("-D")
+                    .arg(dir.path().join("data"))
+                    .args(["-R", "-X", "stream", "--no-sync", "-h", "127.0.0.1"])
+                    .args(["-p", &port, "-U", "postgres"]),
+                "pg_basebackup",
+            )
+        };
+        tokio::task::block_in_place(copy);
+        let standby = tokio::task::block_in_place(|| PrivatePostgres::launch(dir, &[]));
+        let primary = connect(&self.url()).await;
+        // Two statements: ALTER SYSTEM may not run in the transaction a batch would be.
+        for statement in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "SELECT pg_reload_conf()",
+        ] {
+            primary
+                .batch_execute(statement)
+                .await
+                .expect("make the standby synchronous");
+        }
+        let sync = "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'";
+        let synchronous = wait_until(Duration::from_secs(30), || async {
+            primary
+                .query_one(sync, &[])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+        })
+        .await;
+        assert!(
+            synchronous,
+            "the standby never became synchronous:\n{}",
+            standby.log()
+        );
+        standby
+    }
+
+    /// `pg_ctl stop -m immediate`: the server is gone at once, as if its host died.
+    pub fn stop_immediately(&self) {
+        run_checked(
+            &mut self.pg_ctl(&["stop", "-m", "immediate", "-w"]),
+            "pg_ctl stop",
+        );
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary; it accepts writes when this returns.
+    pub fn promote(&self) {
+        run_checked(&mut self.pg_ctl(&["promote", "-w"]), "pg_ctl promote");
+    }
+
     /// The server's log so far (for a failing test's message).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

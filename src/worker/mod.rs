@@ -1,78 +1,54 @@
 //! The daemon's loop: wake → claim → render a window → find and delete its keys → ack, until
 //! shutdown.
 //!
-//! A listener task holds the `LISTEN` connection (reconnecting forever) and wakes the loop on every
-//! notification and after every reconnect. The loop claims what is pending into a window, hands
-//! its patterns to the [`Finder`] (the index or the rolling sweep), steps the finder reply by
-//! reply, and acknowledges each window once Redis confirmed its deletes. The Postgres round trips
-//! (claims, acknowledgements) run alongside the Redis steps, not between them. While a sweep runs,
-//! new changes keep being claimed and join it, so a burst costs about one pass. A failed Redis
-//! step gives every claimed row back to the outbox; nothing is acknowledged that Redis did not
-//! confirm. When to claim (`ClaimPacing`) and when to stop (`StopDeadline`) are small types
-//! of their own, on tokio's clock.
+//! A listener task ([`source`]) holds the `LISTEN` connection (reconnecting forever) and wakes the
+//! loop on every notification and after every reconnect. The loop claims what is pending into a
+//! window, hands its patterns to the [`Finder`] (the index or the rolling sweep), steps the finder
+//! reply by reply, and acknowledges each window once Redis confirmed its deletes. The Postgres
+//! round trips (claims, acknowledgements) run alongside the Redis steps, not between them. While a
+//! sweep runs, new changes keep being claimed and join it, so a burst costs about one pass. A
+//! failed Redis step gives every claimed row back to the outbox; nothing is acknowledged that
+//! Redis did not confirm. When to claim and when to stop is [`pacing`]'s to say.
+
+mod pacing;
+mod source;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBackoff;
 use futures::FutureExt;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use self::pacing::{grace_over, ClaimPacing, StopDeadline};
+pub(crate) use self::source::{
+    mode_of_application_name, LISTENER_APPLICATION_NAME, LISTENER_APPLICATION_NAME_LIKE,
+};
+use self::source::{Listener, PostgresBack};
+use crate::backoff::{reconnect_delays, RECONNECT_MAX};
 use crate::finder::{Finder, WindowId};
-use crate::outbox::{self, Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
-use crate::postgres::{describe, ConnectError, PgTarget};
+use crate::outbox::{Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
+use crate::postgres::ConnectError;
 use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{Change, RuleSet};
-use crate::schema::CHANNEL;
 use crate::settings::Mode;
 use crate::settings::Settings;
 use crate::sweep::{PatternSpec, StepReport, SweepError};
 use crate::telemetry::{names, Health, Systemd};
 use crate::tracking::{Tracking, TrackingError};
 
-/// `application_name` of the LISTEN connection: `status` counts workers by it. Once the worker
-/// knows how it finds keys, the name carries the mode after a colon ([`listener_application_name`]).
-pub const LISTENER_APPLICATION_NAME: &str = "cache-invalidator worker";
-/// The `LIKE` pattern that matches every worker's LISTEN connection, whatever its mode.
-pub const LISTENER_APPLICATION_NAME_LIKE: &str = "cache-invalidator worker%";
-
-/// The LISTEN connection's `application_name` with the worker's mode (`index complete`, `index
-/// seeding`, `sweep`): under Postgres' 63 bytes, and only letters and spaces after the prefix.
-pub fn listener_application_name(mode: &str) -> String {
-    format!("{LISTENER_APPLICATION_NAME}: {mode}")
-}
-
-/// The mode a worker's `application_name` shows, if any.
-pub fn mode_of_application_name(name: &str) -> Option<&str> {
-    name.strip_prefix(LISTENER_APPLICATION_NAME)?
-        .strip_prefix(": ")
-}
-
-/// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
 /// backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
 /// refill guard's patterns are not counted: they come from windows already finished, at most one
 /// guard delay and one pass earlier, so the claim rate bounds them too.
 pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
-/// While a sweep runs, claims are at least this far apart (unless the last one was full). A window
-/// joining the pass waits a full round anyway (about a second at 1M keys), so 50 ms more is small.
-/// Claiming on every notification instead made ~150 windows of 3–4 outbox rows a second at 5,000
-/// row changes/s (measured at 1M keys): a claim and an ack round trip to Postgres each, between
-/// `SCAN` steps, plus as many refill-guard windows; spaced, it is ~20 windows a second.
-const CLAIM_INTERVAL_WHILE_SWEEPING: Duration = Duration::from_millis(50);
-/// How often the listener refreshes the backlog gauges that `/healthz` and metrics show.
-const BACKLOG_REFRESH: Duration = Duration::from_secs(2);
 /// At stop, giving the claimed rows back (a `ROLLBACK` per epoch) may wait this long; a server that
 /// does not answer rolls them back anyway when the connection closes as the process exits.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Reconnect delays: exponential with jitter, capped, never giving up while the daemon runs.
-const RECONNECT_MIN: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -85,21 +61,6 @@ pub enum RunError {
     /// `--mode index` on a server that cannot announce keys.
     #[error("--mode index: {0}; use --mode auto or sweep with this server")]
     IndexRefused(TrackingError),
-}
-
-fn reconnect_delays() -> ExponentialBackoff {
-    backoff(RECONNECT_MIN, RECONNECT_MAX)
-}
-
-/// Retry delays from `min` to `max`: exponential with jitter, never giving up while the daemon
-/// runs (shared with the index's tracking connections, which retry on shorter delays).
-pub(crate) fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// Runs the worker until `shutdown` is cancelled, then finishes the batch in flight; `rules` may
@@ -120,112 +81,47 @@ pub(crate) async fn run_with_rules(
         "starting"
     );
     let wake = Arc::new(Notify::new());
+    let back = Arc::new(PostgresBack::default());
     let listener_stop = CancellationToken::new();
-    let listener = tokio::spawn(listen(
-        pg.with_application_name(LISTENER_APPLICATION_NAME),
-        wake.clone(),
-        health.clone(),
-        listener_stop.clone(),
-    ));
+    let listener = tokio::spawn(
+        Listener {
+            pg: pg.with_application_name(LISTENER_APPLICATION_NAME),
+            wake: wake.clone(),
+            health: health.clone(),
+            back: back.clone(),
+            stop: listener_stop.clone(),
+        }
+        .run(),
+    );
     let mut worker = Worker {
         rules,
         outbox: Outbox::new(pg).with_claim_timeout(settings.claim_timeout),
-        redis,
+        setup: FinderSetup {
+            redis,
+            mode: settings.mode,
+            index_max_keys: settings.index_max_keys,
+            redis_timeout: settings.redis_timeout,
+            refill_guard: settings.refill_guard,
+        },
         finder: None,
-        mode: settings.mode,
-        index_max_keys: settings.index_max_keys,
-        redis_timeout: settings.redis_timeout,
         tracking: None,
         index_dropped: false,
         jobs: HashMap::new(),
         finished: Vec::new(),
-        refill_guard: settings.refill_guard,
-        poll_interval: settings.poll_interval,
         health,
         wake,
+        back,
         systemd: Systemd::from_env(),
-        sweep_failures: reconnect_delays(),
-        redis_retry_at: None,
+        redis_retry: RedisRetry {
+            failures: reconnect_delays(),
+            at: None,
+        },
     };
-    let result = worker.run(shutdown).await;
+    let claims = ClaimPacing::new(settings.poll_interval);
+    let result = worker.run(claims, shutdown).await;
     listener_stop.cancel();
     let _ = listener.await;
     result
-}
-
-/// Holds the LISTEN connection: reconnects with backoff, re-LISTENs, wakes the worker to drain
-/// (notifications sent while disconnected are lost; the outbox is not), refreshes backlog gauges.
-async fn listen(pg: PgTarget, wake: Arc<Notify>, health: Arc<Health>, stop: CancellationToken) {
-    let mut first = true;
-    loop {
-        let mut delays = reconnect_delays();
-        let (client, mut driver) = loop {
-            let attempt = async {
-                let (client, driver) = pg.connect(Some(wake.clone())).await?;
-                client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-                Ok::<_, OutboxError>((client, driver))
-            };
-            match attempt.await {
-                Ok(connected) => break connected,
-                Err(error) if error.is_permanent() => {
-                    warn!(%error, "postgres settings are wrong; not retrying");
-                    return;
-                }
-                Err(error) => {
-                    let delay = delays.next().unwrap_or(RECONNECT_MAX);
-                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "postgres LISTEN connection failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
-        };
-        if !first {
-            metrics::counter!(names::RECONNECTS, "side" => "postgres").increment(1);
-            info!("postgres LISTEN connection restored; draining the outbox");
-        }
-        first = false;
-        health.set_postgres(true);
-        wake.notify_one();
-        let mut refresh = tokio::time::interval(BACKLOG_REFRESH);
-        // The mode as `status` shows it, in the connection's `application_name`.
-        let mut shown_mode = "";
-        let reason = loop {
-            tokio::select! {
-                closed = &mut driver => break match closed {
-                    Ok(Err(error)) => describe(&error),
-                    Ok(Ok(())) => "closed".to_owned(),
-                    Err(error) => error.to_string(),
-                },
-                _ = stop.cancelled() => return,
-                _ = refresh.tick() => match outbox::backlog(&client).await {
-                    Ok(backlog) => {
-                        let mode = health.mode_label();
-                        if mode != shown_mode {
-                            let name = listener_application_name(mode);
-                            match client.batch_execute(&format!("SET application_name = '{name}'")).await {
-                                Ok(()) => shown_mode = mode,
-                                Err(error) => warn!(error = %describe(&error), "could not show the mode to status"),
-                            }
-                        }
-                        health.set_backlog(backlog.rows, backlog.oldest_age_seconds);
-                        metrics::gauge!(names::OUTBOX_BACKLOG).set(backlog.rows as f64);
-                        metrics::gauge!(names::OUTBOX_OLDEST_AGE).set(backlog.oldest_age_seconds);
-                        metrics::gauge!(names::DEAD_LETTERS).set(backlog.dead_letters as f64);
-                    }
-                    Err(error) => {
-                        warn!(error = %describe(&error), "backlog query failed");
-                        if client.is_closed() {
-                            break describe(&error);
-                        }
-                    }
-                },
-            }
-        };
-        health.set_postgres(false);
-        warn!(%reason, "postgres LISTEN connection lost; reconnecting");
-    }
 }
 
 /// One change of a window, kept for its debug line.
@@ -251,15 +147,31 @@ struct Job {
     started: Instant,
 }
 
-struct Worker {
-    rules: watch::Receiver<Arc<RuleSet>>,
-    outbox: Outbox,
+/// What a new [`Finder`] is made from each time Redis is connected.
+struct FinderSetup {
     redis: RedisTarget,
-    finder: Option<Finder>,
     /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking.
     mode: Mode,
     index_max_keys: usize,
     redis_timeout: Duration,
+    refill_guard: Duration,
+}
+
+/// Pacing of Redis reconnects after failed sweeps.
+struct RedisRetry {
+    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
+    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
+    /// in a tight loop.
+    failures: ExponentialBackoff,
+    /// When the next connection attempt after a failed sweep may start.
+    at: Option<Instant>,
+}
+
+struct Worker {
+    rules: watch::Receiver<Arc<RuleSet>>,
+    outbox: Outbox,
+    setup: FinderSetup,
+    finder: Option<Finder>,
     /// The index between two Redis connections (a finder holds it while connected).
     tracking: Option<Tracking>,
     /// The index passed its memory bound: sweep mode until the daemon restarts.
@@ -267,22 +179,20 @@ struct Worker {
     jobs: HashMap<WindowId, Job>,
     /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
     finished: Vec<(Job, Vec<u64>)>,
-    refill_guard: Duration,
-    poll_interval: Duration,
     health: Arc<Health>,
     wake: Arc<Notify>,
+    /// Word from and to the LISTEN connection that Postgres is back.
+    back: Arc<PostgresBack>,
     systemd: Systemd,
-    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
-    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
-    /// in a tight loop.
-    sweep_failures: ExponentialBackoff,
-    /// When the next connection attempt after a failed sweep may start.
-    redis_retry_at: Option<Instant>,
+    redis_retry: RedisRetry,
 }
 
 impl Worker {
-    async fn run(&mut self, shutdown: CancellationToken) -> Result<(), RunError> {
-        let mut claims = ClaimPacing::new(self.poll_interval);
+    async fn run(
+        &mut self,
+        mut claims: ClaimPacing,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunError> {
         let mut stop = StopDeadline::default();
         // Configuration loaded, loop running: a backlog or a server that is down is the loop's
         // work, not a reason to keep systemd waiting.
@@ -293,14 +203,7 @@ impl Worker {
             self.report_mode();
             let now = TokioInstant::now();
             if shutdown.is_cancelled() && stop.begin(now) {
-                self.systemd.stopping();
-                if let Some(finder) = self.finder.as_mut() {
-                    finder.clear_guards();
-                }
-                info!(
-                    windows = self.jobs.len(),
-                    "stopping: finishing the batch in flight"
-                );
+                self.begin_stop();
             }
             let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
             if stop.reached(now, in_flight) {
@@ -309,51 +212,29 @@ impl Worker {
             if self.wake.notified().now_or_never().is_some() {
                 claims.wake();
             }
+            if self.back.listener.notified().now_or_never().is_some() {
+                claims.retry_now();
+            }
             claims.tick(now, self.recheck_due_at());
             if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
                 continue;
             }
-            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             let room = self
                 .finder
                 .as_ref()
                 .is_some_and(|f| f.first_pass_patterns() < MAX_ACTIVE_PATTERNS);
+            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             let claim_now = claims.take(now, busy, room && !stop.is_stopping());
             if let Some(finder) = self.finder.as_mut() {
                 finder.start_due_guards();
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             if claim_now || busy || !self.finished.is_empty() {
-                let Some((acked, claim, steps)) =
-                    self.round(claim_now, busy, &shutdown, &stop).await
-                else {
+                match self.round(claim_now, busy, &shutdown, &stop).await {
+                    Some(outcome) => self.book_round(outcome, &mut claims).await?,
                     // Abandoned half done (a step's matches may not have been unlinked), nothing
                     // in flight may be acknowledged: the loop's top gives it all back and stops.
-                    stop.abandon(TokioInstant::now());
-                    continue;
-                };
-                for (job, keys_per_pattern, result) in acked {
-                    self.acknowledged(job, &keys_per_pattern, result);
-                }
-                if let Some(error) = self.book_steps(steps) {
-                    // Every epoch is rolled back, the claim just made included.
-                    self.sweep_failed(error).await;
-                    claims.wake();
-                    continue;
-                }
-                match claim {
-                    None => {}
-                    Some(Ok(claim)) => {
-                        claims.claimed(TokioInstant::now(), claim.full);
-                        if !claim.rows.is_empty() {
-                            self.start_window(claim);
-                        }
-                    }
-                    Some(Err(error)) if error.is_permanent() => return Err(error.into()),
-                    Some(Err(error)) => {
-                        let delay = claims.failed(TokioInstant::now());
-                        warn!(%error, retry_in_ms = delay.as_millis() as u64, "claiming from the outbox failed");
-                    }
+                    None => stop.abandon(TokioInstant::now()),
                 }
                 continue;
             }
@@ -362,17 +243,75 @@ impl Worker {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let guard_due = self
-                .finder
-                .as_ref()
-                .and_then(Finder::next_guard_due)
-                .map(TokioInstant::from_std);
-            let wake_at = claims.next_wake(self.recheck_due_at(), guard_due);
-            tokio::select! {
-                _ = self.wake.notified() => claims.wake(),
-                _ = tokio::time::sleep_until(wake_at) => {}
-                _ = shutdown.cancelled(), if !stop.is_stopping() => {}
+            self.idle(&mut claims, &stop, &shutdown).await;
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        self.systemd.stopping();
+        if let Some(finder) = self.finder.as_mut() {
+            finder.clear_guards();
+        }
+        info!(
+            windows = self.jobs.len(),
+            "stopping: finishing the batch in flight"
+        );
+    }
+
+    /// Books what a round brought back: acknowledgements, Redis steps, the claim.
+    async fn book_round(
+        &mut self,
+        (acked, claim, steps): RoundOutcome,
+        claims: &mut ClaimPacing,
+    ) -> Result<(), RunError> {
+        for (job, keys_per_pattern, result) in acked {
+            self.acknowledged(job, &keys_per_pattern, result);
+        }
+        if let Some(error) = self.book_steps(steps) {
+            // Every epoch is rolled back, the claim just made included.
+            self.sweep_failed(error).await;
+            claims.wake();
+            return Ok(());
+        }
+        match claim {
+            None => {}
+            Some(Ok(claim)) => {
+                if claims.claimed(TokioInstant::now(), claim.full) {
+                    info!("claiming from the outbox works again");
+                    self.back.claims.notify_one();
+                }
+                if !claim.rows.is_empty() {
+                    self.start_window(claim);
+                }
             }
+            Some(Err(error)) if error.is_permanent() => return Err(error.into()),
+            Some(Err(error)) => {
+                let delay = claims.failed(TokioInstant::now());
+                warn!(%error, retry_in_ms = delay.as_millis() as u64, "claiming from the outbox failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing to do now: waits for a notification, the LISTEN connection's return, the next
+    /// poll, a claim retry, a recheck or refill guard falling due, or the stop.
+    async fn idle(
+        &mut self,
+        claims: &mut ClaimPacing,
+        stop: &StopDeadline,
+        shutdown: &CancellationToken,
+    ) {
+        let guard_due = self
+            .finder
+            .as_ref()
+            .and_then(Finder::next_guard_due)
+            .map(TokioInstant::from_std);
+        let wake_at = claims.next_wake(self.recheck_due_at(), guard_due);
+        tokio::select! {
+            _ = self.wake.notified() => claims.wake(),
+            _ = self.back.listener.notified() => claims.retry_now(),
+            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = shutdown.cancelled(), if !stop.is_stopping() => {}
         }
     }
 
@@ -428,11 +367,7 @@ impl Worker {
         busy: bool,
         shutdown: &CancellationToken,
         stop: &StopDeadline,
-    ) -> Option<(
-        Vec<AckedJob>,
-        Option<Result<Claim, OutboxError>>,
-        Vec<StepResult>,
-    )> {
+    ) -> Option<RoundOutcome> {
         let acks = std::mem::take(&mut self.finished);
         let outbox = &mut self.outbox;
         let postgres = async move {
@@ -494,7 +429,7 @@ impl Worker {
 
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
     async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
-        if let Some(at) = self.redis_retry_at.take() {
+        if let Some(at) = self.redis_retry.at.take() {
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
             tokio::select! {
                 _ = self.systemd.alive_while(backoff) => {}
@@ -505,16 +440,16 @@ impl Worker {
         }
         let mut delays = reconnect_delays();
         loop {
-            match self.systemd.alive_while(self.redis.connect()).await {
+            match self.systemd.alive_while(self.setup.redis.connect()).await {
                 Ok(nodes) => {
                     info!(
                         nodes = nodes.len(),
-                        redis = self.redis.redacted(),
+                        redis = self.setup.redis.redacted(),
                         "connected to redis"
                     );
                     let tracking = self.track(&nodes).await?;
                     // A sweep starts afresh: cursors of the old connections mean nothing now.
-                    self.finder = Some(Finder::new(nodes, tracking, self.refill_guard));
+                    self.finder = Some(Finder::new(nodes, tracking, self.setup.refill_guard));
                     self.health.set_redis(true);
                     return Ok(true);
                 }
@@ -542,7 +477,7 @@ impl Worker {
         &mut self,
         nodes: &[crate::redis_nodes::Node],
     ) -> Result<Option<Tracking>, RunError> {
-        if self.mode == Mode::Sweep || self.index_dropped {
+        if self.setup.mode == Mode::Sweep || self.index_dropped {
             self.set_mode_gauge(false);
             return Ok(None);
         }
@@ -550,8 +485,8 @@ impl Worker {
         let mut tracking = self.tracking.take().unwrap_or_else(|| {
             Tracking::new(
                 prefixes,
-                self.index_max_keys,
-                self.redis_timeout,
+                self.setup.index_max_keys,
+                self.setup.redis_timeout,
                 self.wake.clone(),
             )
         });
@@ -567,12 +502,12 @@ impl Worker {
                 self.set_mode_gauge(true);
                 Ok(Some(tracking))
             }
-            Err(error @ TrackingError::Refused { .. }) if self.mode == Mode::Index => {
+            Err(error @ TrackingError::Refused { .. }) if self.setup.mode == Mode::Index => {
                 Err(RunError::IndexRefused(error))
             }
             Err(error @ TrackingError::Refused { .. }) => {
                 warn!(%error, "index mode unavailable: sweep mode (one SCAN pass per window of changes) from now on");
-                self.mode = Mode::Sweep;
+                self.setup.mode = Mode::Sweep;
                 self.set_mode_gauge(false);
                 Ok(None)
             }
@@ -673,7 +608,7 @@ impl Worker {
 
     /// Books a step that worked: its finished windows wait for their acknowledgement.
     fn stepped(&mut self, report: StepReport) {
-        self.sweep_failures = reconnect_delays();
+        self.redis_retry.failures = reconnect_delays();
         record_step(&report);
         for pass in &report.pass_durations {
             self.outbox.pace_to_pass(*pass);
@@ -696,8 +631,8 @@ impl Worker {
 
     /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
     async fn sweep_failed(&mut self, error: SweepError) {
-        let delay = self.sweep_failures.next().unwrap_or(RECONNECT_MAX);
-        self.redis_retry_at = Some(Instant::now() + delay);
+        let delay = self.redis_retry.failures.next().unwrap_or(RECONNECT_MAX);
+        self.redis_retry.at = Some(Instant::now() + delay);
         warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
         metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
         self.health.set_redis(false);
@@ -778,166 +713,15 @@ async fn step_of(finder: &mut Option<&mut Finder>) -> Result<StepReport, SweepEr
     }
 }
 
-/// Resolves when a stop's grace period is over: at `deadline` once the stop was seen, otherwise
-/// [`SHUTDOWN_GRACE`] after `shutdown` is cancelled.
-async fn grace_over(shutdown: &CancellationToken, deadline: Option<TokioInstant>) {
-    let deadline = match deadline {
-        Some(deadline) => deadline,
-        None => {
-            shutdown.cancelled().await;
-            TokioInstant::now() + SHUTDOWN_GRACE
-        }
-    };
-    tokio::time::sleep_until(deadline).await;
-}
-
 /// A finished window with the keys its patterns matched, and Postgres' answer to its ack.
 type AckedJob = (Job, Vec<u64>, Result<Acked, OutboxError>);
 type StepResult = Result<StepReport, SweepError>;
-
-/// When the worker claims from the outbox: after a notification, at every poll interval, when an
-/// epoch's recheck of late-committing rows falls due, and at once after a full claim (a
-/// backlog). While the finder is busy, claims are spaced by [`CLAIM_INTERVAL_WHILE_SWEEPING`];
-/// after a failed claim, they wait out a backoff. On tokio's clock, so tests can pause time.
-struct ClaimPacing {
-    /// Something may be pending: claim when allowed.
-    dirty: bool,
-    poll_interval: Duration,
-    last_poll: TokioInstant,
-    last_claim: TokioInstant,
-    /// The last claim was not full: the next waits for the interval while the finder is busy.
-    spaced: bool,
-    retry_at: Option<TokioInstant>,
-    delays: ExponentialBackoff,
-}
-
-impl ClaimPacing {
-    fn new(poll_interval: Duration) -> ClaimPacing {
-        let now = TokioInstant::now();
-        ClaimPacing {
-            dirty: true,
-            poll_interval,
-            last_poll: now,
-            last_claim: now,
-            spaced: false,
-            retry_at: None,
-            delays: reconnect_delays(),
-        }
-    }
-
-    /// A notification, a reconnect, a lost acknowledgement: look at the outbox.
-    fn wake(&mut self) {
-        self.dirty = true;
-    }
-
-    /// The poll interval and a due recheck make the outbox worth a look without notification.
-    fn tick(&mut self, now: TokioInstant, recheck_due: Option<TokioInstant>) {
-        if now.duration_since(self.last_poll) >= self.poll_interval {
-            self.last_poll = now;
-            self.dirty = true;
-        }
-        if recheck_due.is_some_and(|at| now >= at) {
-            self.dirty = true;
-        }
-    }
-
-    /// Whether to claim now, given whether the finder is busy and whether there is room for more
-    /// (the cap on active patterns, not stopping).
-    fn take(&mut self, now: TokioInstant, busy: bool, room: bool) -> bool {
-        // An idle worker claims at once; spacing is for claims joining a busy finder.
-        if !busy {
-            self.spaced = false;
-        }
-        let allowed = room
-            && self.retry_at.is_none_or(|at| now >= at)
-            && (!self.spaced
-                || now.duration_since(self.last_claim) >= CLAIM_INTERVAL_WHILE_SWEEPING);
-        let claim = self.dirty && allowed;
-        if claim {
-            self.dirty = false;
-        }
-        claim
-    }
-
-    fn claimed(&mut self, now: TokioInstant, full: bool) {
-        self.last_claim = now;
-        // A full claim means a backlog: catch up without waiting.
-        self.spaced = !full;
-        self.dirty |= full;
-        self.retry_at = None;
-        self.delays = reconnect_delays();
-    }
-
-    /// A claim failed: the next waits out a growing delay, which is returned.
-    fn failed(&mut self, now: TokioInstant) -> Duration {
-        let delay = self.delays.next().unwrap_or(RECONNECT_MAX);
-        self.retry_at = Some(now + delay);
-        self.dirty = true;
-        delay
-    }
-
-    /// Claiming is due and not waiting for a retry: the loop goes round again without sleeping.
-    fn wants_to_claim(&self) -> bool {
-        self.dirty && self.retry_at.is_none()
-    }
-
-    /// When an idle worker must look again: the next poll, a claim retry, a recheck or a refill
-    /// guard falling due (a recheck already due set `dirty` and is not waited on again, which
-    /// would spin while a claim retry is pending).
-    fn next_wake(
-        &self,
-        recheck_due: Option<TokioInstant>,
-        guard_due: Option<TokioInstant>,
-    ) -> TokioInstant {
-        let now = TokioInstant::now();
-        [
-            Some(self.last_poll + self.poll_interval),
-            self.retry_at,
-            recheck_due.filter(|at| *at > now),
-            guard_due,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(now + self.poll_interval)
-    }
-}
-
-/// A stop in progress: from the moment it is asked for, the batch in flight gets
-/// [`SHUTDOWN_GRACE`] to finish; a round abandoned half done ends it at once.
-#[derive(Default)]
-struct StopDeadline {
-    deadline: Option<TokioInstant>,
-}
-
-impl StopDeadline {
-    /// Starts the stop; true the first time.
-    fn begin(&mut self, now: TokioInstant) -> bool {
-        if self.deadline.is_some() {
-            return false;
-        }
-        self.deadline = Some(now + SHUTDOWN_GRACE);
-        true
-    }
-
-    fn abandon(&mut self, now: TokioInstant) {
-        self.deadline = Some(now);
-    }
-
-    fn is_stopping(&self) -> bool {
-        self.deadline.is_some()
-    }
-
-    fn deadline(&self) -> Option<TokioInstant> {
-        self.deadline
-    }
-
-    /// Time to stop: nothing left in flight, or the grace is over.
-    fn reached(&self, now: TokioInstant, in_flight: bool) -> bool {
-        self.deadline
-            .is_some_and(|deadline| !in_flight || now >= deadline)
-    }
-}
+/// What a round brought back: acknowledged windows, the claim if one was made, the Redis steps.
+type RoundOutcome = (
+    Vec<AckedJob>,
+    Option<Result<Claim, OutboxError>>,
+    Vec<StepResult>,
+);
 
 fn record_step(report: &StepReport) {
     for (table, keys) in &report.deleted {
@@ -956,108 +740,4 @@ fn record_step(report: &StepReport) {
 
 fn join(values: &BTreeSet<String>) -> String {
     values.iter().cloned().collect::<Vec<_>>().join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const POLL: Duration = Duration::from_secs(5);
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_worker_claims_at_once_and_looks_again_at_every_poll() {
-        let mut claims = ClaimPacing::new(POLL);
-        let now = TokioInstant::now();
-        assert!(claims.take(now, false, true), "the first look is at start");
-        claims.claimed(now, false);
-        assert!(!claims.take(now, false, true), "nothing new");
-        assert_eq!(claims.next_wake(None, None), now + POLL);
-        tokio::time::advance(POLL).await;
-        claims.tick(TokioInstant::now(), None);
-        assert!(claims.take(TokioInstant::now(), false, true), "the poll");
-        // A notification makes an idle worker claim at once, however recent the last claim.
-        claims.claimed(TokioInstant::now(), false);
-        claims.wake();
-        assert!(claims.take(TokioInstant::now(), false, true));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn while_the_finder_is_busy_claims_are_spaced_unless_the_last_was_full() {
-        let mut claims = ClaimPacing::new(POLL);
-        let start = TokioInstant::now();
-        assert!(claims.take(start, true, true));
-        claims.claimed(start, false);
-        claims.wake();
-        assert!(
-            !claims.take(start, true, true),
-            "too soon after the last claim"
-        );
-        tokio::time::advance(CLAIM_INTERVAL_WHILE_SWEEPING).await;
-        assert!(claims.take(TokioInstant::now(), true, true));
-        // A full claim: a backlog waits, catch up at once.
-        claims.claimed(TokioInstant::now(), true);
-        assert!(claims.take(TokioInstant::now(), true, true));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_claim_is_retried_after_its_backoff_and_not_before() {
-        let mut claims = ClaimPacing::new(POLL);
-        let now = TokioInstant::now();
-        assert!(claims.take(now, false, true));
-        let delay = claims.failed(now);
-        assert!(delay >= RECONNECT_MIN);
-        assert!(!claims.take(now, false, true));
-        assert!(
-            !claims.wants_to_claim(),
-            "no spinning while the retry waits"
-        );
-        assert_eq!(claims.next_wake(None, None), now + delay);
-        tokio::time::advance(delay).await;
-        assert!(claims.take(TokioInstant::now(), false, true));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn no_room_means_no_claim_but_the_change_stays_pending() {
-        let mut claims = ClaimPacing::new(POLL);
-        let now = TokioInstant::now();
-        assert!(!claims.take(now, true, false));
-        assert!(
-            claims.take(now, true, true),
-            "still pending once there is room"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_idle_wait_ends_at_a_recheck_or_a_refill_guard_falling_due() {
-        let claims = ClaimPacing::new(POLL);
-        let now = TokioInstant::now();
-        let recheck = now + Duration::from_secs(1);
-        let guard = now + Duration::from_secs(2);
-        assert_eq!(claims.next_wake(Some(recheck), Some(guard)), recheck);
-        assert_eq!(claims.next_wake(None, Some(guard)), guard);
-        // A recheck already due set `dirty` when seen; it is not waited on again.
-        assert_eq!(claims.next_wake(Some(now), None), now + POLL);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stop_gives_the_batch_in_flight_its_grace_then_ends() {
-        let mut stop = StopDeadline::default();
-        let now = TokioInstant::now();
-        assert!(!stop.reached(now, true), "not stopping yet");
-        assert!(stop.begin(now));
-        assert!(!stop.begin(now), "begun once");
-        assert!(!stop.reached(now, true), "the batch in flight may finish");
-        assert!(stop.reached(now, false), "nothing in flight: stop at once");
-        tokio::time::advance(SHUTDOWN_GRACE).await;
-        assert!(stop.reached(TokioInstant::now(), true), "the grace is over");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_abandoned_round_ends_the_stop_at_once() {
-        let mut stop = StopDeadline::default();
-        let now = TokioInstant::now();
-        stop.begin(now);
-        stop.abandon(now);
-        assert!(stop.reached(now, true));
-    }
 }

@@ -1,0 +1,339 @@
+//! When the worker claims and when it stops, on tokio's clock so tests can pause time.
+//!
+//! [`ClaimPacing`] decides when the next claim from the outbox is due: after a notification, at
+//! every poll interval, when an epoch's recheck falls due, at once after a full claim, spaced
+//! while a sweep runs, and after a failed claim once a short backoff is over — or at once when
+//! another Postgres connection of the worker came back. [`StopDeadline`] bounds a graceful stop.
+
+use std::time::Duration;
+
+use backon::ExponentialBackoff;
+use tokio::time::Instant as TokioInstant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::backoff;
+
+/// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// While a sweep runs, claims are at least this far apart (unless the last one was full). A window
+/// joining the pass waits a full round anyway (about a second at 1M keys), so 50 ms more is small.
+/// Claiming on every notification instead made ~150 windows of 3–4 outbox rows a second at 5,000
+/// row changes/s (measured at 1M keys): a claim and an ack round trip to Postgres each, between
+/// `SCAN` steps, plus as many refill-guard windows; spaced, it is ~20 windows a second.
+const CLAIM_INTERVAL_WHILE_SWEEPING: Duration = Duration::from_millis(50);
+/// Retry delays of the worker's Postgres connections (claims and LISTEN): from 100 ms, capped at
+/// 500 ms, which the jitter stretches to at most a second. While no primary answers — a failover,
+/// where Patroni or RDS take 20 to 60 s to promote a standby — each connection tries about once a
+/// second, so the daemon is back within about a second of the new primary accepting writes. A
+/// refused connection costs a server nothing; one to a standby costs a connection and a `SHOW`.
+pub(super) const POSTGRES_RETRY_MIN: Duration = Duration::from_millis(100);
+pub(super) const POSTGRES_RETRY_MAX: Duration = Duration::from_millis(500);
+
+pub(super) fn postgres_delays() -> ExponentialBackoff {
+    backoff(POSTGRES_RETRY_MIN, POSTGRES_RETRY_MAX)
+}
+
+/// When the worker claims from the outbox: after a notification, at every poll interval, when an
+/// epoch's recheck of late-committing rows falls due, and at once after a full claim (a
+/// backlog). While the finder is busy, claims are spaced by [`CLAIM_INTERVAL_WHILE_SWEEPING`];
+/// after a failed claim, they wait out a short backoff, or until another connection to Postgres
+/// came back. On tokio's clock, so tests can pause time.
+pub(super) struct ClaimPacing {
+    /// Something may be pending: claim when allowed.
+    dirty: bool,
+    poll_interval: Duration,
+    last_poll: TokioInstant,
+    last_claim: TokioInstant,
+    /// The last claim was not full: the next waits for the interval while the finder is busy.
+    spaced: bool,
+    retry_at: Option<TokioInstant>,
+    delays: ExponentialBackoff,
+}
+
+impl ClaimPacing {
+    pub(super) fn new(poll_interval: Duration) -> ClaimPacing {
+        let now = TokioInstant::now();
+        ClaimPacing {
+            dirty: true,
+            poll_interval,
+            last_poll: now,
+            last_claim: now,
+            spaced: false,
+            retry_at: None,
+            delays: postgres_delays(),
+        }
+    }
+
+    /// A notification, a reconnect, a lost acknowledgement: look at the outbox.
+    pub(super) fn wake(&mut self) {
+        self.dirty = true;
+    }
+
+    /// The poll interval and a due recheck make the outbox worth a look without notification.
+    pub(super) fn tick(&mut self, now: TokioInstant, recheck_due: Option<TokioInstant>) {
+        if now.duration_since(self.last_poll) >= self.poll_interval {
+            self.last_poll = now;
+            self.dirty = true;
+        }
+        if recheck_due.is_some_and(|at| now >= at) {
+            self.dirty = true;
+        }
+    }
+
+    /// Whether to claim now, given whether the finder is busy and whether there is room for more
+    /// (the cap on active patterns, not stopping).
+    pub(super) fn take(&mut self, now: TokioInstant, busy: bool, room: bool) -> bool {
+        // An idle worker claims at once; spacing is for claims joining a busy finder.
+        if !busy {
+            self.spaced = false;
+        }
+        let allowed = room
+            && self.retry_at.is_none_or(|at| now >= at)
+            && (!self.spaced
+                || now.duration_since(self.last_claim) >= CLAIM_INTERVAL_WHILE_SWEEPING);
+        let claim = self.dirty && allowed;
+        if claim {
+            self.dirty = false;
+        }
+        claim
+    }
+
+    /// A claim worked; true when claims had been failing (Postgres is back).
+    pub(super) fn claimed(&mut self, now: TokioInstant, full: bool) -> bool {
+        self.last_claim = now;
+        // A full claim means a backlog: catch up without waiting.
+        self.spaced = !full;
+        self.dirty |= full;
+        self.delays = postgres_delays();
+        self.retry_at.take().is_some()
+    }
+
+    /// Another connection reached Postgres again: a claim waiting out its delay goes now.
+    pub(super) fn retry_now(&mut self) {
+        if self.retry_at.take().is_some() {
+            self.dirty = true;
+            self.delays = postgres_delays();
+        }
+    }
+
+    /// A claim failed: the next waits out a growing delay, which is returned.
+    pub(super) fn failed(&mut self, now: TokioInstant) -> Duration {
+        let delay = self.delays.next().unwrap_or(POSTGRES_RETRY_MAX);
+        self.retry_at = Some(now + delay);
+        self.dirty = true;
+        delay
+    }
+
+    /// Claiming is due and not waiting for a retry: the loop goes round again without sleeping.
+    pub(super) fn wants_to_claim(&self) -> bool {
+        self.dirty && self.retry_at.is_none()
+    }
+
+    /// When an idle worker must look again: the next poll, a claim retry, a recheck or a refill
+    /// guard falling due (a recheck already due set `dirty` and is not waited on again, which
+    /// would spin while a claim retry is pending).
+    pub(super) fn next_wake(
+        &self,
+        recheck_due: Option<TokioInstant>,
+        guard_due: Option<TokioInstant>,
+    ) -> TokioInstant {
+        let now = TokioInstant::now();
+        [
+            Some(self.last_poll + self.poll_interval),
+            self.retry_at,
+            recheck_due.filter(|at| *at > now),
+            guard_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now + self.poll_interval)
+    }
+}
+
+/// A stop in progress: from the moment it is asked for, the batch in flight gets
+/// [`SHUTDOWN_GRACE`] to finish; a round abandoned half done ends it at once.
+#[derive(Default)]
+pub(super) struct StopDeadline {
+    deadline: Option<TokioInstant>,
+}
+
+impl StopDeadline {
+    /// Starts the stop; true the first time.
+    pub(super) fn begin(&mut self, now: TokioInstant) -> bool {
+        if self.deadline.is_some() {
+            return false;
+        }
+        self.deadline = Some(now + SHUTDOWN_GRACE);
+        true
+    }
+
+    pub(super) fn abandon(&mut self, now: TokioInstant) {
+        self.deadline = Some(now);
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    pub(super) fn deadline(&self) -> Option<TokioInstant> {
+        self.deadline
+    }
+
+    /// Time to stop: nothing left in flight, or the grace is over.
+    pub(super) fn reached(&self, now: TokioInstant, in_flight: bool) -> bool {
+        self.deadline
+            .is_some_and(|deadline| !in_flight || now >= deadline)
+    }
+}
+
+/// Resolves when a stop's grace period is over: at `deadline` once the stop was seen, otherwise
+/// [`SHUTDOWN_GRACE`] after `shutdown` is cancelled.
+pub(super) async fn grace_over(shutdown: &CancellationToken, deadline: Option<TokioInstant>) {
+    let deadline = match deadline {
+        Some(deadline) => deadline,
+        None => {
+            shutdown.cancelled().await;
+            TokioInstant::now() + SHUTDOWN_GRACE
+        }
+    };
+    tokio::time::sleep_until(deadline).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_worker_claims_at_once_and_looks_again_at_every_poll() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(claims.take(now, false, true), "the first look is at start");
+        claims.claimed(now, false);
+        assert!(!claims.take(now, false, true), "nothing new");
+        assert_eq!(claims.next_wake(None, None), now + POLL);
+        tokio::time::advance(POLL).await;
+        claims.tick(TokioInstant::now(), None);
+        assert!(claims.take(TokioInstant::now(), false, true), "the poll");
+        // A notification makes an idle worker claim at once, however recent the last claim.
+        claims.claimed(TokioInstant::now(), false);
+        claims.wake();
+        assert!(claims.take(TokioInstant::now(), false, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_finder_is_busy_claims_are_spaced_unless_the_last_was_full() {
+        let mut claims = ClaimPacing::new(POLL);
+        let start = TokioInstant::now();
+        assert!(claims.take(start, true, true));
+        claims.claimed(start, false);
+        claims.wake();
+        assert!(
+            !claims.take(start, true, true),
+            "too soon after the last claim"
+        );
+        tokio::time::advance(CLAIM_INTERVAL_WHILE_SWEEPING).await;
+        assert!(claims.take(TokioInstant::now(), true, true));
+        // A full claim: a backlog waits, catch up at once.
+        claims.claimed(TokioInstant::now(), true);
+        assert!(claims.take(TokioInstant::now(), true, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_claim_is_retried_after_its_backoff_and_not_before() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(claims.take(now, false, true));
+        let delay = claims.failed(now);
+        assert!(delay >= POSTGRES_RETRY_MIN && delay <= 2 * POSTGRES_RETRY_MAX);
+        assert!(!claims.take(now, false, true));
+        assert!(
+            !claims.wants_to_claim(),
+            "no spinning while the retry waits"
+        );
+        assert_eq!(claims.next_wake(None, None), now + delay);
+        tokio::time::advance(delay).await;
+        assert!(claims.take(TokioInstant::now(), false, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_claims_retry_within_a_second_however_long_postgres_is_gone() {
+        let mut claims = ClaimPacing::new(POLL);
+        let mut now = TokioInstant::now();
+        // A minute of failures (a promotion that took long): the delay never grows past a
+        // second, so the new primary is claimed from within a second of accepting writes.
+        let mut waited = Duration::ZERO;
+        while waited < Duration::from_secs(60) {
+            let delay = claims.failed(now);
+            assert!(delay <= 2 * POSTGRES_RETRY_MAX, "{delay:?}");
+            now += delay;
+            waited += delay;
+        }
+        assert!(
+            claims.claimed(now, false),
+            "the claim after failures says Postgres is back"
+        );
+        assert!(!claims.claimed(now, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_elsewhere_ends_the_claims_wait_at_once() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(claims.take(now, false, true));
+        claims.failed(now);
+        assert!(!claims.take(now, false, true), "waiting out the delay");
+        claims.retry_now();
+        assert!(
+            claims.take(now, false, true),
+            "the LISTEN connection is back: claim now"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_room_means_no_claim_but_the_change_stays_pending() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert!(!claims.take(now, true, false));
+        assert!(
+            claims.take(now, true, true),
+            "still pending once there is room"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_wait_ends_at_a_recheck_or_a_refill_guard_falling_due() {
+        let claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        let recheck = now + Duration::from_secs(1);
+        let guard = now + Duration::from_secs(2);
+        assert_eq!(claims.next_wake(Some(recheck), Some(guard)), recheck);
+        assert_eq!(claims.next_wake(None, Some(guard)), guard);
+        // A recheck already due set `dirty` when seen; it is not waited on again.
+        assert_eq!(claims.next_wake(Some(now), None), now + POLL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_gives_the_batch_in_flight_its_grace_then_ends() {
+        let mut stop = StopDeadline::default();
+        let now = TokioInstant::now();
+        assert!(!stop.reached(now, true), "not stopping yet");
+        assert!(stop.begin(now));
+        assert!(!stop.begin(now), "begun once");
+        assert!(!stop.reached(now, true), "the batch in flight may finish");
+        assert!(stop.reached(now, false), "nothing in flight: stop at once");
+        tokio::time::advance(SHUTDOWN_GRACE).await;
+        assert!(stop.reached(TokioInstant::now(), true), "the grace is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_round_ends_the_stop_at_once() {
+        let mut stop = StopDeadline::default();
+        let now = TokioInstant::now();
+        stop.begin(now);
+        stop.abandon(now);
+        assert!(stop.reached(now, true));
+    }
+}
