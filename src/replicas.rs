@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::settings::{Settings, DEFAULT_REPLICA_WAIT_TIMEOUT};
+/// `--replica-wait-timeout` when not given. Replicas on the same network confirm a write within
+/// milliseconds; a second means one is stuck.
+pub const DEFAULT_REPLICA_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -50,13 +52,6 @@ impl Default for ReplicaPolicy {
 }
 
 impl ReplicaPolicy {
-    pub fn from_settings(settings: &Settings) -> ReplicaPolicy {
-        ReplicaPolicy {
-            acks: settings.replica_acks,
-            timeout: settings.replica_wait_timeout,
-        }
-    }
-
     /// The count follows the replicas connected to the node, read from `INFO replication`.
     pub fn counts_connected(&self) -> bool {
         self.acks.is_none()

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::finder::{Finder, WindowId};
 use crate::outbox::{self, Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
 use crate::postgres::{describe, ConnectError, PgTarget};
-use crate::redis_nodes::{NodeError, RedisTarget};
+use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
 use crate::schema::CHANNEL;
 use crate::settings::Mode;
@@ -157,11 +157,20 @@ pub async fn run_with_rules(
         systemd: Systemd::from_env(),
         sweep_failures: reconnect_delays(),
         redis_retry_at: None,
+        switches: None,
     };
     let result = worker.run(shutdown).await;
     listener_stop.cancel();
     let _ = listener.await;
     result
+}
+
+/// The next master the sentinels announce; never without Sentinel.
+async fn next_switch(switches: Option<&mut Switches>) {
+    match switches {
+        Some(switches) => switches.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Holds the LISTEN connection: reconnects with backoff, re-LISTENs, wakes the worker to drain
@@ -289,6 +298,8 @@ struct Worker {
     sweep_failures: ExponentialBackoff,
     /// When the next connection attempt after a failed sweep may start.
     redis_retry_at: Option<Instant>,
+    /// Behind Sentinel: the masters announced since the worker asked the sentinels.
+    switches: Option<Switches>,
 }
 
 impl Worker {
@@ -322,6 +333,14 @@ impl Worker {
             }
             claims.tick(now, self.recheck_due_at());
             if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
+                continue;
+            }
+            if let Some(switched) = self.switches.as_ref().filter(|s| s.switched()) {
+                // The master connected to was replaced (it may still answer, cut off from the
+                // sentinels): nothing more is confirmed by it.
+                let announced = switched.announced();
+                self.sweep_failed(format!("the sentinels switched the master to {announced}"))
+                    .await;
                 continue;
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
@@ -515,7 +534,14 @@ impl Worker {
             }
         }
         let mut delays = reconnect_delays();
+        if self.switches.is_none() {
+            self.switches = self.redis.switches();
+        }
         loop {
+            // A master announced from here on is one this connection may not have found.
+            if let Some(switches) = self.switches.as_mut() {
+                switches.mark_seen();
+            }
             match self.systemd.alive_while(self.redis.connect()).await {
                 Ok(nodes) => {
                     info!(
@@ -538,6 +564,8 @@ impl Worker {
                         // The probe saw Redis answer again: retry now, not after a backoff that
                         // grew during a long outage.
                         _ = self.health.redis_answers_again() => {}
+                        // The sentinels promoted a new master: ask for it now.
+                        _ = next_switch(self.switches.as_mut()) => {}
                         // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
                         _ = shutdown.cancelled() => return Ok(false),
                     }
@@ -706,7 +734,7 @@ impl Worker {
     }
 
     /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
-    async fn sweep_failed(&mut self, error: SweepError) {
+    async fn sweep_failed(&mut self, error: impl std::fmt::Display) {
         let delay = self.sweep_failures.next().unwrap_or(RECONNECT_MAX);
         self.redis_retry_at = Some(Instant::now() + delay);
         warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use cache_invalidator::matcher::MatcherBuilder;
 use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::rules::RuleSet;
-use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 
 use crate::layout::Layout;
@@ -97,7 +96,7 @@ pub async fn compare(
     changes: usize,
 ) -> Comparison {
     let target = RedisTarget::parse(
-        &SecretUrl::new(redis_url.to_owned()),
+        redis_url,
         None,
         Duration::from_secs(30),
     )
