@@ -484,10 +484,9 @@ impl RedisTarget {
             "rediss+cluster" => (true, "rediss"),
             "redis+sentinel" | "rediss+sentinel" => {
                 let plain_scheme = scheme.trim_end_matches("+sentinel");
-                let sentinels = Sentinels::parse(plain_scheme, rest, |info| {
-                    open_client(info, ca.as_deref())
-                })
-                .map_err(invalid)?;
+                let sentinels =
+                    Sentinels::parse(plain_scheme, rest, |info| open_client(info, ca.as_deref()))
+                        .map_err(invalid)?;
                 return Ok(RedisTarget {
                     seeds: Vec::new(),
                     sentinels: Some(Arc::new(sentinels)),
@@ -554,7 +553,9 @@ impl RedisTarget {
     /// Behind Sentinel: the masters the sentinels announce from now on (see [`Switches`]).
     /// `None` for a URL that names its servers.
     pub fn switches(&self) -> Option<Switches> {
-        self.sentinels.as_ref().map(|sentinels| sentinels.switches())
+        self.sentinels
+            .as_ref()
+            .map(|sentinels| sentinels.switches())
     }
 
     fn connection_config(&self) -> AsyncConnectionConfig {
@@ -954,11 +955,7 @@ mod tests {
                 target.redacted()
             );
         }
-        let error = RedisTarget::parse(
-            "unix://relative.sock",
-            None,
-            Duration::from_secs(1),
-        );
+        let error = RedisTarget::parse("unix://relative.sock", None, Duration::from_secs(1));
         assert!(error.is_err(), "a socket path must be absolute");
     }
 
@@ -1096,14 +1093,17 @@ mod tests {
             "redis+sentinel://app:***@127.0.0.1:26379,127.0.0.1:26380/cache/2\
              ?sentinel_username=sen&sentinel_password=***"
         );
-        let tls = RedisTarget::parse("rediss+sentinel://h:26379/cache", None, timeout)
-            .expect("parses");
+        let tls =
+            RedisTarget::parse("rediss+sentinel://h:26379/cache", None, timeout).expect("parses");
         assert_eq!(tls.redacted(), "rediss+sentinel://h:26379/cache/0");
         for (bad, part) in [
             ("redis+sentinel://:pw@h:26379", "service name"),
             ("redis+sentinel://:pw@h/cache", "no port"),
             ("redis+sentinel://:pw@h:1/cache/x", "not a number"),
-            ("redis+sentinel://:pw@h:1/cache?sentinel_pass=pw", "sentinel_pass"),
+            (
+                "redis+sentinel://:pw@h:1/cache?sentinel_pass=pw",
+                "sentinel_pass",
+            ),
         ] {
             let error = RedisTarget::parse(bad, None, timeout)
                 .expect_err(bad)

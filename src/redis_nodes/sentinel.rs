@@ -150,10 +150,9 @@ impl Sentinels {
             let name = super::node_name(sentinel.get_connection_info().addr());
             match self.ask(sentinel).await {
                 Ok(Some(address)) => return Ok(address),
-                Ok(None) => failures.push(format!(
-                    "{name} does not know service {:?}",
-                    self.service
-                )),
+                Ok(None) => {
+                    failures.push(format!("{name} does not know service {:?}", self.service))
+                }
                 Err(error) => failures.push(format!("{name}: {error}")),
             }
         }
@@ -277,18 +276,27 @@ impl<'a> SentinelUrl<'a> {
             Some(at) => (Some(&before_query[..at]), &before_query[at + 1..]),
             None => (None, before_query),
         };
-        let (hosts, path) = after_userinfo.split_once('/').unwrap_or((after_userinfo, ""));
+        let (hosts, path) = after_userinfo
+            .split_once('/')
+            .unwrap_or((after_userinfo, ""));
         let hosts: Vec<&str> = hosts.split(',').collect();
         if hosts.iter().any(|host| host.is_empty()) {
-            return Err("no sentinel host:port before the service name (or an empty one in the list)".into());
+            return Err(
+                "no sentinel host:port before the service name (or an empty one in the list)"
+                    .into(),
+            );
         }
         if let Some(host) = hosts.iter().find(|host| !has_port(host)) {
-            return Err(format!("sentinel {host:?} has no port (sentinels usually listen on 26379)"));
+            return Err(format!(
+                "sentinel {host:?} has no port (sentinels usually listen on 26379)"
+            ));
         }
         let mut segments = path.split('/');
         let service = segments.next().unwrap_or("");
         if service.is_empty() {
-            return Err("no service name: the path must be /SERVICE_NAME or /SERVICE_NAME/DB".into());
+            return Err(
+                "no service name: the path must be /SERVICE_NAME or /SERVICE_NAME/DB".into(),
+            );
         }
         let db = match segments.next() {
             None | Some("") => 0,
@@ -363,7 +371,10 @@ mod tests {
             }
         );
         let plain = SentinelUrl::split("h:26379/cache").expect("parses");
-        assert_eq!((plain.service, plain.db, plain.userinfo), ("cache", 0, None));
+        assert_eq!(
+            (plain.service, plain.db, plain.userinfo),
+            ("cache", 0, None)
+        );
     }
 
     #[test]
@@ -376,7 +387,10 @@ mod tests {
         assert!(error("h:1/m/zero").contains("not a number"));
         assert!(error("h:1/m/0/x").contains("too many"));
         let unknown = error("h:1/m?password=secret");
-        assert!(unknown.contains("\"password\"") && !unknown.contains("secret"), "{unknown}");
+        assert!(
+            unknown.contains("\"password\"") && !unknown.contains("secret"),
+            "{unknown}"
+        );
     }
 
     #[test]

@@ -95,12 +95,8 @@ pub async fn compare(
     layout: &Layout,
     changes: usize,
 ) -> Comparison {
-    let target = RedisTarget::parse(
-        redis_url,
-        None,
-        Duration::from_secs(30),
-    )
-    .expect("the private redis URL");
+    let target = RedisTarget::parse(redis_url, None, Duration::from_secs(30))
+        .expect("the private redis URL");
     let nodes = target.connect().await.expect("connect the sweeper");
 
     let (patterns, must_go) = plan(rules, rows, layout, changes);
