@@ -1098,11 +1098,11 @@ mod tests {
         assert_eq!(tls.redacted(), "rediss+sentinel://h:26379/cache/0");
         for (bad, part) in [
             ("redis+sentinel://:pw@h:26379", "service name"),
-            ("redis+sentinel://:pw@h/cache", "no port"),
+            ("redis+sentinel://:pw@h/cache", "not host:port"),
             ("redis+sentinel://:pw@h:1/cache/x", "not a number"),
             (
                 "redis+sentinel://:pw@h:1/cache?sentinel_pass=pw",
-                "sentinel_pass",
+                "query parameter",
             ),
         ] {
             let error = RedisTarget::parse(bad, None, timeout)

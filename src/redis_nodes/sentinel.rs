@@ -269,7 +269,8 @@ pub struct SentinelUrl<'a> {
 impl<'a> SentinelUrl<'a> {
     /// Splits `[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE[/DB][?sentinel_username=…&sentinel_password=…]`.
     /// Characters of a password that are special in a URL (`@ / ? # & %`) must be
-    /// percent-encoded, as in any URL.
+    /// percent-encoded, as in any URL. Errors name a part by its place, never by its text: in a
+    /// mistyped URL (a raw `?` in a password) any part may hold a piece of a password.
     pub fn split(rest: &'a str) -> Result<SentinelUrl<'a>, String> {
         let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (userinfo, after_userinfo) = match before_query.rfind('@') {
@@ -286,9 +287,11 @@ impl<'a> SentinelUrl<'a> {
                     .into(),
             );
         }
-        if let Some(host) = hosts.iter().find(|host| !has_port(host)) {
+        if let Some(place) = hosts.iter().position(|host| !has_port(host)) {
             return Err(format!(
-                "sentinel {host:?} has no port (sentinels usually listen on 26379)"
+                "sentinel address {} of {} is not host:port (sentinels usually listen on 26379)",
+                place + 1,
+                hosts.len()
             ));
         }
         let mut segments = path.split('/');
@@ -302,7 +305,7 @@ impl<'a> SentinelUrl<'a> {
             None | Some("") => 0,
             Some(db) => db
                 .parse()
-                .map_err(|_| format!("database {db:?} after the service name is not a number"))?,
+                .map_err(|_| "the database after the service name is not a number".to_owned())?,
         };
         if segments.next().is_some() {
             return Err("too many path parts: the path is /SERVICE_NAME[/DB]".into());
@@ -320,10 +323,10 @@ impl<'a> SentinelUrl<'a> {
                 Some(("sentinel_password", value)) => url.sentinel_password = Some(value),
                 Some(("sentinel_username", value)) => url.sentinel_user = Some(value),
                 _ => {
-                    let name = pair.split('=').next().unwrap_or(pair);
-                    return Err(format!(
-                        "unknown query parameter {name:?} (expected sentinel_username or sentinel_password)"
-                    ));
+                    return Err(
+                        "a query parameter other than sentinel_username and sentinel_password"
+                            .to_owned(),
+                    );
                 }
             }
         }
@@ -382,14 +385,20 @@ mod tests {
         let error = |rest: &str| SentinelUrl::split(rest).expect_err(rest);
         assert!(error("h:26379").contains("no service name"));
         assert!(error("h:26379/").contains("no service name"));
-        assert!(error("h/mymaster").contains("has no port"));
+        assert!(error("h:1,h/mymaster").contains("address 2 of 2 is not host:port"));
         assert!(error("h:1,,h:2/m").contains("empty one"));
         assert!(error("h:1/m/zero").contains("not a number"));
         assert!(error("h:1/m/0/x").contains("too many"));
         let unknown = error("h:1/m?password=secret");
         assert!(
-            unknown.contains("\"password\"") && !unknown.contains("secret"),
+            unknown.contains("query parameter") && !unknown.contains("secret"),
             "{unknown}"
+        );
+        // A raw `?` in a password: what follows it is no part to show, nor what precedes it.
+        let mistyped = error("bob:pa?SECRET@h:1/m");
+        assert!(
+            !mistyped.contains("pa") && !mistyped.contains("SECRET"),
+            "{mistyped}"
         );
     }
 
