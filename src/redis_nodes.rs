@@ -705,6 +705,9 @@ impl RedisTarget {
                 node.name, sentinels.service
             )));
         }
+        // A replica that leaves from now on may be the one the sentinels promote: its deletes
+        // must still be confirmed (see `replicas`), until the worker connects again.
+        node.replica_policy.floor = node.replicas.unwrap_or(0);
         Ok(node)
     }
 

@@ -271,6 +271,7 @@ impl Settings {
         .with_replicas(ReplicaPolicy {
             acks: self.replica_acks,
             timeout: self.replica_wait_timeout,
+            floor: 0,
         }))
     }
 }

@@ -298,7 +298,7 @@ struct Worker {
     sweep_failures: ExponentialBackoff,
     /// When the next connection attempt after a failed sweep may start.
     redis_retry_at: Option<Instant>,
-    /// Behind Sentinel: the masters announced since the worker asked the sentinels.
+    /// Behind Sentinel: a new master or a replica down announced since the worker connected.
     switches: Option<Switches>,
 }
 
@@ -337,10 +337,9 @@ impl Worker {
             }
             if let Some(switched) = self.switches.as_ref().filter(|s| s.switched()) {
                 // The master connected to was replaced (it may still answer, cut off from the
-                // sentinels): nothing more is confirmed by it.
+                // sentinels), or the replicas to wait for changed: connect and count again.
                 let announced = switched.announced();
-                self.sweep_failed(format!("the sentinels switched the master to {announced}"))
-                    .await;
+                self.sweep_failed(announced).await;
                 continue;
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
@@ -538,7 +537,7 @@ impl Worker {
             self.switches = self.redis.switches();
         }
         loop {
-            // A master announced from here on is one this connection may not have found.
+            // An announcement from here on is one this connection may not have seen.
             if let Some(switches) = self.switches.as_mut() {
                 switches.mark_seen();
             }

@@ -518,3 +518,82 @@ async fn a_frozen_redis_is_given_up_and_nothing_is_acknowledged_until_it_answers
     db.wait_for_empty_outbox(PATIENCE).await;
     db.drop().await;
 }
+
+/// A failover asked for (`SENTINEL FAILOVER`): the old master lives on as a replica of the new
+/// one. The daemon hears `+switch-master`, moves to the new master and clears the changes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_announced_by_the_sentinels_moves_the_daemon_to_the_new_master() {
+    let changes = 20;
+    let probe = changes + 1;
+    let (space, db) = seeded_space("switch", probe).await;
+    let setup = SentinelSetup::start().await;
+    let mut on_old = redis_connection(&setup.master.url()).await;
+    let keys: Vec<String> = (1..=probe).map(|id| report_key(&space, id)).collect();
+    set_keys(&mut on_old, &keys).await;
+    let synced: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query_async(&mut on_old)
+        .await
+        .expect("WAIT");
+    assert_eq!(synced, 1, "the replica never had the cached keys");
+    let rules = RulesFile::default_for(&space, "");
+    let daemon = started_daemon(&db, &setup.daemon_url(), &rules, &space, probe, &[]).await;
+
+    let mut sentinel = redis_connection(&setup.sentinel_url(0)).await;
+    let old = master_address(&mut sentinel).await.expect("a master");
+    let _: () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(SERVICE)
+        .query_async(&mut sentinel)
+        .await
+        .expect("SENTINEL FAILOVER");
+    let switched = wait_until(LONG_PATIENCE, || {
+        let mut sentinel = sentinel.clone();
+        let old = old.clone();
+        async move {
+            master_address(&mut sentinel)
+                .await
+                .is_some_and(|now| now != old)
+        }
+    })
+    .await;
+    assert!(switched, "the sentinels never switched the master");
+    let promoted = Instant::now();
+    let new = master_address(&mut sentinel).await.expect("a master");
+    commit_changes(&db, 1..=changes, &Mutex::new(Seen::default())).await;
+    let mut on_new = redis_connection(&format!("redis://{new}/0")).await;
+    assert_gone_within(&mut on_new, &keys[..changes as usize], RECOVERED_WITHIN).await;
+    println!(
+        "sentinel switch ({} mode): {changes} changes committed after the switch cleared on the \
+         new master {:.2} s after it",
+        daemon_mode(),
+        promoted.elapsed().as_secs_f64()
+    );
+    db.wait_for_empty_outbox(PATIENCE).await;
+    assert!(
+        daemon
+            .log_text()
+            .contains("the sentinels switched the master"),
+        "the daemon never heard +switch-master; log:\n{}",
+        daemon.log_text()
+    );
+    // The old master, a replica now, follows the new one: the keys are gone there too. (The
+    // sentinels close the clients' connections when they demote it: each look connects anew.)
+    let old_address = format!("127.0.0.1:{}", setup.master.port);
+    let followed = wait_until(PATIENCE, || async {
+        let Some(mut on_old) = quick_connection(&old_address).await else {
+            return false;
+        };
+        let mut pipe = redis::pipe();
+        for key in &keys[..changes as usize] {
+            pipe.exists(key);
+        }
+        pipe.query_async::<Vec<bool>>(&mut on_old)
+            .await
+            .is_ok_and(|present| present.iter().all(|present| !present))
+    })
+    .await;
+    assert!(followed, "the keys stayed on the demoted master");
+    db.drop().await;
+}

@@ -37,6 +37,9 @@ const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 /// The channel the sentinels announce a promotion on.
 const SWITCH_CHANNEL: &str = "+switch-master";
+/// The channels a sentinel announces an instance down (subjectively) and back on.
+const DOWN_CHANNEL: &str = "+sdown";
+const UP_CHANNEL: &str = "-sdown";
 
 /// The sentinels of one service, parsed from the URL.
 pub struct Sentinels {
@@ -47,11 +50,66 @@ pub struct Sentinels {
     /// Credentials, database, protocol and TLS for the master; its address is the sentinels'.
     master: ConnectionInfo,
     /// The switch announcements, started with the first worker that asks for them.
-    announcements: OnceLock<(watch::Sender<Option<(String, u16)>>, DropGuard)>,
+    announcements: OnceLock<(watch::Sender<Announced>, DropGuard)>,
 }
 
-/// A master address the sentinels announced, as the worker last saw it.
-pub struct Switches(watch::Receiver<Option<(String, u16)>>);
+/// What the sentinels announced that makes the worker connect again: a new master, or a replica
+/// down (the worker then counts the replicas to wait for again, see [`crate::replicas`]).
+#[derive(Debug, Default)]
+pub struct Announced {
+    master: Option<(String, u16)>,
+    /// Replicas of the service some sentinel calls down now, by name.
+    replicas_down: std::collections::BTreeSet<String>,
+    /// The last announcement that counted, for the log.
+    what: String,
+}
+
+/// One announcement of a sentinel about the service.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    Switched(String, u16),
+    ReplicaDown(String),
+    ReplicaUp(String),
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Switched(host, port) => {
+                write!(f, "the sentinels switched the master to {host}:{port}")
+            }
+            Event::ReplicaDown(name) => write!(f, "a sentinel called replica {name} down"),
+            Event::ReplicaUp(name) => write!(f, "a sentinel called replica {name} up again"),
+        }
+    }
+}
+
+impl Announced {
+    /// Books `event`; true when the worker must connect again.
+    fn book(&mut self, event: Event) -> bool {
+        let what = event.to_string();
+        let counts = match event {
+            Event::Switched(host, port) => {
+                let master = Some((host, port));
+                let new = self.master != master;
+                self.master = master;
+                new
+            }
+            Event::ReplicaDown(name) => self.replicas_down.insert(name),
+            Event::ReplicaUp(name) => {
+                self.replicas_down.remove(&name);
+                false
+            }
+        };
+        if counts {
+            self.what = what;
+        }
+        counts
+    }
+}
+
+/// What the sentinels announced, as the worker last saw it.
+pub struct Switches(watch::Receiver<Announced>);
 
 impl Switches {
     /// Takes what was announced so far as seen: call it before asking the sentinels.
@@ -59,17 +117,14 @@ impl Switches {
         self.0.borrow_and_update();
     }
 
-    /// A master other than the one seen was announced since [`Switches::mark_seen`].
+    /// A new master or a replica down was announced since [`Switches::mark_seen`].
     pub fn switched(&self) -> bool {
         self.0.has_changed().unwrap_or(false)
     }
 
-    /// The announced master, for the log.
+    /// The last announcement, for the log.
     pub fn announced(&self) -> String {
-        match &*self.0.borrow() {
-            Some((host, port)) => format!("{host}:{port}"),
-            None => "(none)".to_owned(),
-        }
+        self.0.borrow().what.clone()
     }
 
     /// Waits for the next announcement (forever when the announcements stopped).
@@ -178,7 +233,7 @@ impl Sentinels {
     /// subscriptions end with the last clone of the target.
     pub fn switches(&self) -> Switches {
         let (sender, _) = self.announcements.get_or_init(|| {
-            let (sender, _) = watch::channel(None);
+            let (sender, _) = watch::channel(Announced::default());
             let stop = CancellationToken::new();
             for sentinel in &self.sentinels {
                 tokio::spawn(listen_for_switches(
@@ -199,7 +254,7 @@ impl Sentinels {
 async fn listen_for_switches(
     sentinel: Client,
     service: String,
-    announced: watch::Sender<Option<(String, u16)>>,
+    announced: watch::Sender<Announced>,
     stop: CancellationToken,
 ) {
     let name = super::node_name(sentinel.get_connection_info().addr());
@@ -210,7 +265,7 @@ async fn listen_for_switches(
                 .map_err(|_| format!("no connection within {SENTINEL_TIMEOUT:?}"))?
                 .map_err(|e| e.to_string())?;
             pubsub
-                .subscribe(SWITCH_CHANNEL)
+                .subscribe(&[SWITCH_CHANNEL, DOWN_CHANNEL, UP_CHANNEL])
                 .await
                 .map_err(|e| e.to_string())?;
             let mut messages = pubsub.on_message();
@@ -218,14 +273,11 @@ async fn listen_for_switches(
                 let Ok(payload) = message.get_payload::<String>() else {
                     continue;
                 };
-                if let Some(master) = switched_master(&payload, &service) {
-                    tracing::info!(sentinel = %name, %service, master = %format!("{}:{}", master.0, master.1), "the sentinels switched the master");
-                    announced.send_if_modified(|current| {
-                        let new = current.as_ref() != Some(&master);
-                        *current = Some(master);
-                        new
-                    });
-                }
+                let Some(event) = event(message.get_channel_name(), &payload, &service) else {
+                    continue;
+                };
+                tracing::info!(sentinel = %name, %service, "{event}");
+                announced.send_if_modified(|current| current.book(event));
             }
             Err::<(), String>("the subscription ended".to_owned())
         };
@@ -244,12 +296,21 @@ async fn listen_for_switches(
     }
 }
 
-/// The new master of `service` in a `+switch-master` payload
-/// (`<service> <old ip> <old port> <new ip> <new port>`); `None` for another service.
-fn switched_master(payload: &str, service: &str) -> Option<(String, u16)> {
+/// The announcement about `service` in a message: `+switch-master <service> <old ip> <old port>
+/// <new ip> <new port>`, or `±sdown slave <name> <ip> <port> @ <service> <ip> <port>`. `None`
+/// for another service or instance.
+fn event(channel: &str, payload: &str, service: &str) -> Option<Event> {
     let fields: Vec<&str> = payload.split_whitespace().collect();
-    match fields[..] {
-        [name, _, _, host, port] if name == service => Some((host.to_owned(), port.parse().ok()?)),
+    match (channel, &fields[..]) {
+        (SWITCH_CHANNEL, [name, _, _, host, port]) if *name == service => {
+            Some(Event::Switched((*host).to_owned(), port.parse().ok()?))
+        }
+        (DOWN_CHANNEL, ["slave", replica, _, _, "@", name, ..]) if *name == service => {
+            Some(Event::ReplicaDown((*replica).to_owned()))
+        }
+        (UP_CHANNEL, ["slave", replica, _, _, "@", name, ..]) if *name == service => {
+            Some(Event::ReplicaUp((*replica).to_owned()))
+        }
         _ => None,
     }
 }
@@ -403,12 +464,33 @@ mod tests {
     }
 
     #[test]
-    fn only_a_switch_of_our_service_counts() {
+    fn only_announcements_about_our_service_count_once() {
+        let switch = |payload: &str| event(SWITCH_CHANNEL, payload, "mymaster");
+        let to_6380 = "mymaster 127.0.0.1 6379 127.0.0.1 6380";
         assert_eq!(
-            switched_master("mymaster 127.0.0.1 6379 127.0.0.1 6380", "mymaster"),
-            Some(("127.0.0.1".to_owned(), 6380))
+            switch(to_6380),
+            Some(Event::Switched("127.0.0.1".to_owned(), 6380))
         );
-        assert_eq!(switched_master("other 1 2 3 4", "mymaster"), None);
-        assert_eq!(switched_master("mymaster 1 2", "mymaster"), None);
+        assert_eq!(switch("other 1 2 3 4"), None);
+        assert_eq!(switch("mymaster 1 2"), None);
+        let down = "slave 127.0.0.1:6381 127.0.0.1 6381 @ mymaster 127.0.0.1 6380";
+        assert_eq!(
+            event(DOWN_CHANNEL, down, "mymaster"),
+            Some(Event::ReplicaDown("127.0.0.1:6381".to_owned()))
+        );
+        assert_eq!(event(DOWN_CHANNEL, down, "other"), None);
+        assert_eq!(
+            event(DOWN_CHANNEL, "master mymaster 127.0.0.1 6380", "mymaster"),
+            None
+        );
+        // Each of three sentinels announces the same switch or the same replica: once counts.
+        let mut announced = Announced::default();
+        assert!(announced.book(switch(to_6380).expect("switch")));
+        assert!(!announced.book(switch(to_6380).expect("switch")));
+        let replica = || Event::ReplicaDown("127.0.0.1:6381".to_owned());
+        assert!(announced.book(replica()));
+        assert!(!announced.book(replica()));
+        assert!(!announced.book(Event::ReplicaUp("127.0.0.1:6381".to_owned())));
+        assert!(announced.book(replica()));
     }
 }
