@@ -33,11 +33,12 @@ promtool test rules deploy/prometheus/alerts_test.yml
 # while waiting on I/O without piling up timeouts.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# Every suite with the daemon in index mode, then the data-path, fault, cluster and refill suites
-# again in sweep mode: both ways of finding keys must pass them (tests/common: TEST_MODE).
+# Every suite with the daemon in index mode, then the data-path, fault, cluster, refill and
+# sentinel suites again in sweep mode: both ways of finding keys must pass them (tests/common:
+# TEST_MODE).
 TEST_MODE=index cargo test --locked -- --test-threads=4 2>&1 | tee "$log"
 TEST_MODE=sweep cargo test --locked --test data_path --test faults --test cluster --test refill \
-    -- --test-threads=4 2>&1 | tee -a "$log"
+    --test sentinel -- --test-threads=4 2>&1 | tee -a "$log"
 # One closing line for the whole run: cargo prints a summary per test binary, and the last one
 # (an empty doc-test run, for instance) says nothing about the suite.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
