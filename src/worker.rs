@@ -165,10 +165,10 @@ pub async fn run_with_rules(
     result
 }
 
-/// The next master the sentinels announce; never without Sentinel.
-async fn next_switch(switches: Option<&mut Switches>) {
+/// Returns once the sentinels announced something not seen yet; never without Sentinel.
+async fn next_switch(switches: Option<&Switches>) {
     match switches {
-        Some(switches) => switches.next().await,
+        Some(switches) => switches.announcement().await,
         None => std::future::pending().await,
     }
 }
@@ -340,6 +340,8 @@ impl Worker {
                 // sentinels), or the replicas to wait for changed: connect and count again.
                 let announced = switched.announced();
                 self.sweep_failed(announced).await;
+                // The sentinels name the master to use now: no backoff before asking them.
+                self.redis_retry_at = None;
                 continue;
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
@@ -401,6 +403,8 @@ impl Worker {
                 _ = self.wake.notified() => claims.wake(),
                 _ = tokio::time::sleep_until(wake_at) => {}
                 _ = shutdown.cancelled(), if !stop.is_stopping() => {}
+                // Idle behind Sentinel: move to a new master before the next change needs it.
+                _ = next_switch(self.switches.as_ref()) => {}
             }
         }
     }
@@ -564,7 +568,7 @@ impl Worker {
                         // grew during a long outage.
                         _ = self.health.redis_answers_again() => {}
                         // The sentinels promoted a new master: ask for it now.
-                        _ = next_switch(self.switches.as_mut()) => {}
+                        _ = next_switch(self.switches.as_ref()) => {}
                         // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
                         _ = shutdown.cancelled() => return Ok(false),
                     }

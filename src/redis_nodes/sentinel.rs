@@ -127,9 +127,10 @@ impl Switches {
         self.0.borrow().what.clone()
     }
 
-    /// Waits for the next announcement (forever when the announcements stopped).
-    pub async fn next(&mut self) {
-        if self.0.changed().await.is_err() {
+    /// Returns once there is an announcement not seen yet (at once if there is one already),
+    /// leaving it unseen for [`Switches::switched`]; never when the announcements stopped.
+    pub async fn announcement(&self) {
+        if self.0.clone().changed().await.is_err() {
             std::future::pending::<()>().await;
         }
     }
