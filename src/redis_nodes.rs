@@ -434,6 +434,57 @@ fn open_client(info: redis::ConnectionInfo, ca: Option<&[u8]>) -> redis::RedisRe
     }
 }
 
+/// What a Redis URL names: the servers to connect to (one, or a cluster's seeds), or the
+/// sentinels to ask; and whether it is a cluster. `Err` says what is wrong, without the URL.
+fn servers(
+    text: &str,
+    ca: Option<&[u8]>,
+) -> Result<(Vec<Client>, Option<Sentinels>, bool), String> {
+    let (scheme, rest) = text.split_once("://").ok_or_else(|| {
+        "expected redis://, rediss://, redis+cluster://, redis+sentinel:// or unix://".to_owned()
+    })?;
+    let (cluster, plain_scheme) = match scheme {
+        // A Unix socket: `unix:///run/redis/redis.sock?db=0&user=…&pass=…` (the redis crate's
+        // syntax; `redis+unix://` is the same). One server, never TLS.
+        "unix" | "redis+unix" => {
+            let info = text.into_connection_info().map_err(|e| e.to_string())?;
+            let client = open_client(info, None).map_err(|e| e.to_string())?;
+            return Ok((vec![client], None, false));
+        }
+        "redis" | "rediss" => (false, scheme),
+        "redis+cluster" => (true, "redis"),
+        "rediss+cluster" => (true, "rediss"),
+        "redis+sentinel" | "rediss+sentinel" => {
+            let plain_scheme = scheme.trim_end_matches("+sentinel");
+            let sentinels = Sentinels::parse(plain_scheme, rest, |info| open_client(info, ca))?;
+            return Ok((Vec::new(), Some(sentinels), false));
+        }
+        other => {
+            return Err(format!(
+                "scheme {other}:// (expected redis, rediss, redis+cluster, rediss+cluster, \
+                 redis+sentinel, rediss+sentinel, unix or redis+unix)"
+            ))
+        }
+    };
+    let seeds = seed_urls(plain_scheme, rest)
+        .into_iter()
+        .map(|seed_url| {
+            let info = seed_url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| e.to_string())?;
+            open_client(info, ca).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if seeds.is_empty() {
+        return Err("no host".into());
+    }
+    if !cluster && seeds.len() > 1 {
+        return Err("several hosts: use redis+cluster:// for a Redis Cluster".into());
+    }
+    Ok((seeds, None, cluster))
+}
+
 impl RedisTarget {
     /// Parses a Redis URL (see the module doc for the forms). Errors show the URL redacted.
     pub fn parse(
@@ -453,79 +504,10 @@ impl RedisTarget {
             })?),
             None => None,
         };
-        let text = url.trim();
-        let (scheme, rest) = text.split_once("://").ok_or_else(|| {
-            invalid(
-                "expected redis://, rediss://, redis+cluster://, redis+sentinel:// or unix://"
-                    .into(),
-            )
-        })?;
-        let (cluster, plain_scheme) = match scheme {
-            // A Unix socket: `unix:///run/redis/redis.sock?db=0&user=…&pass=…` (the redis
-            // crate's syntax; `redis+unix://` is the same). One server, never TLS.
-            "unix" | "redis+unix" => {
-                let info = text
-                    .into_connection_info()
-                    .map_err(|e| invalid(e.to_string()))?;
-                let client = open_client(info, None).map_err(|e| invalid(e.to_string()))?;
-                return Ok(RedisTarget {
-                    seeds: vec![client],
-                    sentinels: None,
-                    known: Arc::default(),
-                    cluster: false,
-                    ca,
-                    redacted,
-                    command_timeout,
-                    replica_policy: ReplicaPolicy::default(),
-                });
-            }
-            "redis" | "rediss" => (false, scheme),
-            "redis+cluster" => (true, "redis"),
-            "rediss+cluster" => (true, "rediss"),
-            "redis+sentinel" | "rediss+sentinel" => {
-                let plain_scheme = scheme.trim_end_matches("+sentinel");
-                let sentinels =
-                    Sentinels::parse(plain_scheme, rest, |info| open_client(info, ca.as_deref()))
-                        .map_err(invalid)?;
-                return Ok(RedisTarget {
-                    seeds: Vec::new(),
-                    sentinels: Some(Arc::new(sentinels)),
-                    known: Arc::default(),
-                    cluster: false,
-                    ca,
-                    redacted,
-                    command_timeout,
-                    replica_policy: ReplicaPolicy::default(),
-                });
-            }
-            other => {
-                return Err(invalid(format!(
-                    "scheme {other}:// (expected redis, rediss, redis+cluster, rediss+cluster, \
-                     redis+sentinel, rediss+sentinel, unix or redis+unix)"
-                )))
-            }
-        };
-        let seeds = seed_urls(plain_scheme, rest)
-            .into_iter()
-            .map(|seed_url| {
-                let info = seed_url
-                    .as_str()
-                    .into_connection_info()
-                    .map_err(|e| invalid(e.to_string()))?;
-                open_client(info, ca.as_deref()).map_err(|e| invalid(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if seeds.is_empty() {
-            return Err(invalid("no host".into()));
-        }
-        if !cluster && seeds.len() > 1 {
-            return Err(invalid(
-                "several hosts: use redis+cluster:// for a Redis Cluster".into(),
-            ));
-        }
+        let (seeds, sentinels, cluster) = servers(url.trim(), ca.as_deref()).map_err(invalid)?;
         Ok(RedisTarget {
             seeds,
-            sentinels: None,
+            sentinels: sentinels.map(Arc::new),
             known: Arc::default(),
             cluster,
             ca,

@@ -335,13 +335,7 @@ impl Worker {
             if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
                 continue;
             }
-            if let Some(switched) = self.switches.as_ref().filter(|s| s.switched()) {
-                // The master connected to was replaced (it may still answer, cut off from the
-                // sentinels), or the replicas to wait for changed: connect and count again.
-                let announced = switched.announced();
-                self.sweep_failed(announced).await;
-                // The sentinels name the master to use now: no backoff before asking them.
-                self.redis_retry_at = None;
+            if self.left_a_replaced_master().await {
                 continue;
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
@@ -523,6 +517,20 @@ impl Worker {
             }
         }
         failure
+    }
+
+    /// Behind Sentinel, after the sentinels announced a new master or a replica down: gives the
+    /// claimed changes back and drops the connection (the old master may still answer, cut off
+    /// from the sentinels; the replicas to wait for may have changed), to connect again at once.
+    async fn left_a_replaced_master(&mut self) -> bool {
+        let Some(switched) = self.switches.as_ref().filter(|s| s.switched()) else {
+            return false;
+        };
+        let announced = switched.announced();
+        self.sweep_failed(announced).await;
+        // The sentinels name the master to use now: no backoff before asking them.
+        self.redis_retry_at = None;
+        true
     }
 
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.

@@ -359,14 +359,15 @@ async fn a_master_killed_under_load_is_followed_to_the_promoted_replica() {
     db.wait_for_empty_outbox(PATIENCE).await;
     stop.cancel();
     watcher.await.expect("watcher");
-    let seen = seen.lock().expect("seen");
+    // The watcher is done: what it saw is the test's alone now.
+    let seen = std::mem::take(&mut *seen.lock().expect("seen"));
     report_failover(&seen, killed, acked.len());
     assert!(
         all_cleared,
         "not every change's key was seen gone; log:\n{}",
         daemon.log_text()
     );
-    assert_failover_goals(&seen, killed, &acked, &daemon).await;
+    assert_failover_goals(&seen, killed, &acked, &daemon);
     let (_, new_master) = seen.promoted.clone().expect("promoted");
     let mut on_new = redis_connection(&format!("redis://{new_master}/0")).await;
     let acked_keys: Vec<String> = acked.iter().map(|id| report_key(&space, *id)).collect();
@@ -438,7 +439,7 @@ fn outage_cleared(seen: &Seen, killed: Instant) -> Option<Duration> {
         .max()
 }
 
-async fn assert_failover_goals(seen: &Seen, killed: Instant, acked: &[u32], daemon: &ChildDaemon) {
+fn assert_failover_goals(seen: &Seen, killed: Instant, acked: &[u32], daemon: &ChildDaemon) {
     assert!(
         seen.promoted.is_some(),
         "the sentinels never promoted the replica"
