@@ -9,10 +9,10 @@ WORKDIR /src
 COPY . .
 # Cache mounts (BuildKit) keep the crate registry and compiled dependencies between builds, so a
 # source change does not recompile every dependency. target/ lives in the cache, hence the copy out.
-# --locked: build exactly the versions in Cargo.lock.
+# --locked: build exactly the versions in Cargo.lock. -p: the daemon only, not the workspace's bench.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
+    cargo build --release --locked -p cache-invalidator \
  && cp target/release/cache-invalidator /usr/local/bin/cache-invalidator
 
 FROM debian:bookworm-slim

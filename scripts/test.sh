@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's whole test gate, in the order that fails fastest on a typical mistake:
-# compile everything (tests, benches, examples too), then formatting, then lints, then the alerting
-# rules (promtool), then the tests.
+# compile everything (tests, the bench and the test support crate too: --workspace), then
+# formatting, then lints, then the alerting rules (promtool), then the tests.
 # CI runs exactly this (through .ci/run, which first starts Postgres and Redis); so can you.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,9 +20,9 @@ printf 'test.sh: postgres %s, redis %s\n' "${TEST_DATABASE_URL:-postgres://postg
 
 # --locked everywhere: CI must build the dependency versions that Cargo.lock records, and fail
 # loudly if Cargo.toml changed without the lock file being updated and committed.
-cargo build --all-targets --locked
+cargo build --workspace --all-targets --locked
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # The alerting rules that ship (deploy/prometheus): valid, and their unit tests pass.
 command -v promtool >/dev/null 2>&1 ||
   { echo "test.sh: promtool not found: run scripts/ensure-services.sh (it installs Debian's prometheus package) or apt-get install prometheus" >&2; exit 1; }

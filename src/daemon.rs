@@ -31,65 +31,29 @@ pub enum DaemonError {
     Metrics(#[from] crate::telemetry::MetricsError),
 }
 
-/// `cache-invalidator run`: the worker, the metrics listener, the Redis probe, systemd's status
-/// line and SIGHUP's rules reload, until `shutdown` is cancelled (the binary cancels it on SIGTERM
-/// or SIGINT); then the batch in flight is finished and everything stops.
+/// `cache-invalidator run`, the daemon's one entry point (the binary, the tests and the bench all
+/// start it here): the worker, the metrics listener when `settings.metrics_addr` asks for one, the
+/// Redis probe, systemd's status line and SIGHUP's rules reload, until `shutdown` is cancelled (the
+/// binary cancels it on SIGTERM or SIGINT); then the batch in flight is finished and everything
+/// stops.
 pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    // The worker pings systemd's watchdog from its loop, which idles up to one poll interval:
-    // an idle loop must come round at least once per ping period (a quarter of the watchdog
-    // interval). With the unit's WatchdogSec=30s that is 7.5 s, above the 5 s default: no change.
-    if let Some(period) = telemetry::Systemd::from_env().ping_period() {
-        if settings.poll_interval > period {
-            info!(
-                poll_interval_ms = settings.poll_interval.as_millis() as u64,
-                watchdog_ping_ms = period.as_millis() as u64,
-                "poll interval lowered to the systemd watchdog's ping period"
-            );
-            settings.poll_interval = period;
-        }
-    }
+    pace_for_watchdog(&mut settings);
     // The daemon's own tasks stop on a child token: ending them must not cancel the caller's.
     let shutdown = shutdown.child_token();
-    let health = Arc::new(Health::new(settings.max_backlog_age));
+    let health = health_state(&settings);
     let (rules_tx, rules_rx) = watch::channel(Arc::new(settings.rules.clone()));
 
-    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    let signals = {
-        let shutdown = shutdown.clone();
-        let settings = settings.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    // A reload may wait up to Postgres' connect timeout: a stop request wins.
-                    _ = hangup.recv() => tokio::select! {
-                        _ = reload_rules(&settings, &rules_tx) => {}
-                        _ = shutdown.cancelled() => { info!("stopping; reload abandoned"); return }
-                    },
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-        })
-    };
+    let signals = reload_on_hangup(settings.clone(), rules_tx, shutdown.clone())?;
     // Bound before the worker starts: a port in use fails the start with a clear message. (After
     // the signal handlers: once /metrics answers, a SIGHUP reloads rather than kills.)
-    let metrics = match settings.metrics_addr {
-        Some(addr) => {
-            let server =
-                match telemetry::serve_metrics(addr, health.clone(), shutdown.clone()).await {
-                    Ok(server) => server,
-                    Err(error) => {
-                        shutdown.cancel();
-                        let _ = signals.await;
-                        return Err(error.into());
-                    }
-                };
-            let tables = settings.rules.table_names();
-            telemetry::register_zeroes(tables.iter().map(String::as_str));
-            Some(server)
+    let metrics = match start_metrics(&settings, &health, &shutdown).await {
+        Ok(metrics) => metrics,
+        Err(error) => {
+            shutdown.cancel();
+            let _ = signals.await;
+            return Err(error.into());
         }
-        None => None,
     };
-
     // An unparsable URL is left to the worker, which reports it and exits.
     let probe = settings.redis_target().ok().map(|target| {
         tokio::spawn(probe_redis(
@@ -111,6 +75,68 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
         metrics.stopped().await;
     }
     Ok(result?)
+}
+
+/// The daemon's health state: its own, unless a test handed it one to watch (`Settings::health`).
+fn health_state(settings: &Settings) -> Arc<Health> {
+    #[cfg(feature = "test-hooks")]
+    if let Some(health) = &settings.health {
+        return health.clone();
+    }
+    Arc::new(Health::new(settings.max_backlog_age))
+}
+
+/// The worker pings systemd's watchdog from its loop, which idles up to one poll interval: an idle
+/// loop must come round at least once per ping period (a quarter of the watchdog interval). With
+/// the unit's WatchdogSec=30s that is 7.5 s, above the 5 s default: no change.
+fn pace_for_watchdog(settings: &mut Settings) {
+    if let Some(period) = telemetry::Systemd::from_env().ping_period() {
+        if settings.poll_interval > period {
+            info!(
+                poll_interval_ms = settings.poll_interval.as_millis() as u64,
+                watchdog_ping_ms = period.as_millis() as u64,
+                "poll interval lowered to the systemd watchdog's ping period"
+            );
+            settings.poll_interval = period;
+        }
+    }
+}
+
+/// Reloads the rules at each SIGHUP until `shutdown`.
+fn reload_on_hangup(
+    settings: Settings,
+    rules_tx: watch::Sender<Arc<RuleSet>>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                // A reload may wait up to Postgres' connect timeout: a stop request wins.
+                _ = hangup.recv() => tokio::select! {
+                    _ = reload_rules(&settings, &rules_tx) => {}
+                    _ = shutdown.cancelled() => { info!("stopping; reload abandoned"); return }
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }))
+}
+
+/// The `/metrics` and `/healthz` listener, when the settings ask for one, with the counters every
+/// dashboard expects registered at zero.
+async fn start_metrics(
+    settings: &Settings,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> Result<Option<telemetry::MetricsServer>, telemetry::MetricsError> {
+    let Some(addr) = settings.metrics_addr else {
+        return Ok(None);
+    };
+    let server = telemetry::serve_metrics(addr, health.clone(), shutdown.clone()).await?;
+    let tables = settings.rules.table_names();
+    telemetry::register_zeroes(tables.iter().map(String::as_str));
+    Ok(Some(server))
 }
 
 /// PINGs every Redis node each [`REDIS_PROBE_INTERVAL`] on a connection of its own and records

@@ -38,7 +38,8 @@ use std::time::Instant;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::matcher::{Glob, Matcher, PatternId};
+use crate::glob::Glob;
+use crate::matcher::{Matcher, PatternId};
 use crate::sweep::PatternSpec;
 use crate::telemetry::names;
 
@@ -467,7 +468,7 @@ pub fn lookup(nodes: &[Arc<Mutex<NodeIndex>>], patterns: &[PatternSpec]) -> Opti
 /// without wildcards, `None` for any other glob.
 fn prefix_or_exact(glob: &Glob) -> Option<(Vec<u8>, bool)> {
     let literal = glob.literal_prefix();
-    let escaped = crate::rules::escape_glob(std::str::from_utf8(&literal).ok()?);
+    let escaped = crate::glob::escape(std::str::from_utf8(&literal).ok()?);
     if *glob == Glob::parse(&escaped) {
         return Some((literal, false));
     }

@@ -1,20 +1,24 @@
 //! cache-invalidator: keeps a Redis cache honest.
 //!
+//! [`run`] is the daemon's one entry point: the binary, the integration tests and the bench all
+//! start it there, with [`Settings`] and a shutdown token. [`execute`] runs the operator's other
+//! subcommands ([`ops`]).
+//!
 //! The path of one change, module by module: Postgres triggers ([`schema`]) record each committed
-//! change in an outbox and notify; the worker ([`worker`]) is woken, claims the change
-//! ([`outbox`], over connections from [`postgres`]), turns it into key patterns ([`rules`]), and
-//! hands them to the [`finder`], which looks their keys up in the [`index`] that Redis' tracking
-//! announcements keep ([`tracking`]), or clears them together with every other pending change in
-//! one sweep of Redis ([`sweep`], with the compiled [`matcher`]), over connections from
-//! [`redis_nodes`]; once Redis and its replicas ([`replicas`]) confirmed the deletes, it deletes the
-//! outbox rows.
-//! [`ops`] holds the operator's other subcommands, [`telemetry`] logs, metrics and health.
+//! change in an outbox and notify; the worker is woken, claims the change ([`outbox`], over
+//! connections from [`postgres`]), turns it into key patterns ([`rules`]), and hands them to the
+//! finder, which looks their keys up in the [`index`] that Redis' tracking announcements keep
+//! ([`tracking`]), or clears them together with every other pending change in one sweep of Redis
+//! ([`sweep`], with the compiled [`matcher`]), over connections from [`redis_nodes`]; once Redis and
+//! its replicas ([`replicas`]) confirmed the deletes, it deletes the outbox rows. [`glob`] holds
+//! Redis' pattern syntax for all of them, [`telemetry`] logs, metrics and health.
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
-pub mod daemon;
-pub mod finder;
+pub(crate) mod daemon;
+pub(crate) mod finder;
+pub mod glob;
 pub mod index;
 pub mod matcher;
 pub mod ops;
@@ -28,8 +32,8 @@ pub mod settings;
 pub mod sweep;
 pub mod telemetry;
 pub mod tracking;
-pub mod worker;
+pub(crate) mod worker;
 
-pub use daemon::run;
+pub use daemon::{run, DaemonError};
 pub use ops::execute;
 pub use settings::Settings;

@@ -10,133 +10,36 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::rules::RuleSet;
+use crate::glob::{self, Glob, Layout};
 
 /// Index of a pattern in the order it was added to the [`MatcherBuilder`].
 pub type PatternId = u32;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Token {
-    Byte(u8),
-    AnyByte,
-    AnyRun,
-    Class {
-        negated: bool,
-        items: Vec<ClassItem>,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ClassItem {
-    Byte(u8),
-    Range(u8, u8),
-}
-
-/// A parsed glob pattern with Redis' `stringmatchlen` semantics: `*`, `?`, `[abc]`, `[^a-z]`, `\x`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Glob {
-    tokens: Vec<Token>,
-}
-
-impl Glob {
-    pub fn parse(pattern: &str) -> Glob {
-        let bytes = pattern.as_bytes();
-        let mut tokens = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'*' => {
-                    // Consecutive stars match the same as one.
-                    if tokens.last() != Some(&Token::AnyRun) {
-                        tokens.push(Token::AnyRun);
-                    }
-                }
-                b'?' => tokens.push(Token::AnyByte),
-                b'\\' if i + 1 < bytes.len() => {
-                    i += 1;
-                    tokens.push(Token::Byte(bytes[i]));
-                }
-                b'[' => {
-                    i += 1;
-                    let negated = bytes.get(i) == Some(&b'^');
-                    if negated {
-                        i += 1;
-                    }
-                    let mut items = Vec::new();
-                    while i < bytes.len() && bytes[i] != b']' {
-                        if bytes[i] == b'\\' && i + 1 < bytes.len() {
-                            i += 1;
-                            items.push(ClassItem::Byte(bytes[i]));
-                        } else if i + 2 < bytes.len()
-                            && bytes[i + 1] == b'-'
-                            && bytes[i + 2] != b']'
-                        {
-                            let (a, b) = (bytes[i], bytes[i + 2]);
-                            items.push(ClassItem::Range(a.min(b), a.max(b)));
-                            i += 2;
-                        } else {
-                            items.push(ClassItem::Byte(bytes[i]));
-                        }
-                        i += 1;
-                    }
-                    // Like Redis, an unterminated class ends at the end of the pattern.
-                    tokens.push(Token::Class { negated, items });
-                }
-                byte => tokens.push(Token::Byte(byte)),
-            }
-            i += 1;
-        }
-        Glob { tokens }
+/// The shape that decides how the matcher stores `glob`.
+fn shape(glob: &Glob) -> Shape {
+    let (prefix, run, only_star_after) = match glob.layout() {
+        Layout::Exact(literal) => return Shape::Exact(literal),
+        Layout::Prefix(literal) => return Shape::Prefix(literal),
+        Layout::Other => return Shape::Other,
+        Layout::StarThenLiteral {
+            prefix,
+            run,
+            only_star_after,
+        } => (prefix, run, only_star_after),
+    };
+    // `prefix*:segment:…`: the literal run after the first star, cut at its last `:`.
+    let Some(last_colon) = run.iter().rposition(|&byte| byte == SEPARATOR) else {
+        return Shape::Other;
+    };
+    if run.first() != Some(&SEPARATOR) || last_colon == 0 {
+        return Shape::Other;
     }
-
-    /// The literal bytes every match starts with.
-    pub fn literal_prefix(&self) -> Vec<u8> {
-        self.tokens
-            .iter()
-            .map_while(|token| match token {
-                Token::Byte(byte) => Some(*byte),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn is_match(&self, key: &[u8]) -> bool {
-        matches_from(&self.tokens, key)
-    }
-
-    /// The shape that decides how the matcher stores the pattern.
-    fn shape(&self) -> Shape {
-        let literal = self.literal_prefix();
-        let rest = &self.tokens[literal.len()..];
-        match rest {
-            [] => return Shape::Exact(literal),
-            [Token::AnyRun] => return Shape::Prefix(literal),
-            _ => {}
-        }
-        // `prefix*:segment:…`: the literal run after the first star, cut at its last `:`.
-        let [Token::AnyRun, after_star @ ..] = rest else {
-            return Shape::Other;
-        };
-        let run: Vec<u8> = after_star
-            .iter()
-            .map_while(|token| match token {
-                Token::Byte(byte) => Some(*byte),
-                _ => None,
-            })
-            .collect();
-        let Some(last_colon) = run.iter().rposition(|&byte| byte == SEPARATOR) else {
-            return Shape::Other;
-        };
-        if run.first() != Some(&SEPARATOR) || last_colon == 0 {
-            return Shape::Other;
-        }
-        // `prefix*:segment:*` exactly: a hit of the lookup is a match.
-        let whole = last_colon + 1 == run.len() && after_star[run.len()..] == [Token::AnyRun];
-        Shape::Segment {
-            prefix: literal,
-            segment: run[..=last_colon].to_vec(),
-            whole,
-        }
+    // `prefix*:segment:*` exactly: a hit of the lookup is a match.
+    let whole = last_colon + 1 == run.len() && only_star_after;
+    Shape::Segment {
+        prefix,
+        segment: run[..=last_colon].to_vec(),
+        whole,
     }
 }
 
@@ -157,64 +60,6 @@ enum Shape {
         whole: bool,
     },
     Other,
-}
-
-/// Redis' `stringmatchlen` without its recursion: each non-star token consumes exactly one byte,
-/// so on a mismatch it is enough to let the last `*` seen swallow one more byte and retry from
-/// just after it (earlier stars never need to take more: the last one can absorb whatever they
-/// would). Worst case keys × tokens steps; the recursive form was exponential in the number of
-/// stars (`a*a*a*a*a*a*a*a*b` against 40 `a`s did not finish).
-fn matches_from(tokens: &[Token], key: &[u8]) -> bool {
-    let (mut token, mut at) = (0, 0);
-    // Token index after the last `*` seen, and the key position that star's match ends at.
-    let mut last_star: Option<(usize, usize)> = None;
-    loop {
-        match tokens.get(token) {
-            Some(Token::AnyRun) => {
-                if token + 1 == tokens.len() {
-                    return true;
-                }
-                last_star = Some((token + 1, at));
-                token += 1;
-                continue;
-            }
-            Some(single) if key.get(at).is_some_and(|&byte| single.matches_byte(byte)) => {
-                token += 1;
-                at += 1;
-                continue;
-            }
-            Some(_) => {}
-            None if at == key.len() => return true,
-            None => {}
-        }
-        // A mismatch: the last star takes one more byte, or there is no way to match.
-        match last_star {
-            Some((after_star, star_end)) if star_end < key.len() => {
-                last_star = Some((after_star, star_end + 1));
-                token = after_star;
-                at = star_end + 1;
-            }
-            _ => return false,
-        }
-    }
-}
-
-impl Token {
-    /// Whether this one-byte token (anything but `*`) accepts `byte`.
-    fn matches_byte(&self, byte: u8) -> bool {
-        match self {
-            Token::Byte(expected) => *expected == byte,
-            Token::AnyByte => true,
-            Token::Class { negated, items } => {
-                let inside = items.iter().any(|item| match *item {
-                    ClassItem::Byte(b) => b == byte,
-                    ClassItem::Range(low, high) => (low..=high).contains(&byte),
-                });
-                inside != *negated
-            }
-            Token::AnyRun => true,
-        }
-    }
 }
 
 /// Collects patterns, then compiles them into a [`Matcher`].
@@ -391,13 +236,6 @@ fn merge_positions(positions: &mut Vec<ByteSet>, literal: &[u8]) {
     }
 }
 
-fn push_escaped(glob: &mut Vec<u8>, byte: u8) {
-    if matches!(byte, b'*' | b'?' | b'[' | b']' | b'\\' | b'^' | b'-') {
-        glob.push(b'\\');
-    }
-    glob.push(byte);
-}
-
 impl Matcher {
     pub fn insert(&mut self, pattern: &str, id: PatternId) {
         let glob = Glob::parse(pattern);
@@ -407,7 +245,7 @@ impl Matcher {
             Some(positions) => merge_positions(positions, &literal),
         }
         self.len += 1;
-        match glob.shape() {
+        match shape(&glob) {
             Shape::Exact(key) => register(&mut self.exact, key, id),
             Shape::Prefix(prefix) => {
                 let len = prefix.len();
@@ -463,7 +301,7 @@ impl Matcher {
     /// entry keep matching.
     pub fn remove(&mut self, pattern: &str, id: PatternId) {
         let glob = Glob::parse(pattern);
-        let removed = match glob.shape() {
+        let removed = match shape(&glob) {
             Shape::Exact(key) => unregister(&mut self.exact, &key, id),
             Shape::Prefix(prefix) => self
                 .prefixes_by_len
@@ -608,10 +446,13 @@ impl Matcher {
             .map_or(0, |last| last + 1);
         for set in &positions[..useful] {
             match set.len() {
-                1 => set.bytes().for_each(|byte| push_escaped(&mut glob, byte)),
+                1 => set
+                    .bytes()
+                    .for_each(|byte| glob::escape_into(&mut glob, &[byte])),
                 n if n <= MAX_CLASS_BYTES => {
                     glob.push(b'[');
-                    set.bytes().for_each(|byte| push_escaped(&mut glob, byte));
+                    set.bytes()
+                        .for_each(|byte| glob::escape_into(&mut glob, &[byte]));
                     glob.push(b']');
                 }
                 _ => glob.push(b'?'),
@@ -622,53 +463,16 @@ impl Matcher {
     }
 }
 
-/// `check`'s line on the rules' pattern shapes: whether every pattern the rules can produce is
-/// found by lookup in a sweep, or which key templates cost a glob match per scanned key (a `*`
-/// inside a segment, a `?` or `[…]` before the first placeholder, …): a window holding many of
-/// those makes every pass slower in proportion.
-pub fn shapes_report(rules: &RuleSet) -> String {
-    // A value that needs no escaping stands for every row's.
-    const SAMPLE: &str = "1";
-    let mut one_by_one: Vec<String> = Vec::new();
-    for rule in rules.rules() {
-        for template in &rule.templates {
-            let mut pattern = format!("{}{}", rules.key_prefix(), template.source());
-            for column in template.columns() {
-                pattern = pattern.replace(&format!("{{{column}}}"), SAMPLE);
-            }
-            if matches!(Glob::parse(&pattern).shape(), Shape::Other) {
-                one_by_one.push(format!("{} `{}`", rule.table, template.source()));
-            }
-        }
-    }
-    let manual = [
-        ("invalidate --user", rules.user_patterns(SAMPLE)),
-        ("invalidate --report", rules.report_patterns(SAMPLE)),
-    ];
-    for (operation, patterns) in manual {
-        for pattern in patterns {
-            if matches!(Glob::parse(&pattern).shape(), Shape::Other) {
-                one_by_one.push(format!("{operation} `{pattern}`"));
-            }
-        }
-    }
-    if one_by_one.is_empty() {
-        "ok    rules: every key pattern is found by lookup when sweeping (placeholders in whole \
-         `:`-separated segments)"
-            .to_owned()
-    } else {
-        format!(
-            "warn  rules: {} key template(s) cost a glob match per scanned key when sweeping (a \
-             wildcard in a placeholder's segment): {}",
-            one_by_one.len(),
-            one_by_one.join(", ")
-        )
-    }
+/// Whether a sweep finds `pattern`'s keys by lookup (an exact key, a literal prefix, or a user's
+/// `:`-separated segment), rather than by a glob match on every key it scans.
+pub fn is_looked_up(pattern: &str) -> bool {
+    !matches!(shape(&Glob::parse(pattern)), Shape::Other)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::glob::tests::Bytes;
 
     fn matcher(patterns: &[&str]) -> Matcher {
         let mut builder = MatcherBuilder::default();
@@ -704,13 +508,6 @@ mod tests {
         let m = matcher(&[":1:report:*:5:*"]);
         assert_eq!(m.find(b":1:report:12:5:h"), Some(0));
         assert_eq!(m.find(b":1:report:12:55:h"), None);
-        let g = Glob::parse("h[ae]llo?[^0-9]x[a-c]");
-        assert!(g.is_match(b"hallo1zxb"));
-        assert!(!g.is_match(b"hillo1zxb"));
-        assert!(!g.is_match(b"hallo15xb"));
-        assert!(!g.is_match(b"hallo1zxd"));
-        assert!(Glob::parse("*").is_match(b""));
-        assert!(Glob::parse("a**b").is_match(b"ab"));
     }
 
     #[test]
@@ -786,72 +583,6 @@ mod tests {
         let m = matcher(&["a*", "b*"]);
         assert_eq!(m.superset_glob(), b"[ab]*");
         assert_eq!(Matcher::default().superset_glob(), b"*");
-    }
-
-    #[test]
-    fn many_stars_match_in_linear_time() {
-        // The recursive matcher tried every way to split the `a`s among the stars: this did not
-        // finish. Now it is a few thousand steps.
-        let started = std::time::Instant::now();
-        let key = [b'a'; 40];
-        assert!(!Glob::parse("a*a*a*a*a*a*a*a*b").is_match(&key));
-        assert!(Glob::parse("a*a*a*a*a*a*a*a*a").is_match(&key));
-        let many = "*a".repeat(30) + "*b";
-        assert!(!Glob::parse(&many).is_match(&[b'a'; 200]));
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(1),
-            "took {:?}",
-            started.elapsed()
-        );
-    }
-
-    /// Redis' `stringmatchlen` as it is written (recursive on `*`), to check the linear matcher
-    /// against on small inputs.
-    fn reference_match(tokens: &[Token], key: &[u8]) -> bool {
-        let Some((token, rest)) = tokens.split_first() else {
-            return key.is_empty();
-        };
-        match token {
-            Token::AnyRun => (0..=key.len()).any(|skip| reference_match(rest, &key[skip..])),
-            single => {
-                key.first().is_some_and(|&byte| single.matches_byte(byte))
-                    && reference_match(rest, &key[1..])
-            }
-        }
-    }
-
-    /// A small deterministic generator (xorshift), so failures reproduce.
-    struct Bytes(u64);
-
-    impl Bytes {
-        fn next(&mut self, below: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % below as u64) as usize
-        }
-
-        fn text(&mut self, pieces: &[&str], max: usize) -> String {
-            let len = self.next(max + 1);
-            (0..len).map(|_| pieces[self.next(pieces.len())]).collect()
-        }
-    }
-
-    #[test]
-    fn the_linear_matcher_agrees_with_redis_recursive_one() {
-        let mut random = Bytes(0x9e37_79b9_7f4a_7c15);
-        let pattern_pieces = ["a", "b", ":", "*", "?", "[ab]", "[^a]", "\\*", "**"];
-        let key_pieces = ["a", "b", ":", "*", "c"];
-        for _ in 0..20_000 {
-            let pattern = random.text(&pattern_pieces, 7);
-            let key = random.text(&key_pieces, 9);
-            let glob = Glob::parse(&pattern);
-            assert_eq!(
-                glob.is_match(key.as_bytes()),
-                reference_match(&glob.tokens, key.as_bytes()),
-                "{pattern:?} against {key:?}"
-            );
-        }
     }
 
     #[test]
@@ -945,26 +676,5 @@ mod tests {
             assert_eq!(m.find(key.as_bytes()), None);
             assert!(m.is_empty());
         }
-    }
-
-    #[test]
-    fn check_names_the_templates_that_are_matched_one_by_one() {
-        let builtin = shapes_report(&RuleSet::builtin());
-        assert!(builtin.starts_with("ok "), "{builtin}");
-        let rules = RuleSet::from_toml(
-            r#"
-            [[rules]]
-            table = "reports_report"
-            keys = ["report:{id}:*", "report:*{author_id}:*", "r?port:*:{id}:*"]
-            "#,
-            "test rules",
-        )
-        .expect("valid rules");
-        let report = shapes_report(&rules);
-        assert!(report.starts_with("warn "), "{report}");
-        assert!(report.contains("2 key template(s)"), "{report}");
-        assert!(report.contains("`report:*{author_id}:*`"), "{report}");
-        assert!(report.contains("`r?port:*:{id}:*`"), "{report}");
-        assert!(!report.contains("`report:{id}:*`"), "{report}");
     }
 }

@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Command;
+use crate::matcher;
 use crate::outbox;
 use crate::postgres::{ConnectError, PgTarget};
 use crate::redis_nodes::{NodeError, RedisTarget};
@@ -131,7 +132,7 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         settings.rules.rules().len(),
         settings.rules_source
     );
-    let _ = writeln!(out, "{}", crate::matcher::shapes_report(&settings.rules));
+    let _ = writeln!(out, "{}", shapes_report(&settings.rules));
     match connect_pg(settings).await {
         Ok((client, target)) => {
             let _ = writeln!(out, "ok    postgres: connected to {}", target.redacted());
@@ -189,6 +190,50 @@ pub async fn check(settings: &Settings) -> (bool, String) {
         }
     }
     (ok, out)
+}
+
+/// `check`'s line on the rules' pattern shapes: whether every pattern the rules can produce is
+/// found by lookup in a sweep, or which key templates cost a glob match per scanned key (a `*`
+/// inside a segment, a `?` or `[…]` before the first placeholder, …): a window holding many of
+/// those makes every pass slower in proportion.
+fn shapes_report(rules: &RuleSet) -> String {
+    // A value that needs no escaping stands for every row's.
+    const SAMPLE: &str = "1";
+    let mut one_by_one: Vec<String> = Vec::new();
+    for rule in rules.rules() {
+        for template in &rule.templates {
+            let mut pattern = format!("{}{}", rules.key_prefix(), template.source());
+            for column in template.columns() {
+                pattern = pattern.replace(&format!("{{{column}}}"), SAMPLE);
+            }
+            if !matcher::is_looked_up(&pattern) {
+                one_by_one.push(format!("{} `{}`", rule.table, template.source()));
+            }
+        }
+    }
+    let manual = [
+        ("invalidate --user", rules.user_patterns(SAMPLE)),
+        ("invalidate --report", rules.report_patterns(SAMPLE)),
+    ];
+    for (operation, patterns) in manual {
+        for pattern in patterns {
+            if !matcher::is_looked_up(&pattern) {
+                one_by_one.push(format!("{operation} `{pattern}`"));
+            }
+        }
+    }
+    if one_by_one.is_empty() {
+        "ok    rules: every key pattern is found by lookup when sweeping (placeholders in whole \
+         `:`-separated segments)"
+            .to_owned()
+    } else {
+        format!(
+            "warn  rules: {} key template(s) cost a glob match per scanned key when sweeping (a \
+             wildcard in a placeholder's segment): {}",
+            one_by_one.len(),
+            one_by_one.join(", ")
+        )
+    }
 }
 
 async fn redis_check(settings: &Settings) -> Result<(RedisTarget, usize), OpsError> {
@@ -420,4 +465,30 @@ pub async fn retry_dead_letters(settings: &Settings, ids: &[i64]) -> Result<Stri
         .await?;
     transaction.commit().await?;
     Ok(format!("{moved} dead letter(s) put back into the outbox"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_names_the_templates_that_are_matched_one_by_one() {
+        let builtin = shapes_report(&RuleSet::builtin());
+        assert!(builtin.starts_with("ok "), "{builtin}");
+        let rules = RuleSet::from_toml(
+            r#"
+            [[rules]]
+            table = "reports_report"
+            keys = ["report:{id}:*", "report:*{author_id}:*", "r?port:*:{id}:*"]
+            "#,
+            "test rules",
+        )
+        .expect("valid rules");
+        let report = shapes_report(&rules);
+        assert!(report.starts_with("warn "), "{report}");
+        assert!(report.contains("2 key template(s)"), "{report}");
+        assert!(report.contains("`report:*{author_id}:*`"), "{report}");
+        assert!(report.contains("`r?port:*:{id}:*`"), "{report}");
+        assert!(!report.contains("`report:{id}:*`"), "{report}");
+    }
 }

@@ -278,12 +278,13 @@ impl Outbox {
 
     /// Sets how long each epoch takes claims, past [`Outbox::pace_to_pass`]'s bounds. For tests
     /// that need each claim in an epoch of its own without waiting out [`EPOCH_OPEN_FOR`].
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn set_epoch_open_for(&mut self, open_for: Duration) {
         self.open_for = open_for;
     }
 
     /// Epochs holding claims.
+    #[cfg(feature = "test-hooks")]
     pub fn epochs_in_flight(&self) -> usize {
         self.slots
             .iter()

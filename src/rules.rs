@@ -12,6 +12,8 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::glob::{self, Glob};
+
 /// The key prefix django-redis puts in front of every logical key with `KEY_PREFIX=''`, `VERSION=1`.
 pub const DEFAULT_KEY_PREFIX: &str = ":1:";
 
@@ -198,7 +200,7 @@ impl Template {
         row: &Row<'_>,
         index: usize,
     ) -> Result<Option<String>, RenderError> {
-        let mut pattern = escape_glob(key_prefix);
+        let mut pattern = glob::escape(key_prefix);
         for part in &self.parts {
             match part {
                 Part::Glob(text) => pattern.push_str(text),
@@ -210,7 +212,7 @@ impl Template {
                     })?;
                     match value {
                         Value::Null => return Ok(None),
-                        Value::String(text) => pattern.push_str(&escape_glob(text)),
+                        Value::String(text) => pattern.push_str(&glob::escape(text)),
                         Value::Number(number) => pattern.push_str(&number.to_string()),
                         // Python's str(True) is what a Django view would have put in the key.
                         Value::Bool(true) => pattern.push_str("True"),
@@ -232,7 +234,7 @@ impl Template {
     /// The pattern that clears the template's whole namespace: everything up to the first
     /// placeholder, then `*`. Used for `TRUNCATE`, which says nothing about individual rows.
     fn namespace_pattern(&self, key_prefix: &str) -> String {
-        let mut pattern = escape_glob(key_prefix);
+        let mut pattern = glob::escape(key_prefix);
         if matches!(self.parts.first(), Some(Part::Column(_))) {
             // No namespace before the first value (`{slug}:page:*`): "up to the first placeholder"
             // would be the bare key prefix, wiping the whole cache (sessions included). Clear what
@@ -395,18 +397,6 @@ fn truncate(text: &str, max: usize) -> String {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
     }
-}
-
-/// Escapes the characters Redis' glob matcher treats specially, so the text matches only itself.
-pub fn escape_glob(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    escaped
 }
 
 /// The longest rule table name (`schema.` included) that installs. The schema names each table's
@@ -667,14 +657,14 @@ impl RuleSet {
             .chain(&self.user_templates)
             .chain(&self.report_templates)
             .map(|template| {
-                let mut head = escape_glob(&self.key_prefix);
+                let mut head = glob::escape(&self.key_prefix);
                 for part in &template.parts {
                     match part {
                         Part::Glob(text) => head.push_str(text),
                         Part::Column(_) => break,
                     }
                 }
-                crate::matcher::Glob::parse(&head).literal_prefix()
+                Glob::parse(&head).literal_prefix()
             })
             .collect();
         prefixes.sort();

@@ -18,6 +18,8 @@ use crate::postgres::{ConnectError, PgTarget};
 use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::replicas::ReplicaPolicy;
 use crate::rules::{RuleSet, RulesError};
+// Where `--log-format` and the config file's `log_format` are parsed to; defined beside the log setup.
+pub use crate::telemetry::LogFormat;
 
 /// What a connection string that does not parse is shown as: it cannot be redacted, so it is not
 /// shown at all.
@@ -88,13 +90,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|error| format!("{text:?} is not a duration like 500ms, 2s or 1m ({error})"))
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Where rules come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RulesSource {
@@ -159,6 +154,11 @@ pub struct Settings {
     pub replica_acks: Option<u32>,
     /// How long `WAIT` may wait for those replicas before the change is kept and retried.
     pub replica_wait_timeout: Duration,
+    /// Test hook: the health state the daemon reports into, so that a test or the bench running
+    /// it in-process sees what `/healthz` would show (whether the index is complete). `None`: the
+    /// daemon keeps its own.
+    #[cfg(feature = "test-hooks")]
+    pub health: Option<std::sync::Arc<crate::telemetry::Health>>,
 }
 
 /// How the worker finds the keys of a change (contract: `--mode`, `CACHE_INVALIDATOR_MODE`).
@@ -201,6 +201,8 @@ impl Settings {
             claim_timeout: DEFAULT_CLAIM_TIMEOUT,
             replica_acks: None,
             replica_wait_timeout: DEFAULT_REPLICA_WAIT_TIMEOUT,
+            #[cfg(feature = "test-hooks")]
+            health: None,
         }
     }
 }

@@ -426,6 +426,7 @@ impl Sweeper {
 
     /// Lanes over all nodes: [`LANES`] per node whose cursor order is one reversed bucket index,
     /// one per other node.
+    #[cfg(feature = "test-hooks")]
     pub fn lane_count(&self) -> usize {
         self.lanes.len()
     }

@@ -648,12 +648,7 @@ fn seed_glob(prefixes: &[Vec<u8>]) -> Vec<u8> {
         common = &common[..shared];
     }
     let mut glob = Vec::with_capacity(common.len() + 1);
-    for &byte in common {
-        if matches!(byte, b'*' | b'?' | b'[' | b']' | b'\\') {
-            glob.push(b'\\');
-        }
-        glob.push(byte);
-    }
+    crate::glob::escape_into(&mut glob, common);
     glob.push(b'*');
     glob
 }

@@ -102,20 +102,9 @@ pub(crate) fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
         .build()
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then finishes the batch in flight.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
-    let (_rules_tx, rules_rx) = watch::channel(Arc::new(settings.rules.clone()));
-    run_with_rules(
-        settings,
-        rules_rx,
-        Arc::new(Health::new(Duration::MAX)),
-        shutdown,
-    )
-    .await
-}
-
-/// [`run`] with rules that can be replaced while running (SIGHUP) and shared health state.
-pub async fn run_with_rules(
+/// Runs the worker until `shutdown` is cancelled, then finishes the batch in flight; `rules` may
+/// be replaced while it runs (SIGHUP), `health` is shared with `/healthz` and the Redis probe.
+pub(crate) async fn run_with_rules(
     settings: Settings,
     rules: watch::Receiver<Arc<RuleSet>>,
     health: Arc<Health>,

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::{Connections, SecretUrl, Settings};
+use cache_invalidator::telemetry::Health;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -47,28 +49,21 @@ pub fn test_mode() -> cache_invalidator::settings::Mode {
     }
 }
 
-/// The daemon running in-process, stopped with a token like SIGTERM would, with the health state
-/// `/healthz` would show (its mode says whether the index is complete).
+/// The daemon running in-process through the crate's entry point, as the binary runs it, stopped
+/// with a token like SIGTERM would, with the health state `/healthz` would show (its mode says
+/// whether the index is complete).
 pub struct Daemon {
     token: CancellationToken,
-    handle: JoinHandle<Result<(), cache_invalidator::worker::RunError>>,
-    pub health: std::sync::Arc<cache_invalidator::telemetry::Health>,
+    handle: JoinHandle<Result<(), cache_invalidator::DaemonError>>,
+    pub health: Arc<Health>,
 }
 
 impl Daemon {
-    pub fn start(settings: Settings) -> Daemon {
-        let health = std::sync::Arc::new(cache_invalidator::telemetry::Health::new(Duration::MAX));
-        let (rules_tx, rules) =
-            tokio::sync::watch::channel(std::sync::Arc::new(settings.rules.clone()));
+    pub fn start(mut settings: Settings) -> Daemon {
+        let health = Arc::new(Health::new(Duration::MAX));
+        settings.health = Some(health.clone());
         let token = CancellationToken::new();
-        let handle = tokio::spawn({
-            let (health, token) = (health.clone(), token.clone());
-            async move {
-                // Kept for the daemon's life: a closed channel is not a reload.
-                let _rules_tx = rules_tx;
-                cache_invalidator::worker::run_with_rules(settings, rules, health, token).await
-            }
-        });
+        let handle = tokio::spawn(cache_invalidator::run(settings, token.clone()));
         Daemon {
             token,
             handle,

@@ -105,7 +105,7 @@ pub async fn keys_with_prefix(
     connection: &mut MultiplexedConnection,
     prefix: &str,
 ) -> BTreeSet<String> {
-    let pattern = format!("{}*", cache_invalidator::rules::escape_glob(prefix));
+    let pattern = format!("{}*", cache_invalidator::glob::escape(prefix));
     let mut cursor: u64 = 0;
     let mut keys = BTreeSet::new();
     loop {

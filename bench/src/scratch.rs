@@ -13,15 +13,12 @@ use tokio_postgres::Client;
 use crate::layout::{Layout, KINDS, OWNER_FACTOR};
 use crate::nodes::{own_slot_ranges, Router};
 
-// The integration tests' own file: one report schema and one way to start servers for both.
-#[path = "../../../tests/common/servers.rs"]
-mod servers;
-
-use servers::{
+// Shared with the integration tests: one report schema and one way to start servers for both.
+use cache_invalidator_test_support::{
     cluster_node_args, cluster_url, create_cluster, create_database, drop_database,
     spawn_redis_server, wait_for_port, REPORT_TABLES_SQL,
 };
-pub use servers::{connect, free_port};
+pub use cache_invalidator_test_support::{connect, free_port};
 
 /// `--cluster-node-timeout` of the bench's cluster: generous, so a node starved of CPU while a
 /// million keys are loaded on two cores is never marked failing (there are no replicas to take

@@ -1,14 +1,12 @@
-//! The daemon in-process, as the latency measures run it: on a one-thread runtime of its own, as
-//! the `cache-invalidator` binary runs it, with the health state that says when index mode's
-//! index is complete.
+//! The daemon in-process, as the latency measures run it: through the crate's entry point on a
+//! one-thread runtime of its own, as the `cache-invalidator` binary runs it, with the health state
+//! that says when index mode's index is complete.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_invalidator::rules::RuleSet;
 use cache_invalidator::settings::{Connections, Mode, SecretUrl, Settings};
 use cache_invalidator::telemetry::Health;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::sustained::{INDEX_COMPLETE, INDEX_COMPLETE_POLL, INDEX_COMPLETE_TIMEOUT};
@@ -18,7 +16,7 @@ pub struct InProcess {
     token: CancellationToken,
     health: Arc<Health>,
     started: Instant,
-    thread: std::thread::JoinHandle<Result<(), cache_invalidator::worker::RunError>>,
+    thread: std::thread::JoinHandle<Result<(), cache_invalidator::DaemonError>>,
 }
 
 impl InProcess {
@@ -42,21 +40,16 @@ impl InProcess {
             settings.poll_interval = interval;
         }
         let health = Arc::new(Health::new(Duration::MAX));
+        settings.health = Some(health.clone());
         let token = CancellationToken::new();
-        let (daemon_health, daemon_token) = (health.clone(), token.clone());
+        let daemon = cache_invalidator::run(settings, token.clone());
         let started = Instant::now();
         let thread = std::thread::spawn(move || {
-            let (_rules_tx, rules_rx) = watch::channel(Arc::new(RuleSet::builtin()));
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("the daemon's runtime")
-                .block_on(cache_invalidator::worker::run_with_rules(
-                    settings,
-                    rules_rx,
-                    daemon_health,
-                    daemon_token,
-                ))
+                .block_on(daemon)
         });
         InProcess {
             mode,

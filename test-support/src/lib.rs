@@ -1,9 +1,10 @@
-//! Private servers and data shared by the integration tests and the bench: the app's report
-//! schema, a Postgres connection, free ports, `redis-server` processes and a Redis Cluster made of
-//! them.
+//! Private servers and data shared by cache-invalidator's integration tests (`tests/common`) and its
+//! benchmark (`bench/`): the app's report schema, a Postgres connection, scratch databases, free
+//! ports, `redis-server` processes and a Redis Cluster made of them.
 //!
-//! The bench includes this very file (`#[path]` in `src/bin/bench/scratch.rs`), so it may use only
-//! what both have: the standard library and the crate's own dependencies, never a dev-dependency.
+//! A crate of its own so that both reach the same code without the daemon's package carrying it.
+
+#![forbid(unsafe_code)]
 
 use std::net::TcpListener;
 use std::path::Path;

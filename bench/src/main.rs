@@ -2,7 +2,7 @@
 //! builds itself (issue 5). Run it from the repository root:
 //!
 //! ```text
-//! cargo run --release --bin bench -- [--quick] [--keys N[,N…]] [--cluster] [--only …]
+//! cargo run --release -p cache-invalidator-bench -- [--quick] [--keys N[,N…]] [--cluster] [--only …]
 //! ```
 //!
 //! Per keyspace size: a private `redis-server` filled with a django-redis keyspace, a scratch

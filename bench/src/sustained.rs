@@ -171,7 +171,13 @@ pub fn worker_binary() -> PathBuf {
     if let Ok(cargo) = std::env::var("CARGO") {
         let profile_release = dir.file_name().is_some_and(|name| name == "release");
         let mut build = Command::new(cargo);
-        build.args(["build", "--bin", "cache-invalidator"]);
+        build.args([
+            "build",
+            "-p",
+            "cache-invalidator",
+            "--bin",
+            "cache-invalidator",
+        ]);
         // `cargo run` gave this process the package's own variables; build scripts that watch
         // them (ring's does) would see them change and rebuild, here and again at the next run.
         for (name, _) in std::env::vars_os() {
@@ -288,15 +294,10 @@ impl DaemonProcess {
     pub async fn wait_listening(&self, poller: &Client, log: &Path) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let listening: bool = poller
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-                     AND application_name LIKE $1)",
-                    &[&cache_invalidator::worker::LISTENER_APPLICATION_NAME_LIKE],
-                )
+            let listening = !cache_invalidator::ops::connected_workers(poller)
                 .await
                 .expect("look for the worker")
-                .get(0);
+                .is_empty();
             if listening {
                 return;
             }
