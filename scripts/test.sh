@@ -45,11 +45,11 @@ promtool test rules deploy/prometheus/alerts_test.yml
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Every suite with the daemon in index mode, then the data-path, fault, cluster, refill and
-# key-fidelity suites again in sweep mode: both ways of finding keys must pass them (tests/common:
+# key-fidelity and sentinel suites again in sweep mode: both ways of finding keys must pass them (tests/common:
 # TEST_MODE).
 TEST_MODE=index cargo test --locked -- --test-threads=4 2>&1 | tee "$log"
 TEST_MODE=sweep cargo test --locked --test data_path --test faults --test cluster --test refill --test key_fidelity \
-    -- --test-threads=4 2>&1 | tee -a "$log"
+    --test sentinel     -- --test-threads=4 2>&1 | tee -a "$log"
 # Valkey, both modes: the same suites, the daemon's Redis and the fault tests' private servers
 # (valkey-server, test-support: TEST_REDIS_SERVER_BIN) being Valkey.
 if [ "$TEST_VALKEY_URL" != none ]; then

@@ -44,8 +44,10 @@ pub struct GlobalArgs {
     #[arg(long, env = env_names::DATABASE_URL, hide_env_values = true, global = true)]
     pub database_url: Option<SecretUrl>,
 
-    /// Redis URL: redis://, rediss:// (TLS), or redis+cluster://host:port,host:port for a
-    /// Redis Cluster [default: redis://127.0.0.1:6379/0]
+    /// Redis URL: redis://, rediss:// (TLS), redis+cluster://host:port,host:port for a
+    /// Redis Cluster, or redis+sentinel://host:port,host:port/SERVICE[/DB] for the master
+    /// Sentinel watches (sentinels' password: ?sentinel_password=…) [default:
+    /// redis://127.0.0.1:6379/0]
     #[arg(long, env = env_names::REDIS_URL, hide_env_values = true, global = true)]
     pub redis_url: Option<SecretUrl>,
 

@@ -1,6 +1,8 @@
 //! Connecting to the Redis that holds the cache: one server (`redis://`, `rediss://`, or a Unix
 //! socket: `unix:///path`, `redis+unix:///path`) or every primary of a Redis Cluster
-//! (`redis+cluster://host:port,host:port`, `rediss+cluster://…`).
+//! (`redis+cluster://host:port,host:port`, `rediss+cluster://…`), or the master of a service
+//! watched by Redis Sentinel (`redis+sentinel://host:port,…/service`, [`sentinel`]): asked of the
+//! sentinels at each connection, so a reconnect after a failover finds the new master.
 //!
 //! A sweep must see every key, and `SCAN` walks one node's keyspace, so in a cluster the worker
 //! keeps one plain connection per primary (discovered with `CLUSTER NODES`, rediscovered after any
@@ -21,7 +23,15 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo};
 
 use crate::replicas::{connected_replicas, ReplicaPolicy};
-use crate::settings::SecretUrl;
+
+mod sentinel;
+pub use sentinel::Switches;
+use sentinel::{SentinelUrl, Sentinels};
+
+/// `REDIS_URL` when none is given: the usual local server.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// What a Redis URL that does not parse is shown as: it cannot be redacted, so it is not shown.
+const NOT_SHOWN: &str = "<not shown: it does not parse>";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Hash slots of a Redis Cluster: a topology is usable only when its primaries serve all of them.
@@ -40,6 +50,9 @@ pub enum NodeError {
     },
     #[error("redis cluster: {0}")]
     Topology(String),
+    /// No sentinel answered, or none named a master that says it is one (a failover settling).
+    #[error("redis sentinel: {0}")]
+    Sentinel(String),
     #[error(
         "redis at {node} is a Redis Cluster node: a sweep of it alone would miss the keys of the \
          other primaries; use redis+cluster://{node} (or rediss+cluster://)"
@@ -282,10 +295,114 @@ pub fn seed_urls(plain_scheme: &str, rest: &str) -> Vec<String> {
         .collect()
 }
 
+/// A Redis URL written back from what the redis client parsed (each seed of a cluster URL, split
+/// as `RedisTarget::parse` splits them), or `None` when it does not parse.
+pub fn redacted_url(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let plain_scheme = match scheme.as_str() {
+        "redis" | "redis+cluster" => "redis",
+        "rediss" | "rediss+cluster" => "rediss",
+        "redis+sentinel" | "rediss+sentinel" => return redacted_sentinel_url(&scheme, rest),
+        _ => {
+            // unix:// and redis+unix://: one socket, the password (if any) in the query.
+            let info = text.into_connection_info().ok()?;
+            let settings = info.redis_settings();
+            let ConnectionAddr::Unix(path) = info.addr() else {
+                return None;
+            };
+            let mut query = Vec::new();
+            if settings.db() != 0 {
+                query.push(format!("db={}", settings.db()));
+            }
+            if let Some(user) = settings.username().filter(|user| !user.is_empty()) {
+                query.push(format!("user={user}"));
+            }
+            if settings.password().is_some() {
+                query.push("pass=***".to_owned());
+            }
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            return Some(format!("{scheme}://{}{query}", path.display()));
+        }
+    };
+    let infos = seed_urls(plain_scheme, rest)
+        .into_iter()
+        .map(|seed| seed.as_str().into_connection_info().ok())
+        .collect::<Option<Vec<_>>>()?;
+    let first = infos.first()?.redis_settings();
+    let mut out = format!("{scheme}://");
+    let user = first.username().filter(|user| !user.is_empty());
+    if let Some(user) = user {
+        out.push_str(user);
+    }
+    if first.password().is_some() {
+        out.push_str(":***");
+    }
+    if user.is_some() || first.password().is_some() {
+        out.push('@');
+    }
+    let addresses: Vec<String> = infos
+        .iter()
+        .map(|info| match info.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("{host}:{port}")
+            }
+            other => other.to_string(),
+        })
+        .collect();
+    out.push_str(&addresses.join(","));
+    out.push_str(&format!("/{}", first.db()));
+    Some(out)
+}
+
+/// A Sentinel URL with both passwords as `***`: the master's credentials as the redis client
+/// reads them, the sentinels' parameters by name.
+fn redacted_sentinel_url(scheme: &str, rest: &str) -> Option<String> {
+    let url = SentinelUrl::split(rest).ok()?;
+    let master_auth = url.userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let plain_scheme = scheme.trim_end_matches("+sentinel");
+    let info = format!("{plain_scheme}://{master_auth}{}/{}", url.hosts[0], url.db)
+        .as_str()
+        .into_connection_info()
+        .ok()?;
+    let settings = info.redis_settings();
+    let mut out = format!("{scheme}://");
+    let user = settings.username().filter(|user| !user.is_empty());
+    if let Some(user) = user {
+        out.push_str(user);
+    }
+    if settings.password().is_some() {
+        out.push_str(":***");
+    }
+    if user.is_some() || settings.password().is_some() {
+        out.push('@');
+    }
+    out.push_str(&url.hosts.join(","));
+    out.push_str(&format!("/{}/{}", url.service, url.db));
+    let mut query = Vec::new();
+    if let Some(user) = url.sentinel_user {
+        query.push(format!("sentinel_username={user}"));
+    }
+    if url.sentinel_password.is_some() {
+        query.push("sentinel_password=***".to_owned());
+    }
+    if !query.is_empty() {
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    Some(out)
+}
+
 /// Where the cache lives, parsed once from the URL.
 #[derive(Clone)]
 pub struct RedisTarget {
     seeds: Vec<Client>,
+    /// Behind Sentinel: the sentinels to ask for the master (`seeds` is then empty).
+    sentinels: Option<Arc<Sentinels>>,
     /// Every cluster node seen at the last discovery: more seeds, so that losing the nodes the URL
     /// names does not cut the worker off from a cluster that still works.
     known: Arc<Mutex<Vec<(String, u16)>>>,
@@ -317,13 +434,65 @@ fn open_client(info: redis::ConnectionInfo, ca: Option<&[u8]>) -> redis::RedisRe
     }
 }
 
+/// What a Redis URL names: the servers to connect to (one, or a cluster's seeds), or the
+/// sentinels to ask; and whether it is a cluster. `Err` says what is wrong, without the URL.
+fn servers(
+    text: &str,
+    ca: Option<&[u8]>,
+) -> Result<(Vec<Client>, Option<Sentinels>, bool), String> {
+    let (scheme, rest) = text.split_once("://").ok_or_else(|| {
+        "expected redis://, rediss://, redis+cluster://, redis+sentinel:// or unix://".to_owned()
+    })?;
+    let (cluster, plain_scheme) = match scheme {
+        // A Unix socket: `unix:///run/redis/redis.sock?db=0&user=…&pass=…` (the redis crate's
+        // syntax; `redis+unix://` is the same). One server, never TLS.
+        "unix" | "redis+unix" => {
+            let info = text.into_connection_info().map_err(|e| e.to_string())?;
+            let client = open_client(info, None).map_err(|e| e.to_string())?;
+            return Ok((vec![client], None, false));
+        }
+        "redis" | "rediss" => (false, scheme),
+        "redis+cluster" => (true, "redis"),
+        "rediss+cluster" => (true, "rediss"),
+        "redis+sentinel" | "rediss+sentinel" => {
+            let plain_scheme = scheme.trim_end_matches("+sentinel");
+            let sentinels = Sentinels::parse(plain_scheme, rest, |info| open_client(info, ca))?;
+            return Ok((Vec::new(), Some(sentinels), false));
+        }
+        other => {
+            return Err(format!(
+                "scheme {other}:// (expected redis, rediss, redis+cluster, rediss+cluster, \
+                 redis+sentinel, rediss+sentinel, unix or redis+unix)"
+            ))
+        }
+    };
+    let seeds = seed_urls(plain_scheme, rest)
+        .into_iter()
+        .map(|seed_url| {
+            let info = seed_url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| e.to_string())?;
+            open_client(info, ca).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if seeds.is_empty() {
+        return Err("no host".into());
+    }
+    if !cluster && seeds.len() > 1 {
+        return Err("several hosts: use redis+cluster:// for a Redis Cluster".into());
+    }
+    Ok((seeds, None, cluster))
+}
+
 impl RedisTarget {
+    /// Parses a Redis URL (see the module doc for the forms). Errors show the URL redacted.
     pub fn parse(
-        url: &SecretUrl,
+        url: &str,
         ca_file: Option<&Path>,
         command_timeout: Duration,
     ) -> Result<RedisTarget, NodeError> {
-        let redacted = url.redacted();
+        let redacted = redacted_url(url).unwrap_or_else(|| NOT_SHOWN.to_owned());
         let invalid = |message: String| NodeError::InvalidUrl {
             url: redacted.clone(),
             message,
@@ -335,58 +504,10 @@ impl RedisTarget {
             })?),
             None => None,
         };
-        let text = url.expose();
-        let (scheme, rest) = text.split_once("://").ok_or_else(|| {
-            invalid("expected redis://, rediss://, redis+cluster:// or unix://".into())
-        })?;
-        let (cluster, plain_scheme) = match scheme {
-            // A Unix socket: `unix:///run/redis/redis.sock?db=0&user=…&pass=…` (the redis
-            // crate's syntax; `redis+unix://` is the same). One server, never TLS.
-            "unix" | "redis+unix" => {
-                let info = text
-                    .into_connection_info()
-                    .map_err(|e| invalid(e.to_string()))?;
-                let client = open_client(info, None).map_err(|e| invalid(e.to_string()))?;
-                return Ok(RedisTarget {
-                    seeds: vec![client],
-                    known: Arc::default(),
-                    cluster: false,
-                    ca,
-                    redacted,
-                    command_timeout,
-                    replica_policy: ReplicaPolicy::default(),
-                });
-            }
-            "redis" | "rediss" => (false, scheme),
-            "redis+cluster" => (true, "redis"),
-            "rediss+cluster" => (true, "rediss"),
-            other => {
-                return Err(invalid(format!(
-                    "scheme {other}:// (expected redis, rediss, redis+cluster, rediss+cluster, \
-                     unix or redis+unix)"
-                )))
-            }
-        };
-        let seeds = seed_urls(plain_scheme, rest)
-            .into_iter()
-            .map(|seed_url| {
-                let info = seed_url
-                    .as_str()
-                    .into_connection_info()
-                    .map_err(|e| invalid(e.to_string()))?;
-                open_client(info, ca.as_deref()).map_err(|e| invalid(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if seeds.is_empty() {
-            return Err(invalid("no host".into()));
-        }
-        if !cluster && seeds.len() > 1 {
-            return Err(invalid(
-                "several hosts: use redis+cluster:// for a Redis Cluster".into(),
-            ));
-        }
+        let (seeds, sentinels, cluster) = servers(url.trim(), ca.as_deref()).map_err(invalid)?;
         Ok(RedisTarget {
             seeds,
+            sentinels: sentinels.map(Arc::new),
             known: Arc::default(),
             cluster,
             ca,
@@ -409,6 +530,14 @@ impl RedisTarget {
 
     pub fn is_cluster(&self) -> bool {
         self.cluster
+    }
+
+    /// Behind Sentinel: the masters the sentinels announce from now on (see [`Switches`]).
+    /// `None` for a URL that names its servers.
+    pub fn switches(&self) -> Option<Switches> {
+        self.sentinels
+            .as_ref()
+            .map(|sentinels| sentinels.switches())
     }
 
     fn connection_config(&self) -> AsyncConnectionConfig {
@@ -493,6 +622,9 @@ impl RedisTarget {
 
     /// Connects to the server, or discovers and connects to every primary of the cluster.
     pub async fn connect(&self) -> Result<Vec<Node>, NodeError> {
+        if let Some(sentinels) = &self.sentinels {
+            return Ok(vec![self.connect_master(sentinels).await?]);
+        }
         if !self.cluster {
             return Ok(vec![self.connect_client(&self.seeds[0]).await?]);
         }
@@ -527,6 +659,38 @@ impl RedisTarget {
             }
         }
         Err(last_error.unwrap_or_else(|| NodeError::Topology("no seed answered".into())))
+    }
+
+    /// Asks the sentinels for the master and connects to it, once `ROLE` confirmed it is one: a
+    /// sentinel that has not seen a promotion yet names the old master, which may be back as a
+    /// replica (deletes there would fail with `READONLY`, or be lost at its next resync).
+    async fn connect_master(&self, sentinels: &Sentinels) -> Result<Node, NodeError> {
+        let (host, port) = sentinels.master_address().await.map_err(|why| {
+            NodeError::Sentinel(format!(
+                "no master for service {:?} from the sentinels: {why}",
+                sentinels.service
+            ))
+        })?;
+        let client = open_client(sentinels.master_at(host, port), self.ca.as_deref())
+            .map_err(|e| NodeError::Sentinel(e.to_string()))?;
+        let mut node = self.connect_client(&client).await?;
+        let role = sentinel::role(&mut node.connection)
+            .await
+            .map_err(|source| NodeError::Redis {
+                node: node.name.clone(),
+                source,
+            })?;
+        if role != "master" {
+            return Err(NodeError::Sentinel(format!(
+                "the sentinels name {} as the master of {:?}, but its ROLE is {role} \
+                 (a failover is settling)",
+                node.name, sentinels.service
+            )));
+        }
+        // A replica that leaves from now on may be the one the sentinels promote: its deletes
+        // must still be confirmed (see `replicas`), until the worker connects again.
+        node.replica_policy.floor = node.replicas.unwrap_or(0);
+        Ok(node)
     }
 
     /// A client for another node of the cluster, with the seed's scheme, TLS and credentials.
@@ -763,7 +927,7 @@ mod tests {
             "unix:///run/redis/redis.sock",
             "redis+unix:///run/redis/redis.sock?db=2&pass=s3cret",
         ] {
-            let target = RedisTarget::parse(&SecretUrl::new(url), None, Duration::from_secs(1))
+            let target = RedisTarget::parse(url, None, Duration::from_secs(1))
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(!target.is_cluster());
             assert_eq!(
@@ -776,11 +940,7 @@ mod tests {
                 target.redacted()
             );
         }
-        let error = RedisTarget::parse(
-            &SecretUrl::new("unix://relative.sock"),
-            None,
-            Duration::from_secs(1),
-        );
+        let error = RedisTarget::parse("unix://relative.sock", None, Duration::from_secs(1));
         assert!(error.is_err(), "a socket path must be absolute");
     }
 
@@ -908,17 +1068,48 @@ mod tests {
     }
 
     #[test]
+    fn sentinel_urls_hide_both_passwords_and_name_a_bad_part() {
+        let timeout = Duration::from_secs(1);
+        let url = "redis+sentinel://app:m%40ster@127.0.0.1:26379,127.0.0.1:26380/cache/2\
+                   ?sentinel_username=sen&sentinel_password=s3ntinel";
+        let target = RedisTarget::parse(url, None, timeout).expect("parses");
+        assert_eq!(
+            target.redacted(),
+            "redis+sentinel://app:***@127.0.0.1:26379,127.0.0.1:26380/cache/2\
+             ?sentinel_username=sen&sentinel_password=***"
+        );
+        let tls =
+            RedisTarget::parse("rediss+sentinel://h:26379/cache", None, timeout).expect("parses");
+        assert_eq!(tls.redacted(), "rediss+sentinel://h:26379/cache/0");
+        for (bad, part) in [
+            ("redis+sentinel://:pw@h:26379", "service name"),
+            ("redis+sentinel://:pw@h/cache", "not host:port"),
+            ("redis+sentinel://:pw@h:1/cache/x", "not a number"),
+            (
+                "redis+sentinel://:pw@h:1/cache?sentinel_pass=pw",
+                "query parameter",
+            ),
+        ] {
+            let error = RedisTarget::parse(bad, None, timeout)
+                .expect_err(bad)
+                .to_string();
+            assert!(error.contains(part), "{bad}: {error}");
+            assert!(!error.contains("pw@") && !error.contains("=pw"), "{error}");
+        }
+    }
+
+    #[test]
     fn urls_are_checked_and_redacted() {
         let timeout = Duration::from_secs(1);
         let cluster = RedisTarget::parse(
-            &SecretUrl::new("redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001"),
+            "redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001",
             None,
             timeout,
         )
         .expect("parses");
         assert!(cluster.is_cluster());
         assert_eq!(cluster.seeds.len(), 2);
-        let error = RedisTarget::parse(&SecretUrl::new("http://:pw@h:1"), None, timeout)
+        let error = RedisTarget::parse("http://:pw@h:1", None, timeout)
             .expect_err("bad scheme")
             .to_string();
         assert!(error.contains("http") && !error.contains("pw@"), "{error}");

@@ -14,12 +14,20 @@
 //! confirmation, so replicas that attach or leave are followed). A replica that is disconnected is
 //! not waited for: when it reconnects it resynchronises from the primary, deletes included. At the
 //! timeout the change is kept: nothing is acknowledged, and the confirmation is asked again.
+//!
+//! Behind Sentinel that is not enough: the replica that left may be the one just promoted, and
+//! the old master (still answering until the sentinels demote it) would confirm deletes the new
+//! master never gets. There the count never drops below the replicas connected when the worker
+//! connected ([`ReplicaPolicy::floor`]); the worker connects again, and counts again, when the
+//! sentinels announce a new master or a replica down.
 
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::settings::{Settings, DEFAULT_REPLICA_WAIT_TIMEOUT};
+/// `--replica-wait-timeout` when not given. Replicas on the same network confirm a write within
+/// milliseconds; a second means one is stuck.
+pub const DEFAULT_REPLICA_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -38,6 +46,8 @@ pub struct ReplicaPolicy {
     pub acks: Option<u32>,
     /// How long one `WAIT` may block; at the timeout the change is kept and confirmed again later.
     pub timeout: Duration,
+    /// Without `acks`: wait for at least this many replicas even when fewer are connected now.
+    pub floor: u32,
 }
 
 impl Default for ReplicaPolicy {
@@ -45,18 +55,12 @@ impl Default for ReplicaPolicy {
         ReplicaPolicy {
             acks: None,
             timeout: DEFAULT_REPLICA_WAIT_TIMEOUT,
+            floor: 0,
         }
     }
 }
 
 impl ReplicaPolicy {
-    pub fn from_settings(settings: &Settings) -> ReplicaPolicy {
-        ReplicaPolicy {
-            acks: settings.replica_acks,
-            timeout: settings.replica_wait_timeout,
-        }
-    }
-
     /// The count follows the replicas connected to the node, read from `INFO replication`.
     pub fn counts_connected(&self) -> bool {
         self.acks.is_none()
@@ -65,7 +69,8 @@ impl ReplicaPolicy {
     /// Replicas that must acknowledge, given how many are connected (`None`: unknown, `INFO`
     /// refused): then only an explicit `--replica-acks` makes the worker wait.
     pub fn required(&self, connected: Option<u32>) -> u32 {
-        self.acks.unwrap_or(connected.unwrap_or(0))
+        self.acks
+            .unwrap_or_else(|| connected.unwrap_or(0).max(self.floor))
     }
 
     /// `WAIT`'s timeout argument, in milliseconds. At least 1: `WAIT n 0` blocks forever.
@@ -117,7 +122,9 @@ pub async fn confirm_replicas(
                 .arg("replication")
                 .query_async(connection)
                 .await?;
-            connected_replicas(&info).ok_or(ReplicaError::NoReplicaCount)?
+            policy.required(Some(
+                connected_replicas(&info).ok_or(ReplicaError::NoReplicaCount)?,
+            ))
         }
     };
     if required == 0 {
@@ -147,10 +154,15 @@ mod tests {
         let one = ReplicaPolicy {
             acks: Some(1),
             timeout: Duration::ZERO,
+            floor: 0,
         };
         assert_eq!(one.required(Some(3)), 1);
         assert_eq!(one.required(None), 1);
         // WAIT with a timeout of 0 would never return.
         assert_eq!(one.wait_millis(), 1);
+        // Behind Sentinel: a replica that left still counts until the worker connects again.
+        let floored = ReplicaPolicy { floor: 1, ..every };
+        assert_eq!(floored.required(Some(0)), 1);
+        assert_eq!(floored.required(Some(2)), 2);
     }
 }

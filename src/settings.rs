@@ -14,10 +14,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use redis::{ConnectionAddr, IntoConnectionInfo};
-
 use crate::postgres::{ConnectError, PgTarget};
 use crate::redis_nodes::{NodeError, RedisTarget};
+use crate::replicas::ReplicaPolicy;
 use crate::rules::{RuleSet, RulesError};
 // Where `--log-format` and the config file's `log_format` are parsed to; defined beside the log setup.
 pub use crate::telemetry::LogFormat;
@@ -51,8 +50,9 @@ impl SecretUrl {
             .map(|(scheme, _)| scheme.to_ascii_lowercase());
         let shown = match scheme.as_deref() {
             Some(
-                "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "unix" | "redis+unix",
-            ) => redacted_redis(text),
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "redis+sentinel"
+                | "rediss+sentinel" | "unix" | "redis+unix",
+            ) => crate::redis_nodes::redacted_url(text),
             _ => PgTarget::parse(&self.0)
                 .ok()
                 .map(|target| target.redacted().to_owned()),
@@ -78,69 +78,6 @@ impl std::str::FromStr for SecretUrl {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(SecretUrl::new(s))
     }
-}
-
-/// A Redis URL written back from what the redis client parsed (each seed of a cluster URL, split
-/// as `RedisTarget::parse` splits them), or `None` when it does not parse.
-fn redacted_redis(text: &str) -> Option<String> {
-    let (scheme, rest) = text.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    let plain_scheme = match scheme.as_str() {
-        "redis" | "redis+cluster" => "redis",
-        "rediss" | "rediss+cluster" => "rediss",
-        _ => {
-            // unix:// and redis+unix://: one socket, the password (if any) in the query.
-            let info = text.into_connection_info().ok()?;
-            let settings = info.redis_settings();
-            let ConnectionAddr::Unix(path) = info.addr() else {
-                return None;
-            };
-            let mut query = Vec::new();
-            if settings.db() != 0 {
-                query.push(format!("db={}", settings.db()));
-            }
-            if let Some(user) = settings.username().filter(|user| !user.is_empty()) {
-                query.push(format!("user={user}"));
-            }
-            if settings.password().is_some() {
-                query.push("pass=***".to_owned());
-            }
-            let query = if query.is_empty() {
-                String::new()
-            } else {
-                format!("?{}", query.join("&"))
-            };
-            return Some(format!("{scheme}://{}{query}", path.display()));
-        }
-    };
-    let infos = crate::redis_nodes::seed_urls(plain_scheme, rest)
-        .into_iter()
-        .map(|seed| seed.as_str().into_connection_info().ok())
-        .collect::<Option<Vec<_>>>()?;
-    let first = infos.first()?.redis_settings();
-    let mut out = format!("{scheme}://");
-    let user = first.username().filter(|user| !user.is_empty());
-    if let Some(user) = user {
-        out.push_str(user);
-    }
-    if first.password().is_some() {
-        out.push_str(":***");
-    }
-    if user.is_some() || first.password().is_some() {
-        out.push('@');
-    }
-    let addresses: Vec<String> = infos
-        .iter()
-        .map(|info| match info.addr() {
-            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
-                format!("{host}:{port}")
-            }
-            other => other.to_string(),
-        })
-        .collect();
-    out.push_str(&addresses.join(","));
-    out.push_str(&format!("/{}", first.db()));
-    Some(out)
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h` or a bare `0`.
@@ -330,11 +267,15 @@ impl Settings {
     /// replica policy (every subcommand that deletes waits for the replicas the same way).
     pub fn redis_target(&self) -> Result<RedisTarget, NodeError> {
         Ok(RedisTarget::parse(
-            &self.connections.redis_url,
+            self.connections.redis_url.expose(),
             self.connections.redis_ca_file.as_deref(),
             self.redis_timeout,
         )?
-        .with_replicas(crate::replicas::ReplicaPolicy::from_settings(self)))
+        .with_replicas(ReplicaPolicy {
+            acks: self.replica_acks,
+            timeout: self.replica_wait_timeout,
+            floor: 0,
+        }))
     }
 }
 
@@ -731,7 +672,7 @@ fn whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
 }
 
 pub use crate::postgres::DEFAULT_DATABASE_URL;
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub use crate::redis_nodes::DEFAULT_REDIS_URL;
 /// Default delay of the second pass: above the app's slowest report request we measured (see
 /// docs/guarantees.md, "No stale refills"), well under the shortest TTL.
 pub const DEFAULT_REFILL_GUARD: Duration = Duration::from_secs(2);
@@ -744,8 +685,7 @@ pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// About 1 GB of worker memory at the index's ≤ 100 bytes per key (key names included).
 pub const DEFAULT_INDEX_MAX_KEYS: usize = 10_000_000;
 pub use crate::outbox::DEFAULT_CLAIM_TIMEOUT;
-/// Replicas on the same network confirm a write within milliseconds; a second means one is stuck.
-pub const DEFAULT_REPLICA_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+pub use crate::replicas::DEFAULT_REPLICA_WAIT_TIMEOUT;
 
 #[cfg(test)]
 mod tests {

@@ -673,7 +673,8 @@ async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_c
     // `redis://` to one primary would sweep a third of the keys: refused, with the fix in the
     // message, and not retried (a configuration error).
     let plain = SecretUrl::new(format!("redis://127.0.0.1:{port}"));
-    let target = RedisTarget::parse(&plain, None, Duration::from_secs(5)).expect("a valid URL");
+    let target =
+        RedisTarget::parse(plain.expose(), None, Duration::from_secs(5)).expect("a valid URL");
     match target.connect().await {
         Err(error @ NodeError::ClusterNode { .. }) => {
             assert!(error.is_permanent());
@@ -698,7 +699,7 @@ async fn a_plain_url_to_one_cluster_node_is_refused_and_primaries_report_their_c
         CursorOrder::ReversedBuckets
     };
     let url = SecretUrl::new(cluster_url(&cluster.ports()));
-    let nodes = RedisTarget::parse(&url, None, Duration::from_secs(5))
+    let nodes = RedisTarget::parse(url.expose(), None, Duration::from_secs(5))
         .expect("a valid cluster URL")
         .connect()
         .await

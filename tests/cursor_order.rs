@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use cache_invalidator::redis_nodes::{CursorOrder, RedisTarget};
-use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, LANES};
 use common::*;
 
@@ -25,12 +24,8 @@ async fn a_node_with_an_unknown_cursor_order_gets_one_lane_that_clears_everythin
         .collect();
     set_keys(&mut redis, &[doomed.clone(), kept.clone()].concat()).await;
 
-    let target = RedisTarget::parse(
-        &SecretUrl::new(shared_redis_url()),
-        None,
-        Duration::from_secs(5),
-    )
-    .expect("url");
+    let target =
+        RedisTarget::parse(&shared_redis_url(), None, Duration::from_secs(5)).expect("url");
     let mut nodes = target.connect().await.expect("connect");
     // The shared server is a Redis whose order is known: four lanes.
     assert_ne!(nodes[0].cursor_order, CursorOrder::Unknown);

@@ -145,7 +145,7 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     let private = PrivateRedis::start();
     let space = KeyPrefix::new("idx_barrier");
     let target = cache_invalidator::redis_nodes::RedisTarget::parse(
-        &cache_invalidator::settings::SecretUrl::new(private.url()),
+        &private.url(),
         None,
         Duration::from_secs(5),
     )

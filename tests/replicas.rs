@@ -169,6 +169,7 @@ async fn confirm_replicas_says_whether_the_replicas_have_the_connections_writes(
     let every = ReplicaPolicy {
         acks: None,
         timeout: Duration::from_millis(300),
+        floor: 0,
     };
     let key = unique("confirm");
     set_keys(&mut on_primary, std::slice::from_ref(&key)).await;
@@ -201,6 +202,7 @@ async fn confirm_replicas_says_whether_the_replicas_have_the_connections_writes(
     let none = ReplicaPolicy {
         acks: Some(0),
         timeout: Duration::from_millis(300),
+        floor: 0,
     };
     let confirmation = confirm_replicas(&mut on_primary, none)
         .await

@@ -1,6 +1,6 @@
 //! No password reaches any output, whatever the connection string looks like: a property test
 //! generates Postgres URLs (percent-encoded), libpq key/value strings (quoted and escaped) and
-//! Redis URLs (one server or a cluster) with passwords of any characters, hands them over as a
+//! Redis URLs (one server, a cluster, or Sentinel with the sentinels' password too) with passwords of any characters, hands them over as a
 //! flag, an environment variable or a config file, runs every subcommand of the real binary
 //! against closed ports (refused at once), and reads everything it printed.
 //!
@@ -47,6 +47,14 @@ enum Channel {
     ConfigFile,
 }
 
+/// How the Redis side is written.
+#[derive(Debug, Clone, Copy)]
+enum RedisForm {
+    Server,
+    Cluster,
+    Sentinel,
+}
+
 /// How the Postgres side is written.
 #[derive(Debug, Clone, Copy)]
 enum PgForm {
@@ -79,7 +87,7 @@ struct Case {
     channel: Channel,
 }
 
-fn case(password: &str, pg_form: PgForm, cluster: bool, channel: Channel) -> Case {
+fn case(password: &str, pg_form: PgForm, redis_form: RedisForm, channel: Channel) -> Case {
     let (pg_port, redis_port, second_redis_port) = (free_port(), free_port(), free_port());
     let database_url = match pg_form {
         PgForm::Url => format!(
@@ -91,16 +99,17 @@ fn case(password: &str, pg_form: PgForm, cluster: bool, channel: Channel) -> Cas
             libpq_quote(password)
         ),
     };
-    let redis_url = if cluster {
-        format!(
-            "redis+cluster://app:{}@127.0.0.1:{redis_port},127.0.0.1:{second_redis_port}",
-            percent_encode(password)
-        )
-    } else {
-        format!(
-            "redis://app:{}@127.0.0.1:{redis_port}/0",
-            percent_encode(password)
-        )
+    let encoded = percent_encode(password);
+    let redis_url = match redis_form {
+        RedisForm::Cluster => format!(
+            "redis+cluster://app:{encoded}@127.0.0.1:{redis_port},127.0.0.1:{second_redis_port}"
+        ),
+        RedisForm::Server => format!("redis://app:{encoded}@127.0.0.1:{redis_port}/0"),
+        // The master's password and the sentinels' own.
+        RedisForm::Sentinel => format!(
+            "redis+sentinel://app:{encoded}@127.0.0.1:{redis_port},127.0.0.1:{second_redis_port}\
+             /cache/0?sentinel_password={encoded}"
+        ),
     };
     Case {
         database_url,
@@ -241,7 +250,11 @@ proptest! {
         marker in "[A-Z]{4}[0-9]{4}",
         after in any_text(6),
         pg_form in prop_oneof![Just(PgForm::Url), Just(PgForm::KeyValue)],
-        cluster in any::<bool>(),
+        redis_form in prop_oneof![
+            Just(RedisForm::Server),
+            Just(RedisForm::Cluster),
+            Just(RedisForm::Sentinel)
+        ],
         channel in prop_oneof![
             Just(Channel::Flag),
             Just(Channel::Environment),
@@ -249,7 +262,7 @@ proptest! {
         ],
     ) {
         let password = format!("{before}{marker}{after}");
-        let case = case(&password, pg_form, cluster, channel);
+        let case = case(&password, pg_form, redis_form, channel);
         let (printed, tried_both) = runtime().block_on(everything_printed(&case));
         assert_nothing_leaks(&marker, &printed);
         // The strings are valid: `run` must have got as far as the servers (and logged them).
@@ -274,6 +287,11 @@ fn mistyped_connection_strings_are_not_echoed() {
         format!("redis://bob:12/{marker}@127.0.0.1:{closed}/0"),
         format!("redis://bob:pa?{marker}@127.0.0.1:{closed}/0"),
         format!("redis+cluster://bob:pa#{marker}@127.0.0.1:{closed},127.0.0.1:{closed}"),
+        format!("redis+sentinel://bob:pa?{marker}@127.0.0.1:{closed}/cache"),
+        format!(
+            "redis+sentinel://bob:{marker}@127.0.0.1:{closed}/cache?sentinel_password=a&{marker}"
+        ),
+        format!("redis+sentinel://127.0.0.1:{closed}/cache?sentinel_password=x#{marker}"),
     ];
     let runtime = runtime();
     for text in &strings {

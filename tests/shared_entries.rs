@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use cache_invalidator::redis_nodes::RedisTarget;
-use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 use common::*;
 
@@ -38,8 +37,7 @@ async fn a_window_still_clears_its_keys_after_one_sharing_its_entry_finished() {
         .collect();
     set_keys(&mut redis, &filler).await;
 
-    let target = RedisTarget::parse(&SecretUrl::new(server.url()), None, Duration::from_secs(5))
-        .expect("url");
+    let target = RedisTarget::parse(&server.url(), None, Duration::from_secs(5)).expect("url");
     let nodes = target.connect().await.expect("connect");
     // One lane: the steps follow one cursor through the pass.
     let mut sweeper = Sweeper::with_lanes(nodes, 1);

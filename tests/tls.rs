@@ -107,9 +107,10 @@ async fn servers_whose_certificate_another_ca_signed_are_refused() {
 
     let timeout = Duration::from_secs(2);
     let url = SecretUrl::new(redis_server.tls_url());
-    let trusted = RedisTarget::parse(&url, Some(&certs.ca_file()), timeout).expect("url");
+    let trusted = RedisTarget::parse(url.expose(), Some(&certs.ca_file()), timeout).expect("url");
     assert!(trusted.connect().await.is_ok(), "the right CA must work");
-    let untrusted = RedisTarget::parse(&url, Some(&stranger.ca_file()), timeout).expect("url");
+    let untrusted =
+        RedisTarget::parse(url.expose(), Some(&stranger.ca_file()), timeout).expect("url");
     assert!(
         untrusted.connect().await.is_err(),
         "a Redis certificate from an unknown CA must be refused"

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use cache_invalidator::matcher::MatcherBuilder;
 use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::rules::RuleSet;
-use cache_invalidator::settings::SecretUrl;
 use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
 
 use crate::layout::Layout;
@@ -96,12 +95,8 @@ pub async fn compare(
     layout: &Layout,
     changes: usize,
 ) -> Comparison {
-    let target = RedisTarget::parse(
-        &SecretUrl::new(redis_url.to_owned()),
-        None,
-        Duration::from_secs(30),
-    )
-    .expect("the private redis URL");
+    let target = RedisTarget::parse(redis_url, None, Duration::from_secs(30))
+        .expect("the private redis URL");
     let nodes = target.connect().await.expect("connect the sweeper");
 
     let (patterns, must_go) = plan(rules, rows, layout, changes);

@@ -33,7 +33,7 @@ use crate::backoff::{reconnect_delays, RECONNECT_MAX};
 use crate::finder::{Finder, WindowId};
 use crate::outbox::{Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
 use crate::postgres::ConnectError;
-use crate::redis_nodes::{NodeError, RedisTarget};
+use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
 use crate::settings::Mode;
 use crate::settings::Settings;
@@ -115,6 +115,7 @@ pub(crate) async fn run_with_rules(
         redis_retry: RedisRetry {
             failures: reconnect_delays(),
             at: None,
+            switches: None,
         },
     };
     let claims = ClaimPacing::new(settings.poll_interval);
@@ -165,6 +166,16 @@ struct RedisRetry {
     failures: ExponentialBackoff,
     /// When the next connection attempt after a failed sweep may start.
     at: Option<Instant>,
+    /// Behind Sentinel: a new master or a replica down announced since the worker connected.
+    switches: Option<Switches>,
+}
+
+/// Returns once the sentinels announced something not seen yet; never without Sentinel.
+async fn next_switch(switches: Option<&Switches>) {
+    match switches {
+        Some(switches) => switches.announcement().await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Worker {
@@ -217,6 +228,9 @@ impl Worker {
             }
             claims.tick(now, self.recheck_due_at());
             if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
+                continue;
+            }
+            if self.left_a_replaced_master().await {
                 continue;
             }
             let room = self
@@ -312,6 +326,8 @@ impl Worker {
             _ = self.back.listener.notified() => claims.retry_now(),
             _ = tokio::time::sleep_until(wake_at) => {}
             _ = shutdown.cancelled(), if !stop.is_stopping() => {}
+            // Idle behind Sentinel: move to a new master before the next change needs it.
+            _ = next_switch(self.redis_retry.switches.as_ref()) => {}
         }
     }
 
@@ -427,6 +443,20 @@ impl Worker {
         failure
     }
 
+    /// Behind Sentinel, after the sentinels announced a new master or a replica down: gives the
+    /// claimed changes back and drops the connection (the old master may still answer, cut off
+    /// from the sentinels; the replicas to wait for may have changed), to connect again at once.
+    async fn left_a_replaced_master(&mut self) -> bool {
+        let Some(switched) = self.redis_retry.switches.as_ref().filter(|s| s.switched()) else {
+            return false;
+        };
+        let announced = switched.announced();
+        self.sweep_failed(announced).await;
+        // The sentinels name the master to use now: no backoff before asking them.
+        self.redis_retry.at = None;
+        true
+    }
+
     /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
     async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
         if let Some(at) = self.redis_retry.at.take() {
@@ -439,7 +469,14 @@ impl Worker {
             }
         }
         let mut delays = reconnect_delays();
+        if self.redis_retry.switches.is_none() {
+            self.redis_retry.switches = self.setup.redis.switches();
+        }
         loop {
+            // An announcement from here on is one this connection may not have seen.
+            if let Some(switches) = self.redis_retry.switches.as_mut() {
+                switches.mark_seen();
+            }
             match self.systemd.alive_while(self.setup.redis.connect()).await {
                 Ok(nodes) => {
                     info!(
@@ -462,6 +499,8 @@ impl Worker {
                         // The probe saw Redis answer again: retry now, not after a backoff that
                         // grew during a long outage.
                         _ = self.health.redis_answers_again() => {}
+                        // The sentinels promoted a new master: ask for it now.
+                        _ = next_switch(self.redis_retry.switches.as_ref()) => {}
                         // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
                         _ = shutdown.cancelled() => return Ok(false),
                     }
@@ -630,7 +669,7 @@ impl Worker {
     }
 
     /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
-    async fn sweep_failed(&mut self, error: SweepError) {
+    async fn sweep_failed(&mut self, error: impl std::fmt::Display) {
         let delay = self.redis_retry.failures.next().unwrap_or(RECONNECT_MAX);
         self.redis_retry.at = Some(Instant::now() + delay);
         warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");

@@ -276,3 +276,61 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// A `redis-server --sentinel` of this test's own watching the master on `master_port` as
+/// `service`, on a free port, killed when dropped. Quick to act: the master is called down after
+/// `down_after_ms` without an answer, and a failover that stalls is retried soon.
+pub struct PrivateSentinel {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateSentinel {
+    pub fn start(
+        master_port: u16,
+        service: &str,
+        quorum: u32,
+        down_after_ms: u32,
+    ) -> PrivateSentinel {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Sentinel rewrites its configuration file: it must be a writable file of its own.
+        let config = dir.path().join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+             sentinel monitor {service} 127.0.0.1 {master_port} {quorum}\n\
+             sentinel down-after-milliseconds {service} {down_after_ms}\n\
+             sentinel failover-timeout {service} 3000\n\
+             sentinel parallel-syncs {service} 1\n",
+            dir = dir.path().display()
+        );
+        std::fs::write(&config, text).expect("write sentinel.conf");
+        let child = std::process::Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel (is it on PATH?)");
+        wait_for_port(port, Duration::from_secs(10));
+        PrivateSentinel {
+            port,
+            child: Some(child),
+            _dir: dir,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateSentinel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
