@@ -375,6 +375,11 @@ async fn a_stop_while_redis_hangs_gives_the_claims_back_within_the_bound() {
     let keys = must_go(&space, 101, 1);
     set_keys(&mut redis, &keys).await;
     set_keys(&mut redis, &decoys(&space, 101, 1)).await;
+    // Redis hangs mid-batch, not while the worker connects: a first change cleared shows the
+    // worker connected (in index mode, connecting writes the index's marker key, which a write
+    // pause would hold too, and the worker would claim nothing to give back).
+    set_keys(&mut redis, &must_go(&space, 100, 7)).await;
+    commit_and_clear(&db, &mut redis, &space, 100, 7).await;
 
     pause_redis(&mut redis, PATIENCE.as_millis() as u64, "WRITE").await;
     commit_report(&db.client().await, 101, 1).await;
