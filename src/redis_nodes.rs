@@ -695,22 +695,8 @@ impl RedisTarget {
 
     /// A client for another node of the cluster, with the seed's scheme, TLS and credentials.
     fn client_at(&self, seed: &Client, host: String, port: u16) -> Result<Client, NodeError> {
-        let seed_info = seed.get_connection_info().clone();
-        let addr = match seed_info.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host, port),
-        };
-        open_client(seed_info.set_addr(addr), self.ca.as_deref())
-            .map_err(|e| NodeError::Topology(e.to_string()))
+        let info = at_address(seed.get_connection_info(), host, port);
+        open_client(info, self.ca.as_deref()).map_err(|e| NodeError::Topology(e.to_string()))
     }
 
     async fn discover(&self, seed: &Client) -> Result<Vec<Node>, NodeError> {
@@ -901,6 +887,29 @@ impl Topology {
             reachable,
         })
     }
+}
+
+/// `info`'s scheme, TLS settings, credentials and database, at another address: how a cluster's
+/// other nodes and a Sentinel-named master are reached like the server the URL named.
+pub(crate) fn at_address(
+    info: &redis::ConnectionInfo,
+    host: String,
+    port: u16,
+) -> redis::ConnectionInfo {
+    let addr = match info.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host, port),
+    };
+    info.clone().set_addr(addr)
 }
 
 #[cfg(test)]

@@ -27,17 +27,6 @@ async fn insert_reports(client: &tokio_postgres::Client, ids: std::ops::RangeInc
         .expect("reports");
 }
 
-/// Commits a one-row UPDATE of report `id`: a change whose keys must go.
-async fn touch_report(client: &tokio_postgres::Client, id: i32) {
-    client
-        .execute(
-            "UPDATE reports_report SET title = title || '.' WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .expect("update");
-}
-
 /// `report:{id}:{user}:h` for each of `ids`: how user `user`'s view of those reports is cached.
 fn report_keys(space: &KeyPrefix, ids: impl Iterator<Item = i32>, user: u32) -> Vec<String> {
     ids.map(|id| space.key(&format!("report:{id}:{user}:h")))

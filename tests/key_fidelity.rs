@@ -46,16 +46,6 @@ async fn setup(tag: &str) -> (PrivateRedis, KeyPrefix, TestDb, tokio_postgres::C
     (private, space, db, client)
 }
 
-async fn touch_report(client: &tokio_postgres::Client, id: i32) {
-    client
-        .execute(
-            "UPDATE reports_report SET title = title || '.' WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .expect("update");
-}
-
 /// A connection to database `db` of the private server.
 async fn connection_to(private: &PrivateRedis, db: u32) -> MultiplexedConnection {
     redis_connection(&format!("redis://127.0.0.1:{}/{db}", private.port)).await

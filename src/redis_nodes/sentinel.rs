@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -183,20 +183,7 @@ impl Sentinels {
 
     /// The master's connection info at `host:port`, as the sentinels name it.
     pub fn master_at(&self, host: String, port: u16) -> ConnectionInfo {
-        let addr = match self.master.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host, port),
-        };
-        self.master.clone().set_addr(addr)
+        super::at_address(&self.master, host, port)
     }
 
     /// The master's address from the first sentinel that answers. `Err` lists what each said.
