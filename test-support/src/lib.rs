@@ -9,6 +9,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
@@ -76,12 +77,39 @@ pub fn with_database(url: &str, database: &str) -> String {
     parsed.to_string()
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and one this process has not handed out before.
+///
+/// The ports come from below the kernel's ephemeral range (`ip_local_port_range`), not from a bind
+/// to port 0: a port from that range, released by the probe, is soon taken as the local end of some
+/// outgoing connection of the parallel tests, and the server meant for it cannot bind it — which
+/// also holds for a server restarted on its old port. Each process starts at its own offset so that
+/// two processes seldom walk the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port on 127.0.0.1")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = unreserved_range();
+    let span = u32::from(high - low);
+    let offset = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let candidate = low + ((offset + step) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            return candidate;
+        }
+    }
+    panic!("no free port in {low}..{high} on 127.0.0.1");
+}
+
+/// The ports below the kernel's ephemeral range that free_port hands out: 20000 up to that range
+/// (Linux's default starts at 32768), or 20000..30000 where it cannot be read or starts too low.
+fn unreserved_range() -> (u16, u16) {
+    const LOW: u16 = 20000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok());
+    match ephemeral_start {
+        Some(start) if start > LOW + 1000 => (LOW, start),
+        _ => (LOW, 30000),
+    }
 }
 
 /// The server program the tests start private servers with: `TEST_REDIS_SERVER_BIN`
