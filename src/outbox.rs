@@ -53,6 +53,16 @@ pub const EPOCH_OPEN_AT_MOST: Duration = Duration::from_secs(1);
 pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbox rows per claim. With at most 64 values per row this bounds one claim's memory.
 pub const CLAIM_LIMIT: i64 = 200;
+/// Outbox rows per claim once a claim came back full: a backlog is waiting (after an outage, a
+/// stop, a large transaction). Each claim is a window, with its own claim and delete round trips,
+/// its barrier, lookup and refill-guard entry in index mode: at 200 rows a claim, draining
+/// 200,000 single-row changes at 1M keys took ~1,000 windows and 1.86 s of the daemon's CPU per
+/// 100,000 changes in index mode. In sweep mode, once a pass has room for the backlog's patterns
+/// ([`crate::worker::MAX_ACTIVE_PATTERNS`]), the claims' round trips are what a drain waits for:
+/// at 2,000 rows a claim they took most of the 9.6 s it drained in (1M keys, a loaded machine).
+/// Still bounded: single-row changes take a few hundred bytes each, and a claim of rows of 64
+/// values each is tens of MB at worst.
+pub const BACKLOG_CLAIM_LIMIT: i64 = 5_000;
 /// Heartbeats per claim timeout on each claim connection. With three, one heartbeat delayed by a
 /// slow round trip (a loaded Postgres, a busy worker thread) still leaves another before the
 /// server's timeout, while a 30 s timeout costs one trivial query per connection every 10 s.

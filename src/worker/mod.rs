@@ -31,7 +31,7 @@ pub(crate) use self::source::{
 use self::source::{Listener, PostgresBack};
 use crate::backoff::{reconnect_delays, RECONNECT_MAX};
 use crate::finder::{Finder, WindowId};
-use crate::outbox::{Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
+use crate::outbox::{Acked, Claim, Outbox, OutboxError};
 use crate::postgres::ConnectError;
 use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
@@ -42,10 +42,15 @@ use crate::telemetry::{names, Health, Systemd};
 use crate::tracking::{Tracking, TrackingError};
 
 /// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
-/// backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
-/// refill guard's patterns are not counted: they come from windows already finished, at most one
-/// guard delay and one pass earlier, so the claim rate bounds them too.
-pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
+/// backlog (a few hundred bytes a pattern with its matcher entry and window lists). The refill
+/// guard's patterns are not counted: they come from windows already finished, at most one guard
+/// delay and one pass earlier, so the claim rate bounds them too.
+///
+/// A sweep drains a backlog at about this many patterns per pass: at 30,000, a backlog of 200,000
+/// single-row changes (two to three new patterns each) drained at 10,000–18,000 changes/s at 1M
+/// keys. A sustained load never comes near it (5,000 row changes/s bring a few thousand patterns
+/// per pass), so only a backlog's drain uses the room, and its memory.
+pub const MAX_ACTIVE_PATTERNS: usize = 200_000;
 /// At stop, giving the claimed rows back (a `ROLLBACK` per epoch) may wait this long; a server that
 /// does not answer rolls them back anyway when the connection closes as the process exits.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -244,7 +249,8 @@ impl Worker {
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             if claim_now || busy || !self.finished.is_empty() {
-                match self.round(claim_now, busy, &shutdown, &stop).await {
+                let claim = claim_now.then(|| claims.limit());
+                match self.round(claim, busy, &shutdown, &stop).await {
                     Some(outcome) => self.book_round(outcome, &mut claims).await?,
                     // Abandoned half done (a step's matches may not have been unlinked), nothing
                     // in flight may be acknowledged: the loop's top gives it all back and stops.
@@ -379,7 +385,7 @@ impl Worker {
     /// load. `None` when the stop's grace ran out first.
     async fn round(
         &mut self,
-        claim_now: bool,
+        claim: Option<i64>,
         busy: bool,
         shutdown: &CancellationToken,
         stop: &StopDeadline,
@@ -392,9 +398,9 @@ impl Worker {
                 let result = outbox.ack(job.epoch, &job.done, &job.dead).await;
                 acked.push((job, keys_per_pattern, result));
             }
-            let claim = match claim_now {
-                true => Some(outbox.claim(CLAIM_LIMIT).await),
-                false => None,
+            let claim = match claim {
+                Some(limit) => Some(outbox.claim(limit).await),
+                None => None,
             };
             (acked, claim)
         };
@@ -579,6 +585,9 @@ impl Worker {
         };
         let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
         let mut labels: HashMap<String, Arc<str>> = HashMap::new();
+        // The per-change lines are debug output: five strings a change, built only when they are
+        // printed (a backlog of 200,000 changes spent a visible share of its CPU on them).
+        let notes = tracing::enabled!(tracing::Level::DEBUG);
         for row in &claim.rows {
             let change = Change {
                 table: &row.table_name,
@@ -611,14 +620,16 @@ impl Worker {
                     let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
                     *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
                     job.done.push(row.id);
-                    job.changes.push(ChangeNote {
-                        outbox_id: row.id,
-                        table: row.table_name.clone(),
-                        op: row.op.clone(),
-                        ids: join(&expansion.ids),
-                        users: join(&expansion.owners),
-                        patterns: indexes,
-                    });
+                    if notes {
+                        job.changes.push(ChangeNote {
+                            outbox_id: row.id,
+                            table: row.table_name.clone(),
+                            op: row.op.clone(),
+                            ids: join(&expansion.ids),
+                            users: join(&expansion.owners),
+                            patterns: indexes,
+                        });
+                    }
                 }
                 Err(error) => {
                     warn!(

@@ -12,6 +12,7 @@ use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::backoff;
+use crate::outbox::{BACKLOG_CLAIM_LIMIT, CLAIM_LIMIT};
 
 /// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
 pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -46,6 +47,8 @@ pub(super) struct ClaimPacing {
     last_claim: TokioInstant,
     /// The last claim was not full: the next waits for the interval while the finder is busy.
     spaced: bool,
+    /// The last claim was full: a backlog waits, claimed in larger windows.
+    backlog: bool,
     retry_at: Option<TokioInstant>,
     delays: ExponentialBackoff,
 }
@@ -59,6 +62,7 @@ impl ClaimPacing {
             last_poll: now,
             last_claim: now,
             spaced: false,
+            backlog: false,
             retry_at: None,
             delays: postgres_delays(),
         }
@@ -103,9 +107,19 @@ impl ClaimPacing {
         self.last_claim = now;
         // A full claim means a backlog: catch up without waiting.
         self.spaced = !full;
+        self.backlog = full;
         self.dirty |= full;
         self.delays = postgres_delays();
         self.retry_at.take().is_some()
+    }
+
+    /// Rows the next claim takes: [`BACKLOG_CLAIM_LIMIT`] after a full claim, else [`CLAIM_LIMIT`]
+    /// (a change arriving on a quiet outbox is its own small window).
+    pub(super) fn limit(&self) -> i64 {
+        match self.backlog {
+            true => BACKLOG_CLAIM_LIMIT,
+            false => CLAIM_LIMIT,
+        }
     }
 
     /// Another connection reached Postgres again: a claim waiting out its delay goes now.
