@@ -153,6 +153,47 @@ struct Job {
     started: Instant,
 }
 
+/// A window's distinct patterns, each once however many of its changes name it, labelled by the
+/// table of the first change that did.
+#[derive(Default)]
+struct WindowPatterns {
+    specs: Vec<PatternSpec>,
+    index_of: HashMap<Arc<str>, usize>,
+    labels: HashMap<String, Arc<str>>,
+}
+
+impl WindowPatterns {
+    /// Adds a change's patterns; returns their indexes in the window.
+    fn intern(&mut self, table: &str, patterns: BTreeSet<String>) -> Vec<usize> {
+        let label = match self.labels.get(table) {
+            Some(label) => label.clone(),
+            None => {
+                let label: Arc<str> = Arc::from(table);
+                self.labels.insert(table.to_owned(), label.clone());
+                label
+            }
+        };
+        let mut indexes = Vec::with_capacity(patterns.len());
+        for pattern in patterns {
+            let index = match self.index_of.get(pattern.as_str()) {
+                Some(&index) => index,
+                None => {
+                    let pattern: Arc<str> = Arc::from(pattern);
+                    let index = self.specs.len();
+                    self.index_of.insert(pattern.clone(), index);
+                    self.specs.push(PatternSpec {
+                        pattern,
+                        label: label.clone(),
+                    });
+                    index
+                }
+            };
+            indexes.push(index);
+        }
+        indexes
+    }
+}
+
 /// What a new [`Finder`] is made from each time Redis is connected.
 struct FinderSetup {
     redis: RedisTarget,
@@ -579,12 +620,11 @@ impl Worker {
             done: Vec::with_capacity(claim.rows.len()),
             dead: Vec::new(),
             rows_by_table: HashMap::new(),
-            changes: Vec::with_capacity(claim.rows.len()),
+            changes: Vec::new(),
             patterns: Vec::new(),
             started: Instant::now(),
         };
-        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
+        let mut patterns = WindowPatterns::default();
         // The per-change lines are debug output: five strings a change, built only when they are
         // printed (a backlog of 200,000 changes spent a visible share of its CPU on them).
         let notes = tracing::enabled!(tracing::Level::DEBUG);
@@ -594,43 +634,12 @@ impl Worker {
                 operation: &row.op,
                 rows: row.rows.as_ref(),
             };
-            match rules.expand(&change) {
-                Ok(expansion) => {
-                    let label = labels
-                        .entry(row.table_name.clone())
-                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
-                        .clone();
-                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
-                    for pattern in expansion.patterns {
-                        let index = match pattern_index.get(pattern.as_str()) {
-                            Some(&index) => index,
-                            None => {
-                                let pattern: Arc<str> = Arc::from(pattern);
-                                let index = job.patterns.len();
-                                pattern_index.insert(pattern.clone(), index);
-                                job.patterns.push(PatternSpec {
-                                    pattern,
-                                    label: label.clone(),
-                                });
-                                index
-                            }
-                        };
-                        indexes.push(index);
-                    }
-                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
-                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
-                    job.done.push(row.id);
-                    if notes {
-                        job.changes.push(ChangeNote {
-                            outbox_id: row.id,
-                            table: row.table_name.clone(),
-                            op: row.op.clone(),
-                            ids: join(&expansion.ids),
-                            users: join(&expansion.owners),
-                            patterns: indexes,
-                        });
-                    }
-                }
+            let expanded = match notes {
+                true => rules.expand(&change),
+                false => rules.patterns(&change),
+            };
+            let expansion = match expanded {
+                Ok(expansion) => expansion,
                 Err(error) => {
                     warn!(
                         outbox_id = row.id,
@@ -640,9 +649,31 @@ impl Worker {
                         "unusable outbox row: moved to dead letters"
                     );
                     job.dead.push((row.id, error.to_string()));
+                    continue;
+                }
+            };
+            let indexes = patterns.intern(&row.table_name, expansion.patterns);
+            let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
+            match job.rows_by_table.get_mut(&row.table_name) {
+                Some(count) => *count += changed_rows,
+                None => {
+                    job.rows_by_table
+                        .insert(row.table_name.clone(), changed_rows);
                 }
             }
+            job.done.push(row.id);
+            if notes {
+                job.changes.push(ChangeNote {
+                    outbox_id: row.id,
+                    table: row.table_name.clone(),
+                    op: row.op.clone(),
+                    ids: join(&expansion.ids),
+                    users: join(&expansion.owners),
+                    patterns: indexes,
+                });
+            }
         }
+        job.patterns = patterns.specs;
         let window = self
             .finder
             .as_mut()
