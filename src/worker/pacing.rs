@@ -256,6 +256,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_claimed_in_larger_windows_until_a_claim_comes_back_short() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert_eq!(claims.limit(), CLAIM_LIMIT, "a quiet outbox: small windows");
+        claims.claimed(now, true);
+        assert_eq!(claims.limit(), BACKLOG_CLAIM_LIMIT);
+        claims.claimed(now, true);
+        assert_eq!(claims.limit(), BACKLOG_CLAIM_LIMIT, "still a backlog");
+        claims.claimed(now, false);
+        assert_eq!(claims.limit(), CLAIM_LIMIT, "caught up");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failed_claim_is_retried_after_its_backoff_and_not_before() {
         let mut claims = ClaimPacing::new(POLL);
         let now = TokioInstant::now();
