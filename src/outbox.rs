@@ -60,9 +60,13 @@ pub const CLAIM_LIMIT: i64 = 200;
 /// 100,000 changes in index mode. In sweep mode, once a pass has room for the backlog's patterns
 /// ([`crate::worker::MAX_ACTIVE_PATTERNS`]), the claims' round trips are what a drain waits for:
 /// at 2,000 rows a claim they took most of the 9.6 s it drained in (1M keys, a loaded machine).
-/// Still bounded: single-row changes take a few hundred bytes each, and a claim of rows of 64
-/// values each is tens of MB at worst.
+/// The changed rows a claim brings are bounded as well, by [`BACKLOG_CLAIM_CHANGED_ROWS`].
 pub const BACKLOG_CLAIM_LIMIT: i64 = 5_000;
+/// Changed rows (values of the outbox rows) a backlog's claim aims at: what [`CLAIM_LIMIT`] rows
+/// of 64 values each bring at most, so a backlog of large statements is claimed no larger than
+/// before (a 200,000-row statement claimed 5,000 outbox rows at a time took a debug build's worker
+/// to 120 MB), while single-row changes are claimed [`BACKLOG_CLAIM_LIMIT`] at a time.
+pub const BACKLOG_CLAIM_CHANGED_ROWS: u64 = 200 * 64;
 /// Heartbeats per claim timeout on each claim connection. With three, one heartbeat delayed by a
 /// slow round trip (a loaded Postgres, a busy worker thread) still leaves another before the
 /// server's timeout, while a 30 s timeout costs one trivial query per connection every 10 s.

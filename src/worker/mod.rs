@@ -50,7 +50,7 @@ use crate::tracking::{Tracking, TrackingError};
 /// single-row changes (two to three new patterns each) drained at 10,000–18,000 changes/s at 1M
 /// keys. A sustained load never comes near it (5,000 row changes/s bring a few thousand patterns
 /// per pass), so only a backlog's drain uses the room, and its memory.
-pub const MAX_ACTIVE_PATTERNS: usize = 200_000;
+pub const MAX_ACTIVE_PATTERNS: usize = 100_000;
 /// At stop, giving the claimed rows back (a `ROLLBACK` per epoch) may wait this long; a server that
 /// does not answer rolls them back anyway when the connection closes as the process exits.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -342,7 +342,8 @@ impl Worker {
                     self.back.claims.notify_one();
                 }
                 if !claim.rows.is_empty() {
-                    self.start_window(claim);
+                    let (rows, changed) = self.start_window(claim);
+                    claims.sized(rows, changed);
                 }
             }
             Some(Err(error)) if error.is_permanent() => return Err(error.into()),
@@ -613,7 +614,8 @@ impl Worker {
     }
 
     /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
-    fn start_window(&mut self, claim: Claim) {
+    /// Returns the outbox rows and the changed rows they stand for.
+    fn start_window(&mut self, claim: Claim) -> (usize, u64) {
         let rules = self.rules.borrow().clone();
         let mut job = Job {
             epoch: claim.epoch,
@@ -674,6 +676,7 @@ impl Worker {
             }
         }
         job.patterns = patterns.specs;
+        let sizes = (claim.rows.len(), job.rows_by_table.values().sum());
         let window = self
             .finder
             .as_mut()
@@ -685,6 +688,7 @@ impl Worker {
             // Nothing to sweep for (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
         }
+        sizes
     }
 
     /// Books a step that worked: its finished windows wait for their acknowledgement.

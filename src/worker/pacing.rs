@@ -12,7 +12,7 @@ use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::backoff;
-use crate::outbox::{BACKLOG_CLAIM_LIMIT, CLAIM_LIMIT};
+use crate::outbox::{BACKLOG_CLAIM_CHANGED_ROWS, BACKLOG_CLAIM_LIMIT, CLAIM_LIMIT};
 
 /// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
 pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -49,6 +49,8 @@ pub(super) struct ClaimPacing {
     spaced: bool,
     /// The last claim was full: a backlog waits, claimed in larger windows.
     backlog: bool,
+    /// Changed rows per outbox row in the last claim, which sizes a backlog's next claim.
+    changed_per_row: f64,
     retry_at: Option<TokioInstant>,
     delays: ExponentialBackoff,
 }
@@ -63,6 +65,7 @@ impl ClaimPacing {
             last_claim: now,
             spaced: false,
             backlog: false,
+            changed_per_row: 1.0,
             retry_at: None,
             delays: postgres_delays(),
         }
@@ -113,12 +116,22 @@ impl ClaimPacing {
         self.retry_at.take().is_some()
     }
 
-    /// Rows the next claim takes: [`BACKLOG_CLAIM_LIMIT`] after a full claim, else [`CLAIM_LIMIT`]
-    /// (a change arriving on a quiet outbox is its own small window).
+    /// Rows the next claim takes: after a full claim, as many as bring about
+    /// [`BACKLOG_CLAIM_CHANGED_ROWS`] changed rows at the last claim's rows per outbox row, within
+    /// [`CLAIM_LIMIT`]..=[`BACKLOG_CLAIM_LIMIT`]; else [`CLAIM_LIMIT`] (a change arriving on a quiet
+    /// outbox is its own small window).
     pub(super) fn limit(&self) -> i64 {
-        match self.backlog {
-            true => BACKLOG_CLAIM_LIMIT,
-            false => CLAIM_LIMIT,
+        if !self.backlog {
+            return CLAIM_LIMIT;
+        }
+        let rows = BACKLOG_CLAIM_CHANGED_ROWS as f64 / self.changed_per_row.max(1.0);
+        (rows as i64).clamp(CLAIM_LIMIT, BACKLOG_CLAIM_LIMIT)
+    }
+
+    /// A claim's size: `rows` outbox rows standing for `changed` changed rows.
+    pub(super) fn sized(&mut self, rows: usize, changed: u64) {
+        if rows > 0 {
+            self.changed_per_row = changed as f64 / rows as f64;
         }
     }
 
@@ -264,6 +277,11 @@ mod tests {
         assert_eq!(claims.limit(), BACKLOG_CLAIM_LIMIT);
         claims.claimed(now, true);
         assert_eq!(claims.limit(), BACKLOG_CLAIM_LIMIT, "still a backlog");
+        // Statements of many rows each: a claim brings no more changed rows than 200 full rows.
+        claims.sized(2_000, 2_000 * 64);
+        assert_eq!(claims.limit(), CLAIM_LIMIT);
+        claims.sized(100, 800);
+        assert_eq!(claims.limit(), 1_600);
         claims.claimed(now, false);
         assert_eq!(claims.limit(), CLAIM_LIMIT, "caught up");
     }
