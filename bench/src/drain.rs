@@ -5,8 +5,8 @@
 //!
 //! The changes walk the report rows in order, all four tables in turn, so most rows change two or
 //! three times: the first change of a row removes its keys, the later ones find none, as a
-//! backlog of repeated edits does. The measure removes most report keys, so it runs after the
-//! other groups of its size.
+//! backlog of repeated edits does. Each drain starts from the whole keyspace, filled again, and
+//! removes most report keys, so the group runs after the other groups of its size.
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,9 @@ pub async fn lines(size: &Size<'_>) -> Vec<Line> {
 /// Starts the daemon in `mode`, commits the backlog in one transaction and waits until the outbox
 /// is empty.
 async fn drain(size: &Size<'_>, mode: Mode) -> Drained {
+    // The measures before this one (the other groups, the other mode's drain) removed keys: the
+    // backlog meets the whole keyspace, as after an outage.
+    crate::layout::fill(size.redis, &size.layout).await;
     let log = log_path(&format!("drain-{mode}"));
     let daemon = DaemonProcess::spawn(
         size.worker_binary,
