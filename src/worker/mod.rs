@@ -290,7 +290,8 @@ impl Worker {
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             if claim_now || busy || !self.finished.is_empty() {
-                let claim = claim_now.then(|| claims.limit());
+                let sweeping = !self.finder.as_ref().is_some_and(Finder::index_complete);
+                let claim = claim_now.then(|| claims.limit(sweeping));
                 match self.round(claim, busy, &shutdown, &stop).await {
                     Some(outcome) => self.book_round(outcome, &mut claims).await?,
                     // Abandoned half done (a step's matches may not have been unlinked), nothing

@@ -116,12 +116,16 @@ impl ClaimPacing {
         self.retry_at.take().is_some()
     }
 
-    /// Rows the next claim takes: after a full claim, as many as bring about
-    /// [`BACKLOG_CLAIM_CHANGED_ROWS`] changed rows at the last claim's rows per outbox row, within
-    /// [`CLAIM_LIMIT`]..=[`BACKLOG_CLAIM_LIMIT`]; else [`CLAIM_LIMIT`] (a change arriving on a quiet
-    /// outbox is its own small window).
-    pub(super) fn limit(&self) -> i64 {
-        if !self.backlog {
+    /// Rows the next claim takes. Sweeping a backlog (`sweeping`: no complete index answers the
+    /// windows) after a full claim: as many as bring about [`BACKLOG_CLAIM_CHANGED_ROWS`] changed
+    /// rows at the last claim's rows per outbox row, within [`CLAIM_LIMIT`]..=
+    /// [`BACKLOG_CLAIM_LIMIT`]: a pass serves every window that joined it, so larger windows
+    /// drain faster. Otherwise [`CLAIM_LIMIT`]: a change arriving on a quiet outbox is its own
+    /// small window, and the index answers small windows at least as cheaply (a drain of 200,000
+    /// single-row changes at 1M keys measured 23,000/s and 2.5 CPU s per 100,000 with windows of
+    /// 200, 13,400/s and 4.7 CPU s with windows of 5,000).
+    pub(super) fn limit(&self, sweeping: bool) -> i64 {
+        if !self.backlog || !sweeping {
             return CLAIM_LIMIT;
         }
         let rows = BACKLOG_CLAIM_CHANGED_ROWS as f64 / self.changed_per_row.max(1.0);
@@ -272,18 +276,27 @@ mod tests {
     async fn a_backlog_is_claimed_in_larger_windows_until_a_claim_comes_back_short() {
         let mut claims = ClaimPacing::new(POLL);
         let now = TokioInstant::now();
-        assert_eq!(claims.limit(), CLAIM_LIMIT, "a quiet outbox: small windows");
+        assert_eq!(
+            claims.limit(true),
+            CLAIM_LIMIT,
+            "a quiet outbox: small windows"
+        );
         claims.claimed(now, true);
-        assert_eq!(claims.limit(), BACKLOG_CLAIM_LIMIT);
+        assert_eq!(claims.limit(true), BACKLOG_CLAIM_LIMIT);
+        assert_eq!(
+            claims.limit(false),
+            CLAIM_LIMIT,
+            "the index takes small windows"
+        );
         claims.claimed(now, true);
-        assert_eq!(claims.limit(), BACKLOG_CLAIM_LIMIT, "still a backlog");
+        assert_eq!(claims.limit(true), BACKLOG_CLAIM_LIMIT, "still a backlog");
         // Statements of many rows each: a claim brings no more changed rows than 200 full rows.
         claims.sized(2_000, 2_000 * 64);
-        assert_eq!(claims.limit(), CLAIM_LIMIT);
+        assert_eq!(claims.limit(true), CLAIM_LIMIT);
         claims.sized(100, 800);
-        assert_eq!(claims.limit(), 1_600);
+        assert_eq!(claims.limit(true), 1_600);
         claims.claimed(now, false);
-        assert_eq!(claims.limit(), CLAIM_LIMIT, "caught up");
+        assert_eq!(claims.limit(true), CLAIM_LIMIT, "caught up");
     }
 
     #[tokio::test(start_paused = true)]
