@@ -31,7 +31,7 @@ use crate::index;
 use crate::redis_nodes::Node;
 use crate::replicas::{confirm_replicas, Confirmation, ReplicaError};
 use crate::sweep::{self, FinishedWindow, PatternSpec, StepReport, SweepError, Sweeper};
-use crate::tracking::Tracking;
+use crate::index::tracking::Tracking;
 
 pub type WindowId = u64;
 

@@ -32,7 +32,6 @@ pub mod schema;
 pub mod settings;
 pub mod sweep;
 pub mod telemetry;
-pub mod tracking;
 pub(crate) mod worker;
 
 pub use daemon::{run, DaemonError};

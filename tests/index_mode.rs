@@ -140,7 +140,7 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     )
     .expect("redis url");
     let nodes = target.connect().await.expect("connect");
-    let mut tracking = cache_invalidator::tracking::Tracking::new(
+    let mut tracking = cache_invalidator::index::tracking::Tracking::new(
         space.rules().tracking_prefixes(),
         1_000_000,
         Duration::from_secs(5),
@@ -160,7 +160,7 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
             pattern: format!("{}*", space.key(&format!("report:{round}:"))).into(),
             label: "reports_report".into(),
         };
-        let finds = |tracking: &cache_invalidator::tracking::Tracking| {
+        let finds = |tracking: &cache_invalidator::index::tracking::Tracking| {
             cache_invalidator::index::lookup(&tracking.parts(), std::slice::from_ref(&pattern))
                 .expect("complete")
                 .iter()
@@ -540,7 +540,7 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
         .query_async(&mut admin)
         .await
         .expect("info server");
-    let server = cache_invalidator::tracking::server_identity(&info).expect("a named server");
+    let server = cache_invalidator::index::tracking::server_identity(&info).expect("a named server");
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
     let space = KeyPrefix::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;

@@ -39,7 +39,7 @@ use crate::settings::Mode;
 use crate::settings::Settings;
 use crate::sweep::{PatternSpec, StepReport, SweepError};
 use crate::telemetry::{names, Health, Systemd};
-use crate::tracking::{Tracking, TrackingError};
+use crate::index::tracking::{Tracking, TrackingError};
 
 /// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
 /// backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
