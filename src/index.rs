@@ -39,9 +39,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::glob::Glob;
 use crate::matcher::{Matcher, PatternId};
-use crate::sweep::PatternSpec;
 use crate::telemetry::names;
+use crate::window::PatternSpec;
 
+pub(crate) mod deletes;
 mod store;
 pub mod tracking;
 

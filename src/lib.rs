@@ -32,6 +32,7 @@ pub mod schema;
 pub mod settings;
 pub mod sweep;
 pub mod telemetry;
+pub mod window;
 pub(crate) mod worker;
 
 pub use daemon::{run, DaemonError};

@@ -156,7 +156,7 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     for round in 0..ROUNDS {
         let key = space.key(&format!("report:{round}:1:h"));
         set_keys(&mut redis, std::slice::from_ref(&key)).await;
-        let pattern = cache_invalidator::sweep::PatternSpec {
+        let pattern = cache_invalidator::window::PatternSpec {
             pattern: format!("{}*", space.key(&format!("report:{round}:"))).into(),
             label: "reports_report".into(),
         };
@@ -540,7 +540,8 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
         .query_async(&mut admin)
         .await
         .expect("info server");
-    let server = cache_invalidator::index::tracking::server_identity(&info).expect("a named server");
+    let server =
+        cache_invalidator::index::tracking::server_identity(&info).expect("a named server");
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
     let space = KeyPrefix::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_invalidator::redis_nodes::RedisTarget;
-use cache_invalidator::sweep::{PatternSpec, Sweeper};
+use cache_invalidator::sweep::Sweeper;
+use cache_invalidator::window::PatternSpec;
 use common::*;
 
 /// Sets `key`, commits `write`, and waits until the daemon has cleared the key.
