@@ -147,6 +147,78 @@ struct Job {
     started: Instant,
 }
 
+impl Job {
+    /// Renders claimed rows into a window's patterns; unusable rows are set aside as dead
+    /// letters.
+    fn render(claim: &Claim, rules: &RuleSet) -> Job {
+        let mut job = Job {
+            epoch: claim.epoch,
+            done: Vec::with_capacity(claim.rows.len()),
+            dead: Vec::new(),
+            rows_by_table: HashMap::new(),
+            changes: Vec::with_capacity(claim.rows.len()),
+            patterns: Vec::new(),
+            started: Instant::now(),
+        };
+        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
+        for row in &claim.rows {
+            let change = Change {
+                table: &row.table_name,
+                operation: &row.op,
+                rows: row.rows.as_ref(),
+            };
+            match rules.expand(&change) {
+                Ok(expansion) => {
+                    let label = labels
+                        .entry(row.table_name.clone())
+                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
+                        .clone();
+                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
+                    for pattern in expansion.patterns {
+                        let index = match pattern_index.get(pattern.as_str()) {
+                            Some(&index) => index,
+                            None => {
+                                let pattern: Arc<str> = Arc::from(pattern);
+                                let index = job.patterns.len();
+                                pattern_index.insert(pattern.clone(), index);
+                                job.patterns.push(PatternSpec {
+                                    pattern,
+                                    label: label.clone(),
+                                });
+                                index
+                            }
+                        };
+                        indexes.push(index);
+                    }
+                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
+                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
+                    job.done.push(row.id);
+                    job.changes.push(ChangeNote {
+                        outbox_id: row.id,
+                        table: row.table_name.clone(),
+                        op: row.op.clone(),
+                        ids: join(&expansion.ids),
+                        users: join(&expansion.owners),
+                        patterns: indexes,
+                    });
+                }
+                Err(error) => {
+                    warn!(
+                        outbox_id = row.id,
+                        table = %row.table_name,
+                        op = %row.op,
+                        %error,
+                        "unusable outbox row: moved to dead letters"
+                    );
+                    job.dead.push((row.id, error.to_string()));
+                }
+            }
+        }
+        job
+    }
+}
+
 /// What a new [`Finder`] is made from each time Redis is connected.
 struct FinderSetup {
     redis: RedisTarget,
@@ -573,73 +645,10 @@ impl Worker {
         self.health.set_index(index.then_some(false));
     }
 
-    /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
+    /// Renders claimed rows into a window and hands it to the finder.
     fn start_window(&mut self, claim: Claim) {
         let rules = self.rules.borrow().clone();
-        let mut job = Job {
-            epoch: claim.epoch,
-            done: Vec::with_capacity(claim.rows.len()),
-            dead: Vec::new(),
-            rows_by_table: HashMap::new(),
-            changes: Vec::with_capacity(claim.rows.len()),
-            patterns: Vec::new(),
-            started: Instant::now(),
-        };
-        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
-        for row in &claim.rows {
-            let change = Change {
-                table: &row.table_name,
-                operation: &row.op,
-                rows: row.rows.as_ref(),
-            };
-            match rules.expand(&change) {
-                Ok(expansion) => {
-                    let label = labels
-                        .entry(row.table_name.clone())
-                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
-                        .clone();
-                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
-                    for pattern in expansion.patterns {
-                        let index = match pattern_index.get(pattern.as_str()) {
-                            Some(&index) => index,
-                            None => {
-                                let pattern: Arc<str> = Arc::from(pattern);
-                                let index = job.patterns.len();
-                                pattern_index.insert(pattern.clone(), index);
-                                job.patterns.push(PatternSpec {
-                                    pattern,
-                                    label: label.clone(),
-                                });
-                                index
-                            }
-                        };
-                        indexes.push(index);
-                    }
-                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
-                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
-                    job.done.push(row.id);
-                    job.changes.push(ChangeNote {
-                        outbox_id: row.id,
-                        table: row.table_name.clone(),
-                        op: row.op.clone(),
-                        ids: join(&expansion.ids),
-                        users: join(&expansion.owners),
-                        patterns: indexes,
-                    });
-                }
-                Err(error) => {
-                    warn!(
-                        outbox_id = row.id,
-                        table = %row.table_name,
-                        op = %row.op,
-                        %error,
-                        "unusable outbox row: moved to dead letters"
-                    );
-                    job.dead.push((row.id, error.to_string()));
-                }
-            }
-        }
+        let job = Job::render(&claim, &rules);
         // Before the finder chooses: past its memory bound the index answers no window.
         self.check_memory_bound();
         let index = self.tracking.as_ref();
