@@ -28,6 +28,9 @@
 //! Key names are packed into small sorted byte blocks ([`store`]): about a dozen bytes per key on
 //! top of its name. Memory is bounded by `--index-max-keys`: past it the index is dropped for good
 //! (until the daemon restarts) and the worker sweeps.
+//!
+//! This module holds the index's parts and their lookups; [`tracking`] the connections that keep
+//! them, and [`deletes`] the delete path of a window answered from the index.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -520,7 +520,7 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
     let mut admin = redis_connection(&private.url()).await;
     // An ACL that allows everything the sweep needs, but not CLIENT TRACKING. (This does not
     // give Dragonfly's `ERR syntax error`, which no server here sends: that reply's classification
-    // is unit-tested in tracking.rs.)
+    // is unit-tested in index/tracking.rs.)
     let () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("sweeper")

@@ -1,4 +1,4 @@
-//! The refill guard (issue 8): a slow reader that writes stale data back right after the
+//! The refill guard: a slow reader that writes stale data back right after the
 //! invalidation is caught by the delayed second pass, which rides along a busy sweep instead of
 //! adding one.
 
