@@ -41,8 +41,8 @@ use crate::settings::Settings;
 use crate::telemetry::{names, Health, Systemd};
 use crate::window::{PatternSpec, StepError, StepReport, WindowId};
 
-/// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
-/// backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
+/// First-pass patterns being cleared at once. Claims pause above it, so memory does not grow with
+/// the backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
 /// refill guard's patterns are not counted: they come from windows already finished, at most one
 /// guard delay and one pass earlier, so the claim rate bounds them too.
 pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
@@ -135,7 +135,7 @@ struct ChangeNote {
     patterns: Vec<usize>,
 }
 
-/// A window in the sweep, and what to do when it finishes.
+/// A window being cleared (by the index or the sweep), and what to do when it finishes.
 struct Job {
     epoch: u64,
     done: Vec<i64>,
@@ -230,13 +230,13 @@ struct FinderSetup {
     refill_guard: Duration,
 }
 
-/// Pacing of Redis reconnects after failed sweeps.
+/// Pacing of Redis reconnects after failed steps.
 struct RedisRetry {
-    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
+    /// Delays between failed steps, reset by a step that worked: a Redis that fails every
     /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
     /// in a tight loop.
     failures: ExponentialBackoff,
-    /// When the next connection attempt after a failed sweep may start.
+    /// When the next connection attempt after a failed step may start.
     at: Option<Instant>,
     /// Behind Sentinel: a new master or a replica down announced since the worker connected.
     switches: Option<Switches>,
@@ -569,7 +569,8 @@ impl Worker {
                         "connected to redis"
                     );
                     self.track(&nodes).await?;
-                    // A sweep starts afresh: cursors of the old connections mean nothing now.
+                    // A finder starts afresh: a sweep's cursors on the old connections mean
+                    // nothing now.
                     self.finder = Some(Finder::new(nodes, self.setup.refill_guard));
                     self.health.set_redis(true);
                     return Ok(true);
@@ -660,7 +661,7 @@ impl Worker {
             Some(id) => {
                 self.jobs.insert(id, job);
             }
-            // Nothing to sweep for (only dead rows): acknowledge next.
+            // Nothing to clear (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
         }
     }
