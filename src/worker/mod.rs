@@ -30,19 +30,19 @@ pub(crate) use self::source::{
 };
 use self::source::{Listener, PostgresBack};
 use crate::backoff::{reconnect_delays, RECONNECT_MAX};
-use crate::finder::{Finder, WindowId};
+use crate::finder::Finder;
+use crate::index::tracking::{Tracking, TrackingError};
 use crate::outbox::{Acked, Claim, Outbox, OutboxError};
 use crate::postgres::ConnectError;
 use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
 use crate::settings::Mode;
 use crate::settings::Settings;
-use crate::sweep::{PatternSpec, StepReport, SweepError};
 use crate::telemetry::{names, Health, Systemd};
-use crate::tracking::{Tracking, TrackingError};
+use crate::window::{PatternSpec, StepError, StepReport, WindowId};
 
-/// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
-/// backlog (a few hundred bytes a pattern with its matcher entry and window lists). The refill
+/// First-pass patterns being cleared at once. Claims pause above it, so memory does not grow with
+/// the backlog (a few hundred bytes a pattern with its matcher entry and window lists). The refill
 /// guard's patterns are not counted: they come from windows already finished, at most one guard
 /// delay and one pass earlier, so the claim rate bounds them too.
 ///
@@ -110,7 +110,6 @@ pub(crate) async fn run_with_rules(
         },
         finder: None,
         tracking: None,
-        index_dropped: false,
         jobs: HashMap::new(),
         finished: Vec::new(),
         health,
@@ -141,7 +140,7 @@ struct ChangeNote {
     patterns: Vec<usize>,
 }
 
-/// A window in the sweep, and what to do when it finishes.
+/// A window being cleared (by the index or the sweep), and what to do when it finishes.
 struct Job {
     epoch: u64,
     done: Vec<i64>,
@@ -153,471 +152,10 @@ struct Job {
     started: Instant,
 }
 
-/// A window's distinct patterns, each once however many of its changes name it, labelled by the
-/// table of the first change that did.
-#[derive(Default)]
-struct WindowPatterns {
-    specs: Vec<PatternSpec>,
-    index_of: HashMap<Arc<str>, usize>,
-    labels: HashMap<String, Arc<str>>,
-}
-
-impl WindowPatterns {
-    /// Adds a change's patterns; returns their indexes in the window.
-    fn intern(&mut self, table: &str, patterns: BTreeSet<String>) -> Vec<usize> {
-        let label = match self.labels.get(table) {
-            Some(label) => label.clone(),
-            None => {
-                let label: Arc<str> = Arc::from(table);
-                self.labels.insert(table.to_owned(), label.clone());
-                label
-            }
-        };
-        let mut indexes = Vec::with_capacity(patterns.len());
-        for pattern in patterns {
-            let index = match self.index_of.get(pattern.as_str()) {
-                Some(&index) => index,
-                None => {
-                    let pattern: Arc<str> = Arc::from(pattern);
-                    let index = self.specs.len();
-                    self.index_of.insert(pattern.clone(), index);
-                    self.specs.push(PatternSpec {
-                        pattern,
-                        label: label.clone(),
-                    });
-                    index
-                }
-            };
-            indexes.push(index);
-        }
-        indexes
-    }
-}
-
-/// What a new [`Finder`] is made from each time Redis is connected.
-struct FinderSetup {
-    redis: RedisTarget,
-    /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking.
-    mode: Mode,
-    index_max_keys: usize,
-    redis_timeout: Duration,
-    refill_guard: Duration,
-}
-
-/// Pacing of Redis reconnects after failed sweeps.
-struct RedisRetry {
-    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
-    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
-    /// in a tight loop.
-    failures: ExponentialBackoff,
-    /// When the next connection attempt after a failed sweep may start.
-    at: Option<Instant>,
-    /// Behind Sentinel: a new master or a replica down announced since the worker connected.
-    switches: Option<Switches>,
-}
-
-/// Returns once the sentinels announced something not seen yet; never without Sentinel.
-async fn next_switch(switches: Option<&Switches>) {
-    match switches {
-        Some(switches) => switches.announcement().await,
-        None => std::future::pending().await,
-    }
-}
-
-struct Worker {
-    rules: watch::Receiver<Arc<RuleSet>>,
-    outbox: Outbox,
-    setup: FinderSetup,
-    finder: Option<Finder>,
-    /// The index between two Redis connections (a finder holds it while connected).
-    tracking: Option<Tracking>,
-    /// The index passed its memory bound: sweep mode until the daemon restarts.
-    index_dropped: bool,
-    jobs: HashMap<WindowId, Job>,
-    /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
-    finished: Vec<(Job, Vec<u64>)>,
-    health: Arc<Health>,
-    wake: Arc<Notify>,
-    /// Word from and to the LISTEN connection that Postgres is back.
-    back: Arc<PostgresBack>,
-    systemd: Systemd,
-    redis_retry: RedisRetry,
-}
-
-impl Worker {
-    async fn run(
-        &mut self,
-        mut claims: ClaimPacing,
-        shutdown: CancellationToken,
-    ) -> Result<(), RunError> {
-        let mut stop = StopDeadline::default();
-        // Configuration loaded, loop running: a backlog or a server that is down is the loop's
-        // work, not a reason to keep systemd waiting.
-        self.systemd.ready();
-        loop {
-            // Whatever the servers do: the watchdog watches the loop, not them.
-            self.systemd.tick();
-            self.report_mode();
-            let now = TokioInstant::now();
-            if shutdown.is_cancelled() && stop.begin(now) {
-                self.begin_stop();
-            }
-            let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
-            if stop.reached(now, in_flight) {
-                return self.release_and_stop(in_flight).await;
-            }
-            if self.wake.notified().now_or_never().is_some() {
-                claims.wake();
-            }
-            if self.back.listener.notified().now_or_never().is_some() {
-                claims.retry_now();
-            }
-            claims.tick(now, self.recheck_due_at());
-            if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
-                continue;
-            }
-            if self.left_a_replaced_master().await {
-                continue;
-            }
-            let room = self
-                .finder
-                .as_ref()
-                .is_some_and(|f| f.first_pass_patterns() < MAX_ACTIVE_PATTERNS);
-            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
-            let claim_now = claims.take(now, busy, room && !stop.is_stopping());
-            if let Some(finder) = self.finder.as_mut() {
-                finder.start_due_guards();
-            }
-            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
-            if claim_now || busy || !self.finished.is_empty() {
-                let sweeping = !self.finder.as_ref().is_some_and(Finder::index_complete);
-                let claim = claim_now.then(|| claims.limit(sweeping));
-                match self.round(claim, busy, &shutdown, &stop).await {
-                    Some(outcome) => self.book_round(outcome, &mut claims).await?,
-                    // Abandoned half done (a step's matches may not have been unlinked), nothing
-                    // in flight may be acknowledged: the loop's top gives it all back and stops.
-                    None => stop.abandon(TokioInstant::now()),
-                }
-                continue;
-            }
-            if claims.wants_to_claim() && !stop.is_stopping() {
-                // Let the connections' tasks run before trying again.
-                tokio::task::yield_now().await;
-                continue;
-            }
-            self.idle(&mut claims, &stop, &shutdown).await;
-        }
-    }
-
-    fn begin_stop(&mut self) {
-        self.systemd.stopping();
-        if let Some(finder) = self.finder.as_mut() {
-            finder.clear_guards();
-        }
-        info!(
-            windows = self.jobs.len(),
-            "stopping: finishing the batch in flight"
-        );
-    }
-
-    /// Books what a round brought back: acknowledgements, Redis steps, the claim.
-    async fn book_round(
-        &mut self,
-        (acked, claim, steps): RoundOutcome,
-        claims: &mut ClaimPacing,
-    ) -> Result<(), RunError> {
-        for (job, keys_per_pattern, result) in acked {
-            self.acknowledged(job, &keys_per_pattern, result);
-        }
-        if let Some(error) = self.book_steps(steps) {
-            // Every epoch is rolled back, the claim just made included.
-            self.sweep_failed(error).await;
-            claims.wake();
-            return Ok(());
-        }
-        match claim {
-            None => {}
-            Some(Ok(claim)) => {
-                if claims.claimed(TokioInstant::now(), claim.full) {
-                    info!("claiming from the outbox works again");
-                    self.back.claims.notify_one();
-                }
-                if !claim.rows.is_empty() {
-                    let (rows, changed) = self.start_window(claim);
-                    claims.sized(rows, changed);
-                }
-            }
-            Some(Err(error)) if error.is_permanent() => return Err(error.into()),
-            Some(Err(error)) => {
-                let delay = claims.failed(TokioInstant::now());
-                warn!(%error, retry_in_ms = delay.as_millis() as u64, "claiming from the outbox failed");
-            }
-        }
-        Ok(())
-    }
-
-    /// Nothing to do now: waits for a notification, the LISTEN connection's return, the next
-    /// poll, a claim retry, a recheck or refill guard falling due, or the stop.
-    async fn idle(
-        &mut self,
-        claims: &mut ClaimPacing,
-        stop: &StopDeadline,
-        shutdown: &CancellationToken,
-    ) {
-        let guard_due = self
-            .finder
-            .as_ref()
-            .and_then(Finder::next_guard_due)
-            .map(TokioInstant::from_std);
-        let wake_at = claims.next_wake(self.recheck_due_at(), guard_due);
-        tokio::select! {
-            _ = self.wake.notified() => claims.wake(),
-            _ = self.back.listener.notified() => claims.retry_now(),
-            _ = tokio::time::sleep_until(wake_at) => {}
-            _ = shutdown.cancelled(), if !stop.is_stopping() => {}
-            // Idle behind Sentinel: move to a new master before the next change needs it.
-            _ = next_switch(self.redis_retry.switches.as_ref()) => {}
-        }
-    }
-
-    /// The outbox's next recheck of late-committing rows, on tokio's clock.
-    fn recheck_due_at(&self) -> Option<TokioInstant> {
-        self.outbox.recheck_due_at().map(TokioInstant::from_std)
-    }
-
-    /// Mode metrics and health follow the finder: the memory bound, the index's completeness.
-    fn report_mode(&mut self) {
-        let Some(finder) = self.finder.as_mut() else {
-            return;
-        };
-        finder.check_memory_bound();
-        let (dropped, has_index, complete) = (
-            finder.index_dropped(),
-            finder.has_index(),
-            finder.index_complete(),
-        );
-        if dropped && !self.index_dropped {
-            self.index_dropped = true;
-            self.set_mode_gauge(false);
-        }
-        if has_index {
-            self.health.set_index(Some(complete));
-        }
-    }
-
-    /// Gives every claim back and stops.
-    async fn release_and_stop(&mut self, in_flight: bool) -> Result<(), RunError> {
-        if in_flight {
-            warn!("stop deadline reached: giving unfinished changes back to the outbox");
-        }
-        if tokio::time::timeout(RELEASE_TIMEOUT, self.outbox.release_all())
-            .await
-            .is_err()
-        {
-            warn!("postgres did not answer the rollback: the claims end with the connections");
-        }
-        // The index's tracking tasks end with it.
-        self.finder = None;
-        info!("stopped");
-        Ok(())
-    }
-
-    /// One round: the Postgres side (acknowledge finished windows, claim new changes) next to
-    /// Redis steps rather than between them: a round trip to a loaded Postgres takes
-    /// milliseconds, and Redis would sit idle for each of them, ~40 a second under sustained
-    /// load. `None` when the stop's grace ran out first.
-    async fn round(
-        &mut self,
-        claim: Option<i64>,
-        busy: bool,
-        shutdown: &CancellationToken,
-        stop: &StopDeadline,
-    ) -> Option<RoundOutcome> {
-        let acks = std::mem::take(&mut self.finished);
-        let outbox = &mut self.outbox;
-        let postgres = async move {
-            let mut acked = Vec::with_capacity(acks.len());
-            for (job, keys_per_pattern) in acks {
-                let result = outbox.ack(job.epoch, &job.done, &job.dead).await;
-                acked.push((job, keys_per_pattern, result));
-            }
-            let claim = match claim {
-                Some(limit) => Some(outbox.claim(limit).await),
-                None => None,
-            };
-            (acked, claim)
-        };
-        let mut finder = self.finder.as_mut().filter(|_| busy);
-        // Redis steps go on for as long as the Postgres side takes (at least one step).
-        let work = async {
-            let mut postgres = std::pin::pin!(postgres);
-            let mut postgres_outcome = None;
-            let mut steps: Vec<StepResult> = Vec::new();
-            loop {
-                // Only while there is work in flight: a step with nothing to do returns at once,
-                // and looping on it would starve Postgres' own tasks.
-                let stepping = finder.as_deref().is_some_and(Finder::is_busy)
-                    && !steps.iter().any(Result::is_err);
-                if !stepping || !steps.is_empty() {
-                    if let Some(outcome) = postgres_outcome.take() {
-                        return (outcome, steps);
-                    }
-                }
-                tokio::select! {
-                    outcome = &mut postgres, if postgres_outcome.is_none() => {
-                        postgres_outcome = Some(outcome);
-                    }
-                    // Cancel-safe: a step only waits for a reply already on its way.
-                    stepped = step_of(&mut finder), if stepping => steps.push(stepped),
-                }
-            }
-        };
-        // A round trip may not outlast the grace period, even one that began before the stop was
-        // asked for.
-        tokio::select! {
-            ((acked, claim), steps) = work => Some((acked, claim, steps)),
-            _ = grace_over(shutdown, stop.deadline()) => None,
-        }
-    }
-
-    /// Books the steps of a round; the error of one that failed, if any.
-    fn book_steps(&mut self, steps: Vec<StepResult>) -> Option<SweepError> {
-        let mut failure = None;
-        for stepped in steps {
-            match stepped {
-                Ok(report) => self.stepped(report),
-                Err(error) => failure = Some(error),
-            }
-        }
-        failure
-    }
-
-    /// Behind Sentinel, after the sentinels announced a new master or a replica down: gives the
-    /// claimed changes back and drops the connection (the old master may still answer, cut off
-    /// from the sentinels; the replicas to wait for may have changed), to connect again at once.
-    async fn left_a_replaced_master(&mut self) -> bool {
-        let Some(switched) = self.redis_retry.switches.as_ref().filter(|s| s.switched()) else {
-            return false;
-        };
-        let announced = switched.announced();
-        self.sweep_failed(announced).await;
-        // The sentinels name the master to use now: no backoff before asking them.
-        self.redis_retry.at = None;
-        true
-    }
-
-    /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
-    async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
-        if let Some(at) = self.redis_retry.at.take() {
-            let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
-            tokio::select! {
-                _ = self.systemd.alive_while(backoff) => {}
-                // The probe saw Redis answer again: no reason to wait out the backoff.
-                _ = self.health.redis_answers_again() => {}
-                _ = shutdown.cancelled() => return Ok(false),
-            }
-        }
-        let mut delays = reconnect_delays();
-        if self.redis_retry.switches.is_none() {
-            self.redis_retry.switches = self.setup.redis.switches();
-        }
-        loop {
-            // An announcement from here on is one this connection may not have seen.
-            if let Some(switches) = self.redis_retry.switches.as_mut() {
-                switches.mark_seen();
-            }
-            match self.systemd.alive_while(self.setup.redis.connect()).await {
-                Ok(nodes) => {
-                    info!(
-                        nodes = nodes.len(),
-                        redis = self.setup.redis.redacted(),
-                        "connected to redis"
-                    );
-                    let tracking = self.track(&nodes).await?;
-                    // A sweep starts afresh: cursors of the old connections mean nothing now.
-                    self.finder = Some(Finder::new(nodes, tracking, self.setup.refill_guard));
-                    self.health.set_redis(true);
-                    return Ok(true);
-                }
-                Err(error) if error.is_permanent() => return Err(error.into()),
-                Err(error) => {
-                    let delay = delays.next().unwrap_or(RECONNECT_MAX);
-                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis connection failed");
-                    tokio::select! {
-                        _ = self.systemd.alive_while(tokio::time::sleep(delay)) => {}
-                        // The probe saw Redis answer again: retry now, not after a backoff that
-                        // grew during a long outage.
-                        _ = self.health.redis_answers_again() => {}
-                        // The sentinels promoted a new master: ask for it now.
-                        _ = next_switch(self.redis_retry.switches.as_ref()) => {}
-                        // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
-                        _ = shutdown.cancelled() => return Ok(false),
-                    }
-                }
-            }
-        }
-    }
-
-    /// The index for `nodes` in index mode (attached: its parts seed in the background), `None`
-    /// in sweep mode. In `auto`, a server that refuses tracking means sweep mode for good, said
-    /// once; with `--mode index` it is an error.
-    async fn track(
-        &mut self,
-        nodes: &[crate::redis_nodes::Node],
-    ) -> Result<Option<Tracking>, RunError> {
-        if self.setup.mode == Mode::Sweep || self.index_dropped {
-            self.set_mode_gauge(false);
-            return Ok(None);
-        }
-        let prefixes = self.rules.borrow().tracking_prefixes();
-        let mut tracking = self.tracking.take().unwrap_or_else(|| {
-            Tracking::new(
-                prefixes,
-                self.setup.index_max_keys,
-                self.setup.redis_timeout,
-                self.wake.clone(),
-            )
-        });
-        // Connecting and turning tracking on may take a connect timeout per node: the watchdog
-        // must not see a stuck loop in it.
-        match self.systemd.alive_while(tracking.attach(nodes)).await {
-            Ok(()) => {
-                info!(
-                    keys = tracking.keys(),
-                    complete = tracking.is_complete(),
-                    "index mode: changes are swept until the index is seeded"
-                );
-                self.set_mode_gauge(true);
-                Ok(Some(tracking))
-            }
-            Err(error @ TrackingError::Refused { .. }) if self.setup.mode == Mode::Index => {
-                Err(RunError::IndexRefused(error))
-            }
-            Err(error @ TrackingError::Refused { .. }) => {
-                warn!(%error, "index mode unavailable: sweep mode (one SCAN pass per window of changes) from now on");
-                self.setup.mode = Mode::Sweep;
-                self.set_mode_gauge(false);
-                Ok(None)
-            }
-            // A connection that failed: sweep for now, track on the next connection.
-            Err(error) => {
-                warn!(%error, "index: tracking failed; sweeping until the next connection");
-                self.set_mode_gauge(false);
-                Ok(None)
-            }
-        }
-    }
-
-    fn set_mode_gauge(&self, index: bool) {
-        metrics::gauge!(names::MODE, "mode" => "index").set(if index { 1.0 } else { 0.0 });
-        metrics::gauge!(names::MODE, "mode" => "sweep").set(if index { 0.0 } else { 1.0 });
-        self.health.set_index(index.then_some(false));
-    }
-
-    /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
-    /// Returns the outbox rows and the changed rows they stand for.
-    fn start_window(&mut self, claim: Claim) -> (usize, u64) {
-        let rules = self.rules.borrow().clone();
+impl Job {
+    /// Renders claimed rows into a window's patterns; unusable rows are set aside as dead
+    /// letters.
+    fn render(claim: &Claim, rules: &RuleSet) -> Job {
         let mut job = Job {
             epoch: claim.epoch,
             done: Vec::with_capacity(claim.rows.len()),
@@ -677,16 +215,504 @@ impl Worker {
             }
         }
         job.patterns = patterns.specs;
-        let sizes = (claim.rows.len(), job.rows_by_table.values().sum());
+        job
+    }
+
+    /// The changed rows the window's outbox rows stand for.
+    fn changed_rows(&self) -> u64 {
+        self.rows_by_table.values().sum()
+    }
+}
+
+/// A window's distinct patterns, each once however many of its changes name it, labelled by the
+/// table of the first change that did.
+#[derive(Default)]
+struct WindowPatterns {
+    specs: Vec<PatternSpec>,
+    index_of: HashMap<Arc<str>, usize>,
+    labels: HashMap<String, Arc<str>>,
+}
+
+impl WindowPatterns {
+    /// Adds a change's patterns; returns their indexes in the window.
+    fn intern(&mut self, table: &str, patterns: BTreeSet<String>) -> Vec<usize> {
+        let label = match self.labels.get(table) {
+            Some(label) => label.clone(),
+            None => {
+                let label: Arc<str> = Arc::from(table);
+                self.labels.insert(table.to_owned(), label.clone());
+                label
+            }
+        };
+        let mut indexes = Vec::with_capacity(patterns.len());
+        for pattern in patterns {
+            let index = match self.index_of.get(pattern.as_str()) {
+                Some(&index) => index,
+                None => {
+                    let pattern: Arc<str> = Arc::from(pattern);
+                    let index = self.specs.len();
+                    self.index_of.insert(pattern.clone(), index);
+                    self.specs.push(PatternSpec {
+                        pattern,
+                        label: label.clone(),
+                    });
+                    index
+                }
+            };
+            indexes.push(index);
+        }
+        indexes
+    }
+}
+
+/// What a new [`Finder`] is made from each time Redis is connected.
+struct FinderSetup {
+    redis: RedisTarget,
+    /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking, and
+    /// any mode once the index passed its memory bound.
+    mode: Mode,
+    index_max_keys: usize,
+    redis_timeout: Duration,
+    refill_guard: Duration,
+}
+
+/// Pacing of Redis reconnects after failed steps.
+struct RedisRetry {
+    /// Delays between failed steps, reset by a step that worked: a Redis that fails every
+    /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
+    /// in a tight loop.
+    failures: ExponentialBackoff,
+    /// When the next connection attempt after a failed step may start.
+    at: Option<Instant>,
+    /// Behind Sentinel: a new master or a replica down announced since the worker connected.
+    switches: Option<Switches>,
+}
+
+/// Returns once the sentinels announced something not seen yet; never without Sentinel.
+async fn next_switch(switches: Option<&Switches>) {
+    match switches {
+        Some(switches) => switches.announcement().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Worker {
+    rules: watch::Receiver<Arc<RuleSet>>,
+    outbox: Outbox,
+    setup: FinderSetup,
+    /// Redis, while connected: a finder lasts one connection.
+    finder: Option<Finder>,
+    /// The index, in index mode: it outlives a connection (attached to the nodes of each, where a
+    /// node whose tracking connection survived keeps its part) and is lent to the finder.
+    tracking: Option<Tracking>,
+    jobs: HashMap<WindowId, Job>,
+    /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
+    finished: Vec<(Job, Vec<u64>)>,
+    health: Arc<Health>,
+    wake: Arc<Notify>,
+    /// Word from and to the LISTEN connection that Postgres is back.
+    back: Arc<PostgresBack>,
+    systemd: Systemd,
+    redis_retry: RedisRetry,
+}
+
+impl Worker {
+    async fn run(
+        &mut self,
+        mut claims: ClaimPacing,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunError> {
+        let mut stop = StopDeadline::default();
+        // Configuration loaded, loop running: a backlog or a server that is down is the loop's
+        // work, not a reason to keep systemd waiting.
+        self.systemd.ready();
+        loop {
+            // Whatever the servers do: the watchdog watches the loop, not them.
+            self.systemd.tick();
+            self.report_mode();
+            let now = TokioInstant::now();
+            if shutdown.is_cancelled() && stop.begin(now) {
+                self.begin_stop();
+            }
+            let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
+            if stop.reached(now, in_flight) {
+                return self.release_and_stop(in_flight).await;
+            }
+            if self.wake.notified().now_or_never().is_some() {
+                claims.wake();
+            }
+            if self.back.listener.notified().now_or_never().is_some() {
+                claims.retry_now();
+            }
+            claims.tick(now, self.recheck_due_at());
+            if self.finder.is_none() && !self.connect_redis(&shutdown).await? {
+                continue;
+            }
+            if self.left_a_replaced_master().await {
+                continue;
+            }
+            let room = self
+                .finder
+                .as_ref()
+                .is_some_and(|f| f.first_pass_patterns() < MAX_ACTIVE_PATTERNS);
+            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
+            let claim_now = claims.take(now, busy, room && !stop.is_stopping());
+            if let Some(finder) = self.finder.as_mut() {
+                finder.start_due_guards();
+            }
+            let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
+            if claim_now || busy || !self.finished.is_empty() {
+                let sweeping = !self.tracking.as_ref().is_some_and(Tracking::is_complete);
+                let claim = claim_now.then(|| claims.limit(sweeping));
+                match self.round(claim, busy, &shutdown, &stop).await {
+                    Some(outcome) => self.book_round(outcome, &mut claims).await?,
+                    // Abandoned half done (a step's matches may not have been unlinked), nothing
+                    // in flight may be acknowledged: the loop's top gives it all back and stops.
+                    None => stop.abandon(TokioInstant::now()),
+                }
+                continue;
+            }
+            if claims.wants_to_claim() && !stop.is_stopping() {
+                // Let the connections' tasks run before trying again.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            self.idle(&mut claims, &stop, &shutdown).await;
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        self.systemd.stopping();
+        if let Some(finder) = self.finder.as_mut() {
+            finder.clear_guards();
+        }
+        info!(
+            windows = self.jobs.len(),
+            "stopping: finishing the batch in flight"
+        );
+    }
+
+    /// Books what a round brought back: acknowledgements, Redis steps, the claim.
+    async fn book_round(
+        &mut self,
+        (acked, claim, steps): RoundOutcome,
+        claims: &mut ClaimPacing,
+    ) -> Result<(), RunError> {
+        for (job, keys_per_pattern, result) in acked {
+            self.acknowledged(job, &keys_per_pattern, result);
+        }
+        if let Some(error) = self.book_steps(steps) {
+            // Every epoch is rolled back, the claim just made included.
+            self.redis_failed(error).await;
+            claims.wake();
+            return Ok(());
+        }
+        match claim {
+            None => {}
+            Some(Ok(claim)) => {
+                if claims.claimed(TokioInstant::now(), claim.full) {
+                    info!("claiming from the outbox works again");
+                    self.back.claims.notify_one();
+                }
+                if !claim.rows.is_empty() {
+                    let (rows, changed) = self.start_window(claim);
+                    claims.sized(rows, changed);
+                }
+            }
+            Some(Err(error)) if error.is_permanent() => return Err(error.into()),
+            Some(Err(error)) => {
+                let delay = claims.failed(TokioInstant::now());
+                warn!(%error, retry_in_ms = delay.as_millis() as u64, "claiming from the outbox failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing to do now: waits for a notification, the LISTEN connection's return, the next
+    /// poll, a claim retry, a recheck or refill guard falling due, or the stop.
+    async fn idle(
+        &mut self,
+        claims: &mut ClaimPacing,
+        stop: &StopDeadline,
+        shutdown: &CancellationToken,
+    ) {
+        let guard_due = self
+            .finder
+            .as_ref()
+            .and_then(Finder::next_guard_due)
+            .map(TokioInstant::from_std);
+        let wake_at = claims.next_wake(self.recheck_due_at(), guard_due);
+        tokio::select! {
+            _ = self.wake.notified() => claims.wake(),
+            _ = self.back.listener.notified() => claims.retry_now(),
+            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = shutdown.cancelled(), if !stop.is_stopping() => {}
+            // Idle behind Sentinel: move to a new master before the next change needs it.
+            _ = next_switch(self.redis_retry.switches.as_ref()) => {}
+        }
+    }
+
+    /// The outbox's next recheck of late-committing rows, on tokio's clock.
+    fn recheck_due_at(&self) -> Option<TokioInstant> {
+        self.outbox.recheck_due_at().map(TokioInstant::from_std)
+    }
+
+    /// While connected, mode metrics and health follow the index: its memory bound, its
+    /// completeness.
+    fn report_mode(&mut self) {
+        if self.finder.is_none() {
+            return;
+        }
+        self.check_memory_bound();
+        if let Some(tracking) = self.tracking.as_ref() {
+            self.health.set_index(Some(tracking.is_complete()));
+        }
+    }
+
+    /// Past the memory bound the index is dropped for good, with one warning: sweeping needs no
+    /// memory per key, running out of memory would stop invalidation altogether.
+    fn check_memory_bound(&mut self) {
+        let Some(tracking) = self.tracking.as_mut() else {
+            return;
+        };
+        if tracking.over_limit() {
+            warn!(
+                keys = tracking.keys(),
+                "index: more keys than --index-max-keys; the index is dropped and changes are swept from now on"
+            );
+            tracking.drop_index();
+            self.tracking = None;
+            self.setup.mode = Mode::Sweep;
+            self.set_mode_gauge(false);
+        }
+    }
+
+    /// Gives every claim back and stops.
+    async fn release_and_stop(&mut self, in_flight: bool) -> Result<(), RunError> {
+        if in_flight {
+            warn!("stop deadline reached: giving unfinished changes back to the outbox");
+        }
+        if tokio::time::timeout(RELEASE_TIMEOUT, self.outbox.release_all())
+            .await
+            .is_err()
+        {
+            warn!("postgres did not answer the rollback: the claims end with the connections");
+        }
+        self.finder = None;
+        // The index's tracking tasks end with it.
+        self.tracking = None;
+        info!("stopped");
+        Ok(())
+    }
+
+    /// One round: the Postgres side (acknowledge finished windows, claim new changes) next to
+    /// Redis steps rather than between them: a round trip to a loaded Postgres takes
+    /// milliseconds, and Redis would sit idle for each of them, ~40 a second under sustained
+    /// load. `None` when the stop's grace ran out first.
+    async fn round(
+        &mut self,
+        claim: Option<i64>,
+        busy: bool,
+        shutdown: &CancellationToken,
+        stop: &StopDeadline,
+    ) -> Option<RoundOutcome> {
+        let acks = std::mem::take(&mut self.finished);
+        let outbox = &mut self.outbox;
+        let postgres = async move {
+            let mut acked = Vec::with_capacity(acks.len());
+            for (job, keys_per_pattern) in acks {
+                let result = outbox.ack(job.epoch, &job.done, &job.dead).await;
+                acked.push((job, keys_per_pattern, result));
+            }
+            let claim = match claim {
+                Some(limit) => Some(outbox.claim(limit).await),
+                None => None,
+            };
+            (acked, claim)
+        };
+        let mut finder = self.finder.as_mut().filter(|_| busy);
+        let index = self.tracking.as_ref();
+        // Redis steps go on for as long as the Postgres side takes (at least one step).
+        let work = async {
+            let mut postgres = std::pin::pin!(postgres);
+            let mut postgres_outcome = None;
+            let mut steps: Vec<StepResult> = Vec::new();
+            loop {
+                // Only while there is work in flight: a step with nothing to do returns at once,
+                // and looping on it would starve Postgres' own tasks.
+                let stepping = finder.as_deref().is_some_and(Finder::is_busy)
+                    && !steps.iter().any(Result::is_err);
+                if !stepping || !steps.is_empty() {
+                    if let Some(outcome) = postgres_outcome.take() {
+                        return (outcome, steps);
+                    }
+                }
+                tokio::select! {
+                    outcome = &mut postgres, if postgres_outcome.is_none() => {
+                        postgres_outcome = Some(outcome);
+                    }
+                    // Cancel-safe: a step only waits for a reply already on its way.
+                    stepped = step_of(&mut finder, index), if stepping => steps.push(stepped),
+                }
+            }
+        };
+        // A round trip may not outlast the grace period, even one that began before the stop was
+        // asked for.
+        tokio::select! {
+            ((acked, claim), steps) = work => Some((acked, claim, steps)),
+            _ = grace_over(shutdown, stop.deadline()) => None,
+        }
+    }
+
+    /// Books the steps of a round; the error of one that failed, if any.
+    fn book_steps(&mut self, steps: Vec<StepResult>) -> Option<StepError> {
+        let mut failure = None;
+        for stepped in steps {
+            match stepped {
+                Ok(report) => self.stepped(report),
+                Err(error) => failure = Some(error),
+            }
+        }
+        failure
+    }
+
+    /// Behind Sentinel, after the sentinels announced a new master or a replica down: gives the
+    /// claimed changes back and drops the connection (the old master may still answer, cut off
+    /// from the sentinels; the replicas to wait for may have changed), to connect again at once.
+    async fn left_a_replaced_master(&mut self) -> bool {
+        let Some(switched) = self.redis_retry.switches.as_ref().filter(|s| s.switched()) else {
+            return false;
+        };
+        let announced = switched.announced();
+        self.redis_failed(announced).await;
+        // The sentinels name the master to use now: no backoff before asking them.
+        self.redis_retry.at = None;
+        true
+    }
+
+    /// Connects to Redis, retrying with backoff. `Ok(false)` when shutdown interrupted it.
+    async fn connect_redis(&mut self, shutdown: &CancellationToken) -> Result<bool, RunError> {
+        if let Some(at) = self.redis_retry.at.take() {
+            let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
+            tokio::select! {
+                _ = self.systemd.alive_while(backoff) => {}
+                // The probe saw Redis answer again: no reason to wait out the backoff.
+                _ = self.health.redis_answers_again() => {}
+                _ = shutdown.cancelled() => return Ok(false),
+            }
+        }
+        let mut delays = reconnect_delays();
+        if self.redis_retry.switches.is_none() {
+            self.redis_retry.switches = self.setup.redis.switches();
+        }
+        loop {
+            // An announcement from here on is one this connection may not have seen.
+            if let Some(switches) = self.redis_retry.switches.as_mut() {
+                switches.mark_seen();
+            }
+            match self.systemd.alive_while(self.setup.redis.connect()).await {
+                Ok(nodes) => {
+                    info!(
+                        nodes = nodes.len(),
+                        redis = self.setup.redis.redacted(),
+                        "connected to redis"
+                    );
+                    self.track(&nodes).await?;
+                    // A finder starts afresh: a sweep's cursors on the old connections mean
+                    // nothing now.
+                    self.finder = Some(Finder::new(nodes, self.setup.refill_guard));
+                    self.health.set_redis(true);
+                    return Ok(true);
+                }
+                Err(error) if error.is_permanent() => return Err(error.into()),
+                Err(error) => {
+                    let delay = delays.next().unwrap_or(RECONNECT_MAX);
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis connection failed");
+                    tokio::select! {
+                        _ = self.systemd.alive_while(tokio::time::sleep(delay)) => {}
+                        // The probe saw Redis answer again: retry now, not after a backoff that
+                        // grew during a long outage.
+                        _ = self.health.redis_answers_again() => {}
+                        // The sentinels promoted a new master: ask for it now.
+                        _ = next_switch(self.redis_retry.switches.as_ref()) => {}
+                        // The loop's top gives any claims back, bounded by RELEASE_TIMEOUT.
+                        _ = shutdown.cancelled() => return Ok(false),
+                    }
+                }
+            }
+        }
+    }
+
+    /// In index mode, attaches the index to `nodes` (its parts seed in the background); in sweep
+    /// mode there is none. In `auto`, a server that refuses tracking means sweep mode for good,
+    /// said once; with `--mode index` it is an error.
+    async fn track(&mut self, nodes: &[crate::redis_nodes::Node]) -> Result<(), RunError> {
+        if self.setup.mode == Mode::Sweep {
+            self.set_mode_gauge(false);
+            return Ok(());
+        }
+        let prefixes = self.rules.borrow().tracking_prefixes();
+        let (max_keys, timeout) = (self.setup.index_max_keys, self.setup.redis_timeout);
+        let wake = self.wake.clone();
+        let tracking = self
+            .tracking
+            .get_or_insert_with(|| Tracking::new(prefixes, max_keys, timeout, wake));
+        // Connecting and turning tracking on may take a connect timeout per node: the watchdog
+        // must not see a stuck loop in it.
+        let attached = self.systemd.alive_while(tracking.attach(nodes)).await;
+        if attached.is_ok() {
+            info!(
+                keys = tracking.keys(),
+                complete = tracking.is_complete(),
+                "index mode: changes are swept until the index is seeded"
+            );
+            self.set_mode_gauge(true);
+            return Ok(());
+        }
+        self.tracking = None;
+        self.set_mode_gauge(false);
+        match attached {
+            Err(error @ TrackingError::Refused { .. }) if self.setup.mode == Mode::Index => {
+                Err(RunError::IndexRefused(error))
+            }
+            Err(error @ TrackingError::Refused { .. }) => {
+                warn!(%error, "index mode unavailable: sweep mode (one SCAN pass per window of changes) from now on");
+                self.setup.mode = Mode::Sweep;
+                Ok(())
+            }
+            // A connection that failed: sweep for now, track on the next connection.
+            Err(error) => {
+                warn!(%error, "index: tracking failed; sweeping until the next connection");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    fn set_mode_gauge(&self, index: bool) {
+        metrics::gauge!(names::MODE, "mode" => "index").set(if index { 1.0 } else { 0.0 });
+        metrics::gauge!(names::MODE, "mode" => "sweep").set(if index { 0.0 } else { 1.0 });
+        self.health.set_index(index.then_some(false));
+    }
+
+    /// Renders claimed rows into a window and hands it to the finder. Returns the outbox rows and
+    /// the changed rows they stand for.
+    fn start_window(&mut self, claim: Claim) -> (usize, u64) {
+        let rules = self.rules.borrow().clone();
+        let job = Job::render(&claim, &rules);
+        let sizes = (claim.rows.len(), job.changed_rows());
+        // Before the finder chooses: past its memory bound the index answers no window.
+        self.check_memory_bound();
+        let index = self.tracking.as_ref();
         let window = self
             .finder
             .as_mut()
-            .and_then(|finder| finder.add_window(job.patterns.clone()));
+            .and_then(|finder| finder.add_window(job.patterns.clone(), index));
         match window {
             Some(id) => {
                 self.jobs.insert(id, job);
             }
-            // Nothing to sweep for (only dead rows): acknowledge next.
+            // Nothing to clear (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
         }
         sizes
@@ -715,18 +741,18 @@ impl Worker {
         }
     }
 
-    /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
-    async fn sweep_failed(&mut self, error: impl std::fmt::Display) {
+    /// A step failed (in either mode), or the sentinels switched the master: every claimed row
+    /// goes back to the outbox and Redis is connected again later (the index stays).
+    async fn redis_failed(&mut self, error: impl std::fmt::Display) {
         let delay = self.redis_retry.failures.next().unwrap_or(RECONNECT_MAX);
         self.redis_retry.at = Some(Instant::now() + delay);
-        warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
+        warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed: giving the claimed changes back to the outbox");
         metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
         self.health.set_redis(false);
-        self.index_dropped |= self.finder.as_ref().is_some_and(Finder::index_dropped);
         self.outbox.release_all().await;
         self.jobs.clear();
         self.finished.clear();
-        self.tracking = self.finder.take().and_then(Finder::into_tracking);
+        self.finder = None;
     }
 
     /// Books a finished window once Postgres answered its acknowledgement.
@@ -791,17 +817,20 @@ impl Worker {
     }
 }
 
-/// One step of the sweep, or never when there is none to step (for `select!`).
-async fn step_of(finder: &mut Option<&mut Finder>) -> Result<StepReport, SweepError> {
+/// One step of the finder, or never when there is none to step (for `select!`).
+async fn step_of(
+    finder: &mut Option<&mut Finder>,
+    index: Option<&Tracking>,
+) -> Result<StepReport, StepError> {
     match finder {
-        Some(finder) => finder.step().await,
+        Some(finder) => finder.step(index).await,
         None => std::future::pending().await,
     }
 }
 
 /// A finished window with the keys its patterns matched, and Postgres' answer to its ack.
 type AckedJob = (Job, Vec<u64>, Result<Acked, OutboxError>);
-type StepResult = Result<StepReport, SweepError>;
+type StepResult = Result<StepReport, StepError>;
 /// What a round brought back: acknowledged windows, the claim if one was made, the Redis steps.
 type RoundOutcome = (
     Vec<AckedJob>,
