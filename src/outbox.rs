@@ -57,8 +57,8 @@ pub const CLAIM_LIMIT: i64 = 200;
 /// an outage, a stop, a large transaction). A pass serves every window that joined it, so the
 /// claims' round trips are what a drain waits for once the pass has room for the backlog's
 /// patterns ([`crate::worker::MAX_ACTIVE_PATTERNS`]): 200,000 single-row changes at 1M keys
-/// drained at 16,700/s with claims of 200 rows and 23,000/s with claims of 5,000, at 2.2 and
-/// 1.6 s of the daemon's CPU per 100,000 changes. The changed rows a claim brings are bounded as
+/// drained at 16,700/s with claims of 200 rows and 23,000–32,500/s with claims of 5,000, at 2.2
+/// and 1.6 s of the daemon's CPU per 100,000 changes (one machine, runs minutes apart). The changed rows a claim brings are bounded as
 /// well, by [`BACKLOG_CLAIM_CHANGED_ROWS`]. Index mode keeps [`CLAIM_LIMIT`] (see the worker's
 /// pacing).
 pub const BACKLOG_CLAIM_LIMIT: i64 = 5_000;
