@@ -40,7 +40,7 @@ use std::time::Instant;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::glob::Glob;
+use crate::glob::{Glob, Layout};
 use crate::matcher::{Matcher, PatternId};
 use crate::telemetry::names;
 use crate::window::PatternSpec;
@@ -428,15 +428,11 @@ pub fn lookup(nodes: &[Arc<Mutex<NodeIndex>>], patterns: &[PatternSpec]) -> Opti
 /// `Some((literal, true))` for a literal prefix followed by `*`, `Some((key, false))` for a pattern
 /// without wildcards, `None` for any other glob.
 fn prefix_or_exact(glob: &Glob) -> Option<(Vec<u8>, bool)> {
-    let literal = glob.literal_prefix();
-    let escaped = crate::glob::escape(std::str::from_utf8(&literal).ok()?);
-    if *glob == Glob::parse(&escaped) {
-        return Some((literal, false));
+    match glob.layout() {
+        Layout::Exact(literal) => Some((literal, false)),
+        Layout::Prefix(literal) => Some((literal, true)),
+        Layout::StarThenLiteral { .. } | Layout::Other => None,
     }
-    if *glob == Glob::parse(&format!("{escaped}*")) {
-        return Some((literal, true));
-    }
-    None
 }
 
 /// The keys of `keys` that start with `prefix`, in order.

@@ -374,6 +374,10 @@ pub fn changed_rows(rows: Option<&Value>) -> u64 {
     let Ok(rows) = Rows::parse(rows) else {
         return 1;
     };
+    // No two tuples to tell apart (a single-row statement's change): no set to build.
+    if rows.len() < 2 {
+        return rows.len() as u64;
+    }
     // JSON text as the key: `Value` has no `Hash`, and 7 and "7" are different ids anyway.
     let mut identities: HashSet<String> = HashSet::with_capacity(rows.len());
     let mut without_identity = 0;
@@ -603,6 +607,16 @@ impl RuleSet {
 
     /// Turns one outbox change into the patterns it clears. Duplicates are kept once.
     pub fn expand(&self, change: &Change<'_>) -> Result<Expansion, RenderError> {
+        self.expand_with(change, true)
+    }
+
+    /// [`RuleSet::expand`] without the ids and owners, which only the per-change debug line
+    /// prints: a string each, on the hot path of a backlog's drain.
+    pub fn patterns(&self, change: &Change<'_>) -> Result<Expansion, RenderError> {
+        self.expand_with(change, false)
+    }
+
+    fn expand_with(&self, change: &Change<'_>, notes: bool) -> Result<Expansion, RenderError> {
         let templates = self
             .templates_for(change.table)
             .ok_or_else(|| RenderError::UnknownTable(change.table.to_owned()))?;
@@ -626,6 +640,9 @@ impl RuleSet {
                 if let Some(pattern) = template.render(&self.key_prefix, &row, index)? {
                     expansion.patterns.insert(pattern);
                 }
+            }
+            if !notes {
+                continue;
             }
             for (column, value) in row.values() {
                 let text = match value {

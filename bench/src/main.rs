@@ -12,6 +12,10 @@
 //! triggers' cost on the app's writes and a sustained load from a separate process against the
 //! daemon running as its own process. Prints one table; progress goes to stderr.
 //!
+//! `--only drain` commits a backlog of 200,000 single-row changes in one transaction at the
+//! largest size and times the daemon (its own process, each mode) draining it, with its CPU.
+//! `--repeat N` runs index mode's sustained load N times in a row.
+//!
 //! `--only users` measures something else on a keyspace of its own: 6,000 `invalidate_user` calls
 //! in one statement on 200,000 report keys, and how long they hold an unrelated change back.
 //! The sweep rows ([`sweep_mode`]) run the daemon with `--mode sweep`; the index-mode rows
@@ -24,6 +28,7 @@
 //! are left out there: they measure Postgres alone, and the single-server run has them.
 
 mod daemon;
+mod drain;
 mod index_mode;
 mod layout;
 mod measure;
@@ -78,6 +83,10 @@ struct Cli {
     /// Run only these measures (repeat or comma-separate); the reference pass always runs
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Measures>,
+    /// Runs index mode's sustained load this many times in a row, a line each (its target asks
+    /// for 3 consecutive runs)
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
 }
 
 /// Groups of measures `--only` can pick.
@@ -95,8 +104,13 @@ enum Measures {
     /// (200,000 report keys, whatever --keys says)
     Users,
     /// Index mode: index complete after start, idle change, burst, the app's GET latency,
-    /// sustained load (first size) and memory per indexed key (largest size)
+    /// sustained load (first size; --repeat runs it several times) and memory per indexed key
+    /// (largest size)
     Index,
+    /// Both modes: a backlog of 200,000 single-row changes committed in one transaction, drained
+    /// by the daemon as its own process: changes/s and its CPU per 100,000 changes (largest size,
+    /// after the other groups: it removes most report keys)
+    Drain,
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +198,7 @@ fn sizes(cli: &Cli) -> Vec<SizeOptions> {
             cluster: cli.cluster,
             only: cli.only.clone(),
             first: index == 0,
+            repeat: cli.repeat,
         })
         .collect()
 }
@@ -199,6 +214,8 @@ pub struct SizeOptions {
     only: Vec<Measures>,
     /// The run's first size (index mode's sustained load runs there).
     first: bool,
+    /// Runs of index mode's sustained load.
+    repeat: u32,
 }
 
 impl SizeOptions {
@@ -322,6 +339,9 @@ async fn measure_groups(
     }
     if let Some(cost) = triggers {
         lines.extend(sweep_mode::trigger_lines(size, &cost));
+    }
+    if options.largest && options.runs(Measures::Drain) {
+        lines.extend(drain::lines(size).await);
     }
     if options.largest && options.runs(Measures::Sustained) {
         lines.extend(sweep_mode::sustained(size).await);

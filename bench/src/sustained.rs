@@ -211,7 +211,7 @@ pub fn worker_binary() -> PathBuf {
 }
 
 /// CPU time a process has used so far (user + system), from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Option<Duration> {
+pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name in field 2 may hold spaces; the fields after its `)` are plain.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

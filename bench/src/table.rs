@@ -69,6 +69,20 @@ impl Judged {
         }
     }
 
+    /// Two targets on one line: met when both are.
+    pub fn both(first: Judged, second: Judged) -> Judged {
+        let verdict = match (first.verdict.as_str(), second.verdict.as_str()) {
+            ("met", "met") => "met".to_owned(),
+            ("met", _) => second.verdict,
+            (_, "met") => first.verdict,
+            (_, _) => format!("{}; {}", first.verdict, second.verdict),
+        };
+        Judged {
+            target: format!("{}; {}", first.target, second.target),
+            verdict,
+        }
+    }
+
     fn checked(target: String, met: bool, by: String) -> Judged {
         Judged {
             target,
@@ -221,6 +235,46 @@ impl Sustained {
     }
 }
 
+/// Draining a backlog: at least `changes_per_second`, with at most `cpu_per_100k` seconds of the
+/// daemon's CPU per 100,000 changes.
+pub struct Drain {
+    pub changes_per_second: f64,
+    pub cpu_per_100k: f64,
+}
+
+impl Drain {
+    /// `cpu_per_100k`: `None` when the daemon's CPU time could not be read, which misses.
+    pub fn judge(&self, changes_per_second: f64, cpu_per_100k: Option<f64>) -> Judged {
+        let cpu = cpu_per_100k.unwrap_or(f64::INFINITY);
+        Judged::checked(
+            format!(
+                "≥ {}/s and ≤ {} CPU s per 100,000",
+                thousands(self.changes_per_second as u64),
+                self.cpu_per_100k
+            ),
+            changes_per_second >= self.changes_per_second && cpu <= self.cpu_per_100k,
+            format!("{}/s, {cpu:.2} CPU s", thousands(changes_per_second as u64)),
+        )
+    }
+}
+
+/// The daemon's share of one core under a sustained load: at most `share`.
+pub struct CpuShare {
+    pub share: f64,
+}
+
+impl CpuShare {
+    /// `share`: `None` when the daemon's CPU time could not be read, which misses.
+    pub fn judge(&self, share: Option<f64>) -> Judged {
+        let share = share.unwrap_or(f64::INFINITY);
+        Judged::checked(
+            format!("daemon ≤ {:.0} % of a core", self.share * 100.0),
+            share <= self.share,
+            format!("{:.0} %", share * 100.0),
+        )
+    }
+}
+
 /// At most `bytes` per indexed key, where at least `at_keys` keys are indexed.
 pub struct BytesPerKey {
     pub bytes: f64,
@@ -281,6 +335,11 @@ pub const GET_P99: Times = Times {
     limit: 2.0,
     of: " idle",
 };
+/// Index mode's, tighter (issue 26): it sends Redis no `SCAN`, only the `UNLINK`s of the keys.
+pub const INDEX_GET_P99: Times = Times {
+    limit: 1.5,
+    of: " idle",
+};
 /// The triggers' cost on the app's writes, with against without them.
 pub const TRIGGER_SINGLE: Times = Times::plain(1.25);
 pub const TRIGGER_BULK: Times = Times::plain(1.5);
@@ -303,9 +362,20 @@ pub const INDEX_SUSTAINED: Sustained = Sustained {
     rows_per_second: 10_000.0,
     age_p99: 0.5,
 };
+/// The daemon's CPU under that load (issue 26): on two cores its share decides whether it keeps
+/// up with the load beside Postgres and Redis.
+pub const INDEX_SUSTAINED_CPU: CpuShare = CpuShare { share: 0.25 };
 pub const INDEX_MEMORY: BytesPerKey = BytesPerKey {
     bytes: 100.0,
     at_keys: 4_000_000,
+};
+
+// Both modes, `--only drain` (issue 26):
+
+/// A backlog of single-row changes committed at once, commit → outbox empty, and the daemon's CPU.
+pub const DRAIN: Drain = Drain {
+    changes_per_second: 60_000.0,
+    cpu_per_100k: 1.5,
 };
 
 // Bulk user invalidation (`--only users`):
@@ -360,5 +430,35 @@ mod tests {
         let drained = USERS_DRAINED.judge(Duration::from_secs(3), Duration::from_millis(100));
         assert_eq!(drained.target, "≤ 10 × pass + 2 s = 3.00 s");
         assert_eq!(drained.verdict, "met");
+    }
+
+    #[test]
+    fn the_drain_needs_both_its_rate_and_its_cpu() {
+        assert_eq!(
+            DRAIN.judge(60_000.0, Some(1.5)).target,
+            "≥ 60,000/s and ≤ 1.5 CPU s per 100,000"
+        );
+        assert_eq!(DRAIN.judge(60_000.0, Some(1.5)).verdict, "met");
+        let slow = DRAIN.judge(31_000.0, Some(1.0)).verdict;
+        assert_eq!(slow, "MISSED (31,000/s, 1.00 CPU s)");
+        assert!(DRAIN
+            .judge(90_000.0, Some(1.86))
+            .verdict
+            .starts_with("MISSED"));
+        assert!(DRAIN.judge(90_000.0, None).verdict.starts_with("MISSED"));
+        assert_eq!(INDEX_SUSTAINED_CPU.judge(Some(0.2)).verdict, "met");
+        assert_eq!(
+            INDEX_SUSTAINED_CPU.judge(Some(0.54)).verdict,
+            "MISSED (54 %)"
+        );
+        let both = Judged::both(
+            INDEX_SUSTAINED.judge(11_000.0, 0.3),
+            INDEX_SUSTAINED_CPU.judge(Some(0.54)),
+        );
+        assert_eq!(both.verdict, "MISSED (54 %)");
+        assert_eq!(
+            both.target,
+            "p99 < 0.5 s at ≥ 10,000/s; daemon ≤ 25 % of a core"
+        );
     }
 }

@@ -32,7 +32,7 @@ use self::source::{Listener, PostgresBack};
 use crate::backoff::{reconnect_delays, RECONNECT_MAX};
 use crate::finder::Finder;
 use crate::index::tracking::{Tracking, TrackingError};
-use crate::outbox::{Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
+use crate::outbox::{Acked, Claim, Outbox, OutboxError};
 use crate::postgres::ConnectError;
 use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
@@ -42,10 +42,15 @@ use crate::telemetry::{names, Health, Systemd};
 use crate::window::{PatternSpec, StepError, StepReport, WindowId};
 
 /// First-pass patterns being cleared at once. Claims pause above it, so memory does not grow with
-/// the backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
-/// refill guard's patterns are not counted: they come from windows already finished, at most one
-/// guard delay and one pass earlier, so the claim rate bounds them too.
-pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
+/// the backlog (a few hundred bytes a pattern with its matcher entry and window lists). The refill
+/// guard's patterns are not counted: they come from windows already finished, at most one guard
+/// delay and one pass earlier, so the claim rate bounds them too.
+///
+/// A sweep drains a backlog at about this many patterns per pass: at 30,000, a backlog of 200,000
+/// single-row changes (two to three new patterns each) drained at 10,000–18,000 changes/s at 1M
+/// keys. A sustained load never comes near it (5,000 row changes/s bring a few thousand patterns
+/// per pass), so only a backlog's drain uses the room, and its memory.
+pub const MAX_ACTIVE_PATTERNS: usize = 100_000;
 /// At stop, giving the claimed rows back (a `ROLLBACK` per epoch) may wait this long; a server that
 /// does not answer rolls them back anyway when the connection closes as the process exits.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -156,53 +161,26 @@ impl Job {
             done: Vec::with_capacity(claim.rows.len()),
             dead: Vec::new(),
             rows_by_table: HashMap::new(),
-            changes: Vec::with_capacity(claim.rows.len()),
+            changes: Vec::new(),
             patterns: Vec::new(),
             started: Instant::now(),
         };
-        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
+        let mut patterns = WindowPatterns::default();
+        // The per-change lines are debug output: five strings a change, built only when they are
+        // printed (a backlog of 200,000 changes spent a visible share of its CPU on them).
+        let notes = tracing::enabled!(tracing::Level::DEBUG);
         for row in &claim.rows {
             let change = Change {
                 table: &row.table_name,
                 operation: &row.op,
                 rows: row.rows.as_ref(),
             };
-            match rules.expand(&change) {
-                Ok(expansion) => {
-                    let label = labels
-                        .entry(row.table_name.clone())
-                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
-                        .clone();
-                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
-                    for pattern in expansion.patterns {
-                        let index = match pattern_index.get(pattern.as_str()) {
-                            Some(&index) => index,
-                            None => {
-                                let pattern: Arc<str> = Arc::from(pattern);
-                                let index = job.patterns.len();
-                                pattern_index.insert(pattern.clone(), index);
-                                job.patterns.push(PatternSpec {
-                                    pattern,
-                                    label: label.clone(),
-                                });
-                                index
-                            }
-                        };
-                        indexes.push(index);
-                    }
-                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
-                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
-                    job.done.push(row.id);
-                    job.changes.push(ChangeNote {
-                        outbox_id: row.id,
-                        table: row.table_name.clone(),
-                        op: row.op.clone(),
-                        ids: join(&expansion.ids),
-                        users: join(&expansion.owners),
-                        patterns: indexes,
-                    });
-                }
+            let expanded = match notes {
+                true => rules.expand(&change),
+                false => rules.patterns(&change),
+            };
+            let expansion = match expanded {
+                Ok(expansion) => expansion,
                 Err(error) => {
                     warn!(
                         outbox_id = row.id,
@@ -212,10 +190,78 @@ impl Job {
                         "unusable outbox row: moved to dead letters"
                     );
                     job.dead.push((row.id, error.to_string()));
+                    continue;
+                }
+            };
+            let indexes = patterns.intern(&row.table_name, expansion.patterns);
+            let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
+            match job.rows_by_table.get_mut(&row.table_name) {
+                Some(count) => *count += changed_rows,
+                None => {
+                    job.rows_by_table
+                        .insert(row.table_name.clone(), changed_rows);
                 }
             }
+            job.done.push(row.id);
+            if notes {
+                job.changes.push(ChangeNote {
+                    outbox_id: row.id,
+                    table: row.table_name.clone(),
+                    op: row.op.clone(),
+                    ids: join(&expansion.ids),
+                    users: join(&expansion.owners),
+                    patterns: indexes,
+                });
+            }
         }
+        job.patterns = patterns.specs;
         job
+    }
+
+    /// The changed rows the window's outbox rows stand for.
+    fn changed_rows(&self) -> u64 {
+        self.rows_by_table.values().sum()
+    }
+}
+
+/// A window's distinct patterns, each once however many of its changes name it, labelled by the
+/// table of the first change that did.
+#[derive(Default)]
+struct WindowPatterns {
+    specs: Vec<PatternSpec>,
+    index_of: HashMap<Arc<str>, usize>,
+    labels: HashMap<String, Arc<str>>,
+}
+
+impl WindowPatterns {
+    /// Adds a change's patterns; returns their indexes in the window.
+    fn intern(&mut self, table: &str, patterns: BTreeSet<String>) -> Vec<usize> {
+        let label = match self.labels.get(table) {
+            Some(label) => label.clone(),
+            None => {
+                let label: Arc<str> = Arc::from(table);
+                self.labels.insert(table.to_owned(), label.clone());
+                label
+            }
+        };
+        let mut indexes = Vec::with_capacity(patterns.len());
+        for pattern in patterns {
+            let index = match self.index_of.get(pattern.as_str()) {
+                Some(&index) => index,
+                None => {
+                    let pattern: Arc<str> = Arc::from(pattern);
+                    let index = self.specs.len();
+                    self.index_of.insert(pattern.clone(), index);
+                    self.specs.push(PatternSpec {
+                        pattern,
+                        label: label.clone(),
+                    });
+                    index
+                }
+            };
+            indexes.push(index);
+        }
+        indexes
     }
 }
 
@@ -316,7 +362,9 @@ impl Worker {
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
             if claim_now || busy || !self.finished.is_empty() {
-                match self.round(claim_now, busy, &shutdown, &stop).await {
+                let sweeping = !self.tracking.as_ref().is_some_and(Tracking::is_complete);
+                let claim = claim_now.then(|| claims.limit(sweeping));
+                match self.round(claim, busy, &shutdown, &stop).await {
                     Some(outcome) => self.book_round(outcome, &mut claims).await?,
                     // Abandoned half done (a step's matches may not have been unlinked), nothing
                     // in flight may be acknowledged: the loop's top gives it all back and stops.
@@ -367,7 +415,8 @@ impl Worker {
                     self.back.claims.notify_one();
                 }
                 if !claim.rows.is_empty() {
-                    self.start_window(claim);
+                    let (rows, changed) = self.start_window(claim);
+                    claims.sized(rows, changed);
                 }
             }
             Some(Err(error)) if error.is_permanent() => return Err(error.into()),
@@ -462,7 +511,7 @@ impl Worker {
     /// load. `None` when the stop's grace ran out first.
     async fn round(
         &mut self,
-        claim_now: bool,
+        claim: Option<i64>,
         busy: bool,
         shutdown: &CancellationToken,
         stop: &StopDeadline,
@@ -475,9 +524,9 @@ impl Worker {
                 let result = outbox.ack(job.epoch, &job.done, &job.dead).await;
                 acked.push((job, keys_per_pattern, result));
             }
-            let claim = match claim_now {
-                true => Some(outbox.claim(CLAIM_LIMIT).await),
-                false => None,
+            let claim = match claim {
+                Some(limit) => Some(outbox.claim(limit).await),
+                None => None,
             };
             (acked, claim)
         };
@@ -646,10 +695,12 @@ impl Worker {
         self.health.set_index(index.then_some(false));
     }
 
-    /// Renders claimed rows into a window and hands it to the finder.
-    fn start_window(&mut self, claim: Claim) {
+    /// Renders claimed rows into a window and hands it to the finder. Returns the outbox rows and
+    /// the changed rows they stand for.
+    fn start_window(&mut self, claim: Claim) -> (usize, u64) {
         let rules = self.rules.borrow().clone();
         let job = Job::render(&claim, &rules);
+        let sizes = (claim.rows.len(), job.changed_rows());
         // Before the finder chooses: past its memory bound the index answers no window.
         self.check_memory_bound();
         let index = self.tracking.as_ref();
@@ -664,6 +715,7 @@ impl Worker {
             // Nothing to clear (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
         }
+        sizes
     }
 
     /// Books a step that worked: its finished windows wait for their acknowledgement.

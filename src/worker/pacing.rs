@@ -12,6 +12,7 @@ use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::backoff;
+use crate::outbox::{BACKLOG_CLAIM_CHANGED_ROWS, BACKLOG_CLAIM_LIMIT, CLAIM_LIMIT};
 
 /// Graceful stop: the batch in flight gets this long to finish before its rows are given back.
 pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -46,6 +47,10 @@ pub(super) struct ClaimPacing {
     last_claim: TokioInstant,
     /// The last claim was not full: the next waits for the interval while the finder is busy.
     spaced: bool,
+    /// The last claim was full: a backlog waits, claimed in larger windows.
+    backlog: bool,
+    /// Changed rows per outbox row in the last claim, which sizes a backlog's next claim.
+    changed_per_row: f64,
     retry_at: Option<TokioInstant>,
     delays: ExponentialBackoff,
 }
@@ -59,6 +64,8 @@ impl ClaimPacing {
             last_poll: now,
             last_claim: now,
             spaced: false,
+            backlog: false,
+            changed_per_row: 1.0,
             retry_at: None,
             delays: postgres_delays(),
         }
@@ -103,9 +110,33 @@ impl ClaimPacing {
         self.last_claim = now;
         // A full claim means a backlog: catch up without waiting.
         self.spaced = !full;
+        self.backlog = full;
         self.dirty |= full;
         self.delays = postgres_delays();
         self.retry_at.take().is_some()
+    }
+
+    /// Rows the next claim takes. Sweeping a backlog (`sweeping`: no complete index answers the
+    /// windows) after a full claim: as many as bring about [`BACKLOG_CLAIM_CHANGED_ROWS`] changed
+    /// rows at the last claim's rows per outbox row, within [`CLAIM_LIMIT`]..=
+    /// [`BACKLOG_CLAIM_LIMIT`]: a pass serves every window that joined it, so larger windows
+    /// drain faster. Otherwise [`CLAIM_LIMIT`]: a change arriving on a quiet outbox is its own
+    /// small window, and the index answers small windows at least as cheaply (a drain of 200,000
+    /// single-row changes at 1M keys measured 23,000/s and 2.5 CPU s per 100,000 with windows of
+    /// 200, 13,400/s and 4.7 CPU s with windows of 5,000).
+    pub(super) fn limit(&self, sweeping: bool) -> i64 {
+        if !self.backlog || !sweeping {
+            return CLAIM_LIMIT;
+        }
+        let rows = BACKLOG_CLAIM_CHANGED_ROWS as f64 / self.changed_per_row.max(1.0);
+        (rows as i64).clamp(CLAIM_LIMIT, BACKLOG_CLAIM_LIMIT)
+    }
+
+    /// A claim's size: `rows` outbox rows standing for `changed` changed rows.
+    pub(super) fn sized(&mut self, rows: usize, changed: u64) {
+        if rows > 0 {
+            self.changed_per_row = changed as f64 / rows as f64;
+        }
     }
 
     /// Another connection reached Postgres again: a claim waiting out its delay goes now.
@@ -239,6 +270,33 @@ mod tests {
         // A full claim: a backlog waits, catch up at once.
         claims.claimed(TokioInstant::now(), true);
         assert!(claims.take(TokioInstant::now(), true, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_claimed_in_larger_windows_until_a_claim_comes_back_short() {
+        let mut claims = ClaimPacing::new(POLL);
+        let now = TokioInstant::now();
+        assert_eq!(
+            claims.limit(true),
+            CLAIM_LIMIT,
+            "a quiet outbox: small windows"
+        );
+        claims.claimed(now, true);
+        assert_eq!(claims.limit(true), BACKLOG_CLAIM_LIMIT);
+        assert_eq!(
+            claims.limit(false),
+            CLAIM_LIMIT,
+            "the index takes small windows"
+        );
+        claims.claimed(now, true);
+        assert_eq!(claims.limit(true), BACKLOG_CLAIM_LIMIT, "still a backlog");
+        // Statements of many rows each: a claim brings no more changed rows than 200 full rows.
+        claims.sized(2_000, 2_000 * 64);
+        assert_eq!(claims.limit(true), CLAIM_LIMIT);
+        claims.sized(100, 800);
+        assert_eq!(claims.limit(true), 1_600);
+        claims.claimed(now, false);
+        assert_eq!(claims.limit(true), CLAIM_LIMIT, "caught up");
     }
 
     #[tokio::test(start_paused = true)]
