@@ -699,7 +699,7 @@ impl Link {
         if next != 0 {
             return Ok(Some(next));
         }
-        part.seed_finished();
+        part.seed_finished(&self.shared.total_keys);
         Ok(None)
     }
 }
