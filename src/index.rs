@@ -25,8 +25,9 @@
 //! - While a node's part is being seeded, or its tracking connection is lost, the index is not
 //!   complete and changes are swept instead ([`crate::finder`]).
 //!
-//! Key names are packed into small sorted byte blocks ([`store`]): about a dozen bytes per key on
-//! top of its name. Memory is bounded by `--index-max-keys`: past it the index is dropped for good
+//! Key names are packed into small sorted byte blocks, each key stored as what it does not share
+//! with the key before it ([`store`]); a seed's keys are sorted apart and built into the blocks
+//! in one pass when its `SCAN` is done ([`seed`]). Memory is bounded by `--index-max-keys`: past it the index is dropped for good
 //! (until the daemon restarts) and the worker sweeps.
 
 use std::collections::VecDeque;

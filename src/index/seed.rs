@@ -28,8 +28,12 @@ const RUN_KEYS: usize = 16_384;
 pub struct SeedKeys {
     /// Keys not sorted yet, back to back.
     staging: Vec<u8>,
-    /// Each staged key's bytes in `staging`.
-    staged: Vec<Range<u32>>,
+    /// Each staged key's [`window`] (once sorting) and bytes in `staging`.
+    staged: Vec<(u64, Range<u32>)>,
+    /// The first key given, and how much of it every key given shares: the keys' order is
+    /// decided past it.
+    first: Vec<u8>,
+    common: usize,
     /// Sorted runs, front-coded, back to back.
     arena: Vec<u8>,
     runs: Vec<Range<usize>>,
@@ -46,9 +50,12 @@ impl SeedKeys {
     }
 
     pub fn push(&mut self, key: &[u8]) {
+        self.share(key);
         let start = self.staging.len();
         self.staging.extend_from_slice(key);
-        self.staged.push(start as u32..self.staging.len() as u32);
+        // Its window is set when the run is sorted, past what every key shares by then.
+        self.staged
+            .push((0, start as u32..self.staging.len() as u32));
         self.given += 1;
         // The staging offsets are 32-bit: a run is cut well before.
         if self.staged.len() >= RUN_KEYS || self.staging.len() > u32::MAX as usize / 2 {
@@ -61,13 +68,35 @@ impl SeedKeys {
         self.removed.insert(key.into());
     }
 
+    /// Narrows the prefix every key shares to what `key` shares of it.
+    fn share(&mut self, key: &[u8]) {
+        if self.given == 0 && self.first.is_empty() {
+            self.first = key.to_vec();
+            self.common = key.len();
+            return;
+        }
+        let common = self.common.min(key.len());
+        self.common = match self.first[..common] == key[..common] {
+            true => common,
+            false => shared_prefix(&self.first, key, common),
+        };
+    }
+
     fn sort_staged(&mut self) {
         let staging = &self.staging;
         let key = |range: &Range<u32>| &staging[range.start as usize..range.end as usize];
-        self.staged.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+        // Every staged key shares `common` bytes: windows past it order them as their bytes do,
+        // with a byte comparison only where two windows are equal.
+        for (window_of, range) in &mut self.staged {
+            *window_of = window(key(range), self.common);
+        }
+        self.staged
+            .sort_unstable_by(|(a_window, a), (b_window, b)| {
+                a_window.cmp(b_window).then_with(|| key(a).cmp(key(b)))
+            });
         let start = self.arena.len();
         let mut previous: &[u8] = &[];
-        for (index, range) in self.staged.iter().enumerate() {
+        for (index, (_, range)) in self.staged.iter().enumerate() {
             let key = key(range);
             if index > 0 && key == previous {
                 continue;
@@ -93,7 +122,9 @@ impl SeedKeys {
         let mut previous = Vec::new();
         let removed = &mut self.removed;
         let arena = &mut self.arena;
+        let (first, common) = (&self.first, &mut self.common);
         announced.walk_from(b"", |key| {
+            *common = shared_prefix(first, key, *common);
             // Announced again after its check: the store has it.
             removed.remove(key);
             encode_entry(arena, &previous, key);
@@ -105,7 +136,7 @@ impl SeedKeys {
             self.runs.push(start..self.arena.len());
         }
         let mut builder = Builder::default();
-        merge(&self.arena, &self.runs, |key| {
+        merge(&self.arena, &self.runs, self.common, |key| {
             if self.removed.is_empty() || !self.removed.contains(key) {
                 builder.push(key);
             }
@@ -114,24 +145,48 @@ impl SeedKeys {
     }
 }
 
+/// How much of `key` and `first` is the same, up to `limit` bytes.
+fn shared_prefix(first: &[u8], key: &[u8], limit: usize) -> usize {
+    first
+        .iter()
+        .zip(key)
+        .take(limit)
+        .take_while(|(a, b)| a == b)
+        .count()
+}
+
+/// The 8 bytes of `key` after the `common` bytes every key shares, as a number that orders as
+/// they do (missing bytes as zeros: a shorter key's window is not greater, and equal windows
+/// are compared byte by byte).
+fn window(key: &[u8], common: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    let rest = key.get(common..).unwrap_or_default();
+    let len = rest.len().min(8);
+    bytes[..len].copy_from_slice(&rest[..len]);
+    u64::from_be_bytes(bytes)
+}
+
 /// Calls `emit` with the keys of sorted `runs` of `arena` in order (a key in several runs once
-/// per run; the builder skips repeats).
-fn merge(arena: &[u8], runs: &[Range<usize>], mut emit: impl FnMut(&[u8])) {
+/// per run; the builder skips repeats). Every key shares its first `common` bytes.
+fn merge(arena: &[u8], runs: &[Range<usize>], common: usize, mut emit: impl FnMut(&[u8])) {
     let mut decoders: Vec<Decoder> = runs.iter().map(|_| Decoder::default()).collect();
-    // The heap holds each run's current key and the run's index; the smallest comes out first.
+    // The heap holds each run's current key (after its window) and the run's index; the
+    // smallest comes out first.
     let mut heap = BinaryHeap::with_capacity(runs.len());
     for (index, (run, decoder)) in runs.iter().zip(&mut decoders).enumerate() {
         if decoder.advance(&arena[run.clone()]) {
-            heap.push(Reverse((std::mem::take(&mut decoder.key), index)));
+            let key = std::mem::take(&mut decoder.key);
+            heap.push(Reverse((window(&key, common), key, index)));
         }
     }
-    while let Some(Reverse((key, index))) = heap.pop() {
+    while let Some(Reverse((_, key, index))) = heap.pop() {
         emit(&key);
         let decoder = &mut decoders[index];
         // The run's next entry is coded against this key: decode it in place.
         decoder.key = key;
         if decoder.advance(&arena[runs[index].clone()]) {
-            heap.push(Reverse((std::mem::take(&mut decoder.key), index)));
+            let key = std::mem::take(&mut decoder.key);
+            heap.push(Reverse((window(&key, common), key, index)));
         }
     }
 }
@@ -158,6 +213,11 @@ mod tests {
         for i in (0..50_000u32).map(|i| i.wrapping_mul(2_654_435_761) % 40_000) {
             seed.push(&key(i));
             expected.insert(key(i));
+        }
+        // A key that shares less with the others, mid-run: the order is decided on more bytes.
+        for short in [&b":0"[..], b":1:rep", b""] {
+            seed.push(short);
+            expected.insert(short.to_vec());
         }
         // Gone, and not announced since: left out.
         seed.removed(&key(7));
