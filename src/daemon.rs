@@ -140,7 +140,7 @@ async fn start_metrics(
 }
 
 /// PINGs every Redis node each [`REDIS_PROBE_INTERVAL`] on a connection of its own and records
-/// the answer in `health`: the worker only learns that Redis is gone at its next sweep, which may
+/// the answer in `health`: the worker only learns that Redis is gone at its next step, which may
 /// be long in coming when nothing changes.
 async fn probe_redis(
     target: RedisTarget,

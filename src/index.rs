@@ -1,7 +1,7 @@
 //! Index mode: an in-memory index of the cache keys the rules can name, kept equal to what Redis
 //! holds by Redis' own announcements, so a change's keys are looked up instead of swept for.
 //!
-//! Each primary gets a tracking connection ([`crate::tracking`]) in client-side caching's
+//! Each primary gets a tracking connection ([`tracking`]) in client-side caching's
 //! broadcasting mode (`CLIENT TRACKING on BCAST PREFIX …`, RESP3): Redis announces the name of
 //! every key written, deleted or expired under the rules' literal prefixes. The index of a node
 //! is seeded by one `SCAN`, begun after tracking is on, and then follows the announcements:
@@ -17,7 +17,7 @@
 //! - The node's contents can be replaced without an announcement (`SWAPDB`). Each seed writes a
 //!   random token to a marker key of its own in the tracked database; the barrier reads it, and so
 //!   does every check and seed pipeline, in the same `MULTI`/`EXEC`. Another value there and the
-//!   part is dropped and seeded again, windows being swept meanwhile ([`crate::tracking`]).
+//!   part is dropped and seeded again, windows being swept meanwhile ([`tracking`]).
 //! - A lookup waits for a barrier first: a command on each tracking connection (the marker's
 //!   `GET`; `PING` in a cluster). Redis queues an announcement before the reply to any command it
 //!   reads after the write, and the connection hands announcements to the index as it reads them,
@@ -29,6 +29,9 @@
 //! with the key before it ([`store`]); a seed's keys are sorted apart and built into the blocks
 //! in one pass when its `SCAN` is done ([`seed`]). Memory is bounded by `--index-max-keys`: past it the index is dropped for good
 //! (until the daemon restarts) and the worker sweeps.
+//!
+//! This module holds the index's parts and their lookups; [`tracking`] the connections that keep
+//! them, and [`deletes`] the delete path of a window answered from the index.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -41,11 +44,13 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::glob::Glob;
 use crate::matcher::{Matcher, PatternId};
-use crate::sweep::PatternSpec;
 use crate::telemetry::names;
+use crate::window::PatternSpec;
 
+pub(crate) mod deletes;
 mod seed;
 mod store;
+pub mod tracking;
 
 use seed::SeedKeys;
 use store::KeyStore;
@@ -83,7 +88,7 @@ pub struct NodeIndex {
     /// What last dropped the part other than a lost connection.
     dropped_by: Option<Dropped>,
     /// The random token the current seed wrote to the node's marker key (see
-    /// [`crate::tracking`]): a different value there means the database was replaced since.
+    /// [`tracking`]): a different value there means the database was replaced since.
     token: Option<Arc<str>>,
     /// The tracking connection, for barriers.
     connection: Option<MultiplexedConnection>,

@@ -6,12 +6,12 @@
 //!
 //! The path of one change, module by module: Postgres triggers ([`schema`]) record each committed
 //! change in an outbox and notify; the worker is woken, claims the change ([`outbox`], over
-//! connections from [`postgres`]), turns it into key patterns ([`rules`]), and hands them to the
-//! finder, which looks their keys up in the [`index`] that Redis' tracking announcements keep
-//! ([`tracking`]), or clears them together with every other pending change in one sweep of Redis
-//! ([`sweep`], with the compiled [`matcher`]), over connections from [`redis_nodes`]; once Redis and
-//! its replicas ([`replicas`]) confirmed the deletes, it deletes the outbox rows. [`glob`] holds
-//! Redis' pattern syntax for all of them, [`telemetry`] logs, metrics and health.
+//! connections from [`postgres`]), turns it into key patterns ([`rules`]): a [`window`]. The finder
+//! chooses how its keys are found: looked up in the [`index`] that Redis' tracking announcements
+//! keep, and unlinked, or cleared together with every other pending change in one sweep of Redis
+//! ([`sweep`], with the compiled [`matcher`]), over connections from [`redis_nodes`]. Once Redis
+//! and its replicas ([`replicas`]) confirmed the deletes, the worker deletes the outbox rows.
+//! [`glob`] holds Redis' pattern syntax for all of them, [`telemetry`] logs, metrics and health.
 
 #![forbid(unsafe_code)]
 
@@ -32,7 +32,7 @@ pub mod schema;
 pub mod settings;
 pub mod sweep;
 pub mod telemetry;
-pub mod tracking;
+pub mod window;
 pub(crate) mod worker;
 
 pub use daemon::{run, DaemonError};

@@ -17,7 +17,8 @@ use crate::redis_nodes::{NodeError, RedisTarget};
 use crate::rules::{Change, RuleSet};
 use crate::schema::{self, SchemaError, CHANNEL, SCHEMA};
 use crate::settings::{Settings, APPLICATION_NAME};
-use crate::sweep::{PatternSpec, Sweeper};
+use crate::sweep::Sweeper;
+use crate::window::PatternSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -28,7 +29,7 @@ pub enum OpsError {
     #[error(transparent)]
     Keyspace(#[from] NodeError),
     #[error(transparent)]
-    Sweep(#[from] crate::sweep::SweepError),
+    Sweep(#[from] crate::window::StepError),
     #[error("postgres: {}", crate::postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]

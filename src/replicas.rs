@@ -6,8 +6,8 @@
 //! primary that dies before streaming them leaves the promoted replica with the stale keys. `WAIT
 //! <n> <timeout>` blocks the connection that made the writes until `n` replicas acknowledged
 //! everything it wrote before, or the timeout passes; it answers how many did. The sweep puts it in
-//! the request that confirms a window on a node ([`crate::sweep`]); [`confirm_replicas`] is the same
-//! step on its own, for callers that delete keys another way.
+//! the request that confirms a window on a node ([`crate::sweep`]); [`confirm_replicas`] is the
+//! same step on its own, for the index's deletes ([`crate::index::deletes`]).
 //!
 //! How many: `--replica-acks N`, or by default every replica connected to the node
 //! (`connected_slaves` of `INFO replication`, read when connecting and again with each

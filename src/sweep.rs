@@ -1,4 +1,4 @@
-//! The Redis side of the data path: one rolling `SCAN` pass per node serves every window of
+//! Sweep mode, and the index's fallback: one rolling `SCAN` pass per node serves every window of
 //! patterns at once, and matching keys are removed with pipelined `UNLINK`.
 //!
 //! A window joins the pass wherever the cursor stands and is done once the cursor has gone all the
@@ -45,6 +45,10 @@ use redis::cluster_routing::Slot;
 use crate::matcher::{Matcher, PatternId};
 use crate::redis_nodes::{CursorOrder, Node};
 use crate::replicas::connected_replicas;
+use crate::window::{
+    take_cluster_nodes, Failure, FinishedWindow, PatternSpec, StepError, StepReport, WindowId,
+    UNLINK_CHUNK,
+};
 
 /// Keys Redis examines per `SCAN` call. Measured on this project's machine: 1,000 keeps a call
 /// near 1 ms (the app shares this Redis); 5,000 saves 10 % of a pass but blocks Redis 3–4 ms
@@ -58,56 +62,12 @@ pub const SCAN_COUNT: usize = 500;
 /// keyspace, many deletes) took 2.5 × the reference pass. With two lanes Redis was 77 % busy and
 /// they took 1.7–1.8 ×; with four 1.4–1.6 ×; eight did no better than four.
 pub const LANES: usize = 4;
-/// Keys per `UNLINK` command: small enough that freeing them never blocks Redis for long.
-pub const UNLINK_CHUNK: usize = 256;
 /// A node's replicas are counted again (`INFO replication`, in a request that confirms windows)
 /// once the last count is this old; requests that carry `WAIT` always count them. Confirming
 /// windows without a fresh count misses only a replica that attached within this second, which
 /// is still in its first synchronisation and no candidate for a failover; counting on every
 /// confirmation would add an `INFO` to tens of requests a second on servers without replicas.
 const REPLICA_RECOUNT_AFTER: Duration = Duration::from_secs(1);
-
-pub type WindowId = u64;
-
-#[derive(Debug, thiserror::Error)]
-#[error("redis at {node}: {source}")]
-pub struct SweepError {
-    pub node: String,
-    pub source: redis::RedisError,
-}
-
-/// A pattern a window asks to clear, with the label its deleted keys are counted under (the table).
-/// The text is shared: the worker's job, the refill guard's queue and the sweeper's index all hold
-/// the same allocation, since tens of thousands of patterns can be active at once.
-#[derive(Debug, Clone)]
-pub struct PatternSpec {
-    pub pattern: Arc<str>,
-    pub label: Arc<str>,
-}
-
-/// A window whose keys are confirmed gone.
-#[derive(Debug, Clone)]
-pub struct FinishedWindow {
-    pub id: WindowId,
-    /// Keys matched by each of the window's patterns (same order as given) while it was active.
-    pub keys_per_pattern: Vec<u64>,
-}
-
-/// What one step did.
-#[derive(Debug, Default, Clone)]
-pub struct StepReport {
-    pub finished: Vec<FinishedWindow>,
-    /// Keys removed, by label (for first-pass patterns).
-    pub deleted: HashMap<Arc<str>, u64>,
-    /// Keys removed by patterns only a refill-guard window still asked for: stale refills.
-    pub refill_deleted: u64,
-    /// Durations of the passes that ended in this step (one per node whose cursor went all the
-    /// way round).
-    pub pass_durations: Vec<std::time::Duration>,
-    pub keys_scanned: u64,
-    /// Keys matched by a listing sweeper ([`Sweeper::listing`]), which deletes nothing.
-    pub listed: Vec<Vec<u8>>,
-}
 
 #[derive(Debug)]
 struct PatternState {
@@ -344,7 +304,7 @@ impl Lane {
 struct LaneReply {
     lane: usize,
     plan: NodePlan,
-    outcome: Result<PlanOutcome, redis::RedisError>,
+    outcome: Result<PlanOutcome, Failure>,
 }
 
 /// A node's replica confirmations.
@@ -504,7 +464,7 @@ impl Sweeper {
     /// Waits for the next reply of any lane and books it; every lane with work to do keeps one
     /// request in flight. Cancelling the returned future loses nothing: its only wait is for a
     /// reply, and the request stays in flight.
-    pub async fn step(&mut self) -> Result<StepReport, SweepError> {
+    pub async fn step(&mut self) -> Result<StepReport, StepError> {
         self.send_requests();
         let Some(reply) = self.in_flight.next().await else {
             // Nothing to do: a caller stepping in a loop still lets other tasks run.
@@ -525,10 +485,23 @@ impl Sweeper {
     /// matched, `SCAN` on for windows that need it, confirm windows that finished scanning it.
     fn send_requests(&mut self) {
         let mut match_glob: Option<Arc<[u8]>> = None;
-        // The lane furthest behind in its round sends first: Redis answers a connection's requests
-        // in order, and a window waits for its slowest lane. In index order, replies booked
-        // together always favoured the first lanes: measured at 1M keys under the sustained load,
-        // the last lane's round took 10 % longer than the first's.
+        let now = Instant::now();
+        for index in self.idle_lanes_furthest_behind_first() {
+            let Some(plan) = self.plan_request(index, now) else {
+                continue;
+            };
+            let glob = match_glob
+                .get_or_insert_with(|| Arc::from(self.matcher.superset_glob()))
+                .clone();
+            self.send(index, plan, glob, now);
+        }
+    }
+
+    /// The lanes without a request in flight, the one furthest behind in its round first: Redis
+    /// answers a connection's requests in order, and a window waits for its slowest lane. In index
+    /// order, replies booked together always favoured the first lanes: measured at 1M keys under
+    /// the sustained load, the last lane's round took 10 % longer than the first's.
+    fn idle_lanes_furthest_behind_first(&self) -> Vec<usize> {
         let mut ready: Vec<(u64, usize)> = (0..self.lanes.len())
             .filter(|&index| !self.lanes[index].in_flight)
             .map(|index| {
@@ -537,94 +510,107 @@ impl Sweeper {
             })
             .collect();
         ready.sort_unstable();
-        let now = Instant::now();
-        for (_, index) in ready {
-            let needs_scan = self
-                .windows
-                .iter()
-                .any(|window| !window.progress[index].done);
-            let needs_confirming = self.windows.iter().any(|window| {
-                let progress = &window.progress[index];
-                progress.done && !progress.confirmed
-            });
-            if !needs_scan {
-                self.lanes[index].pause(now);
-            }
-            let lane = &self.lanes[index];
-            let node_index = lane.node;
-            let node = &self.nodes[node_index];
-            let policy = node.replica_policy;
-            let required = policy.required(node.replicas);
-            // Windows of this node confirmed on the primary and waiting for its replicas: this
-            // request's WAIT covers them, and the ones its own UNLINKs confirm.
-            let covers: Vec<(WindowId, usize)> =
-                match required > 0 && !self.replica_waits[node_index].in_flight {
-                    true => self
-                        .windows
-                        .iter()
-                        .flat_map(|window| {
-                            window
-                                .progress
-                                .iter()
-                                .enumerate()
-                                .filter(|&(lane, progress)| {
-                                    self.lanes[lane].node == node_index
-                                        && !progress.replicated
-                                        && (progress.confirmed || (lane == index && progress.done))
-                                })
-                                .map(move |(lane, _)| (window.id, lane))
-                        })
-                        .collect(),
-                    false => Vec::new(),
-                };
-            let wait = !covers.is_empty();
-            if !needs_scan && !needs_confirming && !wait && lane.pending.is_empty() {
-                continue;
-            }
-            let glob = match_glob
-                .get_or_insert_with(|| Arc::from(self.matcher.superset_glob()))
-                .clone();
-            let lane = &mut self.lanes[index];
-            let plan = NodePlan {
-                groups: group_pending(std::mem::take(&mut lane.pending), node.clustered),
-                scan: needs_scan.then_some(lane.cursor),
-                verify: node.shard.is_some() && needs_confirming,
-                // Replicas may attach or leave at any time: count them where a window is
-                // confirmed, right after its deletes (unless `INFO` is refused).
-                count_replicas: policy.counts_connected()
-                    && node.replicas.is_some()
-                    && (wait
-                        || (needs_confirming
-                            && self.replica_waits[node_index]
-                                .counted_at
-                                .is_none_or(|at| at.elapsed() >= REPLICA_RECOUNT_AFTER))),
-                wait: wait.then(|| (required, policy.wait_millis())),
-                covers,
-            };
-            if wait {
-                self.replica_waits[node_index].in_flight = true;
-            }
-            if plan.count_replicas {
-                self.replica_waits[node_index].counted_at = Some(Instant::now());
-            }
-            if needs_scan {
-                lane.work(now);
-            }
-            lane.in_flight = true;
-            lane.scan_in_flight = needs_scan;
-            let connection = node.connection.clone();
-            self.in_flight.push(Box::pin(async move {
-                let outcome = run_plan(connection, &plan, &glob).await;
-                LaneReply {
-                    lane: index,
-                    plan,
-                    outcome,
-                }
-            }));
-        }
+        ready.into_iter().map(|(_, index)| index).collect()
     }
 
-    fn book_reply(&mut self, reply: LaneReply, report: &mut StepReport) -> Result<(), SweepError> {
+    /// What lane `index` has to ask of Redis now, if anything: the `UNLINK`s of its matches, the
+    /// next `SCAN` while a window needs it, the confirmation of windows done with it, and the
+    /// `WAIT` for its node's replicas. A lane no window needs is paused at `now`.
+    fn plan_request(&mut self, index: usize, now: Instant) -> Option<NodePlan> {
+        let needs_scan = self
+            .windows
+            .iter()
+            .any(|window| !window.progress[index].done);
+        let needs_confirming = self.windows.iter().any(|window| {
+            let progress = &window.progress[index];
+            progress.done && !progress.confirmed
+        });
+        if !needs_scan {
+            self.lanes[index].pause(now);
+        }
+        let node_index = self.lanes[index].node;
+        let node = &self.nodes[node_index];
+        let policy = node.replica_policy;
+        let required = policy.required(node.replicas);
+        let waits = &self.replica_waits[node_index];
+        let covers = match required > 0 && !waits.in_flight {
+            true => self.replica_covers(index),
+            false => Vec::new(),
+        };
+        let wait = !covers.is_empty();
+        if !needs_scan && !needs_confirming && !wait && self.lanes[index].pending.is_empty() {
+            return None;
+        }
+        let recount_due = waits
+            .counted_at
+            .is_none_or(|at| at.elapsed() >= REPLICA_RECOUNT_AFTER);
+        let lane = &mut self.lanes[index];
+        Some(NodePlan {
+            groups: group_pending(std::mem::take(&mut lane.pending), node.clustered),
+            scan: needs_scan.then_some(lane.cursor),
+            verify: node.shard.is_some() && needs_confirming,
+            // Replicas may attach or leave at any time: count them where a window is confirmed,
+            // right after its deletes (unless `INFO` is refused).
+            count_replicas: policy.counts_connected()
+                && node.replicas.is_some()
+                && (wait || (needs_confirming && recount_due)),
+            wait: wait.then(|| (required, policy.wait_millis())),
+            covers,
+        })
+    }
+
+    /// Windows (with their lanes) of lane `index`'s node whose deletes the primary confirmed and
+    /// its replicas not yet: the lane's next `WAIT` covers them, and those its own `UNLINK`s
+    /// confirm.
+    fn replica_covers(&self, index: usize) -> Vec<(WindowId, usize)> {
+        let node_index = self.lanes[index].node;
+        self.windows
+            .iter()
+            .flat_map(|window| {
+                window
+                    .progress
+                    .iter()
+                    .enumerate()
+                    .filter(|&(lane, progress)| {
+                        self.lanes[lane].node == node_index
+                            && !progress.replicated
+                            && (progress.confirmed || (lane == index && progress.done))
+                    })
+                    .map(move |(lane, _)| (window.id, lane))
+            })
+            .collect()
+    }
+
+    /// Sends lane `index`'s request (`glob`: what its `SCAN` matches) and books what is now in
+    /// flight.
+    fn send(&mut self, index: usize, plan: NodePlan, glob: Arc<[u8]>, now: Instant) {
+        let node_index = self.lanes[index].node;
+        let waits = &mut self.replica_waits[node_index];
+        if plan.wait.is_some() {
+            waits.in_flight = true;
+        }
+        if plan.count_replicas {
+            waits.counted_at = Some(Instant::now());
+        }
+        let lane = &mut self.lanes[index];
+        let scans = plan.scan.is_some();
+        if scans {
+            lane.work(now);
+        }
+        lane.in_flight = true;
+        lane.scan_in_flight = scans;
+        let connection = self.nodes[node_index].connection.clone();
+        self.in_flight.push(Box::pin(async move {
+            let outcome = run_plan(connection, &plan, &glob).await;
+            LaneReply {
+                lane: index,
+                plan,
+                outcome,
+            }
+        }));
+    }
+
+    fn book_reply(&mut self, reply: LaneReply, report: &mut StepReport) -> Result<(), StepError> {
         let LaneReply {
             lane: index,
             plan,
@@ -683,21 +669,19 @@ impl Sweeper {
     fn checked(
         &self,
         node_index: usize,
-        outcome: Result<PlanOutcome, redis::RedisError>,
-    ) -> Result<PlanOutcome, SweepError> {
+        outcome: Result<PlanOutcome, Failure>,
+    ) -> Result<PlanOutcome, StepError> {
         let node = &self.nodes[node_index];
-        let fail = |source| SweepError {
-            node: node.name.clone(),
-            source,
-        };
-        let outcome = outcome.map_err(fail)?;
+        let outcome = outcome.map_err(|failure| StepError::new(&node.name, failure))?;
         if let Some(text) = &outcome.cluster_nodes {
             node.verify_shard(text).map_err(|detail| {
-                fail(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "cluster topology changed during the sweep",
-                    detail,
-                )))
+                StepError::new(
+                    &node.name,
+                    Failure::TopologyChanged {
+                        when: "during the sweep",
+                        detail,
+                    },
+                )
             })?;
         }
         Ok(outcome)
@@ -872,6 +856,7 @@ struct NodePlan {
     covers: Vec<(WindowId, usize)>,
 }
 
+#[derive(Default)]
 struct PlanOutcome {
     /// (group index, keys removed)
     unlinked: Vec<(usize, u64)>,
@@ -882,109 +867,98 @@ struct PlanOutcome {
     replicas_acked: Option<u32>,
 }
 
-/// The `CLUSTER NODES` reply that went first in a pipeline of deletes (`verify`: one was sent),
-/// taken off `replies` so the rest line up with the other commands.
-pub(crate) fn take_cluster_nodes(
-    verify: bool,
-    replies: &mut Vec<redis::Value>,
-) -> Result<Option<String>, redis::RedisError> {
-    match verify {
-        true if replies.is_empty() => Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "empty CLUSTER NODES reply",
-        ))),
-        true => Ok(Some(redis::from_redis_value(replies.remove(0))?)),
-        false => Ok(None),
-    }
-}
-
+/// Sends a lane's request and reads what came back.
 async fn run_plan(
     mut connection: MultiplexedConnection,
     plan: &NodePlan,
     match_glob: &[u8],
-) -> Result<PlanOutcome, redis::RedisError> {
-    let mut pipe = redis::pipe();
-    if plan.verify {
-        pipe.cmd("CLUSTER").arg("NODES");
-    }
-    let mut commands: Vec<usize> = Vec::new();
-    for (group_index, group) in plan.groups.iter().enumerate() {
-        for chunk in group.keys.chunks(UNLINK_CHUNK) {
-            pipe.cmd("UNLINK").arg(chunk);
-            commands.push(group_index);
-        }
-    }
-    // After the UNLINKs: WAIT covers every write the connection made before it.
-    if plan.count_replicas {
-        pipe.cmd("INFO").arg("replication");
-    }
-    if let Some((replicas, millis)) = plan.wait {
-        pipe.cmd("WAIT").arg(replicas).arg(millis);
-    }
-    if let Some(cursor) = plan.scan {
-        pipe.cmd("SCAN").arg(cursor);
-        if match_glob != b"*" {
-            pipe.arg("MATCH").arg(match_glob);
-        }
-        pipe.arg("COUNT").arg(SCAN_COUNT);
-    }
-    if commands.is_empty()
-        && plan.scan.is_none()
-        && !plan.verify
-        && !plan.count_replicas
-        && plan.wait.is_none()
-    {
-        return Ok(PlanOutcome {
-            unlinked: Vec::new(),
-            scanned: None,
-            cluster_nodes: None,
-            connected_replicas: None,
-            replicas_acked: None,
-        });
-    }
-    let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
-    let cluster_nodes = take_cluster_nodes(plan.verify, &mut replies)?;
-    let scanned = match plan.scan {
-        Some(_) => {
-            let reply = replies.pop().ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::Client, "empty SCAN reply"))
-            })?;
-            let (cursor, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
-            Some((cursor, keys))
-        }
-        None => None,
+) -> Result<PlanOutcome, Failure> {
+    let Some((pipe, unlinks)) = plan.pipeline(match_glob) else {
+        return Ok(PlanOutcome::default());
     };
-    let missing = |what: &'static str| redis::RedisError::from((redis::ErrorKind::Client, what));
-    let replicas_acked = match plan.wait {
-        Some(_) => Some(redis::from_redis_value(
-            replies.pop().ok_or_else(|| missing("empty WAIT reply"))?,
-        )?),
-        None => None,
-    };
-    let connected = match plan.count_replicas {
-        true => {
-            let info: String = redis::from_redis_value(
-                replies
-                    .pop()
-                    .ok_or_else(|| missing("empty INFO replication reply"))?,
-            )?;
-            // A reply without the field: count none rather than fail every sweep.
-            Some(connected_replicas(&info).unwrap_or(0))
+    let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+    PlanOutcome::read(plan, unlinks, replies)
+}
+
+impl NodePlan {
+    /// The request's pipeline, in the order [`PlanOutcome::read`] takes the replies apart, with
+    /// the group each `UNLINK` belongs to; `None` when the plan asks nothing of Redis.
+    fn pipeline(&self, match_glob: &[u8]) -> Option<(redis::Pipeline, Vec<usize>)> {
+        let mut pipe = redis::pipe();
+        if self.verify {
+            pipe.cmd("CLUSTER").arg("NODES");
         }
-        false => None,
-    };
-    let mut unlinked = Vec::with_capacity(commands.len());
-    for (group_index, reply) in commands.into_iter().zip(replies) {
-        let count: u64 = redis::from_redis_value(reply)?;
-        unlinked.push((group_index, count));
+        let mut unlinks: Vec<usize> = Vec::new();
+        for (group_index, group) in self.groups.iter().enumerate() {
+            for chunk in group.keys.chunks(UNLINK_CHUNK) {
+                pipe.cmd("UNLINK").arg(chunk);
+                unlinks.push(group_index);
+            }
+        }
+        // After the UNLINKs: WAIT covers every write the connection made before it.
+        if self.count_replicas {
+            pipe.cmd("INFO").arg("replication");
+        }
+        if let Some((replicas, millis)) = self.wait {
+            pipe.cmd("WAIT").arg(replicas).arg(millis);
+        }
+        if let Some(cursor) = self.scan {
+            pipe.cmd("SCAN").arg(cursor);
+            if match_glob != b"*" {
+                pipe.arg("MATCH").arg(match_glob);
+            }
+            pipe.arg("COUNT").arg(SCAN_COUNT);
+        }
+        let asks_nothing = unlinks.is_empty()
+            && self.scan.is_none()
+            && !self.verify
+            && !self.count_replicas
+            && self.wait.is_none();
+        (!asks_nothing).then_some((pipe, unlinks))
     }
-    Ok(PlanOutcome {
-        unlinked,
-        scanned,
-        cluster_nodes,
-        connected_replicas: connected,
-        replicas_acked,
-    })
+}
+
+impl PlanOutcome {
+    /// Takes a request's replies apart: `CLUSTER NODES` first, `SCAN`, `WAIT` and `INFO` from the
+    /// end, and in between one reply per `UNLINK` (`unlinks`: the group of each).
+    fn read(
+        plan: &NodePlan,
+        unlinks: Vec<usize>,
+        mut replies: Vec<redis::Value>,
+    ) -> Result<PlanOutcome, Failure> {
+        let cluster_nodes = take_cluster_nodes(plan.verify, &mut replies)?;
+        let mut last = |command: &'static str| replies.pop().ok_or(Failure::MissingReply(command));
+        let scanned = match plan.scan {
+            Some(_) => Some(redis::from_redis_value::<(u64, Vec<Vec<u8>>)>(last(
+                "SCAN",
+            )?)?),
+            None => None,
+        };
+        let replicas_acked = match plan.wait {
+            Some(_) => Some(redis::from_redis_value(last("WAIT")?)?),
+            None => None,
+        };
+        let connected_replicas = match plan.count_replicas {
+            true => {
+                let info: String = redis::from_redis_value(last("INFO replication")?)?;
+                // A reply without the field: count none rather than fail every sweep.
+                Some(connected_replicas(&info).unwrap_or(0))
+            }
+            false => None,
+        };
+        let mut unlinked = Vec::with_capacity(unlinks.len());
+        for (group_index, reply) in unlinks.into_iter().zip(replies) {
+            let count: u64 = redis::from_redis_value(reply)?;
+            unlinked.push((group_index, count));
+        }
+        Ok(PlanOutcome {
+            unlinked,
+            scanned,
+            cluster_nodes,
+            connected_replicas,
+            replicas_acked,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Redis Cluster (issue 7) against a real cluster of private `redis-server`s started by each test:
+//! Redis Cluster against a real cluster of private `redis-server`s started by each test:
 //! every primary is swept, a failover in the middle of a burst loses no invalidation, and a slot
 //! migration holds the acknowledgement back until the migration ended.
 //!

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use cache_invalidator::redis_nodes::{CursorOrder, RedisTarget};
-use cache_invalidator::sweep::{PatternSpec, Sweeper, LANES};
+use cache_invalidator::sweep::{Sweeper, LANES};
+use cache_invalidator::window::PatternSpec;
 use common::*;
 
 /// Keys of the report the window clears, and of its neighbours it must not touch.

@@ -1,5 +1,5 @@
 //! Fault injection: the daemon loses nothing and deletes nothing extra whatever happens to
-//! Postgres, Redis or the daemon itself (issue 4).
+//! Postgres, Redis or the daemon itself.
 //!
 //! Each scenario starts the daemon, commits changes, injects the fault, commits more changes during
 //! and after it, and then checks that every key a committed change names is gone within
@@ -766,7 +766,7 @@ async fn a_statement_changing_200000_rows_is_processed_in_bounded_memory() {
     db.drop().await;
 }
 
-/// Issue 4, bounded memory: a million changes pile up in the outbox while Redis is down; once it is
+/// Bounded memory: a million changes pile up in the outbox while Redis is down; once it is
 /// back the worker drains them in batches, and its peak memory does not grow with the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_backlog_built_while_redis_was_down_drains_in_bounded_memory() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The target: cleared by another worker at most this long after the freeze.
+/// The target: cleared by another worker at most this long after the freeze.
 const CLEARED_WITHIN: Duration = Duration::from_secs(60);
 /// Redis answers nothing for this long (`CLIENT PAUSE … ALL`), so the first worker's sweep is
 /// surely in flight, its claim held, when it is frozen.

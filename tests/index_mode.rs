@@ -140,7 +140,7 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     )
     .expect("redis url");
     let nodes = target.connect().await.expect("connect");
-    let mut tracking = cache_invalidator::tracking::Tracking::new(
+    let mut tracking = cache_invalidator::index::tracking::Tracking::new(
         space.rules().tracking_prefixes(),
         1_000_000,
         Duration::from_secs(5),
@@ -156,11 +156,11 @@ async fn after_the_barrier_a_lookup_finds_every_key_whose_write_returned() {
     for round in 0..ROUNDS {
         let key = space.key(&format!("report:{round}:1:h"));
         set_keys(&mut redis, std::slice::from_ref(&key)).await;
-        let pattern = cache_invalidator::sweep::PatternSpec {
+        let pattern = cache_invalidator::window::PatternSpec {
             pattern: format!("{}*", space.key(&format!("report:{round}:"))).into(),
             label: "reports_report".into(),
         };
-        let finds = |tracking: &cache_invalidator::tracking::Tracking| {
+        let finds = |tracking: &cache_invalidator::index::tracking::Tracking| {
             cache_invalidator::index::lookup(&tracking.parts(), std::slice::from_ref(&pattern))
                 .expect("complete")
                 .iter()
@@ -520,7 +520,7 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
     let mut admin = redis_connection(&private.url()).await;
     // An ACL that allows everything the sweep needs, but not CLIENT TRACKING. (This does not
     // give Dragonfly's `ERR syntax error`, which no server here sends: that reply's classification
-    // is unit-tested in tracking.rs.)
+    // is unit-tested in index/tracking.rs.)
     let () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("sweeper")
@@ -540,7 +540,8 @@ async fn a_server_that_refuses_tracking_gets_sweep_mode_or_a_clear_error() {
         .query_async(&mut admin)
         .await
         .expect("info server");
-    let server = cache_invalidator::tracking::server_identity(&info).expect("a named server");
+    let server =
+        cache_invalidator::index::tracking::server_identity(&info).expect("a named server");
     let url = format!("redis://sweeper:s3cret-pw@127.0.0.1:{}/0", private.port);
     let space = KeyPrefix::new("idx_refuse");
     let db = TestDb::with_reports("idx_refuse", &space.rules()).await;

@@ -1,4 +1,4 @@
-//! Least privilege (issue 4): `install` runs as the schema owner; `run` works as a role that can
+//! Least privilege: `install` runs as the schema owner; `run` works as a role that can
 //! only read and delete in the outbox schema, plus what `SELECT … FOR UPDATE` needs and `INSERT`
 //! into the dead letters. The GRANTs here are the ones docs/guarantees.md documents. The app's
 //! request functions (`invalidate_user` / `invalidate_report`) are callable only by the roles that

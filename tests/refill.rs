@@ -1,4 +1,4 @@
-//! The refill guard (issue 8): a slow reader that writes stale data back right after the
+//! The refill guard: a slow reader that writes stale data back right after the
 //! invalidation is caught by the delayed second pass, which rides along a busy sweep instead of
 //! adding one.
 
@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_invalidator::redis_nodes::RedisTarget;
-use cache_invalidator::sweep::{PatternSpec, Sweeper};
+use cache_invalidator::sweep::Sweeper;
+use cache_invalidator::window::PatternSpec;
 use common::*;
 
 /// Sets `key`, commits `write`, and waits until the daemon has cleared the key.

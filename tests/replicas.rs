@@ -1,4 +1,4 @@
-//! Replicas before the acknowledgement (issue 19, point 3): where a Redis node has replicas, an
+//! Replicas before the acknowledgement: where a Redis node has replicas, an
 //! outbox row is deleted only once they have the change's deletes (`WAIT`), so a failover cannot
 //! bring back keys whose outbox rows are gone; where it has none, nothing waits.
 //!

@@ -24,7 +24,7 @@ use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 const SERVICE: &str = "cache";
-/// The sentinels call the master down after this long without an answer (the setting).
+/// The sentinels call the master down after this long without an answer.
 const DOWN_AFTER_MS: u32 = 1000;
 /// The load: one change every 10 ms.
 const CHANGE_EVERY: Duration = Duration::from_millis(10);

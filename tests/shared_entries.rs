@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use cache_invalidator::redis_nodes::RedisTarget;
-use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
+use cache_invalidator::sweep::{Sweeper, SCAN_COUNT};
+use cache_invalidator::window::PatternSpec;
 use common::*;
 
 /// Other keys, so a pass takes many `SCAN` calls (20,000 keys fill a table of 32,768 buckets).

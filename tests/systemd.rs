@@ -21,7 +21,7 @@ const MAX_PING_GAP: Duration = Duration::from_secs(1);
 /// How long a server stays down while the pings are watched: three watchdog intervals, so a
 /// daemon that stops pinging while a server is down would have been killed.
 const OUTAGE: Duration = Duration::from_secs(6);
-/// Target of issue 17: the backlog is cleared this soon after Redis answers again.
+/// The target: the backlog is cleared this soon after Redis answers again.
 const RECOVERY_TARGET: Duration = Duration::from_secs(5);
 
 /// Every line the daemon sent to the notification socket, with when it arrived.

@@ -1,4 +1,4 @@
-//! TLS on both sides (issue 4): a private Postgres with `ssl=on` reached with
+//! TLS on both sides: a private Postgres with `ssl=on` reached with
 //! `sslmode=verify-full&sslrootcert=…`, and a private Redis that speaks only TLS (`--port 0`)
 //! reached with `rediss://` and the CA file. The CA and the server certificate (for `localhost`
 //! and `127.0.0.1`) are made by the test.

@@ -1,4 +1,4 @@
-//! Several workers on one outbox (issue 7), as real `cache-invalidator run` processes: they share a
+//! Several workers on one outbox, as real `cache-invalidator run` processes: they share a
 //! burst through `SKIP LOCKED` with each change processed by exactly one of them, the survivors
 //! finish the claims of a worker killed with SIGKILL, and `status` lists each connected worker.
 //!

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use cache_invalidator::matcher::MatcherBuilder;
 use cache_invalidator::redis_nodes::RedisTarget;
 use cache_invalidator::rules::RuleSet;
-use cache_invalidator::sweep::{PatternSpec, Sweeper, SCAN_COUNT};
+use cache_invalidator::sweep::{Sweeper, SCAN_COUNT};
+use cache_invalidator::window::PatternSpec;
 
 use crate::layout::Layout;
 use crate::measure::Rows;

@@ -30,19 +30,19 @@ pub(crate) use self::source::{
 };
 use self::source::{Listener, PostgresBack};
 use crate::backoff::{reconnect_delays, RECONNECT_MAX};
-use crate::finder::{Finder, WindowId};
+use crate::finder::Finder;
+use crate::index::tracking::{Tracking, TrackingError};
 use crate::outbox::{Acked, Claim, Outbox, OutboxError, CLAIM_LIMIT};
 use crate::postgres::ConnectError;
 use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
 use crate::settings::Mode;
 use crate::settings::Settings;
-use crate::sweep::{PatternSpec, StepReport, SweepError};
 use crate::telemetry::{names, Health, Systemd};
-use crate::tracking::{Tracking, TrackingError};
+use crate::window::{PatternSpec, StepError, StepReport, WindowId};
 
-/// First-pass patterns being swept at once. Claims pause above it, so memory does not grow with the
-/// backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
+/// First-pass patterns being cleared at once. Claims pause above it, so memory does not grow with
+/// the backlog (a few hundred bytes a pattern with its matcher entry and window lists: a few MB). The
 /// refill guard's patterns are not counted: they come from windows already finished, at most one
 /// guard delay and one pass earlier, so the claim rate bounds them too.
 pub const MAX_ACTIVE_PATTERNS: usize = 30_000;
@@ -105,7 +105,6 @@ pub(crate) async fn run_with_rules(
         },
         finder: None,
         tracking: None,
-        index_dropped: false,
         jobs: HashMap::new(),
         finished: Vec::new(),
         health,
@@ -136,7 +135,7 @@ struct ChangeNote {
     patterns: Vec<usize>,
 }
 
-/// A window in the sweep, and what to do when it finishes.
+/// A window being cleared (by the index or the sweep), and what to do when it finishes.
 struct Job {
     epoch: u64,
     done: Vec<i64>,
@@ -148,23 +147,96 @@ struct Job {
     started: Instant,
 }
 
+impl Job {
+    /// Renders claimed rows into a window's patterns; unusable rows are set aside as dead
+    /// letters.
+    fn render(claim: &Claim, rules: &RuleSet) -> Job {
+        let mut job = Job {
+            epoch: claim.epoch,
+            done: Vec::with_capacity(claim.rows.len()),
+            dead: Vec::new(),
+            rows_by_table: HashMap::new(),
+            changes: Vec::with_capacity(claim.rows.len()),
+            patterns: Vec::new(),
+            started: Instant::now(),
+        };
+        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
+        for row in &claim.rows {
+            let change = Change {
+                table: &row.table_name,
+                operation: &row.op,
+                rows: row.rows.as_ref(),
+            };
+            match rules.expand(&change) {
+                Ok(expansion) => {
+                    let label = labels
+                        .entry(row.table_name.clone())
+                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
+                        .clone();
+                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
+                    for pattern in expansion.patterns {
+                        let index = match pattern_index.get(pattern.as_str()) {
+                            Some(&index) => index,
+                            None => {
+                                let pattern: Arc<str> = Arc::from(pattern);
+                                let index = job.patterns.len();
+                                pattern_index.insert(pattern.clone(), index);
+                                job.patterns.push(PatternSpec {
+                                    pattern,
+                                    label: label.clone(),
+                                });
+                                index
+                            }
+                        };
+                        indexes.push(index);
+                    }
+                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
+                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
+                    job.done.push(row.id);
+                    job.changes.push(ChangeNote {
+                        outbox_id: row.id,
+                        table: row.table_name.clone(),
+                        op: row.op.clone(),
+                        ids: join(&expansion.ids),
+                        users: join(&expansion.owners),
+                        patterns: indexes,
+                    });
+                }
+                Err(error) => {
+                    warn!(
+                        outbox_id = row.id,
+                        table = %row.table_name,
+                        op = %row.op,
+                        %error,
+                        "unusable outbox row: moved to dead letters"
+                    );
+                    job.dead.push((row.id, error.to_string()));
+                }
+            }
+        }
+        job
+    }
+}
+
 /// What a new [`Finder`] is made from each time Redis is connected.
 struct FinderSetup {
     redis: RedisTarget,
-    /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking.
+    /// The mode asked for; `auto` becomes `sweep` for good once a server refused tracking, and
+    /// any mode once the index passed its memory bound.
     mode: Mode,
     index_max_keys: usize,
     redis_timeout: Duration,
     refill_guard: Duration,
 }
 
-/// Pacing of Redis reconnects after failed sweeps.
+/// Pacing of Redis reconnects after failed steps.
 struct RedisRetry {
-    /// Delays between failed sweeps, reset by a step that worked: a Redis that fails every
+    /// Delays between failed steps, reset by a step that worked: a Redis that fails every
     /// command at once (loading its dump, out of memory) is not hammered, nor the outbox claimed,
     /// in a tight loop.
     failures: ExponentialBackoff,
-    /// When the next connection attempt after a failed sweep may start.
+    /// When the next connection attempt after a failed step may start.
     at: Option<Instant>,
     /// Behind Sentinel: a new master or a replica down announced since the worker connected.
     switches: Option<Switches>,
@@ -182,11 +254,11 @@ struct Worker {
     rules: watch::Receiver<Arc<RuleSet>>,
     outbox: Outbox,
     setup: FinderSetup,
+    /// Redis, while connected: a finder lasts one connection.
     finder: Option<Finder>,
-    /// The index between two Redis connections (a finder holds it while connected).
+    /// The index, in index mode: it outlives a connection (attached to the nodes of each, where a
+    /// node whose tracking connection survived keeps its part) and is lent to the finder.
     tracking: Option<Tracking>,
-    /// The index passed its memory bound: sweep mode until the daemon restarts.
-    index_dropped: bool,
     jobs: HashMap<WindowId, Job>,
     /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
     finished: Vec<(Job, Vec<u64>)>,
@@ -283,7 +355,7 @@ impl Worker {
         }
         if let Some(error) = self.book_steps(steps) {
             // Every epoch is rolled back, the claim just made included.
-            self.sweep_failed(error).await;
+            self.redis_failed(error).await;
             claims.wake();
             return Ok(());
         }
@@ -336,23 +408,33 @@ impl Worker {
         self.outbox.recheck_due_at().map(TokioInstant::from_std)
     }
 
-    /// Mode metrics and health follow the finder: the memory bound, the index's completeness.
+    /// While connected, mode metrics and health follow the index: its memory bound, its
+    /// completeness.
     fn report_mode(&mut self) {
-        let Some(finder) = self.finder.as_mut() else {
+        if self.finder.is_none() {
+            return;
+        }
+        self.check_memory_bound();
+        if let Some(tracking) = self.tracking.as_ref() {
+            self.health.set_index(Some(tracking.is_complete()));
+        }
+    }
+
+    /// Past the memory bound the index is dropped for good, with one warning: sweeping needs no
+    /// memory per key, running out of memory would stop invalidation altogether.
+    fn check_memory_bound(&mut self) {
+        let Some(tracking) = self.tracking.as_mut() else {
             return;
         };
-        finder.check_memory_bound();
-        let (dropped, has_index, complete) = (
-            finder.index_dropped(),
-            finder.has_index(),
-            finder.index_complete(),
-        );
-        if dropped && !self.index_dropped {
-            self.index_dropped = true;
+        if tracking.over_limit() {
+            warn!(
+                keys = tracking.keys(),
+                "index: more keys than --index-max-keys; the index is dropped and changes are swept from now on"
+            );
+            tracking.drop_index();
+            self.tracking = None;
+            self.setup.mode = Mode::Sweep;
             self.set_mode_gauge(false);
-        }
-        if has_index {
-            self.health.set_index(Some(complete));
         }
     }
 
@@ -367,8 +449,9 @@ impl Worker {
         {
             warn!("postgres did not answer the rollback: the claims end with the connections");
         }
-        // The index's tracking tasks end with it.
         self.finder = None;
+        // The index's tracking tasks end with it.
+        self.tracking = None;
         info!("stopped");
         Ok(())
     }
@@ -399,6 +482,7 @@ impl Worker {
             (acked, claim)
         };
         let mut finder = self.finder.as_mut().filter(|_| busy);
+        let index = self.tracking.as_ref();
         // Redis steps go on for as long as the Postgres side takes (at least one step).
         let work = async {
             let mut postgres = std::pin::pin!(postgres);
@@ -419,7 +503,7 @@ impl Worker {
                         postgres_outcome = Some(outcome);
                     }
                     // Cancel-safe: a step only waits for a reply already on its way.
-                    stepped = step_of(&mut finder), if stepping => steps.push(stepped),
+                    stepped = step_of(&mut finder, index), if stepping => steps.push(stepped),
                 }
             }
         };
@@ -432,7 +516,7 @@ impl Worker {
     }
 
     /// Books the steps of a round; the error of one that failed, if any.
-    fn book_steps(&mut self, steps: Vec<StepResult>) -> Option<SweepError> {
+    fn book_steps(&mut self, steps: Vec<StepResult>) -> Option<StepError> {
         let mut failure = None;
         for stepped in steps {
             match stepped {
@@ -451,7 +535,7 @@ impl Worker {
             return false;
         };
         let announced = switched.announced();
-        self.sweep_failed(announced).await;
+        self.redis_failed(announced).await;
         // The sentinels name the master to use now: no backoff before asking them.
         self.redis_retry.at = None;
         true
@@ -484,9 +568,10 @@ impl Worker {
                         redis = self.setup.redis.redacted(),
                         "connected to redis"
                     );
-                    let tracking = self.track(&nodes).await?;
-                    // A sweep starts afresh: cursors of the old connections mean nothing now.
-                    self.finder = Some(Finder::new(nodes, tracking, self.setup.refill_guard));
+                    self.track(&nodes).await?;
+                    // A finder starts afresh: a sweep's cursors on the old connections mean
+                    // nothing now.
+                    self.finder = Some(Finder::new(nodes, self.setup.refill_guard));
                     self.health.set_redis(true);
                     return Ok(true);
                 }
@@ -509,53 +594,49 @@ impl Worker {
         }
     }
 
-    /// The index for `nodes` in index mode (attached: its parts seed in the background), `None`
-    /// in sweep mode. In `auto`, a server that refuses tracking means sweep mode for good, said
-    /// once; with `--mode index` it is an error.
-    async fn track(
-        &mut self,
-        nodes: &[crate::redis_nodes::Node],
-    ) -> Result<Option<Tracking>, RunError> {
-        if self.setup.mode == Mode::Sweep || self.index_dropped {
+    /// In index mode, attaches the index to `nodes` (its parts seed in the background); in sweep
+    /// mode there is none. In `auto`, a server that refuses tracking means sweep mode for good,
+    /// said once; with `--mode index` it is an error.
+    async fn track(&mut self, nodes: &[crate::redis_nodes::Node]) -> Result<(), RunError> {
+        if self.setup.mode == Mode::Sweep {
             self.set_mode_gauge(false);
-            return Ok(None);
+            return Ok(());
         }
         let prefixes = self.rules.borrow().tracking_prefixes();
-        let mut tracking = self.tracking.take().unwrap_or_else(|| {
-            Tracking::new(
-                prefixes,
-                self.setup.index_max_keys,
-                self.setup.redis_timeout,
-                self.wake.clone(),
-            )
-        });
+        let (max_keys, timeout) = (self.setup.index_max_keys, self.setup.redis_timeout);
+        let wake = self.wake.clone();
+        let tracking = self
+            .tracking
+            .get_or_insert_with(|| Tracking::new(prefixes, max_keys, timeout, wake));
         // Connecting and turning tracking on may take a connect timeout per node: the watchdog
         // must not see a stuck loop in it.
-        match self.systemd.alive_while(tracking.attach(nodes)).await {
-            Ok(()) => {
-                info!(
-                    keys = tracking.keys(),
-                    complete = tracking.is_complete(),
-                    "index mode: changes are swept until the index is seeded"
-                );
-                self.set_mode_gauge(true);
-                Ok(Some(tracking))
-            }
+        let attached = self.systemd.alive_while(tracking.attach(nodes)).await;
+        if attached.is_ok() {
+            info!(
+                keys = tracking.keys(),
+                complete = tracking.is_complete(),
+                "index mode: changes are swept until the index is seeded"
+            );
+            self.set_mode_gauge(true);
+            return Ok(());
+        }
+        self.tracking = None;
+        self.set_mode_gauge(false);
+        match attached {
             Err(error @ TrackingError::Refused { .. }) if self.setup.mode == Mode::Index => {
                 Err(RunError::IndexRefused(error))
             }
             Err(error @ TrackingError::Refused { .. }) => {
                 warn!(%error, "index mode unavailable: sweep mode (one SCAN pass per window of changes) from now on");
                 self.setup.mode = Mode::Sweep;
-                self.set_mode_gauge(false);
-                Ok(None)
+                Ok(())
             }
             // A connection that failed: sweep for now, track on the next connection.
             Err(error) => {
                 warn!(%error, "index: tracking failed; sweeping until the next connection");
-                self.set_mode_gauge(false);
-                Ok(None)
+                Ok(())
             }
+            Ok(()) => Ok(()),
         }
     }
 
@@ -565,82 +646,22 @@ impl Worker {
         self.health.set_index(index.then_some(false));
     }
 
-    /// Renders claimed rows into a window and adds it to the sweep; unusable rows are set aside.
+    /// Renders claimed rows into a window and hands it to the finder.
     fn start_window(&mut self, claim: Claim) {
         let rules = self.rules.borrow().clone();
-        let mut job = Job {
-            epoch: claim.epoch,
-            done: Vec::with_capacity(claim.rows.len()),
-            dead: Vec::new(),
-            rows_by_table: HashMap::new(),
-            changes: Vec::with_capacity(claim.rows.len()),
-            patterns: Vec::new(),
-            started: Instant::now(),
-        };
-        let mut pattern_index: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut labels: HashMap<String, Arc<str>> = HashMap::new();
-        for row in &claim.rows {
-            let change = Change {
-                table: &row.table_name,
-                operation: &row.op,
-                rows: row.rows.as_ref(),
-            };
-            match rules.expand(&change) {
-                Ok(expansion) => {
-                    let label = labels
-                        .entry(row.table_name.clone())
-                        .or_insert_with(|| Arc::from(row.table_name.as_str()))
-                        .clone();
-                    let mut indexes = Vec::with_capacity(expansion.patterns.len());
-                    for pattern in expansion.patterns {
-                        let index = match pattern_index.get(pattern.as_str()) {
-                            Some(&index) => index,
-                            None => {
-                                let pattern: Arc<str> = Arc::from(pattern);
-                                let index = job.patterns.len();
-                                pattern_index.insert(pattern.clone(), index);
-                                job.patterns.push(PatternSpec {
-                                    pattern,
-                                    label: label.clone(),
-                                });
-                                index
-                            }
-                        };
-                        indexes.push(index);
-                    }
-                    let changed_rows = crate::rules::changed_rows(row.rows.as_ref());
-                    *job.rows_by_table.entry(row.table_name.clone()).or_default() += changed_rows;
-                    job.done.push(row.id);
-                    job.changes.push(ChangeNote {
-                        outbox_id: row.id,
-                        table: row.table_name.clone(),
-                        op: row.op.clone(),
-                        ids: join(&expansion.ids),
-                        users: join(&expansion.owners),
-                        patterns: indexes,
-                    });
-                }
-                Err(error) => {
-                    warn!(
-                        outbox_id = row.id,
-                        table = %row.table_name,
-                        op = %row.op,
-                        %error,
-                        "unusable outbox row: moved to dead letters"
-                    );
-                    job.dead.push((row.id, error.to_string()));
-                }
-            }
-        }
+        let job = Job::render(&claim, &rules);
+        // Before the finder chooses: past its memory bound the index answers no window.
+        self.check_memory_bound();
+        let index = self.tracking.as_ref();
         let window = self
             .finder
             .as_mut()
-            .and_then(|finder| finder.add_window(job.patterns.clone()));
+            .and_then(|finder| finder.add_window(job.patterns.clone(), index));
         match window {
             Some(id) => {
                 self.jobs.insert(id, job);
             }
-            // Nothing to sweep for (only dead rows): acknowledge next.
+            // Nothing to clear (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
         }
     }
@@ -668,18 +689,18 @@ impl Worker {
         }
     }
 
-    /// A step failed: every claimed row goes back to the outbox and Redis is reconnected later.
-    async fn sweep_failed(&mut self, error: impl std::fmt::Display) {
+    /// A step failed (in either mode), or the sentinels switched the master: every claimed row
+    /// goes back to the outbox and Redis is connected again later (the index stays).
+    async fn redis_failed(&mut self, error: impl std::fmt::Display) {
         let delay = self.redis_retry.failures.next().unwrap_or(RECONNECT_MAX);
         self.redis_retry.at = Some(Instant::now() + delay);
-        warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed during a sweep: giving the claimed changes back to the outbox");
+        warn!(%error, windows = self.jobs.len(), retry_in_ms = delay.as_millis() as u64, "redis failed: giving the claimed changes back to the outbox");
         metrics::counter!(names::RECONNECTS, "side" => "redis").increment(1);
         self.health.set_redis(false);
-        self.index_dropped |= self.finder.as_ref().is_some_and(Finder::index_dropped);
         self.outbox.release_all().await;
         self.jobs.clear();
         self.finished.clear();
-        self.tracking = self.finder.take().and_then(Finder::into_tracking);
+        self.finder = None;
     }
 
     /// Books a finished window once Postgres answered its acknowledgement.
@@ -744,17 +765,20 @@ impl Worker {
     }
 }
 
-/// One step of the sweep, or never when there is none to step (for `select!`).
-async fn step_of(finder: &mut Option<&mut Finder>) -> Result<StepReport, SweepError> {
+/// One step of the finder, or never when there is none to step (for `select!`).
+async fn step_of(
+    finder: &mut Option<&mut Finder>,
+    index: Option<&Tracking>,
+) -> Result<StepReport, StepError> {
     match finder {
-        Some(finder) => finder.step().await,
+        Some(finder) => finder.step(index).await,
         None => std::future::pending().await,
     }
 }
 
 /// A finished window with the keys its patterns matched, and Postgres' answer to its ack.
 type AckedJob = (Job, Vec<u64>, Result<Acked, OutboxError>);
-type StepResult = Result<StepReport, SweepError>;
+type StepResult = Result<StepReport, StepError>;
 /// What a round brought back: acknowledged windows, the claim if one was made, the Redis steps.
 type RoundOutcome = (
     Vec<AckedJob>,

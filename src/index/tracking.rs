@@ -38,8 +38,8 @@ use tracing::{info, warn};
 
 use crate::index::{self, lock, Checks, Dropped, NodeIndex, Shared};
 use crate::redis_nodes::{CursorOrder, Node, ShardView};
-use crate::sweep::PatternSpec;
 use crate::telemetry::names;
+use crate::window::{Failure, PatternSpec, StepError};
 
 mod lanes;
 
@@ -234,15 +234,15 @@ impl Tracking {
     /// each tracking connection, which reads the node's marker. `Err` when a part is not tracked
     /// (it cannot vouch for its keys) or its marker changed (the part is then dropped and seeded
     /// again).
-    pub fn barrier(&self) -> BoxFuture<'static, Result<(), String>> {
-        let probes: Result<Vec<Probe>, String> = self
+    pub fn barrier(&self) -> BoxFuture<'static, Result<(), StepError>> {
+        let probes: Result<Vec<Probe>, StepError> = self
             .trackers
             .iter()
             .map(|tracker| {
                 let part = lock(&tracker.index);
-                let connection = part
-                    .tracking_connection()
-                    .ok_or_else(|| format!("{}: not tracking", tracker.name))?;
+                let connection = part.tracking_connection().ok_or_else(|| {
+                    StepError::new(&tracker.name, Failure::Barrier("not tracking"))
+                })?;
                 Ok(Probe {
                     name: tracker.name.clone(),
                     connection,
@@ -287,20 +287,20 @@ struct Probe {
 }
 
 impl Probe {
-    async fn run(mut self, shared: &Shared) -> Result<(), String> {
+    async fn run(mut self, shared: &Shared) -> Result<(), StepError> {
         let Some(marker) = self.marker.as_deref() else {
             return redis::cmd("PING")
                 .query_async::<()>(&mut self.connection)
                 .await
-                .map_err(|error| format!("{}: {error}", self.name));
+                .map_err(|error| StepError::new(&self.name, error));
         };
         let value: Option<Vec<u8>> = redis::cmd("GET")
             .arg(marker)
             .query_async(&mut self.connection)
             .await
-            .map_err(|error| format!("{}: {error}", self.name))?;
+            .map_err(|error| StepError::new(&self.name, error))?;
         let Some(token) = self.token else {
-            return Err(format!("{}: not seeded", self.name));
+            return Err(StepError::new(&self.name, Failure::Barrier("not seeded")));
         };
         if value.as_deref() == Some(token.as_bytes()) {
             return Ok(());
@@ -312,10 +312,8 @@ impl Probe {
             self.wake.notify_one();
             shared.on_change.notify_one();
         }
-        Err(format!(
-            "{}: the tracked database's contents were replaced since the index was seeded",
-            self.name
-        ))
+        let replaced = "the tracked database's contents were replaced since the index was seeded";
+        Err(StepError::new(&self.name, Failure::Barrier(replaced)))
     }
 }
 
