@@ -25,14 +25,16 @@
 //! - While a node's part is being seeded, or its tracking connection is lost, the index is not
 //!   complete and changes are swept instead ([`crate::finder`]).
 //!
-//! Key names are packed into small sorted byte blocks ([`store`]): about a dozen bytes per key on
-//! top of its name. Memory is bounded by `--index-max-keys`: past it the index is dropped for good
+//! Key names are packed into small sorted byte blocks, each key stored as what it does not share
+//! with the key before it ([`store`]); a seed's keys are sorted apart and built into the blocks
+//! in one pass when its `SCAN` is done ([`seed`]). Memory is bounded by `--index-max-keys`: past it the index is dropped for good
 //! (until the daemon restarts) and the worker sweeps.
 //!
 //! This module holds the index's parts and their lookups; [`tracking`] the connections that keep
 //! them, and [`deletes`] the delete path of a window answered from the index.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -46,9 +48,11 @@ use crate::telemetry::names;
 use crate::window::PatternSpec;
 
 pub(crate) mod deletes;
+mod seed;
 mod store;
 pub mod tracking;
 
+use seed::SeedKeys;
 use store::KeyStore;
 
 /// Keys whose existence is checked in one pipeline: a few hundred microseconds of Redis time.
@@ -66,6 +70,9 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct NodeIndex {
     keys: KeyStore,
+    /// The running seed's keys, built into `keys` when its `SCAN` is done ([`seed`]). Until
+    /// then `keys` holds what the announcements added.
+    seed: Option<SeedKeys>,
     /// Announced keys whose existence has not been checked since.
     to_verify: FxHashSet<Box<[u8]>>,
     /// Announced keys under a refill guard: checked by deleting them (an `UNLINK` on the tracking
@@ -115,12 +122,13 @@ pub struct Checks {
 }
 
 impl NodeIndex {
+    /// Keys held (while seeding, counting each key the `SCAN` returned so far, repeats too).
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.seed.as_ref().map_or(0, SeedKeys::given)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.len() == 0
     }
 
     pub fn is_complete(&self) -> bool {
@@ -138,6 +146,9 @@ impl NodeIndex {
     }
 
     fn remove(&mut self, key: &[u8], total: &AtomicUsize) {
+        if let Some(seed) = &mut self.seed {
+            seed.removed(key);
+        }
         if self.keys.remove(key) {
             total.fetch_sub(1, Ordering::Relaxed);
         }
@@ -145,8 +156,9 @@ impl NodeIndex {
 
     /// Forgets every key (a new seed, a lost connection, a dropped index).
     pub fn clear(&mut self, total: &AtomicUsize) {
-        total.fetch_sub(self.keys.len(), Ordering::Relaxed);
+        total.fetch_sub(self.len(), Ordering::Relaxed);
         self.keys = KeyStore::default();
+        self.seed = None;
         self.to_verify = FxHashSet::default();
         self.to_unlink = FxHashSet::default();
         self.verifying = FxHashMap::default();
@@ -206,9 +218,14 @@ impl NodeIndex {
         self.dropped_by
     }
 
-    /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran.
+    /// A key the seed's `SCAN` returned: it existed when the `SCAN` ran. Kept aside until the
+    /// seed is finished (counted meanwhile, so the memory bound holds during a seed).
     pub fn seeded(&mut self, key: &[u8], total: &AtomicUsize) {
-        self.insert(key, total);
+        if !self.alive {
+            return;
+        }
+        self.seed.get_or_insert_with(SeedKeys::default).push(key);
+        total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes up to [`VERIFY_BATCH`] announced keys to check, those to delete first (a refill is
@@ -277,10 +294,18 @@ impl NodeIndex {
         self.token.clone()
     }
 
-    pub fn seed_finished(&mut self) {
-        if self.alive {
-            self.complete = true;
+    /// The seed's `SCAN` is done: its keys join the store, and the part is complete.
+    pub fn seed_finished(&mut self, total: &AtomicUsize) {
+        if !self.alive {
+            return;
         }
+        if let Some(seed) = self.seed.take() {
+            let counted = self.keys.len() + seed.given();
+            self.keys = seed.finish(&self.keys);
+            total.fetch_sub(counted, Ordering::Relaxed);
+            total.fetch_add(self.keys.len(), Ordering::Relaxed);
+        }
+        self.complete = true;
     }
 
     pub fn tracking_connection(&self) -> Option<MultiplexedConnection> {
@@ -399,27 +424,21 @@ pub fn lookup(nodes: &[Arc<Mutex<NodeIndex>>], patterns: &[PatternSpec]) -> Opti
             return None;
         }
         let mut keys: Vec<(Box<[u8]>, usize)> = Vec::new();
-        let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
         for (literal, is_prefix, index) in &ranges {
             if *is_prefix {
-                for key in under(&node.keys, literal) {
-                    if seen.insert(key) {
-                        keys.push((key.into(), *index));
-                    }
-                }
-            } else if node.keys.contains(literal) && seen.insert(literal) {
+                under(&node.keys, literal, |key| keys.push((key.into(), *index)));
+            } else if node.keys.contains(literal) {
                 keys.push((literal.as_slice().into(), *index));
             }
         }
         for prefix in &walk {
-            for key in under(&node.keys, prefix) {
+            under(&node.keys, prefix, |key| {
                 if let Some(index) = others.find(key) {
-                    if seen.insert(key) {
-                        keys.push((key.into(), index as usize));
-                    }
+                    keys.push((key.into(), index as usize));
                 }
-            }
+            });
         }
+        keep_first_of_each(&mut keys);
         found.push(keys);
     }
     Some(found)
@@ -435,10 +454,25 @@ fn prefix_or_exact(glob: &Glob) -> Option<(Vec<u8>, bool)> {
     }
 }
 
-/// The keys of `keys` that start with `prefix`, in order.
-fn under<'a>(keys: &'a KeyStore, prefix: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
-    keys.from(prefix)
-        .take_while(move |key| key.starts_with(prefix))
+/// Calls `visit` with the keys of `keys` that start with `prefix`, in order.
+fn under(keys: &KeyStore, prefix: &[u8], mut visit: impl FnMut(&[u8])) {
+    keys.walk_from(prefix, |key| {
+        if !key.starts_with(prefix) {
+            return ControlFlow::Break(());
+        }
+        visit(key);
+        ControlFlow::Continue(())
+    });
+}
+
+/// Drops repeats of a key (two patterns of a window may name it), keeping its first finding.
+fn keep_first_of_each(keys: &mut Vec<(Box<[u8]>, usize)>) {
+    let keep: Vec<bool> = {
+        let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
+        keys.iter().map(|(key, _)| seen.insert(key)).collect()
+    };
+    let mut keep = keep.into_iter();
+    keys.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// Whether every key `pattern` can match lies under one of the tracked `prefixes`.
@@ -472,7 +506,7 @@ mod tests {
         for key in keys {
             index.seeded(key.as_bytes(), &total);
         }
-        index.seed_finished();
+        index.seed_finished(&total);
         Arc::new(Mutex::new(index))
     }
 
@@ -557,7 +591,36 @@ mod tests {
         for key in keys {
             index.seeded(key.as_bytes(), &shared.total_keys);
         }
+        index.seed_finished(&shared.total_keys);
         index
+    }
+
+    #[test]
+    fn a_key_found_gone_during_the_seed_is_not_brought_back_by_its_scan() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = NodeIndex {
+            alive: true,
+            ..NodeIndex::default()
+        };
+        // SCAN returned both; then `:1:a` was deleted (announced, checked: gone) and `:1:b`
+        // written again (announced, checked: there).
+        index.seeded(b":1:a", &shared.total_keys);
+        index.seeded(b":1:b", &shared.total_keys);
+        index.announced(b":1:a", &shared);
+        index.announced(b":1:b", &shared);
+        index.announced(b":1:c", &shared);
+        let checks = index.take_checks();
+        for key in &checks.exists {
+            index.verified(key, &**key != b":1:a", &shared.total_keys);
+        }
+        assert!(!index.is_complete());
+        index.seed_finished(&shared.total_keys);
+        assert!(index.is_complete());
+        assert!(!index.keys.contains(b":1:a"));
+        assert!(index.keys.contains(b":1:b"));
+        assert!(index.keys.contains(b":1:c"));
+        assert_eq!(index.len(), 2);
+        assert_eq!(shared.total_keys.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -34,7 +34,7 @@ impl InProcess {
             redis_ca_file: None,
         });
         settings.mode = mode;
-        // The issue measures the changes' own clearing: the refill guard's second pass is off.
+        // The measures time the changes' own clearing: the refill guard's second pass is off.
         settings.refill_guard = Duration::ZERO;
         if let Some(interval) = poll_interval {
             settings.poll_interval = interval;

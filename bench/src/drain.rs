@@ -19,7 +19,7 @@ use crate::sustained::{cpu_time, log_path, proc_status_kb, DaemonProcess};
 use crate::table::{self, Line};
 use crate::Size;
 
-/// Changes in the backlog, as issue 26 defines the measure.
+/// Changes in the backlog: single-row changes committed in one transaction.
 pub const DRAIN_CHANGES: u32 = 200_000;
 
 /// One drain, measured.

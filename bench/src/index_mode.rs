@@ -25,10 +25,10 @@ use crate::{Size, BURST_CHANGES, IDLE_REPEATS};
 const START_POLL: Duration = Duration::from_millis(2);
 /// The in-process daemon's poll interval: the worker updates its health state (what says
 /// "complete") once per turn of its loop, and an idle worker turns once per poll interval; at the
-/// default 5 s the state would trail the seed by up to 5 s, which the "complete after start"
-/// figure would include. An extra outbox query per interval costs the measures nothing.
+/// default 5 s the latency measures would wait up to 5 s for it to start. An extra outbox query
+/// per interval costs the measures nothing.
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// The issue's steady load while the app's `GET`s are timed: 100 changes a second ...
+/// The steady load while the app's `GET`s are timed: 100 changes a second ...
 const STEADY_CHANGES_PER_SECOND: u32 = 100;
 /// ... for this long: a thousand changes, tens of thousands of `GET`s.
 const STEADY_SECONDS: u32 = 10;
@@ -50,32 +50,16 @@ pub async fn measure(
     base: Option<&Figures>,
 ) -> (Vec<Line>, Figures) {
     // First, while the keyspace is whole: every later measure removes keys (the sustained load
-    // most of them).
-    let memory = if size.options.largest {
-        Some(memory_line(size).await)
-    } else {
-        None
-    };
+    // most of them). The daemon binary as its own process, timed from its start.
+    let started = process_start(size).await;
     let daemon = InProcess::start(
         size.db_url,
         size.redis_server.daemon_url(),
         Mode::Index,
         Some(HEALTH_POLL_INTERVAL),
     );
-    let complete_after = daemon.wait_complete().await;
-    eprintln!(
-        "[{} keys] index mode: index complete after {}",
-        size.keys,
-        show(complete_after)
-    );
-    let complete_ratio = size.passes(complete_after);
-    let mut lines = vec![size.line(
-        "index mode: index complete after start (tracking on, then one `SCAN` of the keyspace \
-         while Redis announces writes)",
-        show(complete_after),
-        format!("{complete_ratio:.2}×"),
-        table::INDEX_COMPLETE.judge(complete_ratio),
-    )];
+    daemon.wait_complete().await;
+    let mut lines = vec![started.complete_line(size)];
     let get = get_line(size, rows).await;
     let measured = measure::idle_then_burst(size, rows, None, "index mode: ").await;
     daemon.stop().await;
@@ -84,7 +68,7 @@ pub async fn measure(
     if size.options.first {
         lines.extend(sustained_lines(size).await);
     }
-    lines.extend(memory);
+    lines.extend(started.memory_lines(size));
     let figures = Figures {
         keys_label: size.keys.clone(),
         idle: measured.idle,
@@ -216,10 +200,25 @@ async fn sustained_line(size: &Size<'_>, label: &str) -> Line {
     )
 }
 
-/// The daemon process in `--mode index`: its resident memory before the seed and once the index
-/// is complete, the growth divided by the keys it indexed (`cache_invalidator_index_keys`).
-async fn memory_line(size: &Size<'_>) -> Line {
-    let log = log_path("memory");
+/// What the daemon process showed from its start until its index was complete.
+struct ProcessStart {
+    /// From spawning the process until `/healthz` said the index is complete.
+    complete_after: Duration,
+    /// VmRSS at the first moment its metrics listener answered (before the seed), and keys
+    /// indexed by then.
+    rss_before_kb: u64,
+    keys_before: u64,
+    /// VmRSS, VmHWM and keys indexed once the index was complete.
+    rss_after_kb: u64,
+    hwm_kb: u64,
+    keys_after: u64,
+}
+
+/// Starts the daemon binary in `--mode index` as an operator does and waits until `/healthz`
+/// stops saying it is seeding; reads its resident memory before the seed and then.
+async fn process_start(size: &Size<'_>) -> ProcessStart {
+    let log = log_path("index-start");
+    let started = Instant::now();
     let daemon = DaemonProcess::spawn(
         size.worker_binary,
         size.db_url,
@@ -229,7 +228,6 @@ async fn memory_line(size: &Size<'_>) -> Line {
     );
     let indexed_keys =
         |metrics: &str| sustained::metric_value(metrics, names::INDEX_KEYS).unwrap_or(0.0) as u64;
-    let started = Instant::now();
     // Before the seed: the first moment its metrics listener answers, which it binds before the
     // worker connects to Redis. Any key indexed by then is subtracted below.
     let (rss_before_kb, keys_before) = loop {
@@ -246,35 +244,89 @@ async fn memory_line(size: &Size<'_>) -> Line {
     };
     daemon.wait_index_complete(&log).await;
     let complete_after = started.elapsed();
-    let rss_after_kb = proc_status_kb(daemon.pid, "VmRSS:").unwrap_or(0);
-    let hwm_kb = proc_status_kb(daemon.pid, "VmHWM:").unwrap_or(0);
-    let keys_after = daemon
-        .scrape("/metrics")
-        .map_or(0, |metrics| indexed_keys(&metrics));
+    let measured = ProcessStart {
+        complete_after,
+        rss_before_kb,
+        keys_before,
+        rss_after_kb: proc_status_kb(daemon.pid, "VmRSS:").unwrap_or(0),
+        hwm_kb: proc_status_kb(daemon.pid, "VmHWM:").unwrap_or(0),
+        keys_after: daemon
+            .scrape("/metrics")
+            .map_or(0, |metrics| indexed_keys(&metrics)),
+    };
     daemon.stop();
-    let indexed = keys_after.saturating_sub(keys_before).max(1) as f64;
-    let per_key = rss_after_kb.saturating_sub(rss_before_kb) as f64 * 1024.0 / indexed;
-    let peak_per_key = hwm_kb.saturating_sub(rss_before_kb) as f64 * 1024.0 / indexed;
     eprintln!(
-        "[{} keys] index mode: {per_key:.0} bytes of RSS per indexed key ({} keys)",
+        "[{} keys] index mode: index complete {} after the process started; VmRSS {:.1} MB for \
+         {} keys",
         size.keys,
-        thousands(keys_after)
+        show(complete_after),
+        measured.rss_after_kb as f64 / 1024.0,
+        thousands(measured.keys_after)
     );
-    size.line(
-        "index mode: worker memory, daemon as its own process (`--mode index`): VmRSS growth from \
-         before the seed to the index complete, per indexed key",
-        format!(
-            "{per_key:.0} bytes/key ({:.1} MB → {:.1} MB for {} keys; peak {peak_per_key:.0} \
-             bytes/key (VmHWM {:.1} MB); complete {} after the process started)",
-            rss_before_kb as f64 / 1024.0,
-            rss_after_kb as f64 / 1024.0,
-            thousands(keys_after),
-            hwm_kb as f64 / 1024.0,
-            show(complete_after)
-        ),
-        String::new(),
-        table::INDEX_MEMORY.judge(per_key, keys_after),
-    )
+    measured
+}
+
+impl ProcessStart {
+    fn complete_line(&self, size: &Size<'_>) -> Line {
+        let ratio = size.passes(self.complete_after);
+        size.line(
+            "index mode: index complete after the process starts (the daemon binary, until \
+             `/healthz` stops saying seeding: tracking on, then one `SCAN` of the keyspace while \
+             Redis announces writes)",
+            format!(
+                "{} ({} keys indexed)",
+                show(self.complete_after),
+                thousands(self.keys_after)
+            ),
+            format!("{ratio:.2}×"),
+            table::INDEX_COMPLETE.judge(ratio),
+        )
+    }
+
+    /// The memory the index costs per key, both ways: the whole VmRSS, and its growth from
+    /// before the seed. At the run's largest size only.
+    fn memory_lines(&self, size: &Size<'_>) -> Vec<Line> {
+        if !size.options.largest {
+            return Vec::new();
+        }
+        let indexed = self.keys_after.saturating_sub(self.keys_before).max(1) as f64;
+        let mb = |kb: u64| kb as f64 / 1024.0;
+        let rss_per_key = self.rss_after_kb as f64 * 1024.0 / self.keys_after.max(1) as f64;
+        let growth_per_key =
+            self.rss_after_kb.saturating_sub(self.rss_before_kb) as f64 * 1024.0 / indexed;
+        let peak_per_key = self.hwm_kb.saturating_sub(self.rss_before_kb) as f64 * 1024.0 / indexed;
+        eprintln!(
+            "[{} keys] index mode: {rss_per_key:.0} bytes of RSS and {growth_per_key:.0} bytes of \
+             RSS growth per indexed key",
+            size.keys
+        );
+        let label = "index mode: worker memory per indexed key, daemon as its own process \
+                     (`--mode index`), once the index is complete";
+        vec![
+            size.line(
+                format!("{label}: VmRSS ÷ indexed keys"),
+                format!(
+                    "{rss_per_key:.0} bytes/key ({:.1} MB for {} keys)",
+                    mb(self.rss_after_kb),
+                    thousands(self.keys_after)
+                ),
+                String::new(),
+                table::INDEX_MEMORY.judge(rss_per_key, self.keys_after),
+            ),
+            size.line(
+                format!("{label}: VmRSS growth from before the seed ÷ keys indexed since"),
+                format!(
+                    "{growth_per_key:.0} bytes/key ({:.1} MB → {:.1} MB; peak {peak_per_key:.0} \
+                     bytes/key, VmHWM {:.1} MB)",
+                    mb(self.rss_before_kb),
+                    mb(self.rss_after_kb),
+                    mb(self.hwm_kb)
+                ),
+                String::new(),
+                table::INDEX_MEMORY.judge(growth_per_key, self.keys_after),
+            ),
+        ]
+    }
 }
 
 #[cfg(test)]

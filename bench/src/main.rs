@@ -1,5 +1,5 @@
 //! `bench`: measures the daemon against the physical floor and the naive approach, on data it
-//! builds itself (issue 5). Run it from the repository root:
+//! builds itself. Run it from the repository root:
 //!
 //! ```text
 //! cargo run --release -p cache-invalidator-bench -- [--quick] [--keys N[,N…]] [--cluster] [--only …]
@@ -126,7 +126,7 @@ const BURST_CHANGES: usize = 1_000;
 const NAIVE_SAMPLE: usize = 20;
 /// Repeats of the single-change measure (its median is reported).
 const IDLE_REPEATS: usize = 7;
-/// Primaries of the `--cluster` run (issue 7: "3 primaries on this machine").
+/// Primaries of the `--cluster` run (three, the fewest `redis-cli --cluster create` accepts).
 const CLUSTER_PRIMARIES: usize = 3;
 
 #[tokio::main]

@@ -1,6 +1,5 @@
 //! The daemon's client-side sweep against a server-side Lua sweep, fed the same kind of patterns
-//! (issue 5: "if a Lua server-side sweep beats the client-side sweep, measure both and keep the
-//! better one").
+//! (if a Lua server-side sweep beat the client-side one, the daemon would use it; it does not).
 //!
 //! Both start from the patterns of a burst of changes, already expanded (no Postgres here), and
 //! end when their pass is over and the keys are gone; each is then checked like every other

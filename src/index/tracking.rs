@@ -5,10 +5,11 @@
 //! rules' literal prefixes, and from then on every announcement the connection reads is applied
 //! to the node's part as it is read (before any reply that follows it on the connection resolves,
 //! which is what makes any command on this connection a barrier). Its task then seeds the part with
-//! one `SCAN`, and checks the existence of announced keys in batches (gathered for a few
-//! milliseconds) — all on the same connection, one pipeline at a time, so their answers apply in
-//! the order Redis ran them. If the connection is lost, the part is cleared, and the task
-//! reconnects and seeds again: that node's part only.
+//! one `SCAN` pass, split into lanes with a request each in flight ([`lanes`]), and checks the
+//! existence of announced keys in batches (gathered for a few milliseconds) — all on the same
+//! connection, their answers applied in the order Redis ran them (once the seed is done, one
+//! pipeline at a time). If the connection is lost, the part is cleared, and the task reconnects
+//! and seeds again: that node's part only.
 //!
 //! Redis announces nothing when a database's contents are replaced wholesale (`SWAPDB`, checked
 //! in Redis' and Valkey's `db.c`: neither calls the tracking code there). So outside a cluster
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
@@ -35,9 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::index::{self, lock, Checks, Dropped, NodeIndex, Shared};
-use crate::redis_nodes::{Node, ShardView};
+use crate::redis_nodes::{CursorOrder, Node, ShardView};
 use crate::telemetry::names;
 use crate::window::{Failure, PatternSpec, StepError};
+
+mod lanes;
+
+use lanes::{SeedLanes, SEED_LANES};
 
 /// Keys Redis examines per seed `SCAN`: about a millisecond of Redis time, like the sweep's calls
 /// (the app shares this Redis).
@@ -176,6 +182,7 @@ impl Tracking {
                 wake: Arc::default(),
                 command_timeout: self.command_timeout,
                 marker,
+                cursor_order: node.cursor_order,
             };
             match Tracker::start(link, node.shard.clone(), reason).await {
                 Ok(tracker) => trackers.push(tracker),
@@ -370,6 +377,8 @@ struct Link {
     command_timeout: Duration,
     /// The marker key (none in a cluster).
     marker: Option<Arc<[u8]>>,
+    /// How the node's `SCAN` cursor orders its keys: whether the seed can run in lanes.
+    cursor_order: CursorOrder,
 }
 
 /// How a tracker's maintenance ended.
@@ -518,56 +527,62 @@ impl Link {
         }
     }
 
-    /// The seed `SCAN`, existence checks of announced keys and the refill guard's deletes, one
-    /// pipeline at a time on the tracking connection, each reading the marker first.
+    /// The seed `SCAN`, existence checks of announced keys and the refill guard's deletes on the
+    /// tracking connection, each pipeline reading the marker first. While the seed runs, one
+    /// pipeline per lane is in flight ([`lanes`]); afterwards one at a time. Replies are applied
+    /// in the order Redis ran them.
     async fn maintain(
         &self,
         connection: &mut MultiplexedConnection,
         stop: &CancellationToken,
     ) -> Ended {
-        let seed_glob = seed_glob(&self.prefixes);
+        let seed_glob: Arc<[u8]> = seed_glob(&self.prefixes).into();
         let token = random_token();
         let mut marker = MarkerStep::Write(token.clone());
-        let mut cursor: Option<u64> = Some(0);
+        let mut lanes = SeedLanes::new(self.cursor_order, SEED_LANES);
         let started = Instant::now();
         let mut clock = MarkerClock {
             read: Instant::now(),
             renewed: Instant::now(),
         };
+        let mut in_flight = FuturesOrdered::new();
         loop {
             if self.shared.over_limit.load(Ordering::Relaxed) {
                 return Ended::OverLimit;
             }
-            let step = std::mem::replace(&mut marker, MarkerStep::Read { renew: false });
-            let work = match self.next_work(step, cursor, &clock) {
-                Ok(work) => work,
-                Err(ended) => return ended,
-            };
-            if work.is_empty() {
+            loop {
+                let work = match self.next_to_send(
+                    &mut marker,
+                    &mut lanes,
+                    &clock,
+                    in_flight.is_empty(),
+                ) {
+                    Ok(Some(work)) => work,
+                    Ok(None) => break,
+                    Err(ended) => return ended,
+                };
+                clock.sent(&work);
+                in_flight.push_back(self.send(work, &seed_glob, connection.clone()));
+            }
+            if in_flight.is_empty() {
                 if self.idle(stop).await {
                     return Ended::Stopped;
                 }
                 continue;
             }
-            clock.sent(&work);
-            let pipe = work.pipeline(&seed_glob, self.marker.as_deref());
-            let replies: Vec<Value> = tokio::select! {
-                replies = pipe.query_async(connection) => match replies {
-                    Ok(replies) => replies,
-                    Err(error) => {
-                        lock(&self.index).verification_lost();
-                        return Ended::Lost(error.to_string());
-                    }
-                },
+            let (work, replies) = tokio::select! {
+                Some(sent) = in_flight.next() => sent,
                 _ = stop.cancelled() => return Ended::Stopped,
             };
-            match self.apply(&work, &token, replies) {
-                Ok(next) => cursor = next,
-                Err(ended) => return ended,
-            }
-            if cursor.is_none() && work.cursor.is_some() {
-                self.shared.on_change.notify_one();
-                info!(node = %self.name, keys = lock(&self.index).len(), duration_ms = started.elapsed().as_millis() as u64, "index: complete");
+            let replies = match replies {
+                Ok(replies) => replies,
+                Err(error) => {
+                    lock(&self.index).verification_lost();
+                    return Ended::Lost(error.to_string());
+                }
+            };
+            if let Err(ended) = self.applied(&work, &token, replies, &mut lanes, started) {
+                return ended;
             }
             if self.shared.past_the_bound() {
                 self.shared.over_limit.store(true, Ordering::Relaxed);
@@ -577,12 +592,80 @@ impl Link {
         }
     }
 
+    /// The next pipeline to send, if one is due: while seeding, one for each lane without a
+    /// `SCAN` in flight; otherwise the checks and marker reads due, once nothing is in flight.
+    fn next_to_send(
+        &self,
+        marker: &mut MarkerStep,
+        lanes: &mut SeedLanes,
+        clock: &MarkerClock,
+        nothing_in_flight: bool,
+    ) -> Result<Option<Work>, Ended> {
+        let scan = lanes.next_idle();
+        if scan.is_none() && !nothing_in_flight {
+            return Ok(None);
+        }
+        let step = std::mem::replace(marker, MarkerStep::Read { renew: false });
+        let work = self.next_work(step, scan, clock)?;
+        Ok((!work.is_empty()).then_some(work))
+    }
+
+    /// Sends `work`'s pipeline; resolves with the work and its replies.
+    fn send(
+        &self,
+        work: Work,
+        seed_glob: &Arc<[u8]>,
+        mut connection: MultiplexedConnection,
+    ) -> BoxFuture<'static, (Work, redis::RedisResult<Vec<Value>>)> {
+        let pipe = work.pipeline(seed_glob, self.marker.as_deref());
+        async move {
+            let replies = pipe.query_async(&mut connection).await;
+            (work, replies)
+        }
+        .boxed()
+    }
+
+    /// Applies a pipeline's replies; moves its lane on, and finishes the seed once every lane
+    /// has covered its share.
+    fn applied(
+        &self,
+        work: &Work,
+        token: &Arc<str>,
+        replies: Vec<Value>,
+        lanes: &mut SeedLanes,
+        started: Instant,
+    ) -> Result<(), Ended> {
+        let next = self.apply(work, token, replies)?;
+        let (Some((lane, _)), Some(next)) = (work.scan, next) else {
+            return Ok(());
+        };
+        lanes.advanced(lane, next);
+        if !lanes.finished() {
+            return Ok(());
+        }
+        let building = Instant::now();
+        let keys = {
+            let mut part = lock(&self.index);
+            part.seed_finished(&self.shared.total_keys);
+            part.len()
+        };
+        self.shared.on_change.notify_one();
+        info!(
+            node = %self.name,
+            keys,
+            duration_ms = started.elapsed().as_millis() as u64,
+            built_in_ms = building.elapsed().as_millis() as u64,
+            "index: complete"
+        );
+        Ok(())
+    }
+
     /// The next pipeline's work: the checks due, the seed's next `SCAN`, what to do with the
     /// marker. `Err` when the part was dropped.
     fn next_work(
         &self,
         marker: MarkerStep,
-        cursor: Option<u64>,
+        scan: Option<(usize, u64)>,
         clock: &MarkerClock,
     ) -> Result<Work, Ended> {
         let mut part = lock(&self.index);
@@ -604,7 +687,7 @@ impl Link {
         };
         Ok(Work {
             checks: part.take_checks(),
-            cursor,
+            scan,
             marker_due: self.marker.is_some() && clock.read.elapsed() >= MARKER_RECHECK,
             marker,
         })
@@ -632,8 +715,8 @@ impl Link {
         }
     }
 
-    /// Applies the replies of `work`'s pipeline to the part; the seed's next cursor (`None` once
-    /// it is finished).
+    /// Applies the replies of `work`'s pipeline to the part; the next cursor of its `SCAN`, if it
+    /// had one.
     fn apply(
         &self,
         work: &Work,
@@ -680,7 +763,7 @@ impl Link {
             metrics::counter!(names::REFILL_KEYS_DELETED).increment(refills);
             info!(node = %self.name, keys = refills, "refill guard removed keys written back after their invalidation");
         }
-        if work.cursor.is_none() {
+        if work.scan.is_none() {
             return Ok(None);
         }
         let scanned = replies
@@ -694,11 +777,7 @@ impl Link {
                 part.seeded(&key, &self.shared.total_keys);
             }
         }
-        if next != 0 {
-            return Ok(Some(next));
-        }
-        part.seed_finished();
-        Ok(None)
+        Ok(Some(next))
     }
 }
 
@@ -733,8 +812,8 @@ impl MarkerClock {
 /// One pipeline's work on the tracking connection.
 struct Work {
     checks: Checks,
-    /// The seed's cursor, while it runs.
-    cursor: Option<u64>,
+    /// The seed's `SCAN`, while it runs: its lane and cursor.
+    scan: Option<(usize, u64)>,
     marker: MarkerStep,
     /// The marker's periodic read is due (a pipeline is sent for it alone if need be).
     marker_due: bool,
@@ -745,7 +824,7 @@ impl Work {
     fn is_empty(&self) -> bool {
         self.checks.exists.is_empty()
             && self.checks.unlink.is_empty()
-            && self.cursor.is_none()
+            && self.scan.is_none()
             && !self.marker_due
     }
 
@@ -762,7 +841,7 @@ impl Work {
         for key in &self.checks.unlink {
             commands.push(redis::cmd("UNLINK").arg(&**key).to_owned());
         }
-        if let Some(at) = self.cursor {
+        if let Some((_, at)) = self.scan {
             let mut scan = redis::cmd("SCAN");
             scan.arg(at);
             if seed_glob != b"*" {
