@@ -441,26 +441,8 @@ async fn random_writes_of_other_clients_leave_no_key_of_a_change_behind() {
             let key = &others[rng.below(others.len() as u64) as usize];
             run(&mut writers.db0, redis::cmd("SET").arg(key).arg("v")).await;
         }
-        let gone = wait_until(Duration::from_secs(10), || {
-            let mut db0 = writers.db0.clone();
-            let present = present.clone();
-            async move {
-                for key in &present {
-                    if exists(&mut db0, key).await {
-                        return false;
-                    }
-                }
-                true
-            }
-        })
-        .await;
-        if !gone {
-            let mut left = Vec::new();
-            for key in &present {
-                if exists(&mut writers.db0, key).await {
-                    left.push(key.clone());
-                }
-            }
+        let left = survivors_after(&mut writers.db0, &present, Duration::from_secs(10)).await;
+        if !left.is_empty() {
             panic!("KEY_FIDELITY_SEED={seed} round {round}: {change:?} left {left:?} (writes before it: {history:?})");
         }
     }

@@ -141,7 +141,19 @@ pub async fn assert_gone_within(
     keys: &[String],
     timeout: Duration,
 ) {
-    let mut survivors = Vec::new();
+    let survivors = survivors_after(connection, keys, timeout).await;
+    if !survivors.is_empty() {
+        panic!("keys still present after {timeout:?}: {survivors:?}");
+    }
+}
+
+/// Waits until none of `keys` exists, at most `timeout`; returns those still there then (none
+/// when they all went), for a caller whose failure message needs more than the keys.
+pub async fn survivors_after(
+    connection: &mut MultiplexedConnection,
+    keys: &[String],
+    timeout: Duration,
+) -> Vec<String> {
     let gone = wait_until(timeout, || {
         let mut connection = connection.clone();
         let keys = keys.to_vec();
@@ -155,14 +167,15 @@ pub async fn assert_gone_within(
         }
     })
     .await;
+    let mut survivors = Vec::new();
     if !gone {
         for key in keys {
             if exists(connection, key).await {
                 survivors.push(key.clone());
             }
         }
-        panic!("keys still present after {timeout:?}: {survivors:?}");
     }
+    survivors
 }
 
 /// Asserts every one of `keys` still exists.
