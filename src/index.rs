@@ -344,48 +344,72 @@ impl Shared {
 /// The refill guard in index mode: patterns a window cleared, each until its guard runs out. A key
 /// announced under one of them in that time was written back after its invalidation (a stale
 /// refill from a request that read the old row) and is deleted as it is announced.
+///
+/// A pattern is in the matcher once however many windows cleared it (a backlog of repeated edits,
+/// a hot row under load): a window clearing it again only moves its end later, which costs a hash
+/// look-up instead of parsing the glob into the matcher and out of it again.
 #[derive(Default)]
 pub struct Guards {
     matcher: Matcher,
-    /// Registrations in the order they run out.
-    entries: VecDeque<GuardEntry>,
+    /// Each guarded pattern: its id in the matcher, and when its guard runs out (the latest of the
+    /// windows that cleared it).
+    active: FxHashMap<Arc<str>, (PatternId, Instant)>,
+    /// When each window's guard of a pattern runs out, in the order they were added (the guard
+    /// delay is the same for all, so in time order too). A pattern leaves the matcher when its
+    /// last one runs out.
+    ends: VecDeque<(Instant, Arc<str>)>,
     next_id: PatternId,
 }
 
 impl Guards {
     /// Guards `patterns` until `until`.
     pub fn add(&mut self, patterns: &[PatternSpec], until: Instant) {
-        let mut ids = Vec::with_capacity(patterns.len());
         for spec in patterns {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            self.matcher.insert(&spec.pattern, id);
-            ids.push((spec.pattern.clone(), id));
+            match self.active.get_mut(&spec.pattern) {
+                Some((_, end)) => *end = (*end).max(until),
+                None => {
+                    let id = self.next_id;
+                    self.next_id = self.next_id.wrapping_add(1);
+                    self.matcher.insert(&spec.pattern, id);
+                    self.active.insert(spec.pattern.clone(), (id, until));
+                }
+            }
+            self.ends.push_back((until, spec.pattern.clone()));
         }
-        self.entries.push_back(GuardEntry {
-            until,
-            patterns: ids,
-        });
     }
 
     /// Whether a guarded pattern matches `key` now (guards that ran out are dropped first).
     pub fn covers(&mut self, key: &[u8]) -> bool {
-        let now = Instant::now();
-        while self.entries.front().is_some_and(|entry| entry.until <= now) {
-            if let Some(entry) = self.entries.pop_front() {
-                for (pattern, id) in entry.patterns {
+        self.drop_ended(Instant::now());
+        !self.matcher.is_empty() && self.matcher.find(key).is_some()
+    }
+
+    /// Drops the patterns whose last guard ended by `now`.
+    fn drop_ended(&mut self, now: Instant) {
+        while self.ends.front().is_some_and(|(until, _)| *until <= now) {
+            let Some((_, pattern)) = self.ends.pop_front() else {
+                break;
+            };
+            if let Some(&(id, end)) = self.active.get(&pattern) {
+                if end <= now {
                     self.matcher.remove(&pattern, id);
+                    self.active.remove(&pattern);
                 }
             }
         }
-        !self.matcher.is_empty() && self.matcher.find(key).is_some()
     }
-}
 
-/// One window's guarded patterns, with the ids they hold in the matcher, and when they run out.
-struct GuardEntry {
-    until: Instant,
-    patterns: Vec<(Arc<str>, PatternId)>,
+    /// Every guard ends now (tests of what happens after the guard delay).
+    #[cfg(test)]
+    fn end_all_now(&mut self) {
+        let now = Instant::now();
+        for (_, end) in self.active.values_mut() {
+            *end = now;
+        }
+        for (until, _) in self.ends.iter_mut() {
+            *until = now;
+        }
+    }
 }
 
 /// Keys a lookup found, per node, each with the index of the window's pattern that named it.
@@ -694,11 +718,30 @@ mod tests {
         index.announced(b":1:report:5:1:h", &shared);
         index.announced(b":1:report:6:1:h", &shared);
         assert_eq!(index.take_checks().unlink.len(), 1);
-        if let Some(entry) = lock(&shared.guards).entries.front_mut() {
-            entry.until = Instant::now();
-        }
+        lock(&shared.guards).end_all_now();
         index.announced(b":1:report:5:2:h", &shared);
         assert!(index.take_checks().unlink.is_empty());
+    }
+
+    #[test]
+    fn a_pattern_cleared_again_stays_guarded_until_its_last_guard_ends() {
+        let mut guards = Guards::default();
+        let ended = Instant::now() - std::time::Duration::from_millis(1);
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        guards.add(&[spec(":1:report:5:*"), spec(":1:report:6:*")], ended);
+        guards.add(&[spec(":1:report:5:*")], later);
+        assert!(
+            guards.covers(b":1:report:5:1:h"),
+            "the later window's guard holds"
+        );
+        assert!(
+            !guards.covers(b":1:report:6:1:h"),
+            "a guard that ended is dropped"
+        );
+        assert_eq!(guards.active.len(), 1);
+        guards.end_all_now();
+        assert!(!guards.covers(b":1:report:5:1:h"));
+        assert!(guards.matcher.is_empty() && guards.ends.is_empty());
     }
 
     #[test]
