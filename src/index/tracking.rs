@@ -8,8 +8,9 @@
 //! one `SCAN` pass, split into lanes with a request each in flight ([`lanes`]), and checks the
 //! existence of announced keys in batches (gathered for a few milliseconds; outside a cluster,
 //! a group of keys per `EXISTS`, see [`crate::index`]) — all on the same connection, their
-//! answers applied in the order Redis ran them (once the seed is done, one pipeline at a time). If the connection is lost, the part is cleared, and the task reconnects
-//! and seeds again: that node's part only.
+//! answers applied in the order Redis ran them (once the seed is done, one pipeline at a time).
+//! If the connection is lost, the part is cleared, and the task reconnects and seeds again: that
+//! node's part only.
 //!
 //! Redis announces nothing when a database's contents are replaced wholesale (`SWAPDB`, checked
 //! in Redis' and Valkey's `db.c`: neither calls the tracking code there). So outside a cluster
@@ -751,13 +752,15 @@ impl Link {
                 }
                 Command::Unlink(key) => {
                     let removed = reply.map(redis::from_redis_value::<u64>);
-                    // Gone now, whether the UNLINK removed a refill or found nothing.
-                    let failed = !matches!(removed, Some(Ok(_)));
-                    part.verified(key, failed, &self.shared.total_keys);
+                    // Gone now, whether the UNLINK removed a refill or found nothing; kept when
+                    // unanswered.
+                    let exists = !matches!(removed, Some(Ok(_)));
+                    part.verified(key, exists, &self.shared.total_keys);
                     if let Some(Ok(removed)) = removed {
                         refills += removed;
                     }
                 }
+                // Not a check: read below.
                 Command::Scan(_) => {}
             }
         }
