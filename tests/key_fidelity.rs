@@ -1,5 +1,6 @@
 //! No key survives its change, whatever else writes to Redis: an app's refill coalesced with the
-//! daemon's own delete into one announcement, a database swapped in without announcements, and a
+//! daemon's own delete into one announcement (alone, or among many keys whose existence the index
+//! checks with one `EXISTS`), a database swapped in without announcements, and a
 //! randomized mix of other clients' writes of every kind (TTLs, RENAME, MOVE, COPY, RESTORE,
 //! MULTI, EVAL, SWAPDB, FLUSHDB of another database, evictions under `maxmemory`) interleaved
 //! with row changes and the SQL request functions.
@@ -69,8 +70,14 @@ async fn attempt(
 
 /// `SET k`; the server pauses writes; a change's `UNLINK` of `k` is held; another client's `SET k`
 /// is held behind it; both run in one pass of Redis' event loop on unpausing, which announces `k`
-/// once. The next change must still clear `k`.
-async fn refill_coalesced_with_the_daemons_delete(tag: &str, refill_guard: Duration) {
+/// once. The next change must still clear `k`. With `siblings`, the change deletes that many other
+/// keys with `k`: in index mode their announcements are checked with `k`'s in groups (one `EXISTS`
+/// for many keys), and the group holding `k` finds it.
+async fn refill_coalesced_with_the_daemons_delete(
+    tag: &str,
+    refill_guard: Duration,
+    siblings: usize,
+) {
     let (private, space, db, client) = setup(tag).await;
     let mut redis = connection_to(&private, 0).await;
     let mut settings = test_settings(&db.url, &private.url(), space.rules());
@@ -80,11 +87,16 @@ async fn refill_coalesced_with_the_daemons_delete(tag: &str, refill_guard: Durat
     // Of a report no change names: in sweep mode a refill guard sweeps its patterns once more
     // after the guard, deleting what was written under them meanwhile.
     let decoy = space.key("report:99:2:h");
+    let siblings: Vec<String> = (0..siblings)
+        .map(|n| space.key(&format!("report:1:s{n}:h")))
+        .collect();
+    let mut written = vec![key.clone(), decoy.clone()];
+    written.extend(siblings.iter().cloned());
     for round in 0..3 {
         // Past the refill guard of the previous changes (the reports' inserts included), which
         // would delete the keys as they are written.
         tokio::time::sleep(refill_guard).await;
-        set_keys(&mut redis, &[key.clone(), decoy.clone()]).await;
+        set_keys(&mut redis, &written).await;
         let mut admin = connection_to(&private, 0).await;
         run(
             &mut admin,
@@ -105,6 +117,7 @@ async fn refill_coalesced_with_the_daemons_delete(tag: &str, refill_guard: Durat
             wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
             "round {round}: the change is done"
         );
+        assert_gone_within(&mut redis, &siblings, PATIENCE).await;
         touch_report(&client, 1).await;
         assert_gone_within(&mut redis, std::slice::from_ref(&key), PATIENCE).await;
         assert_kept(&mut redis, std::slice::from_ref(&decoy)).await;
@@ -115,12 +128,18 @@ async fn refill_coalesced_with_the_daemons_delete(tag: &str, refill_guard: Durat
 
 #[tokio::test]
 async fn a_refill_coalesced_with_the_daemons_delete_is_cleared_by_the_next_change() {
-    refill_coalesced_with_the_daemons_delete("fid_coalesce", Duration::ZERO).await;
+    refill_coalesced_with_the_daemons_delete("fid_coalesce", Duration::ZERO, 0).await;
+}
+
+/// The refilled key shares its existence check with the change's other keys, all gone but it.
+#[tokio::test]
+async fn a_refill_coalesced_with_the_deletes_of_many_keys_is_cleared_by_the_next_change() {
+    refill_coalesced_with_the_daemons_delete("fid_coalesce_n", Duration::ZERO, 200).await;
 }
 
 #[tokio::test]
 async fn a_refill_coalesced_with_the_daemons_delete_is_cleared_under_a_refill_guard() {
-    refill_coalesced_with_the_daemons_delete("fid_coalesce_g", Duration::from_secs(2)).await;
+    refill_coalesced_with_the_daemons_delete("fid_coalesce_g", Duration::from_secs(2), 0).await;
 }
 
 /// Keys that enter the database by `SWAPDB` (announced by no Redis) are found by the next change;

@@ -6,10 +6,11 @@
 //! to the node's part as it is read (before any reply that follows it on the connection resolves,
 //! which is what makes any command on this connection a barrier). Its task then seeds the part with
 //! one `SCAN` pass, split into lanes with a request each in flight ([`lanes`]), and checks the
-//! existence of announced keys in batches (gathered for a few milliseconds) — all on the same
-//! connection, their answers applied in the order Redis ran them (once the seed is done, one
-//! pipeline at a time). If the connection is lost, the part is cleared, and the task reconnects
-//! and seeds again: that node's part only.
+//! existence of announced keys in batches (gathered for a few milliseconds; outside a cluster,
+//! a group of keys per `EXISTS`, see [`crate::index`]) — all on the same connection, their
+//! answers applied in the order Redis ran them (once the seed is done, one pipeline at a time).
+//! If the connection is lost, the part is cleared, and the task reconnects and seeds again: that
+//! node's part only.
 //!
 //! Redis announces nothing when a database's contents are replaced wholesale (`SWAPDB`, checked
 //! in Redis' and Valkey's `db.c`: neither calls the tracking code there). So outside a cluster
@@ -36,7 +37,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::index::{self, lock, Checks, Dropped, NodeIndex, Shared};
+use crate::index::{self, lock, Checks, Dropped, Key, NodeIndex, Shared, EXISTS_GROUP};
 use crate::redis_nodes::{CursorOrder, Node, ShardView};
 use crate::telemetry::names;
 use crate::window::{Failure, PatternSpec, StepError};
@@ -70,9 +71,10 @@ const MARKER_RENEW: Duration = Duration::from_secs(MARKER_TTL_SECONDS / 6);
 /// The marker keys' common prefix (each daemon adds a random part): outside the cache's key space
 /// (its ACL must allow `GET`, `SET`, `EXPIRE` on it, and `MULTI`/`EXEC`).
 pub const MARKER_PREFIX: &str = "cache-invalidator:index-marker:";
-/// Commands per `MULTI`/`EXEC` of a check pipeline. Redis serves no one else while it runs a
-/// transaction, so a batch is cut into transactions about as long as what it runs of a plain
-/// pipeline per read of a client (16 KiB of ~80-byte commands).
+/// Commands per `MULTI`/`EXEC` of a check pipeline, an `EXISTS` of a group counting one per key
+/// it names. Redis serves no one else while it runs a transaction, so a batch is cut into
+/// transactions about as long as what it runs of a plain pipeline per read of a client (16 KiB
+/// of ~80-byte commands, or of keys in a group's `EXISTS`).
 const TRANSACTION_COMMANDS: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
@@ -687,6 +689,10 @@ impl Link {
         };
         Ok(Work {
             checks: part.take_checks(),
+            group: match self.marker {
+                Some(_) => EXISTS_GROUP,
+                None => 1,
+            },
             scan,
             marker_due: self.marker.is_some() && clock.read.elapsed() >= MARKER_RECHECK,
             marker,
@@ -737,26 +743,25 @@ impl Link {
             part.seeding_with(token.clone());
         }
         let mut replies = replies.into_iter();
-        for key in &work.checks.exists {
-            let exists = replies
-                .next()
-                .and_then(|reply| redis::from_redis_value::<i64>(reply).ok())
-                .map(|count| count > 0);
-            // Unreadable: keep the key (a stale entry costs an UNLINK, a missing one a stale
-            // page) and check it again.
-            part.verified(key, exists.unwrap_or(true), &self.shared.total_keys);
-        }
         let mut refills = 0u64;
-        for key in &work.checks.unlink {
-            let removed = replies.next().map(redis::from_redis_value::<u64>);
-            // Gone now, whether the UNLINK removed a refill or found nothing.
-            part.verified(
-                key,
-                !matches!(removed, Some(Ok(_))),
-                &self.shared.total_keys,
-            );
-            if let Some(Ok(removed)) = removed {
-                refills += removed;
+        for command in work.check_commands() {
+            let reply = replies.next();
+            match command {
+                Command::Exists(group) => {
+                    part.group_verified(group, exists_count(reply), &self.shared.total_keys);
+                }
+                Command::Unlink(key) => {
+                    let removed = reply.map(redis::from_redis_value::<u64>);
+                    // Gone now, whether the UNLINK removed a refill or found nothing; kept when
+                    // unanswered.
+                    let exists = !matches!(removed, Some(Ok(_)));
+                    part.verified(key, exists, &self.shared.total_keys);
+                    if let Some(Ok(removed)) = removed {
+                        refills += removed;
+                    }
+                }
+                // Not a check: read below.
+                Command::Scan(_) => {}
             }
         }
         if refills > 0 {
@@ -812,6 +817,9 @@ impl MarkerClock {
 /// One pipeline's work on the tracking connection.
 struct Work {
     checks: Checks,
+    /// Keys of `checks.exists` per `EXISTS`: [`EXISTS_GROUP`] with a marker (not a cluster node),
+    /// else 1 (a cluster refuses a multi-key command across hash slots: `CROSSSLOT`).
+    group: usize,
     /// The seed's `SCAN`, while it runs: its lane and cursor.
     scan: Option<(usize, u64)>,
     marker: MarkerStep,
@@ -822,73 +830,75 @@ struct Work {
 impl Work {
     /// Nothing to send: no check, no seed, and no marker due for its periodic read.
     fn is_empty(&self) -> bool {
-        self.checks.exists.is_empty()
-            && self.checks.unlink.is_empty()
-            && self.scan.is_none()
-            && !self.marker_due
+        self.checks.is_empty() && self.scan.is_none() && !self.marker_due
+    }
+
+    /// The checks' commands, in the order they are sent and answered.
+    fn check_commands(&self) -> impl Iterator<Item = Command<'_>> {
+        let checks = &self.checks;
+        let groups = checks.exists.chunks(self.group.max(1)).map(Command::Exists);
+        let each = checks.exists_each.chunks(1).map(Command::Exists);
+        // One key per UNLINK: a cluster node refuses multi-key commands across slots.
+        let unlink = checks.unlink.iter().map(|key| Command::Unlink(key));
+        groups.chain(each).chain(unlink)
     }
 
     /// The work's commands; with a marker, cut into `MULTI`/`EXEC` transactions of at most
     /// [`TRANSACTION_COMMANDS`], each reading the marker first, so no check or `SCAN` can run
     /// against swapped-in contents unnoticed (only each `EXEC`'s reply is returned).
     fn pipeline(&self, seed_glob: &[u8], marker: Option<&[u8]>) -> redis::Pipeline {
-        let mut commands =
-            Vec::with_capacity(self.checks.exists.len() + self.checks.unlink.len() + 1);
-        for key in &self.checks.exists {
-            commands.push(redis::cmd("EXISTS").arg(&**key).to_owned());
-        }
-        // One key per UNLINK: a cluster node refuses multi-key commands across slots.
-        for key in &self.checks.unlink {
-            commands.push(redis::cmd("UNLINK").arg(&**key).to_owned());
-        }
-        if let Some((_, at)) = self.scan {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(at);
-            if seed_glob != b"*" {
-                scan.arg("MATCH").arg(seed_glob);
-            }
-            commands.push(scan.arg("COUNT").arg(SEED_SCAN_COUNT).to_owned());
-        }
+        let scan = self.scan.map(|(_, at)| Command::Scan(at));
+        let commands = self.check_commands().chain(scan);
+        // Each command is written into the pipeline once, as it comes: no `Cmd` of its own.
         let mut pipe = redis::pipe();
         let Some(marker) = marker else {
             for command in commands {
-                pipe.add_command(command);
+                command.write(&mut pipe, seed_glob);
             }
             return pipe;
         };
-        let mut chunks: Vec<&[redis::Cmd]> = commands.chunks(TRANSACTION_COMMANDS).collect();
-        if chunks.is_empty() {
-            // The periodic read of the marker, alone.
-            chunks.push(&[]);
-        }
-        for (index, chunk) in chunks.into_iter().enumerate() {
-            pipe.cmd("MULTI").ignore();
-            match (index, &self.marker) {
-                (0, MarkerStep::Write(token)) => {
-                    pipe.cmd("SET")
-                        .arg(marker)
-                        .arg(&**token)
-                        .arg("EX")
-                        .arg(MARKER_TTL_SECONDS)
-                        .ignore();
-                }
-                (0, MarkerStep::Read { renew: true }) => {
-                    pipe.cmd("GET").arg(marker).ignore();
-                    pipe.cmd("EXPIRE")
-                        .arg(marker)
-                        .arg(MARKER_TTL_SECONDS)
-                        .ignore();
-                }
-                _ => {
-                    pipe.cmd("GET").arg(marker).ignore();
-                }
+        // With no command the transaction only reads the marker (its periodic read).
+        self.open_transaction(&mut pipe, marker, true);
+        // What the open transaction holds, counted as `Command::weight` does.
+        let mut weight = 0;
+        for command in commands {
+            if weight > 0 && weight + command.weight() > TRANSACTION_COMMANDS {
+                pipe.cmd("EXEC");
+                self.open_transaction(&mut pipe, marker, false);
+                weight = 0;
             }
-            for command in chunk {
-                pipe.add_command(command.clone()).ignore();
-            }
-            pipe.cmd("EXEC");
+            weight += command.weight();
+            command.write(&mut pipe, seed_glob);
+            pipe.ignore();
         }
+        pipe.cmd("EXEC");
         pipe
+    }
+
+    /// `MULTI` and the marker's step: its write or renewal in the pipeline's `first` transaction,
+    /// a read in the others.
+    fn open_transaction(&self, pipe: &mut redis::Pipeline, marker: &[u8], first: bool) {
+        pipe.cmd("MULTI").ignore();
+        match (first, &self.marker) {
+            (true, MarkerStep::Write(token)) => {
+                pipe.cmd("SET")
+                    .arg(marker)
+                    .arg(&**token)
+                    .arg("EX")
+                    .arg(MARKER_TTL_SECONDS)
+                    .ignore();
+            }
+            (true, MarkerStep::Read { renew: true }) => {
+                pipe.cmd("GET").arg(marker).ignore();
+                pipe.cmd("EXPIRE")
+                    .arg(marker)
+                    .arg(MARKER_TTL_SECONDS)
+                    .ignore();
+            }
+            _ => {
+                pipe.cmd("GET").arg(marker).ignore();
+            }
+        }
     }
 
     /// The replies of [`Work::pipeline`]'s commands, in order, once each transaction's marker was
@@ -918,6 +928,54 @@ impl Work {
             flat.extend(results);
         }
         Ok(flat)
+    }
+}
+
+/// One command of a pipeline's work, written straight into the pipeline.
+enum Command<'a> {
+    /// One `EXISTS` naming every key given.
+    Exists(&'a [Key]),
+    Unlink(&'a [u8]),
+    /// The seed's next `SCAN`, from this cursor.
+    Scan(u64),
+}
+
+impl Command<'_> {
+    /// What the command counts for in a transaction's [`TRANSACTION_COMMANDS`].
+    fn weight(&self) -> usize {
+        match self {
+            Command::Exists(keys) => keys.len(),
+            Command::Unlink(_) | Command::Scan(_) => 1,
+        }
+    }
+
+    fn write(&self, pipe: &mut redis::Pipeline, seed_glob: &[u8]) {
+        match self {
+            Command::Exists(keys) => {
+                let exists = pipe.cmd("EXISTS");
+                for key in *keys {
+                    exists.arg(&**key);
+                }
+            }
+            Command::Unlink(key) => {
+                pipe.cmd("UNLINK").arg(*key);
+            }
+            Command::Scan(at) => {
+                let scan = pipe.cmd("SCAN").arg(*at);
+                if seed_glob != b"*" {
+                    scan.arg("MATCH").arg(seed_glob);
+                }
+                scan.arg("COUNT").arg(SEED_SCAN_COUNT);
+            }
+        }
+    }
+}
+
+/// The count an `EXISTS` answered (`None`: unreadable).
+fn exists_count(reply: Option<Value>) -> Option<i64> {
+    match reply? {
+        Value::Int(count) => Some(count),
+        other => redis::from_redis_value::<i64>(other).ok(),
     }
 }
 
@@ -1092,6 +1150,143 @@ fn reconnect_delays() -> backon::ExponentialBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keys(prefix: &str, count: usize) -> Vec<Key> {
+        (0..count)
+            .map(|n| Key::from(format!("{prefix}{n}").as_bytes()))
+            .collect()
+    }
+
+    fn checks_work(checks: Checks, group: usize, marker: MarkerStep) -> Work {
+        Work {
+            checks,
+            group,
+            scan: None,
+            marker,
+            marker_due: false,
+        }
+    }
+
+    /// Each command of `pipe` as its name and how many arguments it has.
+    fn shape(pipe: &redis::Pipeline) -> Vec<(String, usize)> {
+        pipe.cmd_iter()
+            .map(|cmd| {
+                let mut args = cmd.args_iter();
+                let name = match args.next() {
+                    Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).into_owned(),
+                    _ => String::new(),
+                };
+                (name, args.len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn checks_share_an_exists_outside_a_cluster_and_transactions_count_their_keys() {
+        let checks = Checks {
+            exists: keys(":1:g", 450),
+            exists_each: keys(":1:e", 3),
+            unlink: keys(":1:u", 2),
+        };
+        let work = checks_work(checks, EXISTS_GROUP, MarkerStep::Read { renew: false });
+        let shape = shape(&work.pipeline(b"*", Some(b"marker")));
+        let exists = |keys: usize| ("EXISTS".to_owned(), keys);
+        let mut expected = Vec::new();
+        // 200 keys per transaction: five groups of 40, twice; then the rest.
+        for _ in 0..2 {
+            expected.push(("MULTI".to_owned(), 0));
+            expected.push(("GET".to_owned(), 1));
+            expected.extend(std::iter::repeat_n(exists(40), 5));
+            expected.push(("EXEC".to_owned(), 0));
+        }
+        expected.push(("MULTI".to_owned(), 0));
+        expected.push(("GET".to_owned(), 1));
+        expected.extend([exists(40), exists(10), exists(1), exists(1), exists(1)]);
+        expected.extend(std::iter::repeat_n(("UNLINK".to_owned(), 1), 2));
+        expected.push(("EXEC".to_owned(), 0));
+        assert_eq!(shape, expected);
+    }
+
+    #[test]
+    fn a_cluster_node_gets_an_exists_per_key() {
+        let checks = Checks {
+            exists: keys(":1:g", 3),
+            exists_each: keys(":1:e", 1),
+            unlink: Vec::new(),
+        };
+        let work = checks_work(checks, 1, MarkerStep::Skip);
+        let shape = shape(&work.pipeline(b"*", None));
+        assert_eq!(shape, vec![("EXISTS".to_owned(), 1); 4]);
+    }
+
+    #[test]
+    fn the_marker_alone_is_read_in_a_transaction_of_its_own() {
+        let work = checks_work(
+            Checks::default(),
+            EXISTS_GROUP,
+            MarkerStep::Read { renew: true },
+        );
+        let shape = shape(&work.pipeline(b"*", Some(b"marker")));
+        let names: Vec<&str> = shape.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["MULTI", "GET", "EXPIRE", "EXEC"]);
+    }
+
+    /// A pipeline's answers applied through `Link::apply`: a group whose `EXISTS` answered 1
+    /// keeps every key it named, one answering 0 removes its keys.
+    #[test]
+    fn applied_group_answers_remove_only_keys_of_groups_that_found_none() {
+        let shared = Arc::new(Shared::new(100, Default::default()));
+        // A part of this module's descendant: alive without a connection.
+        let index = Arc::new(Mutex::new(NodeIndex {
+            alive: true,
+            ..NodeIndex::default()
+        }));
+        let total = &shared.total_keys;
+        let names: Vec<String> = (0..4).map(|n| format!(":1:k{n}")).collect();
+        {
+            let mut part = lock(&index);
+            for name in &names {
+                part.seeded(name.as_bytes(), total);
+            }
+            part.seed_finished(total);
+            for name in &names {
+                part.announced(name.as_bytes(), &shared);
+            }
+        }
+        let link = Link {
+            name: "test".to_owned(),
+            client: Client::open("redis://127.0.0.1:1/").expect("a valid address"),
+            prefixes: vec![b":1:".to_vec()].into(),
+            index: index.clone(),
+            shared: shared.clone(),
+            wake: Arc::default(),
+            command_timeout: Duration::from_secs(1),
+            marker: Some(Arc::from(&b"marker"[..])),
+            cursor_order: CursorOrder::Unknown,
+        };
+        let checks = lock(&index).take_checks();
+        let work = checks_work(checks, 2, MarkerStep::Read { renew: false });
+        let token = random_token();
+        let exec = Value::Array(vec![
+            Value::BulkString(token.as_bytes().to_vec()),
+            Value::Int(1),
+            Value::Int(0),
+        ]);
+        assert!(matches!(link.apply(&work, &token, vec![exec]), Ok(None)));
+        {
+            let part = lock(&index);
+            assert_eq!(part.len(), 2);
+            for key in &work.checks.exists[..2] {
+                assert!(part.keys.contains(key), "kept: its group found a key");
+            }
+        }
+        let next = lock(&index).take_checks();
+        let mut each = next.exists_each.clone();
+        each.sort();
+        let mut kept = work.checks.exists[..2].to_vec();
+        kept.sort();
+        assert_eq!(each, kept, "checked again one by one");
+    }
 
     #[test]
     fn the_seed_glob_is_the_common_prefix_escaped() {
