@@ -69,6 +69,8 @@ pub const VERIFY_BATCH: usize = 1_000;
 /// so with a share `p` of keys still there a key costs `1/N + 1 - (1-p)^N` commands: at 40 that
 /// stays below the single `EXISTS` up to `p` ≈ 9 % (at 64, 6.5 %), while past a few dozen keys
 /// the commands saved no longer matter. 40 also divides the transaction's 200 keys evenly.
+/// The refill guard's `UNLINK`s are grouped the same way: each key is gone afterwards, whatever
+/// the count answered (which only says how many refills it removed).
 pub const EXISTS_GROUP: usize = 40;
 
 /// Locks a mutex, carrying on after a panic elsewhere: the index's state stays consistent between
@@ -140,7 +142,8 @@ pub struct Checks {
     pub exists: Vec<Key>,
     /// Keys whose group found a key: an `EXISTS` each.
     pub exists_each: Vec<Key>,
-    /// Keys announced under a refill guard: an `UNLINK` each.
+    /// Keys announced under a refill guard: an `UNLINK` each, or one per [`EXISTS_GROUP`] keys
+    /// outside a cluster (every key is gone afterwards, whatever it answers).
     pub unlink: Vec<Key>,
 }
 

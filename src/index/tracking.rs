@@ -750,12 +750,14 @@ impl Link {
                 Command::Exists(group) => {
                     part.group_verified(group, exists_count(reply), &self.shared.total_keys);
                 }
-                Command::Unlink(key) => {
+                Command::Unlink(group) => {
                     let removed = reply.map(redis::from_redis_value::<u64>);
-                    // Gone now, whether the UNLINK removed a refill or found nothing; kept when
-                    // unanswered.
+                    // Gone now, every key of the group, whether the UNLINK removed a refill or
+                    // found nothing; kept when unanswered.
                     let exists = !matches!(removed, Some(Ok(_)));
-                    part.verified(key, exists, &self.shared.total_keys);
+                    for key in group {
+                        part.verified(key, exists, &self.shared.total_keys);
+                    }
                     if let Some(Ok(removed)) = removed {
                         refills += removed;
                     }
@@ -838,8 +840,9 @@ impl Work {
         let checks = &self.checks;
         let groups = checks.exists.chunks(self.group.max(1)).map(Command::Exists);
         let each = checks.exists_each.chunks(1).map(Command::Exists);
-        // One key per UNLINK: a cluster node refuses multi-key commands across slots.
-        let unlink = checks.unlink.iter().map(|key| Command::Unlink(key));
+        // An UNLINK leaves each of its keys gone, whatever it answers: grouped like the EXISTS
+        // (one key each in a cluster, which refuses multi-key commands across slots).
+        let unlink = checks.unlink.chunks(self.group.max(1)).map(Command::Unlink);
         groups.chain(each).chain(unlink)
     }
 
@@ -935,7 +938,8 @@ impl Work {
 enum Command<'a> {
     /// One `EXISTS` naming every key given.
     Exists(&'a [Key]),
-    Unlink(&'a [u8]),
+    /// One `UNLINK` of every key given (a refill guard's check: gone afterwards).
+    Unlink(&'a [Key]),
     /// The seed's next `SCAN`, from this cursor.
     Scan(u64),
 }
@@ -944,8 +948,8 @@ impl Command<'_> {
     /// What the command counts for in a transaction's [`TRANSACTION_COMMANDS`].
     fn weight(&self) -> usize {
         match self {
-            Command::Exists(keys) => keys.len(),
-            Command::Unlink(_) | Command::Scan(_) => 1,
+            Command::Exists(keys) | Command::Unlink(keys) => keys.len(),
+            Command::Scan(_) => 1,
         }
     }
 
@@ -957,8 +961,11 @@ impl Command<'_> {
                     exists.arg(&**key);
                 }
             }
-            Command::Unlink(key) => {
-                pipe.cmd("UNLINK").arg(*key);
+            Command::Unlink(keys) => {
+                let unlink = pipe.cmd("UNLINK");
+                for key in *keys {
+                    unlink.arg(&**key);
+                }
             }
             Command::Scan(at) => {
                 let scan = pipe.cmd("SCAN").arg(*at);
@@ -1202,21 +1209,24 @@ mod tests {
         expected.push(("MULTI".to_owned(), 0));
         expected.push(("GET".to_owned(), 1));
         expected.extend([exists(40), exists(10), exists(1), exists(1), exists(1)]);
-        expected.extend(std::iter::repeat_n(("UNLINK".to_owned(), 1), 2));
+        // The guarded keys share one UNLINK as well.
+        expected.push(("UNLINK".to_owned(), 2));
         expected.push(("EXEC".to_owned(), 0));
         assert_eq!(shape, expected);
     }
 
     #[test]
-    fn a_cluster_node_gets_an_exists_per_key() {
+    fn a_cluster_node_gets_an_exists_and_an_unlink_per_key() {
         let checks = Checks {
             exists: keys(":1:g", 3),
             exists_each: keys(":1:e", 1),
-            unlink: Vec::new(),
+            unlink: keys(":1:u", 2),
         };
         let work = checks_work(checks, 1, MarkerStep::Skip);
         let shape = shape(&work.pipeline(b"*", None));
-        assert_eq!(shape, vec![("EXISTS".to_owned(), 1); 4]);
+        let mut expected = vec![("EXISTS".to_owned(), 1); 4];
+        expected.extend(vec![("UNLINK".to_owned(), 1); 2]);
+        assert_eq!(shape, expected);
     }
 
     #[test]
