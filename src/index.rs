@@ -47,7 +47,7 @@ use std::time::Instant;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::glob::{Glob, Layout};
+use crate::glob::{self, Layout};
 use crate::matcher::{Matcher, PatternId};
 use crate::telemetry::names;
 use crate::window::PatternSpec;
@@ -526,12 +526,16 @@ pub fn lookup(nodes: &[Arc<Mutex<NodeIndex>>], patterns: &[PatternSpec]) -> Opti
     let mut others = Matcher::default();
     let mut other_prefixes: Vec<Vec<u8>> = Vec::new();
     for (index, spec) in patterns.iter().enumerate() {
-        let glob = Glob::parse(&spec.pattern);
-        match prefix_or_exact(&glob) {
-            Some((literal, is_prefix)) => ranges.push((literal, is_prefix, index)),
-            None => {
+        match glob::layout_of(&spec.pattern) {
+            Layout::Exact(literal) => ranges.push((literal, false, index)),
+            Layout::Prefix(literal) => ranges.push((literal, true, index)),
+            Layout::StarThenLiteral { prefix, .. } => {
                 others.insert(&spec.pattern, index as PatternId);
-                other_prefixes.push(glob.literal_prefix());
+                other_prefixes.push(prefix);
+            }
+            Layout::Other => {
+                others.insert(&spec.pattern, index as PatternId);
+                other_prefixes.push(glob::literal_prefix_of(&spec.pattern));
             }
         }
     }
@@ -570,16 +574,6 @@ pub fn lookup(nodes: &[Arc<Mutex<NodeIndex>>], patterns: &[PatternSpec]) -> Opti
     Some(found)
 }
 
-/// `Some((literal, true))` for a literal prefix followed by `*`, `Some((key, false))` for a pattern
-/// without wildcards, `None` for any other glob.
-fn prefix_or_exact(glob: &Glob) -> Option<(Vec<u8>, bool)> {
-    match glob.layout() {
-        Layout::Exact(literal) => Some((literal, false)),
-        Layout::Prefix(literal) => Some((literal, true)),
-        Layout::StarThenLiteral { .. } | Layout::Other => None,
-    }
-}
-
 /// Calls `visit` with the keys of `keys` that start with `prefix`, in order.
 fn under(keys: &KeyStore, prefix: &[u8], mut visit: impl FnMut(&[u8])) {
     keys.walk_from(prefix, |key| {
@@ -603,7 +597,7 @@ fn keep_first_of_each(keys: &mut Vec<(Box<[u8]>, usize)>) {
 
 /// Whether every key `pattern` can match lies under one of the tracked `prefixes`.
 pub fn covered(prefixes: &[Vec<u8>], pattern: &str) -> bool {
-    let literal = Glob::parse(pattern).literal_prefix();
+    let literal = glob::literal_prefix_of(pattern);
     prefixes.iter().any(|prefix| literal.starts_with(prefix))
 }
 

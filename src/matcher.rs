@@ -43,6 +43,16 @@ fn shape(glob: &Glob) -> Shape {
     }
 }
 
+/// [`shape`] of a literal, or a literal and `*`, read without parsing the glob (`None` for any
+/// other pattern).
+fn simple_shape(pattern: &str) -> Option<Shape> {
+    match glob::simple_layout(pattern)? {
+        Layout::Exact(literal) => Some(Shape::Exact(literal)),
+        Layout::Prefix(literal) => Some(Shape::Prefix(literal)),
+        Layout::StarThenLiteral { .. } | Layout::Other => None,
+    }
+}
+
 /// What separates the parts of a key in the django-redis layout (`:1:report:12:7:h`): a pattern's
 /// placeholders stand in whole `:`-separated segments.
 const SEPARATOR: u8 = b':';
@@ -238,14 +248,26 @@ fn merge_positions(positions: &mut Vec<ByteSet>, literal: &[u8]) {
 
 impl Matcher {
     pub fn insert(&mut self, pattern: &str, id: PatternId) {
-        let glob = Glob::parse(pattern);
-        let literal = glob.literal_prefix();
+        // A literal, or a literal and `*`, is stored without its tokens; the others keep their
+        // parsed glob to be matched with.
+        let (shape, glob) = match simple_shape(pattern) {
+            Some(shape) => (shape, None),
+            None => {
+                let glob = Glob::parse(pattern);
+                (shape(&glob), Some(glob))
+            }
+        };
+        let literal = match (&shape, &glob) {
+            (Shape::Exact(literal) | Shape::Prefix(literal), _) => literal.clone(),
+            (_, Some(glob)) => glob.literal_prefix(),
+            (_, None) => Vec::new(),
+        };
         match self.positions.as_mut() {
             None => self.positions = Some(positions_of(&literal)),
             Some(positions) => merge_positions(positions, &literal),
         }
         self.len += 1;
-        match shape(&glob) {
+        match shape {
             Shape::Exact(key) => register(&mut self.exact, key, id),
             Shape::Prefix(prefix) => {
                 let len = prefix.len();
@@ -286,22 +308,26 @@ impl Matcher {
                         self.segment_groups.len() - 1
                     }
                 };
-                let check = (!whole).then(|| Box::new(glob));
+                let check = glob.filter(|_| !whole).map(Box::new);
                 self.segment_groups[slot]
                     .segments
                     .entry(segment)
                     .or_default()
                     .push(SegmentEntry { id, check });
             }
-            Shape::Other => self.globs.push((glob, id)),
+            Shape::Other => {
+                if let Some(glob) = glob {
+                    self.globs.push((glob, id));
+                }
+            }
         }
     }
 
     /// Removes the pattern inserted before with `id`; other patterns registered under the same
     /// entry keep matching.
     pub fn remove(&mut self, pattern: &str, id: PatternId) {
-        let glob = Glob::parse(pattern);
-        let removed = match shape(&glob) {
+        let shape = simple_shape(pattern).unwrap_or_else(|| shape(&Glob::parse(pattern)));
+        let removed = match shape {
             Shape::Exact(key) => unregister(&mut self.exact, &key, id),
             Shape::Prefix(prefix) => self
                 .prefixes_by_len
