@@ -1,8 +1,8 @@
 //! When the worker claims and when it stops, on tokio's clock so tests can pause time.
 //!
 //! [`ClaimPacing`] decides when the next claim from the outbox is due: after a notification, at
-//! every poll interval, when an epoch's recheck falls due, at once after a full claim, spaced
-//! while a sweep runs, and after a failed claim once a short backoff is over — or at once when
+//! every poll interval, when an epoch's recheck falls due, at once after a full claim, at least
+//! 10 ms apart otherwise (50 ms while a sweep runs), and after a failed claim once a short backoff is over — or at once when
 //! another Postgres connection of the worker came back. [`StopDeadline`] bounds a graceful stop.
 
 use std::time::Duration;
@@ -98,7 +98,8 @@ impl ClaimPacing {
     /// Whether to claim now, given whether the finder is busy and whether there is room for more
     /// (the cap on active patterns, not stopping).
     pub(super) fn take(&mut self, now: TokioInstant, busy: bool, room: bool) -> bool {
-        // An idle worker claims at once; spacing is for claims joining a busy finder.
+        // The longer spacing is for claims joining a busy finder; an idle worker keeps only the
+        // short one (`too_soon`).
         if !busy {
             self.spaced = false;
         }
