@@ -761,19 +761,22 @@ mod tests {
         assert_eq!(shared.total_keys.load(Ordering::Relaxed), 0);
     }
 
-    fn names(count: usize) -> Vec<String> {
-        (0..count).map(|n| format!(":1:k{n}")).collect()
+    /// A live part holding `count` keys (`:1:k0`, `:1:k1`, …), each announced once: their
+    /// checks are queued.
+    fn announced_part(count: usize, shared: &Shared) -> (Vec<String>, NodeIndex) {
+        let names: Vec<String> = (0..count).map(|n| format!(":1:k{n}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut index = alive_part(&refs, shared);
+        for name in &names {
+            index.announced(name.as_bytes(), shared);
+        }
+        (names, index)
     }
 
     #[test]
     fn a_group_that_found_a_key_removes_none_and_each_is_checked_on_its_own() {
         let shared = Shared::new(100, Default::default());
-        let names = names(5);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut index = alive_part(&refs, &shared);
-        for name in &names {
-            index.announced(name.as_bytes(), &shared);
-        }
+        let (names, mut index) = announced_part(5, &shared);
         let checks = index.take_checks();
         assert_eq!(checks.exists.len(), 5);
         assert!(checks.exists_each.is_empty());
@@ -804,12 +807,7 @@ mod tests {
     #[test]
     fn an_unreadable_group_answer_removes_none() {
         let shared = Shared::new(100, Default::default());
-        let names = names(3);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut index = alive_part(&refs, &shared);
-        for name in &names {
-            index.announced(name.as_bytes(), &shared);
-        }
+        let (_, mut index) = announced_part(3, &shared);
         let checks = index.take_checks();
         index.group_verified(&checks.exists, None, &shared.total_keys);
         assert_eq!(index.len(), 3);
@@ -819,12 +817,7 @@ mod tests {
     #[test]
     fn a_group_answering_0_removes_each_key_unless_announced_since() {
         let shared = Shared::new(100, Default::default());
-        let names = names(4);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut index = alive_part(&refs, &shared);
-        for name in &names {
-            index.announced(name.as_bytes(), &shared);
-        }
+        let (_, mut index) = announced_part(4, &shared);
         let checks = index.take_checks();
         // `:1:k1` written again while the group's EXISTS was in flight: its 0 may be stale.
         index.announced(b":1:k1", &shared);

@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::ops::{Bound, ControlFlow, Range};
 
 /// A block is split past this many bytes: its entries are scanned linearly on every look-up (a
-/// few dozen keys), while the per-block cost (its map slot, first key and allocation) is shared by as
-/// many keys.
+/// few dozen keys), while the per-block cost (its map slot, first key and allocation) is shared
+/// by as many keys.
 const BLOCK_MAX: usize = 2_048;
 /// A block this small after a removal is merged into the next one (TTL churn would otherwise
 /// leave many near-empty blocks, each with its fixed cost).

@@ -2,8 +2,9 @@
 //!
 //! [`ClaimPacing`] decides when the next claim from the outbox is due: after a notification, at
 //! every poll interval, when an epoch's recheck falls due, at once after a full claim, at least
-//! 25 ms apart otherwise (50 ms while a sweep runs), and after a failed claim once a short backoff is over — or at once when
-//! another Postgres connection of the worker came back. [`StopDeadline`] bounds a graceful stop.
+//! 25 ms apart otherwise (50 ms while a sweep runs), and after a failed claim once a short
+//! backoff is over — or at once when another Postgres connection of the worker came back.
+//! [`StopDeadline`] bounds a graceful stop.
 
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ const CLAIM_INTERVAL_WHILE_SWEEPING: Duration = Duration::from_millis(50);
 /// backlog). Under a sustained load every statement's notification was a claim of its own, each
 /// with its window, barrier, `UNLINK`s, acknowledgement and commit: at 11,000 row changes/s
 /// (1,100 statements/s) the Postgres and Redis round trips took most of the daemon's CPU: 35 % of
-/// a core, 27–30 % with claims 10 ms apart, 20–24 % with 25 ms (three runs each, 1M keys). Spaced,
+/// a core, 27–30 % with claims 10 ms apart, 19–24 % with 25 ms (three runs each, 1M keys). Spaced,
 /// a claim takes what arrived meanwhile. A change on a quiet outbox is claimed at once (the last
 /// claim is older), and one that arrives just after a claim waits at most this long: a burst's
 /// last change is cleared ~25 ms after its commit instead of ~5 ms, still a fortieth of a pass at
@@ -179,8 +180,8 @@ impl ClaimPacing {
     }
 
     /// When an idle worker must look again: the next poll, a claim retry, a recheck or a refill
-    /// guard falling due, or a pending claim's spacing running out (a recheck already due set `dirty` and is not waited on again, which
-    /// would spin while a claim retry is pending).
+    /// guard falling due, or a pending claim's spacing running out (a recheck already due set
+    /// `dirty` and is not waited on again, which would spin while a claim retry is pending).
     pub(super) fn next_wake(
         &self,
         recheck_due: Option<TokioInstant>,
