@@ -1,10 +1,12 @@
 //! The outbox, seen from the worker: claim pending changes oldest first with `FOR UPDATE SKIP
-//! LOCKED`, delete them once Redis confirmed their keys are gone, set unusable rows aside as dead
-//! letters, and report the backlog.
+//! LOCKED`, let them leave the outbox once Redis confirmed their keys are gone, set unusable rows
+//! aside as dead letters, and report the backlog.
 //!
-//! Claimed rows stay locked by an open transaction (an *epoch*) until their sweep finished, so a
-//! worker that dies — SIGKILL, a dropped connection — releases them to the next claim and nothing
-//! is lost; several workers share the outbox because each skips the rows another holds. Several
+//! A claim deletes the rows it takes inside an open transaction (an *epoch*), which commits only
+//! once Redis confirmed every key of its windows gone: until then other sessions still see the
+//! rows, and other claims skip them (locked). So a worker that dies — SIGKILL, a dropped
+//! connection — gives them back (its transaction rolls back) to the next claim and nothing is
+//! lost; several workers share the outbox because each skips the rows another holds. Several
 //! claims go into one epoch, so changes that arrive while a sweep runs are claimed at once and join
 //! that sweep, instead of waiting for a connection to come free. An epoch takes claims for
 //! [`EPOCH_OPEN_FOR`] (longer when passes are slow, see [`Outbox::pace_to_pass`]), then commits
@@ -121,6 +123,18 @@ pub struct OutboxRow {
     pub table_name: String,
     pub op: String,
     pub rows: Option<Value>,
+    /// When the change was captured, in microseconds since the Unix epoch by Postgres' clock:
+    /// the row is deleted by its claim, so a dead letter is written from what the claim read.
+    pub created_micros: i64,
+    /// Seconds from the change's capture to its claim, by Postgres' clock.
+    pub age_at_claim: f64,
+}
+
+/// A claimed row the rules cannot use, and why: kept as a dead letter when its epoch commits.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub row: OutboxRow,
+    pub error: String,
 }
 
 /// Rows claimed together, belonging to one epoch.
@@ -220,8 +234,6 @@ pub struct Outbox {
 /// The result of acknowledging a window.
 #[derive(Debug, Default)]
 pub struct Acked {
-    /// Seconds from each deleted outbox row's creation to now (the commit-to-delete latency).
-    pub ages: Vec<f64>,
     /// The epoch had failed (its connection dropped): its rows went back to the outbox.
     pub lost_claim: bool,
 }
@@ -431,9 +443,21 @@ impl Outbox {
     pub async fn claim(&mut self, limit: i64) -> Result<Claim, OutboxError> {
         let index = self.claiming_slot().await?;
         let last_id = self.slots[index].epoch.as_ref().map_or(0, |e| e.last_id);
+        // Claimed rows are deleted at once, inside the epoch: they leave the outbox only if it
+        // commits (after Redis confirmed their keys gone), and until then other sessions still
+        // see them while their claims skip them (locked). One statement per window instead of a
+        // lock now and a `DELETE` by id later: a backlog's drain spent a round trip and a second
+        // index lookup per row on the latter. The locked rows are deleted by their `ctid` (a
+        // TID scan), not looked up by id again.
         let query = format!(
-            "SELECT id, table_name, op, rows FROM {SCHEMA}.outbox WHERE id > $1 \
-             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+            "WITH claimed AS (DELETE FROM {SCHEMA}.outbox WHERE ctid = ANY(ARRAY(\
+                 SELECT ctid FROM {SCHEMA}.outbox WHERE id > $1 \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+             RETURNING id, created_at, table_name, op, rows) \
+             SELECT id, table_name, op, rows, \
+                 (extract(epoch FROM created_at) * 1000000)::bigint, \
+                 extract(epoch FROM clock_timestamp() - created_at)::float8 \
+             FROM claimed ORDER BY id"
         );
         let result = async {
             let client = self.client(index).await?;
@@ -454,6 +478,8 @@ impl Outbox {
                 table_name: row.get(1),
                 op: row.get(2),
                 rows: row.get(3),
+                created_micros: row.get(4),
+                age_at_claim: row.get(5),
             })
             .collect();
         let Some(epoch) = self.slots[index].epoch.as_mut() else {
@@ -474,62 +500,30 @@ impl Outbox {
         })
     }
 
-    /// Deletes the rows of a finished window (its keys are confirmed gone) and moves unusable rows
-    /// to the dead letters, in the window's epoch. The epoch commits once all its windows are done
-    /// and it takes no more claims.
-    pub async fn ack(
-        &mut self,
-        epoch: u64,
-        done: &[i64],
-        dead: &[(i64, String)],
-    ) -> Result<Acked, OutboxError> {
+    /// Acknowledges a finished window (its keys are confirmed gone): its unusable rows become
+    /// dead letters, in the window's epoch. Its rows were deleted by their claim; the epoch
+    /// commits, and they leave the outbox, once all its windows are done.
+    pub async fn ack(&mut self, epoch: u64, dead: &[DeadLetter]) -> Result<Acked, OutboxError> {
         let Some(index) = self.slot_of(epoch) else {
-            return Ok(Acked {
-                ages: Vec::new(),
-                lost_claim: true,
-            });
+            return Ok(Acked { lost_claim: true });
         };
         let result = async {
+            // A connection known to be closed lost the epoch: said now, not at its commit.
             let client = self.client(index).await?;
             if !dead.is_empty() {
-                let ids: Vec<i64> = dead.iter().map(|(id, _)| *id).collect();
-                let errors: Vec<&str> = dead.iter().map(|(_, error)| error.as_str()).collect();
-                answered(client.execute(
-                        &format!(
-                            "INSERT INTO {SCHEMA}.dead_letters (outbox_id, created_at, table_name, op, rows, error) \
-                             SELECT o.id, o.created_at, o.table_name, o.op, o.rows, e.error \
-                             FROM {SCHEMA}.outbox o JOIN unnest($1::bigint[], $2::text[]) AS e(id, error) ON e.id = o.id"
-                        ),
-                        &[&ids, &errors],
-                    ))
-                    .await?;
+                insert_dead_letters(client, dead).await?;
             }
-            let mut all: Vec<i64> = done.to_vec();
-            all.extend(dead.iter().map(|(id, _)| *id));
-            let deleted = answered(client.query(
-                    &format!(
-                        "DELETE FROM {SCHEMA}.outbox WHERE id = ANY($1) \
-                         RETURNING extract(epoch FROM clock_timestamp() - created_at)::float8"
-                    ),
-                    &[&all],
-                ))
-                .await?;
-            Ok::<_, OutboxError>(deleted.iter().map(|row| row.get::<_, f64>(0)).collect())
+            Ok::<_, OutboxError>(())
         }
         .await;
-        let ages = match result {
-            Ok(ages) => ages,
-            Err(OutboxError::ClaimLost { .. }) => {
-                return Ok(Acked {
-                    ages: Vec::new(),
-                    lost_claim: true,
-                })
-            }
+        match result {
+            Ok(()) => {}
+            Err(OutboxError::ClaimLost { .. }) => return Ok(Acked { lost_claim: true }),
             Err(error) => {
                 self.fail_slot(index);
                 return Err(error);
             }
-        };
+        }
         let Some(state) = self.slots[index].epoch.as_mut() else {
             unreachable!("slot_of found the epoch")
         };
@@ -537,10 +531,7 @@ impl Outbox {
         if state.windows_outstanding == 0 {
             self.finish_epoch(index).await?;
         }
-        Ok(Acked {
-            ages,
-            lost_claim: false,
-        })
+        Ok(Acked { lost_claim: false })
     }
 
     async fn finish_epoch(&mut self, index: usize) -> Result<(), OutboxError> {
@@ -579,6 +570,35 @@ impl Outbox {
             }
         }
     }
+}
+
+/// Writes `dead` to the dead letters from what their claim read (their outbox rows are deleted
+/// in this same transaction).
+async fn insert_dead_letters(client: &Client, dead: &[DeadLetter]) -> Result<(), OutboxError> {
+    let ids: Vec<i64> = dead.iter().map(|letter| letter.row.id).collect();
+    let created: Vec<i64> = dead
+        .iter()
+        .map(|letter| letter.row.created_micros)
+        .collect();
+    let tables: Vec<&str> = dead
+        .iter()
+        .map(|letter| letter.row.table_name.as_str())
+        .collect();
+    let ops: Vec<&str> = dead.iter().map(|letter| letter.row.op.as_str()).collect();
+    let rows: Vec<Option<&Value>> = dead.iter().map(|letter| letter.row.rows.as_ref()).collect();
+    let errors: Vec<&str> = dead.iter().map(|letter| letter.error.as_str()).collect();
+    answered(client.execute(
+        &format!(
+            "INSERT INTO {SCHEMA}.dead_letters (outbox_id, created_at, table_name, op, rows, error) \
+             SELECT d.id, 'epoch'::timestamptz + d.created * interval '1 microsecond', \
+                 d.table_name, d.op, d.rows, d.error \
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[], \
+                 $6::text[]) AS d(id, created, table_name, op, rows, error)"
+        ),
+        &[&ids, &created, &tables, &ops, &rows, &errors],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// What waits in the outbox.

@@ -656,11 +656,11 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
             r#"BEGIN;
             INSERT INTO auth_user (id) VALUES (1), (2);
             INSERT INTO reports_report (id, author_id) VALUES (12, 1);
-            INSERT INTO cache_invalidator.outbox (table_name, op, rows) VALUES
-                ('reports_archive', 'INSERT', '[{"id": 5}]'),
-                ('reports_report', 'MERGE', '[{"id": 13, "author_id": 1}]'),
-                ('reports_report', 'INSERT', '{"id": 14, "author_id": 1}'),
-                ('reports_report', 'INSERT', '[{"id": {"nested": 5}, "author_id": 1}]');
+            INSERT INTO cache_invalidator.outbox (created_at, table_name, op, rows) VALUES
+                ('2026-01-02 03:04:05.123456+00', 'reports_archive', 'INSERT', '[{"id": 5}]'),
+                (clock_timestamp(), 'reports_report', 'MERGE', '[{"id": 13, "author_id": 1}]'),
+                (clock_timestamp(), 'reports_report', 'INSERT', '{"id": 14, "author_id": 1}'),
+                (clock_timestamp(), 'reports_report', 'INSERT', '[{"id": {"nested": 5}, "author_id": 1}]');
             INSERT INTO reports_report (id, author_id) VALUES (15, 2);
             COMMIT;"#,
         )
@@ -682,6 +682,17 @@ async fn garbage_outbox_rows_are_dead_lettered_and_retried_after_the_rules_are_f
         assert!(error.contains(fragment), "{error:?} lacks {fragment:?}");
     }
     assert_kept(&mut redis, &[archive.clone(), decoys.clone()].concat()).await;
+    // A dead letter keeps the outbox row as it was: when the change was captured, and its rows.
+    let sql = "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), \
+               rows::text FROM cache_invalidator.dead_letters WHERE table_name = 'reports_archive'";
+    let kept: Vec<(String, String)> = pairs(&db.client().await, sql).await;
+    assert_eq!(
+        kept,
+        vec![(
+            "2026-01-02 03:04:05.123456".to_owned(),
+            r#"[{"id": 5}]"#.to_owned()
+        )]
+    );
 
     let report = cli(&["status"], &db.url).await;
     let text = stdout(&report);

@@ -32,7 +32,7 @@ use self::source::{Listener, PostgresBack};
 use crate::backoff::{reconnect_delays, RECONNECT_MAX};
 use crate::finder::Finder;
 use crate::index::tracking::{Tracking, TrackingError};
-use crate::outbox::{Acked, Claim, Outbox, OutboxError};
+use crate::outbox::{Acked, Claim, DeadLetter, Outbox, OutboxError};
 use crate::postgres::ConnectError;
 use crate::redis_nodes::{NodeError, RedisTarget, Switches};
 use crate::rules::{Change, RuleSet};
@@ -146,8 +146,10 @@ struct ChangeNote {
 /// A window being cleared (by the index or the sweep), and what to do when it finishes.
 struct Job {
     epoch: u64,
-    done: Vec<i64>,
-    dead: Vec<(i64, String)>,
+    /// Seconds from each usable row's capture to its claim (Postgres' clock); with the time since
+    /// `started`, its commit-to-delete latency.
+    ages_at_claim: Vec<f64>,
+    dead: Vec<DeadLetter>,
     /// Changed rows per table, for the changes metric.
     rows_by_table: HashMap<String, u64>,
     changes: Vec<ChangeNote>,
@@ -161,7 +163,7 @@ impl Job {
     fn render(claim: &Claim, rules: &RuleSet) -> Job {
         let mut job = Job {
             epoch: claim.epoch,
-            done: Vec::with_capacity(claim.rows.len()),
+            ages_at_claim: Vec::with_capacity(claim.rows.len()),
             dead: Vec::new(),
             rows_by_table: HashMap::new(),
             changes: Vec::new(),
@@ -192,7 +194,10 @@ impl Job {
                         %error,
                         "unusable outbox row: moved to dead letters"
                     );
-                    job.dead.push((row.id, error.to_string()));
+                    job.dead.push(DeadLetter {
+                        row: row.clone(),
+                        error: error.to_string(),
+                    });
                     continue;
                 }
             };
@@ -205,7 +210,7 @@ impl Job {
                         .insert(row.table_name.clone(), changed_rows);
                 }
             }
-            job.done.push(row.id);
+            job.ages_at_claim.push(row.age_at_claim);
             if notes {
                 job.changes.push(ChangeNote {
                     outbox_id: row.id,
@@ -524,7 +529,7 @@ impl Worker {
         let postgres = async move {
             let mut acked = Vec::with_capacity(acks.len());
             for (job, keys_per_pattern) in acks {
-                let result = outbox.ack(job.epoch, &job.done, &job.dead).await;
+                let result = outbox.ack(job.epoch, &job.dead).await;
                 acked.push((job, keys_per_pattern, result));
             }
             let claim = match claim {
@@ -769,8 +774,9 @@ impl Worker {
         let epoch = job.epoch;
         match result {
             Ok(acked) if !acked.lost_claim => {
-                for age in &acked.ages {
-                    metrics::histogram!(names::COMMIT_TO_DELETE).record(*age);
+                let since_claim = job.started.elapsed().as_secs_f64();
+                for age in &job.ages_at_claim {
+                    metrics::histogram!(names::COMMIT_TO_DELETE).record(age + since_claim);
                 }
                 for (table, rows) in &job.rows_by_table {
                     metrics::counter!(names::CHANGES, "table" => table.clone()).increment(*rows);
