@@ -16,9 +16,16 @@
 //!   say which one exists, so each key of the group is checked again on its own (and only ever
 //!   on its own until it is announced again). A cluster refuses a multi-key command across hash
 //!   slots: there every key has an `EXISTS` of its own.
-//! - That holds for the keys the daemon deletes itself: Redis announces a key at most once per
-//!   pass of its event loop however many writes it saw there, so one announcement after the
-//!   daemon's `UNLINK` may also stand for an app's refill of the key. Only a check tells.
+//! - Redis announces a key at most once per pass of its event loop however many writes it saw
+//!   there, so one announcement may stand for the daemon's `UNLINK` and an app's refill of the
+//!   key. Only a check tells.
+//! - The daemon deletes a window's keys on the tracking connection itself, which is in `NOLOOP`
+//!   mode: Redis leaves a key out of its announcement to that connection only when that
+//!   connection wrote it last in the pass. So the delete's reply is the key's check (gone), and
+//!   any later write by another client, in the same pass or after, is announced as usual
+//!   ([`NodeIndex::deleting`]). Where the node's replicas must confirm the deletes, they go on
+//!   the node's own connection instead (a `WAIT` counts the writes of its connection, and blocks
+//!   it), and are announced and checked as any write.
 //! - The node's contents can be replaced without an announcement (`SWAPDB`). Each seed writes a
 //!   random token to a marker key of its own in the tracked database; the barrier reads it, and so
 //!   does every check and seed pipeline, in the same `MULTI`/`EXEC`. Another value there and the
@@ -336,6 +343,39 @@ impl NodeIndex {
                     self.to_verify_each.insert(key);
                 }
             }
+        }
+    }
+
+    /// The worker is about to delete `key` on this part's tracking connection, which announces
+    /// none of its own writes (`NOLOOP`): the delete's reply is then the key's check, booked as
+    /// [`NodeIndex::verified`] (gone). Redis announces a write of anyone else that comes after
+    /// the delete, even in the same pass of its event loop: it leaves a key out of an
+    /// announcement only when this connection wrote it last. A key whose check is already in
+    /// flight is treated as announced again: whichever of the two replies is booked first, the key
+    /// is checked once more.
+    pub fn deleting(&mut self, key: &[u8]) {
+        if let Some(recheck) = self.verifying.get_mut(key) {
+            *recheck = (*recheck).max(Recheck::Exists);
+            return;
+        }
+        // Out of its queue, if it waits in one (in one at most): the delete checks it.
+        let queued = [
+            &mut self.to_verify,
+            &mut self.to_verify_each,
+            &mut self.to_unlink,
+        ]
+        .into_iter()
+        .filter(|queue| !queue.is_empty())
+        .find_map(|queue| queue.take(key));
+        self.verifying
+            .insert(queued.unwrap_or_else(|| key.into()), Recheck::No);
+    }
+
+    /// The check of `key` in flight will not be answered (its request failed or was dropped): it
+    /// is checked again.
+    pub fn check_again(&mut self, key: &[u8]) {
+        if let Some((key, recheck)) = self.verifying.remove_entry(key) {
+            self.requeue(key, recheck.max(Recheck::Exists));
         }
     }
 
@@ -763,6 +803,62 @@ mod tests {
 
     /// A live part holding `count` keys (`:1:k0`, `:1:k1`, …), each announced once: their
     /// checks are queued.
+    #[test]
+    fn a_key_deleted_on_the_tracking_connection_leaves_with_the_reply_unless_written_since() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a", ":1:b"], &shared);
+        // Nothing comes back for the worker's own deletes (NOLOOP): the reply removes the keys.
+        index.deleting(b":1:a");
+        index.deleting(b":1:b");
+        // Another client wrote `b` after the delete: announced, the reply cannot remove it.
+        index.announced(b":1:b", &shared);
+        index.verified(b":1:a", false, &shared.total_keys);
+        index.verified(b":1:b", false, &shared.total_keys);
+        assert!(!index.keys.contains(b":1:a"));
+        assert!(
+            index.keys.contains(b":1:b"),
+            "the write after the delete is indexed"
+        );
+        let checks = index.take_checks();
+        assert_eq!(checks.exists, vec![Key::from(&b":1:b"[..])], "and checked");
+        assert_eq!(shared.total_keys.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_delete_of_a_key_whose_check_is_in_flight_leads_to_another_check() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a", ":1:b"], &shared);
+        index.announced(b":1:a", &shared);
+        index.announced(b":1:b", &shared);
+        let first = index.take_checks();
+        assert_eq!(first.exists.len(), 2);
+        index.deleting(b":1:a");
+        index.deleting(b":1:b");
+        // `a`: the check sent before the delete answers first (it existed then). `b`: the delete's
+        // reply is booked first. Either way the key is checked again, not taken as settled.
+        index.verified(b":1:a", true, &shared.total_keys);
+        index.verified(b":1:b", false, &shared.total_keys);
+        index.verified(b":1:a", false, &shared.total_keys);
+        index.verified(b":1:b", true, &shared.total_keys);
+        assert!(index.keys.contains(b":1:a") && index.keys.contains(b":1:b"));
+        let mut again = index.take_checks().exists;
+        again.sort();
+        assert_eq!(
+            again,
+            vec![Key::from(&b":1:a"[..]), Key::from(&b":1:b"[..])]
+        );
+    }
+
+    #[test]
+    fn a_delete_that_is_never_answered_leaves_its_key_to_a_check() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a"], &shared);
+        index.deleting(b":1:a");
+        index.check_again(b":1:a");
+        assert!(index.keys.contains(b":1:a"));
+        assert_eq!(index.take_checks().exists, vec![Key::from(&b":1:a"[..])]);
+    }
+
     fn announced_part(count: usize, shared: &Shared) -> (Vec<String>, NodeIndex) {
         let names: Vec<String> = (0..count).map(|n| format!(":1:k{n}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();

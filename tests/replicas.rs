@@ -126,6 +126,64 @@ async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
     db.drop().await;
 }
 
+/// A replica that attaches after the daemon connected (and counted none) must have the deletes
+/// before a change is acknowledged: in index mode the deletes went on the tracking connection
+/// without a `WAIT`, and the daemon connects again to wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_attaches_later_has_the_deletes_before_the_acknowledgement() {
+    let space = KeyPrefix::new("latereplica");
+    let db = seeded_db("latereplica", &space).await;
+    let primary = PrivateRedis::start();
+    let mut on_primary = redis_connection(&primary.url()).await;
+    let daemon = Daemon::start(test_settings(&db.url, &primary.url(), space.rules()));
+    // Connected, with no replica counted, once it clears a first change.
+    change(&db, 2).await;
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "the daemon never cleared a first change"
+    );
+
+    let replica = PrivateRedis::replica_of(primary.port);
+    let mut on_replica = redis_connection(&replica.url()).await;
+    wait_for_link(&on_replica).await;
+    let must_go = space.keys(&["report:1:7:h", "reportlist:reports:1:p1"]);
+    let decoys = space.keys(&["report:2:7:h"]);
+    set_keys(&mut on_primary, &[&must_go[..], &decoys].concat()).await;
+    assert!(
+        wait_until(PATIENCE, || {
+            let mut on_replica = on_replica.clone();
+            let key = must_go[0].clone();
+            async move { exists(&mut on_replica, &key).await }
+        })
+        .await,
+        "the keys never reached the replica"
+    );
+
+    replica.signal("STOP");
+    change(&db, 1).await;
+    assert_gone_within(&mut on_primary, &must_go, PATIENCE).await;
+    let acknowledged = wait_until(HELD_FOR, || async { db.outbox_rows().await == 0 }).await;
+    assert!(
+        !acknowledged,
+        "the change was acknowledged while the replica that attached did not have the delete"
+    );
+
+    replica.signal("CONT");
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "the change was never acknowledged after the replica caught up"
+    );
+    for key in &must_go {
+        assert!(
+            !exists(&mut on_replica, key).await,
+            "{key} is still on the replica after the acknowledgement"
+        );
+    }
+    assert_kept(&mut on_primary, &decoys).await;
+    daemon.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_replicas_nothing_waits() {
     let space = KeyPrefix::new("noreplica");

@@ -6,9 +6,11 @@
 //! index, and the window's keys are looked up in memory ([`super::lookup`]) and removed with
 //! pipelined `UNLINK`s, one request per node (which in a cluster also re-checks the node's slots,
 //! as the sweep does), then, where the node has replicas, a `WAIT` for them
-//! ([`crate::replicas`]): milliseconds, whatever the size of the keyspace. Their deletion is
-//! announced like any write, and each key leaves the index once the tracker's check finds it
-//! gone.
+//! ([`crate::replicas`]): milliseconds, whatever the size of the keyspace. Where the node has no
+//! replica to wait for, the deletes go on its tracking connection, which does not announce its own
+//! writes (`NOLOOP`): their reply removes the keys from the index (unless written since by
+//! another client). Elsewhere their deletion is announced like any write, and each key leaves the
+//! index once the tracker's check finds it gone.
 //!
 //! A window the index cannot vouch for (the barrier failed, a part lost its tracking, the index
 //! was dropped) is handed back ([`IndexDeletes::take_unanswered`]): the finder sweeps it.
@@ -26,9 +28,11 @@ use futures::FutureExt;
 use redis::cluster_routing::Slot;
 use tracing::{debug, warn};
 
-use super::tracking::Tracking;
+use super::tracking::{DeleteChecks, Tracking};
 use crate::redis_nodes::Node;
-use crate::replicas::{confirm_replicas, Confirmation, ReplicaError};
+use crate::replicas::{
+    confirm_replicas, connected_replicas, Confirmation, ReplicaError, ReplicaPolicy,
+};
 use crate::window::{
     take_cluster_nodes, Failure, FinishedWindow, PatternSpec, StepError, StepReport, WindowId,
     UNLINK_CHUNK,
@@ -48,6 +52,47 @@ struct NodeRequest {
     node: usize,
     groups: Vec<KeyGroup>,
     verify: bool,
+}
+
+impl NodeRequest {
+    fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.groups
+            .iter()
+            .flat_map(|group| group.keys.iter().map(|key| &**key))
+    }
+}
+
+/// Deletes sent on a node's tracking connection.
+struct Tracked {
+    checks: DeleteChecks,
+    /// Count the node's replicas with the deletes (`INFO replication`): none was connected when
+    /// the worker connected, and one that attached since must confirm the deletes.
+    count_replicas: bool,
+    policy: ReplicaPolicy,
+}
+
+/// The checks of a request's keys, booked when its reply is read ([`DeleteChecks::deleted`]), or
+/// as unanswered when it fails or is dropped unanswered (a step that failed elsewhere, a finder
+/// dropped with its requests): a key is never left waiting for a reply that will not come.
+struct ChecksOf<'r> {
+    checks: Option<DeleteChecks>,
+    request: &'r NodeRequest,
+}
+
+impl ChecksOf<'_> {
+    fn deleted(&mut self) {
+        if let Some(checks) = self.checks.take() {
+            checks.deleted(self.request.keys());
+        }
+    }
+}
+
+impl Drop for ChecksOf<'_> {
+    fn drop(&mut self) {
+        if let Some(checks) = self.checks.take() {
+            checks.unanswered(self.request.keys());
+        }
+    }
 }
 
 /// Keys that count under one label (and, in a cluster, share a hash slot).
@@ -73,6 +118,10 @@ pub(crate) enum IndexReply {
         node: usize,
         labels: Vec<Arc<str>>,
         result: Result<(Vec<u64>, Option<String>), Failure>,
+        /// Sent on the tracking connection: no replica to wait for.
+        on_tracking: bool,
+        /// Replicas found connected with the deletes, where none was when the worker connected.
+        replicas_attached: Option<u32>,
     },
 }
 
@@ -222,7 +271,16 @@ impl IndexDeletes {
                 node,
                 labels,
                 result,
-            } => self.book_unlinked(window, node, &labels, result, report),
+                on_tracking,
+                replicas_attached,
+            } => {
+                if let Some(replicas) = replicas_attached {
+                    // The node's next deletes go on its own connection, with a `WAIT`.
+                    self.nodes[node].replicas = Some(replicas);
+                }
+                let waits = !on_tracking && self.waits_for_replicas(node);
+                self.book_unlinked(window, node, &labels, result, waits, report)
+            }
             IndexReply::Replicated {
                 node,
                 windows,
@@ -239,6 +297,7 @@ impl IndexDeletes {
         node: usize,
         labels: &[Arc<str>],
         result: Result<(Vec<u64>, Option<String>), Failure>,
+        waits_for_replicas: bool,
         report: &mut StepReport,
     ) -> Result<(), StepError> {
         let name = &self.nodes[node].name;
@@ -252,7 +311,7 @@ impl IndexDeletes {
         for (label, count) in labels.iter().zip(counts) {
             *report.deleted.entry(label.clone()).or_default() += count;
         }
-        if !labels.is_empty() && self.waits_for_replicas(node) {
+        if !labels.is_empty() && waits_for_replicas {
             self.awaiting_replicas[node].push(window);
             self.send_replica_waits();
         } else {
@@ -377,8 +436,31 @@ impl IndexDeletes {
             return;
         }
         for request in requests {
-            let connection = self.nodes[request.node].connection.clone();
-            self.in_flight.push(unlink(id, request, connection).boxed());
+            // On the tracking connection, which does not announce them back: each reply checks
+            // its keys. Except where the node's replicas must confirm the deletes: a `WAIT` blocks
+            // the connection it is sent on, and counts the writes sent on that one; there the
+            // deletes go on the node's connection, and are announced and checked as any write.
+            let node = &self.nodes[request.node];
+            let tracked = match node.replica_policy.required(node.replicas) {
+                0 => tracking.deleting(request.node, request.keys()),
+                _ => None,
+            };
+            let (connection, tracked) = match tracked {
+                Some((connection, checks)) => {
+                    let tracked = Tracked {
+                        checks,
+                        // No replica was connected: count them with the deletes, to notice one
+                        // that attached since.
+                        count_replicas: node.replica_policy.counts_connected()
+                            && node.replicas.is_some(),
+                        policy: node.replica_policy,
+                    };
+                    (connection, Some(tracked))
+                }
+                None => (node.connection.clone(), None),
+            };
+            self.in_flight
+                .push(unlink(id, request, connection, tracked).boxed());
         }
     }
 
@@ -437,12 +519,23 @@ impl IndexDeletes {
     }
 }
 
-/// Sends one node's deletes for a window (and its `CLUSTER NODES`, to re-check its slots).
+/// Sends one node's deletes for a window (and its `CLUSTER NODES`, to re-check its slots);
+/// `tracked`: on the node's tracking connection, where the reply checks the keys.
 async fn unlink(
     window: WindowId,
     request: NodeRequest,
     mut connection: redis::aio::MultiplexedConnection,
+    tracked: Option<Tracked>,
 ) -> IndexReply {
+    let count_replicas = tracked
+        .as_ref()
+        .and_then(|t| t.count_replicas.then_some(t.policy));
+    let on_tracking = tracked.is_some();
+    let mut replicas_attached = None;
+    let mut checks = ChecksOf {
+        checks: tracked.map(|tracked| tracked.checks),
+        request: &request,
+    };
     let mut pipe = redis::pipe();
     if request.verify {
         pipe.cmd("CLUSTER").arg("NODES");
@@ -458,8 +551,27 @@ async fn unlink(
             labels.push(label.clone());
         }
     }
+    if count_replicas.is_some() {
+        pipe.cmd("INFO").arg("replication");
+    }
     let result = async {
         let mut replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+        checks.deleted();
+        if let Some(policy) = count_replicas {
+            let info: String = match replies.pop() {
+                Some(reply) => redis::from_redis_value(reply)?,
+                None => return Err(Failure::MissingReply("INFO replication")),
+            };
+            let connected =
+                connected_replicas(&info).ok_or(Failure::Replicas(ReplicaError::NoReplicaCount))?;
+            if connected > 0 {
+                // A replica attached since the worker connected. `WAIT` counts the writes of the
+                // connection it runs on: these deletes are confirmed here, on this one, however
+                // long the replica takes (the change stays in the outbox meanwhile).
+                replicas_attached = Some(connected);
+                confirm_on_this_connection(&mut connection, policy).await?;
+            }
+        }
         let cluster_nodes = take_cluster_nodes(request.verify, &mut replies)?;
         let counts = replies
             .into_iter()
@@ -473,5 +585,26 @@ async fn unlink(
         node: request.node,
         labels,
         result,
+        on_tracking,
+        replicas_attached,
+    }
+}
+
+/// Waits until the node's replicas have every write of `connection`, asking again at each
+/// timeout (warned once).
+async fn confirm_on_this_connection(
+    connection: &mut redis::aio::MultiplexedConnection,
+    policy: ReplicaPolicy,
+) -> Result<(), Failure> {
+    let mut warned = false;
+    loop {
+        let confirmation = confirm_replicas(connection, policy).await?;
+        if confirmation.confirmed() {
+            return Ok(());
+        }
+        if !warned {
+            warn!(acked = confirmation.acked, required = confirmation.required, "a replica attached since the worker connected and does not have the deletes yet: the changes stay in the outbox until it does");
+            warned = true;
+        }
     }
 }

@@ -263,6 +263,27 @@ impl Tracking {
         .boxed()
     }
 
+    /// Node `node`'s tracking connection (in the order given to [`Tracking::attach`]), to delete
+    /// a window's `keys` on: each becomes a check in flight ([`NodeIndex::deleting`]) that the
+    /// returned [`DeleteChecks`] books. `None` when the node is not tracked.
+    pub fn deleting<'k>(
+        &self,
+        node: usize,
+        keys: impl Iterator<Item = &'k [u8]>,
+    ) -> Option<(MultiplexedConnection, DeleteChecks)> {
+        let tracker = self.trackers.get(node)?;
+        let mut part = lock(&tracker.index);
+        let connection = part.tracking_connection()?;
+        for key in keys {
+            part.deleting(key);
+        }
+        let checks = DeleteChecks {
+            part: tracker.index.clone(),
+            shared: self.shared.clone(),
+        };
+        Some((connection, checks))
+    }
+
     /// Deletes keys announced under `patterns` until `until` (the refill guard in index mode).
     pub fn guard(&self, patterns: &[PatternSpec], until: Instant) {
         lock(&self.shared.guards).add(patterns, until);
@@ -273,6 +294,32 @@ impl Drop for Tracking {
     fn drop(&mut self) {
         for tracker in &self.trackers {
             tracker.stop.cancel();
+        }
+    }
+}
+
+/// Books the replies of a window's deletes sent on a tracking connection
+/// ([`Tracking::deleting`]) as the checks of their keys.
+pub struct DeleteChecks {
+    part: Arc<Mutex<NodeIndex>>,
+    shared: Arc<Shared>,
+}
+
+impl DeleteChecks {
+    /// The deletes came back: each key was gone when Redis ran them.
+    pub fn deleted<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        let mut part = lock(&self.part);
+        for key in keys {
+            part.verified(key, false, &self.shared.total_keys);
+        }
+    }
+
+    /// The deletes failed, or will never be booked (their request was dropped): their keys are
+    /// checked again.
+    pub fn unanswered<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        let mut part = lock(&self.part);
+        for key in keys {
+            part.check_again(key);
         }
     }
 }
@@ -432,7 +479,10 @@ impl Link {
         // Counting from before the reply: an announcement may follow it at once.
         lock(&self.index).tracking_started(connection.clone(), &self.shared.total_keys);
         let mut command = redis::cmd("CLIENT");
-        command.arg("TRACKING").arg("on").arg("BCAST");
+        // NOLOOP: the worker's own deletes of a window's keys, sent on this connection, are not
+        // announced back (each would cost a push, an insert and a check); their replies remove
+        // the keys ([`Tracking::deleting`]).
+        command.arg("TRACKING").arg("on").arg("BCAST").arg("NOLOOP");
         for prefix in self.prefixes.iter() {
             command.arg("PREFIX").arg(prefix.as_slice());
         }
