@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::postgres::{answered, describe, ConnectError, Driver, PgTarget, QueryError};
 use crate::schema::SCHEMA;
@@ -155,6 +155,8 @@ struct Epoch {
     /// id that commits late is claimed by the next epoch.
     last_id: i64,
     windows_outstanding: usize,
+    /// Its `BEGIN` was sent (with its first claim).
+    begun: bool,
 }
 
 #[derive(Default)]
@@ -170,6 +172,9 @@ struct ClaimConnection {
     client: Arc<Client>,
     driver: Driver,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    /// The claim, prepared once per connection: a query given as text is prepared again at each
+    /// use, a round trip more per claim.
+    claim: Statement,
 }
 
 impl ClaimConnection {
@@ -271,6 +276,7 @@ impl Outbox {
             "SET idle_in_transaction_session_timeout = {millis}"
         )))
         .await?;
+        let claim = answered(client.prepare(&claim_sql())).await?;
         let client = Arc::new(client);
         let heartbeat = (!self.claim_timeout.is_zero()).then(|| {
             tokio::spawn(heartbeat(
@@ -282,6 +288,7 @@ impl Outbox {
             client,
             driver,
             heartbeat,
+            claim,
         })
     }
 
@@ -363,6 +370,11 @@ impl Outbox {
     }
 
     async fn client(&mut self, index: usize) -> Result<&Client, OutboxError> {
+        Ok(&self.connection(index).await?.client)
+    }
+
+    /// The slot's connection, opened if it has none; an error when it closed under an epoch.
+    async fn connection(&mut self, index: usize) -> Result<&ClaimConnection, OutboxError> {
         let slot = &mut self.slots[index];
         let alive = slot
             .connection
@@ -385,7 +397,7 @@ impl Outbox {
             self.slots[index].connection = Some(connection);
         }
         match &self.slots[index].connection {
-            Some(connection) => Ok(&connection.client),
+            Some(connection) => Ok(connection),
             None => unreachable!("connected just above"),
         }
     }
@@ -415,16 +427,12 @@ impl Outbox {
         }
     }
 
-    /// Begins a new epoch's transaction on slot `index`.
+    /// Opens a new epoch on slot `index` (connecting if needed); its `BEGIN` goes with its first
+    /// claim.
     async fn open_epoch(&mut self, index: usize) -> Result<(), OutboxError> {
         let id = self.next_epoch;
         self.next_epoch += 1;
-        let result = async {
-            answered(self.client(index).await?.batch_execute("BEGIN")).await?;
-            Ok::<_, OutboxError>(())
-        }
-        .await;
-        if let Err(error) = result {
+        if let Err(error) = self.connection(index).await {
             self.slots[index].connection = None;
             return Err(error);
         }
@@ -433,6 +441,7 @@ impl Outbox {
             opened: Instant::now(),
             last_id: 0,
             windows_outstanding: 0,
+            begun: false,
         });
         Ok(())
     }
@@ -442,26 +451,23 @@ impl Outbox {
     /// a pass to end, and that epoch's rows wait for this window too.
     pub async fn claim(&mut self, limit: i64) -> Result<Claim, OutboxError> {
         let index = self.claiming_slot().await?;
-        let last_id = self.slots[index].epoch.as_ref().map_or(0, |e| e.last_id);
-        // Claimed rows are deleted at once, inside the epoch: they leave the outbox only if it
-        // commits (after Redis confirmed their keys gone), and until then other sessions still
-        // see them while their claims skip them (locked). One statement per window instead of a
-        // lock now and a `DELETE` by id later: a backlog's drain spent a round trip and a second
-        // index lookup per row on the latter. The locked rows are deleted by their `ctid` (a
-        // TID scan), not looked up by id again.
-        let query = format!(
-            "WITH claimed AS (DELETE FROM {SCHEMA}.outbox WHERE ctid = ANY(ARRAY(\
-                 SELECT ctid FROM {SCHEMA}.outbox WHERE id > $1 \
-                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)) \
-             RETURNING id, created_at, table_name, op, rows) \
-             SELECT id, table_name, op, rows, \
-                 (extract(epoch FROM created_at) * 1000000)::bigint, \
-                 extract(epoch FROM clock_timestamp() - created_at)::float8 \
-             FROM claimed ORDER BY id"
-        );
+        let (last_id, begin) = self.slots[index]
+            .epoch
+            .as_ref()
+            .map_or((0, false), |e| (e.last_id, !e.begun));
         let result = async {
-            let client = self.client(index).await?;
-            Ok::<_, OutboxError>(answered(client.query(&query, &[&last_id, &limit])).await?)
+            let connection = self.connection(index).await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&last_id, &limit];
+            let claim = answered(connection.client.query(&connection.claim, &params));
+            if !begin {
+                return Ok::<_, OutboxError>(claim.await?);
+            }
+            // A new epoch's `BEGIN` and its first claim are sent together (the connection runs
+            // them in order): one round trip instead of two, once per window when each window
+            // commits its own epoch (a backlog in index mode).
+            let begin = answered(connection.client.batch_execute("BEGIN"));
+            let ((), rows) = futures::try_join!(begin, claim)?;
+            Ok(rows)
         }
         .await;
         let fetched = match result {
@@ -485,6 +491,7 @@ impl Outbox {
         let Some(epoch) = self.slots[index].epoch.as_mut() else {
             unreachable!("the slot's epoch was set above")
         };
+        epoch.begun = true;
         let epoch_id = epoch.id;
         if let Some(last) = rows.last() {
             epoch.last_id = last.id;
@@ -570,6 +577,25 @@ impl Outbox {
             }
         }
     }
+}
+
+/// The claim: up to `$2` pending rows with ids above `$1`, oldest first, deleted at once inside
+/// the epoch. They leave the outbox only if it commits (after Redis confirmed their keys gone);
+/// until then other sessions still see them while their claims skip them (locked). One statement
+/// per window instead of a lock now and a `DELETE` by id later: a backlog's drain spent a round
+/// trip and a second index lookup per row on the latter. The locked rows are deleted by their
+/// `ctid` (a TID scan), not looked up by id again.
+fn claim_sql() -> String {
+    format!(
+        "WITH claimed AS (DELETE FROM {SCHEMA}.outbox WHERE ctid = ANY(ARRAY(\
+             SELECT ctid FROM {SCHEMA}.outbox WHERE id > $1 \
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+         RETURNING id, created_at, table_name, op, rows) \
+         SELECT id, table_name, op, rows, \
+             (extract(epoch FROM created_at) * 1000000)::bigint, \
+             extract(epoch FROM clock_timestamp() - created_at)::float8 \
+         FROM claimed ORDER BY id"
+    )
 }
 
 /// Writes `dead` to the dead letters from what their claim read (their outbox rows are deleted
