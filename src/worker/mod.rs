@@ -418,7 +418,7 @@ impl Worker {
         match claim {
             None => {}
             Some(Ok(claim)) => {
-                if claims.claimed(TokioInstant::now(), claim.full) {
+                if claims.claimed(TokioInstant::now(), claim.full, claim.rows.is_empty()) {
                     info!("claiming from the outbox works again");
                     self.back.claims.notify_one();
                 }
