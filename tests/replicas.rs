@@ -51,6 +51,42 @@ async fn change(db: &TestDb, id: i32) {
         .expect("change a report");
 }
 
+/// With the replica frozen, a change of report 1: its keys `must_go` leave the primary, but the
+/// outbox row stays while the replica cannot confirm the delete; once the replica is thawed the
+/// change is acknowledged, and the replica no longer has the keys.
+async fn change_held_until_the_replica_has_it(
+    db: &TestDb,
+    replica: &PrivateRedis,
+    on_primary: &mut MultiplexedConnection,
+    on_replica: &mut MultiplexedConnection,
+    must_go: &[String],
+) {
+    replica.signal("STOP");
+    change(db, 1).await;
+    // The primary has the delete: the daemon ran and UNLINKed the keys...
+    assert_gone_within(on_primary, must_go, PATIENCE).await;
+    // ...but the row stays while the replica cannot confirm it.
+    let acknowledged = wait_until(HELD_FOR, || async { db.outbox_rows().await == 0 }).await;
+    assert!(
+        !acknowledged,
+        "the change was acknowledged while its replica did not have the delete"
+    );
+    assert_eq!(db.outbox_rows().await, 1);
+
+    replica.signal("CONT");
+    assert!(
+        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
+        "the change was never acknowledged after the replica caught up"
+    );
+    // Acknowledged means the replica has it.
+    for key in must_go {
+        assert!(
+            !exists(on_replica, key).await,
+            "{key} is still on the replica after the acknowledgement"
+        );
+    }
+}
+
 async fn seeded_db(tag: &str, space: &KeyPrefix) -> TestDb {
     let db = TestDb::with_reports(tag, &space.rules()).await;
     db.client()
@@ -96,30 +132,8 @@ async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
     );
     set_keys(&mut on_primary, &decoys).await;
 
-    replica.signal("STOP");
-    change(&db, 1).await;
-    // The primary has the delete: the sweep ran and UNLINKed the keys...
-    assert_gone_within(&mut on_primary, &must_go, PATIENCE).await;
-    // ...but the row stays while the replica cannot confirm it.
-    let acknowledged = wait_until(HELD_FOR, || async { db.outbox_rows().await == 0 }).await;
-    assert!(
-        !acknowledged,
-        "the change was acknowledged while its replica did not have the delete"
-    );
-    assert_eq!(db.outbox_rows().await, 1);
-
-    replica.signal("CONT");
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "the change was never acknowledged after the replica caught up"
-    );
-    // Acknowledged means the replica has it.
-    for key in &must_go {
-        assert!(
-            !exists(&mut on_replica, key).await,
-            "{key} is still on the replica after the acknowledgement"
-        );
-    }
+    change_held_until_the_replica_has_it(&db, &replica, &mut on_primary, &mut on_replica, &must_go)
+        .await;
     assert_kept(&mut on_primary, &decoys).await;
     assert_kept(&mut on_replica, &decoys).await;
     daemon.stop().await;
@@ -127,8 +141,8 @@ async fn the_outbox_row_stays_until_the_replica_has_the_delete() {
 }
 
 /// A replica that attaches after the daemon connected (and counted none) must have the deletes
-/// before a change is acknowledged: in index mode the deletes went on the tracking connection
-/// without a `WAIT`, and the daemon connects again to wait for it.
+/// before a change is acknowledged: in index mode the deletes go on the tracking connection, where
+/// no replica was counted, and the daemon waits for the replica on that connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_attaches_later_has_the_deletes_before_the_acknowledgement() {
     let space = KeyPrefix::new("latereplica");
@@ -159,26 +173,8 @@ async fn a_replica_that_attaches_later_has_the_deletes_before_the_acknowledgemen
         "the keys never reached the replica"
     );
 
-    replica.signal("STOP");
-    change(&db, 1).await;
-    assert_gone_within(&mut on_primary, &must_go, PATIENCE).await;
-    let acknowledged = wait_until(HELD_FOR, || async { db.outbox_rows().await == 0 }).await;
-    assert!(
-        !acknowledged,
-        "the change was acknowledged while the replica that attached did not have the delete"
-    );
-
-    replica.signal("CONT");
-    assert!(
-        wait_until(PATIENCE, || async { db.outbox_rows().await == 0 }).await,
-        "the change was never acknowledged after the replica caught up"
-    );
-    for key in &must_go {
-        assert!(
-            !exists(&mut on_replica, key).await,
-            "{key} is still on the replica after the acknowledgement"
-        );
-    }
+    change_held_until_the_replica_has_it(&db, &replica, &mut on_primary, &mut on_replica, &must_go)
+        .await;
     assert_kept(&mut on_primary, &decoys).await;
     daemon.stop().await;
     db.drop().await;

@@ -479,9 +479,7 @@ impl Link {
         // Counting from before the reply: an announcement may follow it at once.
         lock(&self.index).tracking_started(connection.clone(), &self.shared.total_keys);
         let mut command = redis::cmd("CLIENT");
-        // NOLOOP: the worker's own deletes of a window's keys, sent on this connection, are not
-        // announced back (each would cost a push, an insert and a check); their replies remove
-        // the keys ([`Tracking::deleting`]).
+        // NOLOOP: the window deletes sent here are not announced back (see `Tracking::deleting`).
         command.arg("TRACKING").arg("on").arg("BCAST").arg("NOLOOP");
         for prefix in self.prefixes.iter() {
             command.arg("PREFIX").arg(prefix.as_slice());
