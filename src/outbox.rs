@@ -155,8 +155,6 @@ struct Epoch {
     /// id that commits late is claimed by the next epoch.
     last_id: i64,
     windows_outstanding: usize,
-    /// Its `BEGIN` was sent (with its first claim).
-    begun: bool,
 }
 
 #[derive(Default)]
@@ -427,12 +425,18 @@ impl Outbox {
         }
     }
 
-    /// Opens a new epoch on slot `index` (connecting if needed); its `BEGIN` goes with its first
-    /// claim.
+    /// Begins a new epoch's transaction on slot `index`. Not sent along with the first claim:
+    /// should the `BEGIN` fail and the claim not, the claim's `DELETE` would commit on its own,
+    /// before Redis confirmed anything.
     async fn open_epoch(&mut self, index: usize) -> Result<(), OutboxError> {
         let id = self.next_epoch;
         self.next_epoch += 1;
-        if let Err(error) = self.connection(index).await {
+        let result = async {
+            answered(self.client(index).await?.batch_execute("BEGIN")).await?;
+            Ok::<_, OutboxError>(())
+        }
+        .await;
+        if let Err(error) = result {
             self.slots[index].connection = None;
             return Err(error);
         }
@@ -441,7 +445,6 @@ impl Outbox {
             opened: Instant::now(),
             last_id: 0,
             windows_outstanding: 0,
-            begun: false,
         });
         Ok(())
     }
@@ -451,23 +454,16 @@ impl Outbox {
     /// a pass to end, and that epoch's rows wait for this window too.
     pub async fn claim(&mut self, limit: i64) -> Result<Claim, OutboxError> {
         let index = self.claiming_slot().await?;
-        let (last_id, begin) = self.slots[index]
-            .epoch
-            .as_ref()
-            .map_or((0, false), |e| (e.last_id, !e.begun));
+        let last_id = self.slots[index].epoch.as_ref().map_or(0, |e| e.last_id);
         let result = async {
             let connection = self.connection(index).await?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&last_id, &limit];
-            let claim = answered(connection.client.query(&connection.claim, &params));
-            if !begin {
-                return Ok::<_, OutboxError>(claim.await?);
-            }
-            // A new epoch's `BEGIN` and its first claim are sent together (the connection runs
-            // them in order): one round trip instead of two, once per window when each window
-            // commits its own epoch (a backlog in index mode).
-            let begin = answered(connection.client.batch_execute("BEGIN"));
-            let ((), rows) = futures::try_join!(begin, claim)?;
-            Ok(rows)
+            let rows = answered(
+                connection
+                    .client
+                    .query(&connection.claim, &[&last_id, &limit]),
+            )
+            .await?;
+            Ok::<_, OutboxError>(rows)
         }
         .await;
         let fetched = match result {
@@ -491,7 +487,6 @@ impl Outbox {
         let Some(epoch) = self.slots[index].epoch.as_mut() else {
             unreachable!("the slot's epoch was set above")
         };
-        epoch.begun = true;
         let epoch_id = epoch.id;
         if let Some(last) = rows.last() {
             epoch.last_id = last.id;
