@@ -65,10 +65,10 @@ impl NodeRequest {
 /// Deletes sent on a node's tracking connection.
 struct Tracked {
     checks: DeleteChecks,
-    /// Count the node's replicas with the deletes (`INFO replication`): none was connected when
-    /// the worker connected, and one that attached since must confirm the deletes.
-    count_replicas: bool,
-    policy: ReplicaPolicy,
+    /// Count the node's replicas with the deletes (`INFO replication`), with the node's policy:
+    /// none was connected when the worker connected, and one that attached since must confirm
+    /// the deletes.
+    count_replicas: Option<ReplicaPolicy>,
 }
 
 /// The checks of a request's keys, booked when its reply is read ([`DeleteChecks::deleted`]), or
@@ -451,9 +451,9 @@ impl IndexDeletes {
                         checks,
                         // No replica was connected: count them with the deletes, to notice one
                         // that attached since.
-                        count_replicas: node.replica_policy.counts_connected()
-                            && node.replicas.is_some(),
-                        policy: node.replica_policy,
+                        count_replicas: (node.replica_policy.counts_connected()
+                            && node.replicas.is_some())
+                        .then_some(node.replica_policy),
                     };
                     (connection, Some(tracked))
                 }
@@ -527,9 +527,7 @@ async fn unlink(
     mut connection: redis::aio::MultiplexedConnection,
     tracked: Option<Tracked>,
 ) -> IndexReply {
-    let count_replicas = tracked
-        .as_ref()
-        .and_then(|t| t.count_replicas.then_some(t.policy));
+    let count_replicas = tracked.as_ref().and_then(|t| t.count_replicas);
     let on_tracking = tracked.is_some();
     let mut replicas_attached = None;
     let mut checks = ChecksOf {
