@@ -18,7 +18,7 @@
 //! not.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -310,7 +310,6 @@ impl PgTarget {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| ConnectError::Tls(e.to_string()))?;
-        let roots = self.root_store()?;
         let verify = match self.tls {
             TlsMode::VerifyCa | TlsMode::VerifyFull => true,
             TlsMode::Encrypt { .. } => self.root_cert.is_some(),
@@ -326,7 +325,7 @@ impl PgTarget {
                 .with_no_client_auth());
         }
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
+            self.root_store()?,
             provider.clone(),
         )
         .build()
@@ -346,7 +345,9 @@ impl PgTarget {
             .with_no_client_auth())
     }
 
-    fn root_store(&self) -> Result<rustls::RootCertStore, ConnectError> {
+    /// The certificates that may sign the server's: the `sslrootcert` file, read at each
+    /// connection (a renewed file is used from the next one), or else the system's trust store.
+    fn root_store(&self) -> Result<Arc<rustls::RootCertStore>, ConnectError> {
         let mut roots = rustls::RootCertStore::empty();
         match &self.root_cert {
             Some(path) => {
@@ -363,14 +364,10 @@ impl PgTarget {
                     return Err(error("no PEM certificate in the file".to_owned()));
                 }
             }
-            None => {
-                // Like libpq without sslrootcert: the system's trust store.
-                for cert in rustls_native_certs::load_native_certs().certs {
-                    let _ = roots.add(cert);
-                }
-            }
+            // Like libpq without sslrootcert: the system's trust store.
+            None => return Ok(system_roots()),
         }
-        Ok(roots)
+        Ok(Arc::new(roots))
     }
 
     /// Connects to the primary, spawning the driver task. Notifications wake `on_notification`
@@ -807,6 +804,22 @@ impl ServerCertVerifier for LibpqVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// The system's trust store, read once per process: it is a few hundred files, and reading and
+/// parsing them at every connection held the daemon's one thread for as long each time (a CA
+/// added to the system later is trusted after a restart).
+fn system_roots() -> Arc<rustls::RootCertStore> {
+    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            Arc::new(roots)
+        })
+        .clone()
 }
 
 #[cfg(test)]
