@@ -35,6 +35,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
 use crate::index::{self, lock, Checks, Dropped, Key, NodeIndex, Shared, EXISTS_GROUP};
@@ -596,6 +597,7 @@ impl Link {
             renewed: Instant::now(),
         };
         let mut in_flight = FuturesOrdered::new();
+        let mut sent = false;
         loop {
             if self.shared.over_limit.load(Ordering::Relaxed) {
                 return Ended::OverLimit;
@@ -613,6 +615,13 @@ impl Link {
                 };
                 clock.sent(&work);
                 in_flight.push_back(self.send(work, &seed_glob, connection.clone()));
+                sent = true;
+            }
+            if std::mem::take(&mut sent) {
+                // The requests just made go out before the next reply is applied: while the
+                // seed's replies arrive faster than they are applied, Redis would otherwise get
+                // no new `SCAN` until every ready reply was applied, and then sat idle.
+                tokio::task::yield_now().await;
             }
             if in_flight.is_empty() {
                 if self.idle(stop).await {
@@ -668,8 +677,17 @@ impl Link {
         mut connection: MultiplexedConnection,
     ) -> BoxFuture<'static, (Work, redis::RedisResult<Vec<Value>>)> {
         let pipe = work.pipeline(seed_glob, self.marker.as_deref());
+        // A task of its own, so the request reaches the connection as soon as the tracker yields,
+        // not when the tracker next polls it (see `maintain`).
+        let request = AbortOnDropHandle::new(tokio::spawn(async move {
+            pipe.query_async::<Vec<Value>>(&mut connection).await
+        }));
         async move {
-            let replies = pipe.query_async(&mut connection).await;
+            let replies = request.await.unwrap_or_else(|lost| {
+                Err(redis::RedisError::from(std::io::Error::other(format!(
+                    "the request's task ended: {lost}"
+                ))))
+            });
             (work, replies)
         }
         .boxed()
