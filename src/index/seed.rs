@@ -10,10 +10,18 @@
 //! The arena is one buffer: past a few tens of MB the allocator maps it on its own and gives it
 //! back whole when the seed ends, where many small buffers would leave holes between the store's
 //! blocks and keep the memory resident.
+//!
+//! The final merge is the one part of a seed that Redis does not overlap, so a large seed merges
+//! on two threads: the first sorted run's middle key splits every run in two halves, each half's
+//! runs are merged into a store of its own (the lower half on the tracker's thread, the upper one
+//! on a scoped helper thread), and the two stores are joined. `SCAN` returns keys in hash order,
+//! so the first run's middle key splits the keyspace about in half. It is the daemon's only
+//! thread besides the runtime's, and lives for the merge only.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::ops::{ControlFlow, Range};
+use std::thread;
 
 use rustc_hash::FxHashSet;
 
@@ -22,6 +30,9 @@ use super::store::{encode_entry, Builder, Decoder, KeyStore};
 /// Keys sorted at once into a run: ~1 ms of sorting, and few enough runs for the final merge
 /// (one per 16,384 keys).
 const RUN_KEYS: usize = 16_384;
+/// Below this many keys given the two halves are merged one after the other on the tracker's
+/// thread: starting a thread costs more than it saves.
+const PARALLEL_MERGE_KEYS: usize = 200_000;
 
 /// A seed's keys so far.
 #[derive(Default)]
@@ -36,7 +47,10 @@ pub struct SeedKeys {
     common: usize,
     /// Sorted runs, front-coded, back to back.
     arena: Vec<u8>,
-    runs: Vec<Range<usize>>,
+    /// The runs of the keys below `split`, and of the others.
+    halves: [Vec<Range<usize>>; 2],
+    /// The first run's middle key (set when it is sorted).
+    split: Option<Box<[u8]>>,
     /// Keys given so far (with repeats: `SCAN` may return a key twice).
     given: usize,
     /// Keys a check found gone while the seed ran: a `SCAN` may have returned them before.
@@ -94,20 +108,17 @@ impl SeedKeys {
             .sort_unstable_by(|(a_window, a), (b_window, b)| {
                 a_window.cmp(b_window).then_with(|| key(a).cmp(key(b)))
             });
-        let start = self.arena.len();
-        let mut previous: &[u8] = &[];
-        for (index, (_, range)) in self.staged.iter().enumerate() {
-            let key = key(range);
-            if index > 0 && key == previous {
-                continue;
-            }
-            // A run's first entry shares nothing, so each run decodes on its own.
-            encode_entry(&mut self.arena, previous, key);
-            previous = key;
+        if self.split.is_none() {
+            self.split = self
+                .staged
+                .get(self.staged.len() / 2)
+                .map(|(_, middle)| key(middle).into());
         }
-        if self.arena.len() > start {
-            self.runs.push(start..self.arena.len());
+        let mut runs = RunWriter::new(&mut self.arena, &mut self.halves, self.split.as_deref());
+        for (_, range) in &self.staged {
+            runs.push(key(range));
         }
+        runs.finish();
         self.staging.clear();
         self.staged.clear();
     }
@@ -118,31 +129,111 @@ impl SeedKeys {
     /// announcements and their checks know better than the `SCAN` about any key they named.
     pub fn finish(mut self, announced: &KeyStore) -> KeyStore {
         self.sort_staged();
-        let start = self.arena.len();
-        let mut previous = Vec::new();
         let removed = &mut self.removed;
-        let arena = &mut self.arena;
+        let mut runs = RunWriter::new(&mut self.arena, &mut self.halves, self.split.as_deref());
         let (first, common) = (&self.first, &mut self.common);
         announced.walk_from(b"", |key| {
             *common = shared_prefix(first, key, *common);
             // Announced again after its check: the store has it.
             removed.remove(key);
-            encode_entry(arena, &previous, key);
-            previous.clear();
-            previous.extend_from_slice(key);
+            runs.push(key);
             ControlFlow::Continue(())
         });
-        if self.arena.len() > start {
-            self.runs.push(start..self.arena.len());
+        runs.finish();
+        let [lower, upper] = &self.halves;
+        let half = |runs: &[Range<usize>]| build(&self.arena, runs, self.common, &self.removed);
+        if self.given < PARALLEL_MERGE_KEYS {
+            let mut store = half(lower);
+            store.append(half(upper));
+            return store;
         }
-        let mut builder = Builder::default();
-        merge(&self.arena, &self.runs, self.common, |key| {
-            if self.removed.is_empty() || !self.removed.contains(key) {
-                builder.push(key);
-            }
-        });
-        builder.finish()
+        thread::scope(|scope| {
+            let helper = thread::Builder::new()
+                .name("index-merge".into())
+                .spawn_scoped(scope, || half(upper));
+            let mut store = half(lower);
+            // No thread to be had: the upper half is merged here too.
+            let upper = match helper {
+                Ok(helper) => helper
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => half(upper),
+            };
+            store.append(upper);
+            store
+        })
     }
+}
+
+/// Writes sorted keys into the arena as runs, each key into the run of its half (below the split
+/// key or not).
+struct RunWriter<'s> {
+    arena: &'s mut Vec<u8>,
+    halves: &'s mut [Vec<Range<usize>>; 2],
+    split: Option<&'s [u8]>,
+    /// The half being written, where its run starts, and the key written last.
+    half: usize,
+    start: usize,
+    previous: Vec<u8>,
+}
+
+impl<'s> RunWriter<'s> {
+    fn new(
+        arena: &'s mut Vec<u8>,
+        halves: &'s mut [Vec<Range<usize>>; 2],
+        split: Option<&'s [u8]>,
+    ) -> RunWriter<'s> {
+        let start = arena.len();
+        RunWriter {
+            arena,
+            halves,
+            split,
+            half: 0,
+            start,
+            previous: Vec::new(),
+        }
+    }
+
+    /// Adds `key`, not less than the key before (a repeat is skipped).
+    fn push(&mut self, key: &[u8]) {
+        let written = self.arena.len() > self.start;
+        if written && key == self.previous.as_slice() {
+            return;
+        }
+        if self.half == 0 && self.split.is_some_and(|split| key >= split) {
+            self.finish();
+            self.half = 1;
+            self.previous.clear();
+        }
+        // A run's first entry shares nothing, so each run decodes on its own.
+        encode_entry(self.arena, &self.previous, key);
+        self.previous.clear();
+        self.previous.extend_from_slice(key);
+    }
+
+    /// Ends the run being written (the writer may go on with the other half's).
+    fn finish(&mut self) {
+        if self.arena.len() > self.start {
+            self.halves[self.half].push(self.start..self.arena.len());
+        }
+        self.start = self.arena.len();
+    }
+}
+
+/// The store of the keys of sorted `runs`, without the `removed` ones.
+fn build(
+    arena: &[u8],
+    runs: &[Range<usize>],
+    common: usize,
+    removed: &FxHashSet<Box<[u8]>>,
+) -> KeyStore {
+    let mut builder = Builder::default();
+    merge(arena, runs, common, |key| {
+        if removed.is_empty() || !removed.contains(key) {
+            builder.push(key);
+        }
+    });
+    builder.finish()
 }
 
 /// How much of `key` and `first` is the same, up to `limit` bytes.
@@ -228,6 +319,41 @@ mod tests {
         announced.insert(&key(8));
         announced.insert(b":1:report:announced");
         expected.insert(b":1:report:announced".to_vec());
+        let store = seed.finish(&announced);
+        let expected: Vec<Vec<u8>> = expected.into_iter().collect();
+        assert_eq!(store.len(), expected.len());
+        assert_eq!(store.keys(), expected);
+    }
+
+    #[test]
+    fn a_large_seed_merged_in_two_halves_on_two_threads_holds_every_key_once() {
+        let mut seed = SeedKeys::default();
+        let mut expected = BTreeSet::new();
+        // Past the parallel merge's threshold, with repeats across runs and halves.
+        let given = PARALLEL_MERGE_KEYS as u32 + 20_000;
+        for i in (0..given).map(|i| i.wrapping_mul(2_654_435_761) % (given - 30_000)) {
+            seed.push(&key(i));
+            expected.insert(key(i));
+        }
+        let split = seed.split.clone().expect("the first run set the split");
+        // Gone, one in each half.
+        let side = |lower: bool| {
+            (0..given - 30_000)
+                .map(key)
+                .find(|key| (key.as_slice() < &*split) == lower)
+                .expect("keys on both sides of the split")
+        };
+        let (below, above) = (side(true), side(false));
+        for gone in [&below, &above] {
+            seed.removed(gone);
+            expected.remove(gone);
+        }
+        // Announced keys on both sides of the split, one of them the split key itself.
+        let mut announced = KeyStore::default();
+        for extra in [&b":1:report:0"[..], &split, b":1:report:~"] {
+            announced.insert(extra);
+            expected.insert(extra.to_vec());
+        }
         let store = seed.finish(&announced);
         let expected: Vec<Vec<u8>> = expected.into_iter().collect();
         assert_eq!(store.len(), expected.len());

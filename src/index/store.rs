@@ -46,6 +46,24 @@ impl KeyStore {
             .is_some_and(|(_, block)| locate(block, key).found)
     }
 
+    /// Adds the keys of `other`, every one of which is greater than every key of this store
+    /// (the upper half of a seed's keys).
+    pub fn append(&mut self, mut other: KeyStore) {
+        debug_assert!(
+            match (self.blocks.last_key_value(), other.blocks.first_key_value()) {
+                (Some((_, last)), Some((first, _))) => {
+                    let mut decoder = Decoder::default();
+                    while decoder.advance(last) {}
+                    decoder.key.as_slice() < &**first
+                }
+                _ => true,
+            },
+            "appended keys out of order"
+        );
+        self.blocks.append(&mut other.blocks);
+        self.len += other.len;
+    }
+
     /// Adds `key`; false when it was there already.
     pub fn insert(&mut self, key: &[u8]) -> bool {
         let Some((_, block)) = self
