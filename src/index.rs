@@ -490,6 +490,11 @@ impl Shared {
 /// A pattern is in the matcher once however many windows cleared it (a backlog of repeated edits,
 /// a hot row under load): a window clearing it again only moves its end later, which costs a hash
 /// look-up instead of parsing the glob into the matcher and out of it again.
+///
+/// Patterns wait in a list until an announcement needs the matcher: the announcements of keys
+/// written back are what the guard is for, and while none comes (a backlog drained with no
+/// traffic, where a tenth of the worker's CPU went into guarding) a guarded pattern only costs
+/// its place in the list until it runs out.
 #[derive(Default)]
 pub struct Guards {
     matcher: Matcher,
@@ -501,29 +506,48 @@ pub struct Guards {
     /// last one runs out.
     ends: VecDeque<(Instant, Arc<str>)>,
     next_id: PatternId,
+    /// Patterns guarded since the matcher was last needed, with their ends, in the order added.
+    waiting: VecDeque<(Instant, Arc<str>)>,
 }
 
 impl Guards {
     /// Guards `patterns` until `until`.
     pub fn add(&mut self, patterns: &[PatternSpec], until: Instant) {
-        for spec in patterns {
-            match self.active.get_mut(&spec.pattern) {
-                Some((_, end)) => *end = (*end).max(until),
-                None => {
-                    let id = self.next_id;
-                    self.next_id = self.next_id.wrapping_add(1);
-                    self.matcher.insert(&spec.pattern, id);
-                    self.active.insert(spec.pattern.clone(), (id, until));
-                }
-            }
-            self.ends.push_back((until, spec.pattern.clone()));
+        // What ran out while waiting never needs the matcher: the list stays within one guard
+        // delay's patterns.
+        let now = Instant::now();
+        while self.waiting.front().is_some_and(|(end, _)| *end <= now) {
+            self.waiting.pop_front();
         }
+        self.waiting
+            .extend(patterns.iter().map(|spec| (until, spec.pattern.clone())));
     }
 
     /// Whether a guarded pattern matches `key` now (guards that ran out are dropped first).
     pub fn covers(&mut self, key: &[u8]) -> bool {
-        self.drop_ended(Instant::now());
+        let now = Instant::now();
+        self.enter_waiting(now);
+        self.drop_ended(now);
         !self.matcher.is_empty() && self.matcher.find(key).is_some()
+    }
+
+    /// Puts the waiting patterns that still guard at `now` into the matcher.
+    fn enter_waiting(&mut self, now: Instant) {
+        for (until, pattern) in std::mem::take(&mut self.waiting) {
+            if until <= now {
+                continue;
+            }
+            match self.active.get_mut(&pattern) {
+                Some((_, end)) => *end = (*end).max(until),
+                None => {
+                    let id = self.next_id;
+                    self.next_id = self.next_id.wrapping_add(1);
+                    self.matcher.insert(&pattern, id);
+                    self.active.insert(pattern.clone(), (id, until));
+                }
+            }
+            self.ends.push_back((until, pattern));
+        }
     }
 
     /// Drops the patterns whose last guard ended by `now`.
@@ -545,6 +569,9 @@ impl Guards {
     #[cfg(test)]
     fn end_all_now(&mut self) {
         let now = Instant::now();
+        for (until, _) in self.waiting.iter_mut() {
+            *until = now;
+        }
         for (_, end) in self.active.values_mut() {
             *end = now;
         }
@@ -1063,6 +1090,30 @@ mod tests {
         guards.end_all_now();
         assert!(!guards.covers(b":1:report:5:1:h"));
         assert!(guards.matcher.is_empty() && guards.ends.is_empty());
+    }
+
+    #[test]
+    fn guarded_patterns_wait_for_an_announcement_and_those_that_ran_out_meanwhile_are_dropped() {
+        let mut guards = Guards::default();
+        let ended = Instant::now() - std::time::Duration::from_millis(1);
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        let latest = later + std::time::Duration::from_secs(60);
+        for id in 0..1_000 {
+            guards.add(&[spec(&format!(":1:report:{id}:*"))], ended);
+        }
+        guards.add(&[spec(":1:report:5:*")], later);
+        assert_eq!(guards.waiting.len(), 1, "what ran out does not wait");
+        assert!(guards.matcher.is_empty(), "nothing needed the matcher yet");
+        assert!(guards.covers(b":1:report:5:1:h"));
+        assert!(!guards.covers(b":1:report:6:1:h"));
+        // Cleared again while in the matcher: its guard ends later.
+        guards.add(&[spec(":1:report:5:*")], latest);
+        assert!(guards.covers(b":1:report:5:2:h"));
+        assert_eq!(guards.active.len(), 1);
+        assert_eq!(
+            guards.active.values().next().map(|(_, end)| *end),
+            Some(latest)
+        );
     }
 
     #[test]
