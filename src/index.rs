@@ -117,6 +117,23 @@ pub struct NodeIndex {
     token: Option<Arc<str>>,
     /// The tracking connection, for barriers.
     connection: Option<MultiplexedConnection>,
+    /// Counts what changed the part other than its own deletes' bookings: announcements, check
+    /// answers, resets. Deletes sent while nothing was queued nor in flight are booked at once if
+    /// it has not moved since ([`DeleteBooking::Quiet`]).
+    events: u64,
+}
+
+/// How the keys of deletes sent on the tracking connection are booked when their reply comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteBooking {
+    /// Each key was made a check in flight ([`NodeIndex::deleting`]): the reply answers it.
+    Checked,
+    /// Nothing was queued nor in flight when they were sent (`events` then): if nothing was
+    /// announced nor answered since, the reply removes the keys at once, with no check in flight
+    /// per key (a backlog's drain deletes hundreds of thousands). A later write by anyone else is
+    /// announced after the reply and checked as usual. Otherwise each key is checked again:
+    /// an answer applied meanwhile may have come after the delete and be the newer.
+    Quiet { events: u64 },
 }
 
 /// A key queued for a check or in flight. Shared, not copied, between the queue, the checks in
@@ -195,6 +212,7 @@ impl NodeIndex {
 
     /// Forgets every key (a new seed, a lost connection, a dropped index).
     pub fn clear(&mut self, total: &AtomicUsize) {
+        self.events += 1;
         total.fetch_sub(self.len(), Ordering::Relaxed);
         self.keys = KeyStore::default();
         self.seed = None;
@@ -215,6 +233,7 @@ impl NodeIndex {
         if !self.alive {
             return;
         }
+        self.events += 1;
         self.insert(key, &shared.total_keys);
         let guarded = lock(&shared.guards).covers(key);
         self.check_later(key, guarded);
@@ -306,6 +325,7 @@ impl NodeIndex {
 
     /// The answer to a check sent with [`NodeIndex::take_checks`] (for an `UNLINK`: gone).
     pub fn verified(&mut self, key: &[u8], exists: bool, total: &AtomicUsize) {
+        self.events += 1;
         match self.verifying.remove_entry(key) {
             // Forgotten since (the part was cleared): the answer is about a past state.
             None => {}
@@ -322,6 +342,7 @@ impl NodeIndex {
     /// is gone; more cannot say which exists, so each is checked again on its own (an unreadable
     /// answer too), never taken for gone. A group of one is a single key's `EXISTS`.
     pub fn group_verified(&mut self, group: &[Key], count: Option<i64>, total: &AtomicUsize) {
+        self.events += 1;
         if let [key] = group {
             // Unreadable: keep the key (a stale entry costs an UNLINK, a missing one a stale page).
             self.verified(key, count != Some(0), total);
@@ -374,13 +395,73 @@ impl NodeIndex {
     /// The check of `key` in flight will not be answered (its request failed or was dropped): it
     /// is checked again.
     pub fn check_again(&mut self, key: &[u8]) {
+        self.events += 1;
         if let Some((key, recheck)) = self.verifying.remove_entry(key) {
             self.requeue(key, recheck.max(Recheck::Exists));
         }
     }
 
+    /// The worker is about to delete `keys` on this part's tracking connection: how their reply
+    /// is to be booked ([`DeleteBooking`]).
+    pub fn deleting_all<'k>(&mut self, keys: impl Iterator<Item = &'k [u8]>) -> DeleteBooking {
+        let quiet = self.verifying.is_empty()
+            && self.to_verify.is_empty()
+            && self.to_verify_each.is_empty()
+            && self.to_unlink.is_empty();
+        if quiet {
+            return DeleteBooking::Quiet {
+                events: self.events,
+            };
+        }
+        for key in keys {
+            self.deleting(key);
+        }
+        DeleteBooking::Checked
+    }
+
+    /// The deletes of `keys` came back: each key was gone when Redis ran them.
+    pub fn deleted_all<'k>(
+        &mut self,
+        keys: impl Iterator<Item = &'k [u8]>,
+        booking: DeleteBooking,
+        total: &AtomicUsize,
+    ) {
+        match booking {
+            DeleteBooking::Checked => {
+                for key in keys {
+                    self.verified(key, false, total);
+                }
+            }
+            DeleteBooking::Quiet { events } if events == self.events => {
+                for key in keys {
+                    self.remove(key, total);
+                }
+            }
+            DeleteBooking::Quiet { .. } => {
+                for key in keys {
+                    self.check_later(key, false);
+                }
+            }
+        }
+    }
+
+    /// The deletes of `keys` failed or will never be booked: their keys are checked again.
+    pub fn unanswered_all<'k>(
+        &mut self,
+        keys: impl Iterator<Item = &'k [u8]>,
+        booking: DeleteBooking,
+    ) {
+        for key in keys {
+            match booking {
+                DeleteBooking::Checked => self.check_again(key),
+                DeleteBooking::Quiet { .. } => self.check_later(key, false),
+            }
+        }
+    }
+
     /// A check failed to come back (the connection broke): its keys are checked again later.
     pub fn verification_lost(&mut self) {
+        self.events += 1;
         for (key, _) in std::mem::take(&mut self.verifying) {
             self.check_later(&key, false);
         }
@@ -417,6 +498,7 @@ impl NodeIndex {
 
     /// The seed's `SCAN` is done: its keys join the store, and the part is complete.
     pub fn seed_finished(&mut self, total: &AtomicUsize) {
+        self.events += 1;
         if !self.alive {
             return;
         }
@@ -849,6 +931,72 @@ mod tests {
         let checks = index.take_checks();
         assert_eq!(checks.exists, vec![Key::from(&b":1:b"[..])], "and checked");
         assert_eq!(shared.total_keys.load(Ordering::Relaxed), 1);
+    }
+
+    fn keys_of<'k>(keys: &'k [&'k str]) -> impl Iterator<Item = &'k [u8]> + 'k {
+        keys.iter().map(|key| key.as_bytes())
+    }
+
+    #[test]
+    fn deletes_sent_on_a_quiet_part_leave_with_their_reply_without_a_check_each() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a", ":1:b", ":1:c"], &shared);
+        let booking = index.deleting_all(keys_of(&[":1:a", ":1:b"]));
+        assert!(matches!(booking, DeleteBooking::Quiet { .. }));
+        assert!(index.verifying.is_empty(), "no check in flight per key");
+        index.deleted_all(keys_of(&[":1:a", ":1:b"]), booking, &shared.total_keys);
+        assert!(!index.keys.contains(b":1:a") && !index.keys.contains(b":1:b"));
+        assert!(index.keys.contains(b":1:c"));
+        assert_eq!(shared.total_keys.load(Ordering::Relaxed), 1);
+        let checks = index.take_checks();
+        assert!(checks.exists.is_empty() && checks.unlink.is_empty());
+    }
+
+    #[test]
+    fn quiet_deletes_whose_part_heard_of_anything_meanwhile_leave_their_keys_to_checks() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a", ":1:b"], &shared);
+        let booking = index.deleting_all(keys_of(&[":1:a", ":1:b"]));
+        // Another client wrote `b` after the delete, and its check was answered before the
+        // delete's reply was booked: that answer is the newer, the reply may not undo it.
+        index.announced(b":1:b", &shared);
+        let check = index.take_checks();
+        assert_eq!(check.exists, vec![Key::from(&b":1:b"[..])]);
+        index.verified(b":1:b", true, &shared.total_keys);
+        index.deleted_all(keys_of(&[":1:a", ":1:b"]), booking, &shared.total_keys);
+        assert!(
+            index.keys.contains(b":1:a") && index.keys.contains(b":1:b"),
+            "nothing removed on the reply's word"
+        );
+        let mut again = index.take_checks().exists;
+        again.sort();
+        assert_eq!(
+            again,
+            vec![Key::from(&b":1:a"[..]), Key::from(&b":1:b"[..])],
+            "each key is checked instead"
+        );
+    }
+
+    #[test]
+    fn deletes_sent_while_a_check_is_queued_or_in_flight_are_each_checked_by_their_reply() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a", ":1:b"], &shared);
+        index.announced(b":1:b", &shared);
+        let booking = index.deleting_all(keys_of(&[":1:a"]));
+        assert_eq!(booking, DeleteBooking::Checked);
+        assert!(index.verifying.contains_key(&b":1:a"[..]));
+        index.deleted_all(keys_of(&[":1:a"]), booking, &shared.total_keys);
+        assert!(!index.keys.contains(b":1:a"));
+    }
+
+    #[test]
+    fn quiet_deletes_never_answered_leave_their_keys_to_checks() {
+        let shared = Shared::new(100, Default::default());
+        let mut index = alive_part(&[":1:a"], &shared);
+        let booking = index.deleting_all(keys_of(&[":1:a"]));
+        index.unanswered_all(keys_of(&[":1:a"]), booking);
+        assert!(index.keys.contains(b":1:a"));
+        assert_eq!(index.take_checks().exists, vec![Key::from(&b":1:a"[..])]);
     }
 
     #[test]

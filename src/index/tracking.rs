@@ -38,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
-use crate::index::{self, lock, Checks, Dropped, Key, NodeIndex, Shared, EXISTS_GROUP};
+use crate::index::{
+    self, lock, Checks, DeleteBooking, Dropped, Key, NodeIndex, Shared, EXISTS_GROUP,
+};
 use crate::redis_nodes::{CursorOrder, Node, ShardView};
 use crate::telemetry::names;
 use crate::window::{Failure, PatternSpec, StepError};
@@ -265,8 +267,8 @@ impl Tracking {
     }
 
     /// Node `node`'s tracking connection (in the order given to [`Tracking::attach`]), to delete
-    /// a window's `keys` on: each becomes a check in flight ([`NodeIndex::deleting`]) that the
-    /// returned [`DeleteChecks`] books. `None` when the node is not tracked.
+    /// a window's `keys` on, and the [`DeleteChecks`] that book their reply as the keys' checks
+    /// ([`NodeIndex::deleting_all`]). `None` when the node is not tracked.
     pub fn deleting<'k>(
         &self,
         node: usize,
@@ -275,12 +277,11 @@ impl Tracking {
         let tracker = self.trackers.get(node)?;
         let mut part = lock(&tracker.index);
         let connection = part.tracking_connection()?;
-        for key in keys {
-            part.deleting(key);
-        }
+        let booking = part.deleting_all(keys);
         let checks = DeleteChecks {
             part: tracker.index.clone(),
             shared: self.shared.clone(),
+            booking,
         };
         Some((connection, checks))
     }
@@ -304,24 +305,19 @@ impl Drop for Tracking {
 pub struct DeleteChecks {
     part: Arc<Mutex<NodeIndex>>,
     shared: Arc<Shared>,
+    booking: DeleteBooking,
 }
 
 impl DeleteChecks {
     /// The deletes came back: each key was gone when Redis ran them.
     pub fn deleted<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
-        let mut part = lock(&self.part);
-        for key in keys {
-            part.verified(key, false, &self.shared.total_keys);
-        }
+        lock(&self.part).deleted_all(keys, self.booking, &self.shared.total_keys);
     }
 
     /// The deletes failed, or will never be booked (their request was dropped): their keys are
     /// checked again.
     pub fn unanswered<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
-        let mut part = lock(&self.part);
-        for key in keys {
-            part.check_again(key);
-        }
+        lock(&self.part).unanswered_all(keys, self.booking);
     }
 }
 
