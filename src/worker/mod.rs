@@ -115,6 +115,7 @@ pub(crate) async fn run_with_rules(
         tracking: None,
         jobs: HashMap::new(),
         finished: Vec::new(),
+        unrendered: None,
         health,
         wake,
         back,
@@ -316,6 +317,9 @@ struct Worker {
     jobs: HashMap<WindowId, Job>,
     /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
     finished: Vec<(Job, Vec<u64>)>,
+    /// A full claim (a backlog waits), rendered during the next round once the next claim is on
+    /// its way, and when it was claimed: rendering thousands of rows left Postgres idle.
+    unrendered: Option<(Claim, Instant)>,
     health: Arc<Health>,
     wake: Arc<Notify>,
     /// Word from and to the LISTEN connection that Postgres is back.
@@ -342,7 +346,8 @@ impl Worker {
             if shutdown.is_cancelled() && stop.begin(now) {
                 self.begin_stop();
             }
-            let in_flight = !self.jobs.is_empty() || !self.finished.is_empty();
+            let in_flight =
+                !self.jobs.is_empty() || !self.finished.is_empty() || self.unrendered.is_some();
             if stop.reached(now, in_flight) {
                 return self.release_and_stop(in_flight).await;
             }
@@ -369,7 +374,7 @@ impl Worker {
                 finder.start_due_guards();
             }
             let busy = self.finder.as_ref().is_some_and(Finder::is_busy);
-            if claim_now || busy || !self.finished.is_empty() {
+            if claim_now || busy || !self.finished.is_empty() || self.unrendered.is_some() {
                 let sweeping = !self.tracking.as_ref().is_some_and(Tracking::is_complete);
                 let claim = claim_now.then(|| claims.limit(sweeping));
                 match self.round(claim, busy, &shutdown, &stop).await {
@@ -403,11 +408,15 @@ impl Worker {
     /// Books what a round brought back: acknowledgements, Redis steps, the claim.
     async fn book_round(
         &mut self,
-        (acked, claim, steps): RoundOutcome,
+        (acked, claim, steps, rendered): RoundOutcome,
         claims: &mut ClaimPacing,
     ) -> Result<(), RunError> {
         for (job, keys_per_pattern, result) in acked {
             self.acknowledged(job, &keys_per_pattern, result);
+        }
+        if let Some((job, rows)) = rendered {
+            claims.sized(rows, job.changed_rows());
+            self.start_job(job);
         }
         if let Some(error) = self.book_steps(steps) {
             // Every epoch is rolled back, the claim just made included.
@@ -422,7 +431,9 @@ impl Worker {
                     info!("claiming from the outbox works again");
                     self.back.claims.notify_one();
                 }
-                if !claim.rows.is_empty() {
+                if claim.full {
+                    self.unrendered = Some((claim, Instant::now()));
+                } else if !claim.rows.is_empty() {
                     let (rows, changed) = self.start_window(claim);
                     claims.sized(rows, changed);
                 }
@@ -525,6 +536,8 @@ impl Worker {
         stop: &StopDeadline,
     ) -> Option<RoundOutcome> {
         let acks = std::mem::take(&mut self.finished);
+        let unrendered = self.unrendered.take();
+        let rules = self.rules.borrow().clone();
         let outbox = &mut self.outbox;
         let postgres = async move {
             let mut acked = Vec::with_capacity(acks.len());
@@ -545,6 +558,20 @@ impl Worker {
             let mut postgres = std::pin::pin!(postgres);
             let mut postgres_outcome = None;
             let mut steps: Vec<StepResult> = Vec::new();
+            // The last full claim is rendered once this round's Postgres work is on its way (sent
+            // on the first poll, written while the worker yields).
+            let rendered = match unrendered {
+                Some((claim, claimed_at)) => {
+                    if let std::task::Poll::Ready(outcome) = futures::poll!(&mut postgres) {
+                        postgres_outcome = Some(outcome);
+                    }
+                    tokio::task::yield_now().await;
+                    let mut job = Job::render(&claim, &rules);
+                    job.started = claimed_at;
+                    Some((job, claim.rows.len()))
+                }
+                None => None,
+            };
             loop {
                 // Only while there is work in flight: a step with nothing to do returns at once,
                 // and looping on it would starve Postgres' own tasks.
@@ -552,7 +579,7 @@ impl Worker {
                     && !steps.iter().any(Result::is_err);
                 if !stepping || !steps.is_empty() {
                     if let Some(outcome) = postgres_outcome.take() {
-                        return (outcome, steps);
+                        return (outcome, steps, rendered);
                     }
                 }
                 tokio::select! {
@@ -567,7 +594,7 @@ impl Worker {
         // A round trip may not outlast the grace period, even one that began before the stop was
         // asked for.
         tokio::select! {
-            ((acked, claim), steps) = work => Some((acked, claim, steps)),
+            ((acked, claim), steps, rendered) = work => Some((acked, claim, steps, rendered)),
             _ = grace_over(shutdown, stop.deadline()) => None,
         }
     }
@@ -709,6 +736,12 @@ impl Worker {
         let rules = self.rules.borrow().clone();
         let job = Job::render(&claim, &rules);
         let sizes = (claim.rows.len(), job.changed_rows());
+        self.start_job(job);
+        sizes
+    }
+
+    /// Hands a rendered window to the finder.
+    fn start_job(&mut self, job: Job) {
         // Before the finder chooses: past its memory bound the index answers no window.
         self.check_memory_bound();
         let index = self.tracking.as_ref();
@@ -723,7 +756,6 @@ impl Worker {
             // Nothing to clear (only dead rows): acknowledge next.
             None => self.finished.push((job, Vec::new())),
         }
-        sizes
     }
 
     /// Books a step that worked: its finished windows wait for their acknowledgement.
@@ -760,6 +792,7 @@ impl Worker {
         self.outbox.release_all().await;
         self.jobs.clear();
         self.finished.clear();
+        self.unrendered = None;
         self.finder = None;
     }
 
@@ -840,11 +873,13 @@ async fn step_of(
 /// A finished window with the keys its patterns matched, and Postgres' answer to its ack.
 type AckedJob = (Job, Vec<u64>, Result<Acked, OutboxError>);
 type StepResult = Result<StepReport, StepError>;
-/// What a round brought back: acknowledged windows, the claim if one was made, the Redis steps.
+/// What a round brought back: acknowledged windows, the claim if one was made, the Redis steps,
+/// and the last round's full claim rendered (with its count of outbox rows).
 type RoundOutcome = (
     Vec<AckedJob>,
     Option<Result<Claim, OutboxError>>,
     Vec<StepResult>,
+    Option<(Job, usize)>,
 );
 
 fn record_step(report: &StepReport) {
