@@ -317,8 +317,8 @@ struct Worker {
     jobs: HashMap<WindowId, Job>,
     /// Windows whose keys are confirmed gone, waiting for their outbox rows to be deleted.
     finished: Vec<(Job, Vec<u64>)>,
-    /// A full claim (a backlog waits), rendered during the next round once the next claim is on
-    /// its way, and when it was claimed: rendering thousands of rows left Postgres idle.
+    /// A full claim of index mode (a backlog waits), rendered during the next round once the next
+    /// claim is on its way, and when it was claimed: Postgres sat idle while each was rendered.
     unrendered: Option<(Claim, Instant)>,
     health: Arc<Health>,
     wake: Arc<Notify>,
@@ -431,7 +431,11 @@ impl Worker {
                     info!("claiming from the outbox works again");
                     self.back.claims.notify_one();
                 }
-                if claim.full {
+                // Only where the index answers: its claims are of `CLAIM_LIMIT` rows, while a
+                // sweep's hold thousands, and a second one held meanwhile took a debug build's
+                // worker past 100 MB on a 200,000-row statement (the sweep drained no faster).
+                let index_answers = self.tracking.as_ref().is_some_and(Tracking::is_complete);
+                if claim.full && index_answers {
                     self.unrendered = Some((claim, Instant::now()));
                 } else if !claim.rows.is_empty() {
                     let (rows, changed) = self.start_window(claim);
