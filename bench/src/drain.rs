@@ -21,6 +21,16 @@ use crate::Size;
 
 /// Changes in the backlog: single-row changes committed in one transaction.
 pub const DRAIN_CHANGES: u32 = 200_000;
+/// The keyspace the drain's target is set for (a 1M-key cache). A sweep's drain cannot beat one
+/// pass, which takes seconds at 5M keys: a run of several sizes drains on the one nearest this.
+const DRAIN_KEYS: u64 = 1_000_000;
+
+/// Which of a run's `sizes` the drain runs on: the nearest [`DRAIN_KEYS`] (the larger of two as
+/// near); `None` when there are none.
+pub fn size_index(sizes: &[u64]) -> Option<usize> {
+    (0..sizes.len())
+        .min_by_key(|&index| (sizes[index].abs_diff(DRAIN_KEYS), u64::MAX - sizes[index]))
+}
 
 /// One drain, measured.
 struct Drained {
@@ -152,4 +162,18 @@ fn line(size: &Size<'_>, drained: &Drained) -> Line {
         String::new(),
         table::DRAIN.judge(per_second, cpu_per_100k),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_index;
+
+    #[test]
+    fn the_drain_runs_on_the_size_nearest_a_million_keys() {
+        assert_eq!(size_index(&[1_000_000, 5_000_000]), Some(0));
+        assert_eq!(size_index(&[100_000, 1_000_000]), Some(1));
+        assert_eq!(size_index(&[100_000]), Some(0));
+        assert_eq!(size_index(&[500_000, 1_500_000]), Some(1));
+        assert_eq!(size_index(&[]), None);
+    }
 }
