@@ -546,6 +546,21 @@ async fn mid_burst(
     let keys = BurstKeys::written(space, redis).await;
     let rules = RulesFile::default_for(space, "");
     let worker = fast_worker(db, redis_server, &rules);
+    // The pause must find the worker running: its start writes a marker key (index mode), which
+    // the pause would hold too, and the burst's first half could then be committed and cleared
+    // in one go right after the pause, before any claim is seen. A report far from the burst's
+    // and its decoys' shows the worker clearing.
+    let warm_up_report = 10 * BURST;
+    let warm_up = vec![space.key(&format!("report:{warm_up_report}:7:h"))];
+    set_keys(redis, &warm_up).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "SELECT cache_invalidator.invalidate_report({warm_up_report})"
+        ))
+        .await
+        .expect("warm-up invalidation");
+    assert_gone_within(redis, &warm_up, PATIENCE).await;
     pause_redis(redis, BURST_PAUSE_MS, "WRITE").await;
     db.client()
         .await
