@@ -48,6 +48,8 @@ trap 'rm -f "$log"' EXIT
 # key-fidelity and sentinel suites again in sweep mode: both ways of finding keys must pass them (tests/common:
 # TEST_MODE).
 TEST_MODE=index cargo test --locked -- --test-threads=4 2>&1 | tee "$log"
+# The bench's own unit tests (how it judges and where it measures): no server needed.
+cargo test --locked -p cache-invalidator-bench 2>&1 | tee -a "$log"
 TEST_MODE=sweep cargo test --locked --test data_path --test faults --test cluster --test refill --test key_fidelity \
     --test sentinel     -- --test-threads=4 2>&1 | tee -a "$log"
 # Valkey, both modes: the same suites, the daemon's Redis and the fault tests' private servers
