@@ -593,11 +593,11 @@ impl Link {
             renewed: Instant::now(),
         };
         let mut in_flight = FuturesOrdered::new();
-        let mut sent = false;
         loop {
             if self.shared.over_limit.load(Ordering::Relaxed) {
                 return Ended::OverLimit;
             }
+            let mut sent = false;
             loop {
                 let work = match self.next_to_send(
                     &mut marker,
@@ -613,7 +613,7 @@ impl Link {
                 in_flight.push_back(self.send(work, &seed_glob, connection.clone()));
                 sent = true;
             }
-            if std::mem::take(&mut sent) {
+            if sent {
                 // The requests just made go out before the next reply is applied: while the
                 // seed's replies arrive faster than they are applied, Redis would otherwise get
                 // no new `SCAN` until every ready reply was applied, and then sat idle.

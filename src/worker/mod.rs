@@ -540,8 +540,11 @@ impl Worker {
         stop: &StopDeadline,
     ) -> Option<RoundOutcome> {
         let acks = std::mem::take(&mut self.finished);
-        let unrendered = self.unrendered.take();
-        let rules = self.rules.borrow().clone();
+        // The rules are read only for a claim to render: most rounds have none.
+        let unrendered = self
+            .unrendered
+            .take()
+            .map(|(claim, claimed_at)| (claim, claimed_at, self.rules.borrow().clone()));
         let outbox = &mut self.outbox;
         let postgres = async move {
             let mut acked = Vec::with_capacity(acks.len());
@@ -565,7 +568,7 @@ impl Worker {
             // The last full claim is rendered once this round's Postgres work is on its way (sent
             // on the first poll, written while the worker yields).
             let rendered = match unrendered {
-                Some((claim, claimed_at)) => {
+                Some((claim, claimed_at, rules)) => {
                     if let std::task::Poll::Ready(outcome) = futures::poll!(&mut postgres) {
                         postgres_outcome = Some(outcome);
                     }
